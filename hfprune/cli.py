@@ -1,0 +1,142 @@
+"""The ``hfprune`` command line: ``prune``, ``eval`` and ``methods``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+
+logger = logging.getLogger("hfprune.cli")
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="Prune a model and save it.",
+                       description="Prune a causal LM one decoder block at a time and save a standard checkpoint.")
+    p.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
+    p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); the flags below override its values.")
+    p.add_argument("--method", help="Pruning method (see `hfprune methods`).")
+    p.add_argument("--sparsity", type=float, help="Fraction of weights removed per layer, in [0, 1).")
+    p.add_argument("--pattern", help="'unstructured' or N:M such as 2:4.")
+    p.add_argument("--scope", choices=["row", "layer", "global"], help="Comparison group for unstructured masks.")
+    p.add_argument("--targets", nargs="+", help="Regexes of linear layers to prune (default: all in the decoder blocks).")
+    p.add_argument("--ignore", nargs="+", help="Regexes of linear layers to keep dense.")
+    p.add_argument("--calibration", help="c4, wikitext2, self, a data file, or a Hub data set name.")
+    p.add_argument("--nsamples", type=int, help="Calibration windows (default 128).")
+    p.add_argument("--seqlen", type=int, help="Tokens per calibration window (default 2048).")
+    p.add_argument("--seed", type=int, help="Calibration sampling seed (default 0).")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="Calibration windows per block call (default 1).")
+    p.add_argument("--split", help="Calibration data set split (default train).")
+    p.add_argument("--text-column", dest="text_column", help="Calibration text column (default text).")
+    p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
+    p.add_argument("--output", required=True, help="Output folder for the pruned checkpoint.")
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    p.add_argument("--eval", action="store_true", help="Also measure WikiText-2 perplexity after pruning.")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.set_defaults(func=_run_prune)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="Measure perplexity with the pinned protocol.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, a text file, or a Hub data set name.")
+    p.add_argument("--split", default="test")
+    p.add_argument("--text-column", dest="text_column", default="text")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="Evaluate only the first K windows.")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true", help="Print one JSON object.")
+    p.set_defaults(func=_run_eval)
+
+
+def _add_methods(sub) -> None:
+    p = sub.add_parser("methods", help="List the pruning methods.")
+    p.set_defaults(func=lambda args: print("\n".join(__import__("hfprune").available_methods())) or 0)
+
+
+def _run_prune(args) -> int:
+    import torch  # noqa: F401
+
+    import hfprune
+    from hfprune.engine import resolve_calibration
+    from hfprune.io import check_output_dir, save_pruned
+    from hfprune.recipes import build_configs, read_recipe
+
+    check_output_dir(args.output, args.overwrite)  # fail before the slow part
+    data = read_recipe(args.recipe) if args.recipe else {}
+    overrides = {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "scope": args.scope,
+                 "targets": args.targets, "ignore": args.ignore}
+    if args.pattern and args.pattern != "unstructured" and args.sparsity is None:
+        data.pop("sparsity", None)
+    calib_overrides = {"dataset": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                       "seed": args.seed, "batch_size": args.batch_size, "split": args.split,
+                       "text_column": args.text_column}
+    config, calibration = build_configs(data, overrides, calib_overrides)
+    model = hfprune.load_model(args.model, dtype=args.dtype)
+    tokenizer = hfprune.load_tokenizer(args.model)
+    report = hfprune.prune(model, tokenizer, config, resolve_calibration(calibration), progress=sys.stderr.isatty())
+    extra = {}
+    if args.eval:
+        extra = hfprune.perplexity(model, tokenizer, "wikitext2", seqlen=args.eval_seqlen,
+                                   max_windows=args.max_windows, progress=sys.stderr.isatty())
+    model.config.pruning_config["command"] = "hfprune " + " ".join(shlex.quote(a) for a in args.argv)
+    model.config.pruning_config["base_model"] = str(args.model)
+    save_pruned(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite,
+                extra_files={"eval_results.json": extra} if extra else None)
+    print(report)
+    if extra:
+        print(f"perplexity (wikitext2, seqlen {extra['seqlen']}, {extra['windows']} windows): {extra['perplexity']:.3f}")
+    print(f"saved to {args.output}")
+    return 0
+
+
+def _run_eval(args) -> int:
+    import hfprune
+
+    model = hfprune.load_model(args.model, dtype=args.dtype)
+    tokenizer = hfprune.load_tokenizer(args.model)
+    result = hfprune.evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_windows=args.max_windows,
+                              split=args.split, text_column=args.text_column, progress=sys.stderr.isatty() and not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['windows']} windows x {result['seqlen']} tokens "
+              f"({result['dataset']}); linear-layer sparsity {result['linear_sparsity']:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfprune", description="Prune Hugging Face language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    _add_eval(sub)
+    _add_methods(sub)
+    for module_name in ("hfprune.hub",):
+        try:
+            module = __import__(module_name, fromlist=["add_cli"])
+        except ImportError:
+            continue
+        if hasattr(module, "add_cli"):
+            module.add_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError, ImportError) as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

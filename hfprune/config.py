@@ -1,0 +1,178 @@
+"""Configuration dataclasses: one per pruning method, plus calibration settings.
+
+Configs round-trip through JSON (``to_dict`` / ``from_dict``) and YAML recipes. Help text lives
+only in ``metadata["help"]`` so :class:`transformers.HfArgumentParser` can build CLI flags from it.
+Validation happens in ``__post_init__`` and every error says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .masks import parse_pattern
+
+__all__ = ["PruningConfig", "CalibrationConfig", "SCOPES"]
+
+SCOPES = ("row", "layer", "global")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class PruningConfig:
+    """Settings shared by every unstructured / N:M pruning method.
+
+    Subclasses set ``method`` and add their own fields. ``sparsity`` is the fraction of weights
+    removed from every targeted linear layer; with an N:M ``pattern`` it is implied
+    (``1 - N/M``) and may be left unset.
+    """
+
+    method: ClassVar[str] = ""
+
+    sparsity: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of weights to remove from each pruned layer, in [0, 1). Default 0.5; implied by an N:M pattern."},
+    )
+    pattern: str = field(
+        default="unstructured",
+        metadata={"help": "'unstructured' or 'N:M' (keep N of every M consecutive input weights, e.g. '2:4')."},
+    )
+    scope: str = field(
+        default="row",
+        metadata={"help": "Comparison group for unstructured masks: 'row' (per output row), 'layer' (per matrix) or 'global' (all pruned layers)."},
+    )
+    targets: list[str] = field(
+        default_factory=lambda: [r".*"],
+        metadata={"help": "Regexes over linear-layer names inside the decoder blocks to prune (full match)."},
+    )
+    ignore: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Regexes over linear-layer names to leave dense (full match); wins over targets."},
+    )
+    layer_sparsity: list[float] | dict[str, float] | None = field(
+        default=None,
+        metadata={"help": "Explicit non-uniform sparsity: a list with one value per decoder block, or a dict from layer-name regex (or block index) to sparsity."},
+    )
+
+    def __post_init__(self) -> None:
+        pat = parse_pattern(self.pattern)
+        self.pattern = str(pat)
+        if pat.is_nm:
+            implied = pat.sparsity
+            if self.sparsity is not None and abs(float(self.sparsity) - implied) > 1e-9:
+                raise ValueError(
+                    f"pattern={self.pattern!r} keeps {pat.n} of every {pat.m} weights, i.e. sparsity "
+                    f"{implied:g}, but sparsity={self.sparsity} was given: drop `sparsity` or set it to {implied:g}."
+                )
+            self.sparsity = implied
+            if self.scope != "row":
+                raise ValueError(
+                    f"scope={self.scope!r} has no meaning for an N:M pattern (the comparison group is each "
+                    f"block of {pat.m} weights): leave scope at 'row'."
+                )
+            if self.layer_sparsity is not None:
+                raise ValueError("layer_sparsity cannot be combined with an N:M pattern: use pattern='unstructured'.")
+        if self.sparsity is None:
+            self.sparsity = 0.5
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
+        self.sparsity = float(self.sparsity)
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(
+                f"sparsity={self.sparsity} is outside [0, 1): it is the fraction of weights removed, "
+                f"e.g. 0.5 for half of them."
+            )
+        if self.scope not in SCOPES:
+            raise ValueError(f"Unknown scope {self.scope!r}: use one of {', '.join(SCOPES)}.")
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if isinstance(self.ignore, str):
+            self.ignore = [self.ignore]
+        if self.layer_sparsity is not None:
+            values = self.layer_sparsity.values() if isinstance(self.layer_sparsity, dict) else self.layer_sparsity
+            for v in values:
+                if not 0.0 <= float(v) < 1.0:
+                    raise ValueError(f"layer_sparsity value {v} is outside [0, 1): fix the per-layer list.")
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out = {"method": self.method}
+        out.update(dataclasses.asdict(self))
+        out["hfprune_version"] = _version()
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
+        """Build the config of ``data["method"]`` (or ``cls`` when called on a subclass).
+
+        Unknown keys are an error that names them, so a typo in a recipe never goes unnoticed.
+        """
+        data = dict(data)
+        data.pop("hfprune_version", None)
+        method = data.pop("method", None) or cls.method
+        config_cls = cls
+        if method and method != cls.method:
+            from .registry import get_pruner_cls
+
+            config_cls = get_pruner_cls(method).config_cls
+        if not config_cls.method:
+            raise ValueError("The config needs a `method` (for example 'wanda' or 'magnitude').")
+        allowed = config_cls.field_names()
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {unknown} for method {config_cls.method!r}; allowed keys: {sorted(allowed)}."
+            )
+        return config_cls(**data)
+
+
+@dataclass
+class CalibrationConfig:
+    """Which data to calibrate on and how to sample it (the papers' protocol by default:
+    ``nsamples`` random windows of ``seqlen`` tokens, fixed ``seed``)."""
+
+    dataset: Any = field(
+        default="c4",
+        metadata={"help": "'c4', 'wikitext2', 'self' (text sampled from the model), a local file (txt/json/jsonl/parquet/csv, .gz ok), a Hub data set name, a list of strings or a token tensor."},
+    )
+    nsamples: int = field(default=128, metadata={"help": "Number of calibration windows."})
+    seqlen: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
+    seed: int = field(default=0, metadata={"help": "Seed for the window sampling."})
+    split: str = field(default="train", metadata={"help": "Data set split (Hub data sets and local files)."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    config_name: str | None = field(default=None, metadata={"help": "Hub data set configuration name."})
+    batch_size: int = field(default=1, metadata={"help": "Calibration windows run through a block at once."})
+
+    def __post_init__(self) -> None:
+        for name in ("nsamples", "seqlen", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"calibration {name} must be a positive integer, got {value!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if not isinstance(self.dataset, (str, type(None))):
+            out["dataset"] = f"<{type(self.dataset).__name__}>"
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CalibrationConfig":
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"Unknown calibration key(s) {unknown}; allowed keys: {sorted(allowed)}.")
+        return cls(**data)

@@ -1,0 +1,293 @@
+"""One-shot pruning: :func:`prune` walks the decoder blocks in order with the layer runner.
+
+For each block: hook its targeted linear layers to accumulate the method's statistics, run the
+calibration batches through it, prune every targeted layer, then run the block again so the
+next block sees the *pruned* outputs (the sequential scheme of SparseGPT and Wanda).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import get_blocks, get_spec, in_features, find_linears, weight_matrix
+from .calibration import get_calibration_ids
+from .config import CalibrationConfig, PruningConfig
+from .masks import global_budgets, parse_pattern, prune_count
+from .registry import get_pruner_cls
+from .report import PruneReport, layer_sparsity_report, peak_rss_mb
+from .runner import LayerRunner, module_device
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["prune", "select_targets", "resolve_calibration"]
+
+
+def _matches(patterns: list[str], *names: str) -> bool:
+    return any(re.fullmatch(p, n) for p in patterns for n in names)
+
+
+def select_targets(model: nn.Module, config: PruningConfig) -> list[dict[str, nn.Module]]:
+    """Per decoder block, the linear layers to prune, keyed by their full module name.
+
+    ``config.targets`` / ``config.ignore`` regexes are matched (fully) against the full name
+    (``model.layers.3.mlp.up_proj``) and the name inside the block (``mlp.up_proj``).
+    Only layers inside decoder blocks are candidates: embeddings and ``lm_head`` stay dense.
+    """
+    spec = get_spec(model)
+    blocks = get_blocks(model, spec)
+    out = []
+    for i, block in enumerate(blocks):
+        chosen = {}
+        for rel, module in find_linears(block).items():
+            full = f"{spec.layers}.{i}.{rel}"
+            if _matches(config.targets, full, rel) and not _matches(config.ignore, full, rel):
+                chosen[full] = module
+        out.append(chosen)
+    if not any(out):
+        raise ValueError(
+            f"No linear layer matches targets={config.targets} minus ignore={config.ignore}; "
+            f"layer names look like {spec.layers}.0.<name>, e.g. {list(find_linears(blocks[0]))[:3]}."
+        )
+    return out
+
+
+def _layer_sparsities(config: PruningConfig, targets: list[dict[str, nn.Module]]) -> dict[str, float]:
+    """Target sparsity of every pruned layer (uniform unless ``config.layer_sparsity`` is set)."""
+    result = {name: config.sparsity for block in targets for name in block}
+    spec = config.layer_sparsity
+    if spec is None:
+        return result
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != len(targets):
+            raise ValueError(f"layer_sparsity has {len(spec)} values but the model has {len(targets)} decoder blocks.")
+        for i, block in enumerate(targets):
+            for name in block:
+                result[name] = float(spec[i])
+        return result
+    for key, value in spec.items():
+        hit = False
+        for i, block in enumerate(targets):
+            for name in block:
+                if (isinstance(key, int) or str(key).isdigit()) and int(key) == i or \
+                        not str(key).isdigit() and re.fullmatch(str(key), name):
+                    result[name] = float(value)
+                    hit = True
+        if not hit:
+            raise ValueError(f"layer_sparsity key {key!r} matches no pruned layer (names look like {next(iter(result))}).")
+    return result
+
+
+def _validate_pattern(config: PruningConfig, targets: list[dict[str, nn.Module]]) -> None:
+    pat = parse_pattern(config.pattern)
+    if not pat.is_nm:
+        return
+    for block in targets:
+        for name, module in block.items():
+            width = in_features(module)
+            if width % pat.m:
+                raise ValueError(
+                    f"pattern {config.pattern} needs every pruned layer's input width to be a multiple of {pat.m}, "
+                    f"but {name} has {width} inputs: choose another M or add it to `ignore`."
+                )
+
+
+def resolve_calibration(calibration: Any = None, **overrides) -> CalibrationConfig:
+    """A :class:`CalibrationConfig` from a config, a dict, a source (name/path/list/tensor) or ``None``."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(calibration, CalibrationConfig):
+        base = calibration.to_dict()
+        base["dataset"] = calibration.dataset
+    elif isinstance(calibration, dict):
+        base = dict(calibration)
+    elif calibration is None:
+        base = {}
+    else:
+        base = {"dataset": calibration}
+    base.update(overrides)
+    if isinstance(base.get("dataset"), torch.Tensor):
+        ids = base["dataset"]
+        base.setdefault("nsamples", int(ids.shape[0]) if ids.dim() == 2 else 1)
+        base.setdefault("seqlen", int(ids.shape[-1]))
+    return CalibrationConfig.from_dict(base)
+
+
+def _apply(W: torch.Tensor, pruned: torch.Tensor, new_weight: torch.Tensor | None) -> None:
+    if new_weight is not None:
+        W.copy_(new_weight.to(W.dtype))
+    W.masked_fill_(pruned.to(W.device), 0)
+
+
+def _unique_param_sparsity(model: nn.Module) -> float:
+    zeros = total = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen or p.device.type == "meta":
+            continue
+        seen.add(id(p))
+        zeros += int((p.data == 0).sum().item())
+        total += p.numel()
+    return zeros / max(1, total)
+
+
+@torch.no_grad()
+def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None = None, calibration: Any = "c4", *,
+          nsamples: int | None = None, seqlen: int | None = None, seed: int | None = None,
+          batch_size: int | None = None, progress: bool = True) -> PruneReport:
+    """Prune ``model`` in place and return a :class:`~hfprune.report.PruneReport`.
+
+    Args:
+        model: a transformers causal LM (any architecture in :mod:`hfprune.architectures`).
+        tokenizer: its tokenizer (needed for text calibration data).
+        config: a method config such as ``WandaConfig(sparsity=0.5, pattern="2:4")``, or a dict
+            with a ``method`` key.
+        calibration: ``"c4"``, ``"wikitext2"``, ``"self"``, a file path, a Hub data set name, a list
+            of strings, a ``[nsamples, seqlen]`` token tensor, or a :class:`CalibrationConfig`.
+            Ignored by data-free methods (magnitude).
+        nsamples, seqlen, seed, batch_size: override the calibration settings.
+        progress: show a progress bar over decoder blocks.
+
+    Example:
+        >>> import hfprune, torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+        >>> report = hfprune.prune(model, config=hfprune.WandaConfig(pattern="2:4"),
+        ...                        calibration=torch.randint(0, 100, (4, 16)), progress=False)
+        >>> round(report.sparsity, 3)
+        0.5
+    """
+    if config is None:
+        raise ValueError("Pass a pruning config, e.g. hfprune.WandaConfig(sparsity=0.5).")
+    if isinstance(config, dict):
+        config = PruningConfig.from_dict(config)
+    pruner = get_pruner_cls(config.method)(config)
+    spec = get_spec(model)
+    blocks = get_blocks(model, spec)
+    targets = select_targets(model, config)
+    _validate_pattern(config, targets)
+    sparsities = _layer_sparsities(config, targets)
+    calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+
+    was_training = model.training
+    model.eval()
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        if pruner.requires_calibration:
+            ids = get_calibration_ids(calib, tokenizer, model)
+            logger.info("Calibrating on %d x %d tokens.", ids.shape[0], ids.shape[1])
+            runner = LayerRunner(model, spec, batch_size=calib.batch_size)
+            if config.scope == "global":
+                sparsities = _global_allocation(pruner, runner, ids, targets, config, progress)
+            runner.capture(ids)
+            scope = "layer" if config.scope == "global" else config.scope
+            bar = tqdm(range(len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
+            for i in bar:
+                block_targets = targets[i]
+                if block_targets:
+                    device = module_device(blocks[i])
+                    stats = {name: pruner.make_stats(in_features(m), device) for name, m in block_targets.items()}
+                    with runner.hooks(block_targets, stats):
+                        runner.run(i, update=False)
+                    for name, module in block_targets.items():
+                        W = weight_matrix(module)
+                        result = pruner.prune_weight(W, stats[name], sparsities[name], scope)
+                        _apply(W, result.pruned, result.weight)
+                    del stats
+                if i < len(blocks) - 1:
+                    runner.run(i, update=True)
+            runner.release()
+        else:
+            if config.scope == "global":
+                all_scores = {name: pruner.score(weight_matrix(m), None) for block in targets for name, m in block.items()}
+                budgets = global_budgets(all_scores, config.sparsity)
+                del all_scores
+                sparsities = {name: budgets[name] / weight_matrix(m).numel()
+                              for block in targets for name, m in block.items()}
+                _warn_full_layers(sparsities)
+            scope = "layer" if config.scope == "global" else config.scope
+            for block_targets in tqdm(targets, desc=f"hfprune {config.method}", disable=not progress, unit="block"):
+                for name, module in block_targets.items():
+                    W = weight_matrix(module)
+                    result = pruner.prune_weight(W, None, sparsities[name], scope)
+                    _apply(W, result.pruned, result.weight)
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+
+    names = [name for block in targets for name in block]
+    layers = layer_sparsity_report(model, names)
+    for name in names:
+        layers[name]["target"] = sparsities[name]
+    zeros = sum(v["zeros"] for v in layers.values())
+    numel = sum(v["numel"] for v in layers.values())
+    block_rows = []
+    for i, block in enumerate(targets):
+        if block:
+            z = sum(layers[n]["zeros"] for n in block)
+            t = sum(layers[n]["numel"] for n in block)
+            block_rows.append({"index": i, "sparsity": z / t, "numel": t})
+    report = PruneReport(
+        method=config.method,
+        config=config.to_dict(),
+        calibration=calib.to_dict() if pruner.requires_calibration else None,
+        layers=layers,
+        prune_seconds=elapsed,
+        peak_rss_mb=peak_rss_mb(),
+        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        sparsity=zeros / max(1, numel),
+        model_sparsity=_unique_param_sparsity(model),
+        blocks=block_rows,
+    )
+    model.config.pruning_config = {
+        **config.to_dict(),
+        "achieved_sparsity": report.sparsity,
+        "layer_sparsity": {n: round(v["sparsity"], 6) for n, v in layers.items()},
+        "calibration": report.calibration,
+    }
+    logger.info("%s", report)
+    return report
+
+
+def _warn_full_layers(sparsities: dict[str, float]) -> None:
+    full = [n for n, s in sparsities.items() if s >= 0.999]
+    if full:
+        logger.warning("Global scope removes (almost) all weights of %d layer(s), e.g. %s: their scores are on a "
+                       "smaller scale than the others'. Consider scope='row' or 'layer'.", len(full), full[0])
+
+
+def _global_allocation(pruner, runner: LayerRunner, ids: torch.Tensor, targets, config: PruningConfig,
+                       progress: bool) -> dict[str, float]:
+    """Per-layer sparsities from one threshold over all pruned layers (a dense pass for statistics)."""
+    runner.capture(ids)
+    blocks = runner.blocks
+    saved_stats = {}
+    for i in tqdm(range(len(blocks)), desc="hfprune global scores", disable=not progress, unit="block"):
+        if targets[i]:
+            device = module_device(blocks[i])
+            stats = {name: pruner.make_stats(in_features(m), device) for name, m in targets[i].items()}
+            with runner.hooks(targets[i], stats):
+                runner.run(i, update=i < len(blocks) - 1)
+            saved_stats.update(stats)
+        elif i < len(blocks) - 1:
+            runner.run(i, update=True)
+    runner.release()
+    modules = {name: m for block in targets for name, m in block.items()}
+    scores = {name: pruner.score(weight_matrix(m), saved_stats[name]).cpu() for name, m in modules.items()}
+    budgets = global_budgets(scores, config.sparsity)
+    result = {name: budgets[name] / weight_matrix(modules[name]).numel() for name in modules}
+    _warn_full_layers(result)
+    return result

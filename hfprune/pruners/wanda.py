@@ -1,0 +1,36 @@
+"""Wanda (Sun et al. 2023): prune by ``|W_ij| * ||X_j||_2``, compared within each output row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .. import scores
+from ..config import PruningConfig
+from ..registry import register_pruner
+from ..stats import RowNormStats
+from .base import Pruner
+
+
+@dataclass
+class WandaConfig(PruningConfig):
+    """Wanda pruning: weights times input activation norms, from calibration data.
+
+    Example:
+        >>> from hfprune import WandaConfig
+        >>> WandaConfig(pattern="2:4").sparsity
+        0.5
+    """
+
+    method: ClassVar[str] = "wanda"
+
+
+@register_pruner("wanda", config_cls=WandaConfig)
+class WandaPruner(Pruner):
+    requires_calibration = True
+
+    def make_stats(self, in_features, device):
+        return RowNormStats(in_features, device=device)
+
+    def score(self, W, stats):
+        return scores.wanda(W, stats.norm)

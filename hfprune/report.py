@@ -1,0 +1,83 @@
+"""The report a pruning run returns: per-layer sparsity, time and memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["PruneReport", "peak_rss_mb", "layer_sparsity_report"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024.0 if sys.platform != "darwin" else peak / (1024.0 * 1024.0)
+
+
+def layer_sparsity_report(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Sparsity of the weight of every named module in ``names`` (all linear layers when ``None``)."""
+    from .architectures import is_linear, weight_matrix
+
+    out = {}
+    modules = dict(model.named_modules())
+    if names is None:
+        names = [n for n, m in modules.items() if is_linear(m)]
+    for name in names:
+        W = weight_matrix(modules[name])
+        zeros = int((W == 0).sum().item())
+        out[name] = {"sparsity": zeros / W.numel(), "zeros": zeros, "numel": W.numel(), "shape": list(W.shape)}
+    return out
+
+
+@dataclass
+class PruneReport:
+    method: str
+    config: dict[str, Any]
+    calibration: dict[str, Any] | None
+    layers: dict[str, dict[str, Any]]
+    prune_seconds: float
+    peak_rss_mb: float
+    peak_cuda_mb: float | None = None
+    sparsity: float = 0.0
+    """Zeros over all weights of the pruned layers."""
+    model_sparsity: float = 0.0
+    """Zeros over all parameters of the model (tied tensors counted once)."""
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    """Per decoder block: its index and sparsity over its pruned layers."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return text
+
+    def by_layer_type(self) -> dict[str, float]:
+        """Sparsity aggregated by the last component of the layer name (``q_proj``, ``down_proj``...)."""
+        agg: dict[str, list[int]] = {}
+        for name, info in self.layers.items():
+            key = name.rsplit(".", 1)[-1]
+            zeros_numel = agg.setdefault(key, [0, 0])
+            zeros_numel[0] += info["zeros"]
+            zeros_numel[1] += info["numel"]
+        return {k: z / n for k, (z, n) in agg.items()}
+
+    def __str__(self) -> str:
+        lines = [
+            f"hfprune {self.method} ({self.config.get('pattern')}, scope={self.config.get('scope')}): "
+            f"sparsity {self.sparsity:.4f} over {len(self.layers)} layers "
+            f"(whole model {self.model_sparsity:.4f}), {self.prune_seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MiB"
+            + (f", peak CUDA {self.peak_cuda_mb:.0f} MiB" if self.peak_cuda_mb else ""),
+            "  by layer type: " + ", ".join(f"{k} {v:.4f}" for k, v in self.by_layer_type().items()),
+        ]
+        if self.blocks:
+            lines.append("  by block: " + " ".join(f"{b['index']}:{b['sparsity']:.3f}" for b in self.blocks))
+        return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""The layer runner: the only module that moves tensors between devices.
+
+It feeds calibration activations through the decoder blocks one block at a time:
+
+1. :meth:`LayerRunner.capture` runs the model once with every decoder block replaced by a
+   pass-through that records the exact positional and keyword arguments the model gives that
+   block (position embeddings, attention masks per attention type, cache positions, ...), so no
+   per-model code is needed, and stops before the final norm and ``lm_head``;
+2. :meth:`LayerRunner.run` runs one block over all calibration batches, optionally with
+   statistics hooks on some of its linear layers (:meth:`LayerRunner.hooks`), and optionally
+   replaces the stored activations by the block's outputs (to feed the *pruned* outputs to the
+   next block).
+
+Memory: the model plus ``nsamples x seqlen x hidden`` activations (one copy, updated in place),
+never a buffer sized by ``max_position_embeddings``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .architectures import ArchSpec, get_blocks, get_spec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LayerRunner", "module_device"]
+
+# Keyword arguments that would make a block read or write a KV cache during calibration.
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+
+
+class _StopForward(Exception):
+    """Raised inside the last block's pass-through: nothing after the blocks is needed."""
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Execution device of ``module``: Accelerate's hook device when offloaded, else its weights'."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device) if obj.device != device else obj
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class LayerRunner:
+    """Runs calibration activations through the decoder blocks of ``model`` one at a time.
+
+    Args:
+        model: a transformers causal LM.
+        spec: its :class:`~hfprune.architectures.ArchSpec` (looked up when ``None``).
+        batch_size: calibration windows per block call.
+        storage_device: where activations live between blocks (default: where the model's
+            first block receives them).
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None, *, batch_size: int = 1,
+                 storage_device: torch.device | str | None = None):
+        self.model = model
+        self.spec = spec or get_spec(model)
+        self.blocks = get_blocks(model, self.spec)
+        self.batch_size = batch_size
+        self.storage_device = torch.device(storage_device) if storage_device is not None else None
+        self.hidden: list[torch.Tensor] = []
+        self.calls: list[list[tuple[tuple, dict]]] = []
+        self._out_tuple_len: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    # ------------------------------------------------------------------ capture
+    @torch.no_grad()
+    def capture(self, input_ids: torch.Tensor) -> None:
+        """Record what every block receives for each calibration batch of ``input_ids``."""
+        n_blocks = len(self.blocks)
+        self.hidden = []
+        self.calls = [[] for _ in range(n_blocks)]
+        self._out_tuple_len = None
+        originals = {}
+
+        def make_passthrough(index: int, block: nn.Module, original: Callable):
+            def passthrough(*args, **kwargs):
+                if args:
+                    hidden, rest = args[0], tuple(args[1:])
+                else:
+                    hidden, rest = kwargs.pop("hidden_states"), ()
+                for key in _CACHE_KWARGS:
+                    if key in kwargs:
+                        kwargs[key] = None
+                if "use_cache" in kwargs:
+                    kwargs["use_cache"] = False
+                if "output_attentions" in kwargs:
+                    kwargs["output_attentions"] = False
+                if index == 0:
+                    store = self.storage_device or hidden.device
+                    self.hidden.append(hidden.detach().to(store))
+                self.calls[index].append((rest, kwargs))
+                if self._out_tuple_len is None:
+                    # Learn the block's output structure once, so the pass-through returns the same.
+                    out = original(hidden, *rest, **kwargs)
+                    self._out_tuple_len = len(out) if isinstance(out, tuple) else 0
+                if index == n_blocks - 1:
+                    raise _StopForward
+                if self._out_tuple_len:
+                    return (hidden,) + (None,) * (self._out_tuple_len - 1)
+                return hidden
+
+            return passthrough
+
+        for index, block in enumerate(self.blocks):
+            originals[index] = block.forward
+            block.forward = make_passthrough(index, block, block.forward)
+        device = module_device(self.model.get_input_embeddings())
+        try:
+            for start in range(0, input_ids.shape[0], self.batch_size):
+                batch = input_ids[start:start + self.batch_size].to(device)
+                try:
+                    self.model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            for index, block in enumerate(self.blocks):
+                # Remove the instance attribute so the class's forward is used again.
+                if "forward" in block.__dict__:
+                    del block.forward
+        if len(self.hidden) == 0 or any(len(c) != len(self.hidden) for c in self.calls):
+            raise RuntimeError(
+                "Calibration capture saw the decoder blocks a different number of times than there are "
+                "batches; this model calls its blocks in an unusual way. Please report the model type."
+            )
+
+    # ------------------------------------------------------------------ running
+    @contextlib.contextmanager
+    def hooks(self, modules: dict[str, nn.Module], stats: dict[str, Any]) -> Iterator[None]:
+        """Feed the input of each module in ``modules`` to ``stats[name].add_batch`` while active."""
+        handles = []
+        for name, module in modules.items():
+            acc = stats.get(name)
+            if acc is None:
+                continue
+
+            def hook(mod, inputs, _acc=acc):
+                _acc.add_batch(inputs[0].detach())
+
+            handles.append(module.register_forward_pre_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def run(self, index: int, *, update: bool) -> None:
+        """Run block ``index`` over every calibration batch.
+
+        With ``update=True`` the stored activations are replaced by the block's outputs, which
+        become the inputs of block ``index + 1``.
+        """
+        if not self.hidden:
+            raise RuntimeError("Call capture() before run().")
+        block = self.blocks[index]
+        device = module_device(block)
+        for b, hidden in enumerate(self.hidden):
+            rest, kwargs = self.calls[index][b]
+            out = block(_to(hidden, device), *_to(rest, device), **_to(kwargs, device))
+            if isinstance(out, tuple):
+                out = out[0]
+            if update:
+                self.hidden[b] = out.to(hidden.device)
+
+    def release(self) -> None:
+        """Drop the stored activations and captured arguments."""
+        self.hidden = []
+        self.calls = []

@@ -1,0 +1,412 @@
+"""SparseGPT: one-shot pruning by approximate layer-wise reconstruction.
+
+Reference: E. Frantar and D. Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot", ICML 2023 (arXiv:2301.00774). Equation and algorithm numbers below refer
+to that paper.
+
+For one linear layer with weights ``W`` ([out_features, in_features]) and calibration inputs
+``X`` ([in_features, n] in the paper's notation), SparseGPT approximately solves the
+layer-wise reconstruction problem (Eq. 1)
+
+    argmin_{M, W'}  || W X - (M ⊙ W') X ||_2^2 ,
+
+whose Hessian with respect to every row is the same matrix ``H = 2 X X^T`` (Section 3.1;
+we also divide by the token count ``n``, which changes nothing but the scale). Each row is
+handled with Optimal Brain Surgeon (OBS) updates: removing weight ``w_m`` costs
+``w_m^2 / [H^-1]_mm`` (Eq. 3) and is compensated by changing the remaining weights by
+``delta = -w_m / [H^-1]_mm * H^-1_{:,m}`` (Eq. 2). The key trick (Section 3.2, Fig. 3) is to
+process the columns left to right and only ever update the columns to the right, so that all
+rows share the sequence of inverse Hessians ``(H_{F_j})^-1``; their needed rows are exactly
+the rows of the upper Cholesky factor of ``H^-1`` (Section 3.3, "Cholesky"), which is what
+Algorithm 1 uses.
+
+Everything here is pure torch on whatever device the inputs live on; nothing touches a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from hfprune.masks import Pattern, parse_pattern, prune_count
+
+__all__ = ["HessianStats", "sparsegpt_prune", "quantize_weight"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_DAMPING_RETRIES = 5
+_ZERO_DAMPING_FALLBACK = 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian accumulation
+# --------------------------------------------------------------------------------------------
+
+
+class HessianStats:
+    """Running sum of ``X X^T`` over calibration tokens, giving ``H = 2/n * X X^T`` (Sec. 3.1).
+
+    ``add_batch`` takes the layer input as it reaches the layer, shape ``[..., in_features]``
+    and any floating dtype. Every leading dimension counts as tokens.
+
+    Precision choice: each batch's ``X^T X`` is computed in ``precision`` (float64 by default)
+    and added to a running sum kept in the same dtype. Float64 avoids both TF32 matmuls (which
+    PyTorch may enable for float32 on GPUs) and drift when hundreds of thousands of tokens are
+    summed; the memory is ``8 * in_features^2`` bytes (about 1 GB for ``in_features=11008``).
+    Pass ``precision=torch.float32`` to halve that or on GPUs with slow float64.
+    The normalisation ``2/n`` is applied only when :meth:`hessian` is asked for, so raw sums
+    from several processes can be all-reduced (``state()`` / ``load_state()`` or
+    :meth:`merge`) before normalising.
+
+    Args:
+        in_features: width of the layer input.
+        device: where the sum lives; ``None`` means the device of the first batch.
+        precision: dtype of the per-batch product and of the running sum.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None,
+                 precision: torch.dtype = torch.float64) -> None:
+        if in_features < 1:
+            raise ValueError(f"in_features must be positive, got {in_features}.")
+        if not precision.is_floating_point:
+            raise ValueError(f"precision must be a floating dtype, got {precision}.")
+        self.in_features = int(in_features)
+        self.precision = precision
+        self.count = 0
+        self.xtx: torch.Tensor | None = None
+        if device is not None:
+            self.xtx = torch.zeros(in_features, in_features, dtype=precision, device=device)
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.xtx is None else self.xtx.device
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add the tokens of one batch of layer inputs ``x`` (shape ``[..., in_features]``)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"HessianStats expects inputs with last dimension {self.in_features}, got shape "
+                f"{tuple(x.shape)}; hook the input of the layer this accumulator was made for."
+            )
+        x = x.detach().reshape(-1, self.in_features)
+        if self.xtx is None:
+            self.xtx = torch.zeros(self.in_features, self.in_features, dtype=self.precision,
+                                   device=x.device)
+        x = x.to(device=self.xtx.device, dtype=self.precision)
+        self.xtx.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def merge(self, other: "HessianStats") -> "HessianStats":
+        """Add the sums of ``other`` (for example from another data-parallel rank) into this one."""
+        if other.in_features != self.in_features:
+            raise ValueError(
+                f"Cannot merge HessianStats of width {other.in_features} into width {self.in_features}."
+            )
+        if other.xtx is not None:
+            if self.xtx is None:
+                self.xtx = torch.zeros_like(other.xtx, dtype=self.precision)
+            self.xtx += other.xtx.to(device=self.xtx.device, dtype=self.precision)
+        self.count += other.count
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Raw sums as tensors, ready for ``torch.distributed.all_reduce`` (SUM) of each entry."""
+        xtx = self.xtx
+        if xtx is None:
+            xtx = torch.zeros(self.in_features, self.in_features, dtype=self.precision)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=xtx.device)
+        return {"xtx": xtx, "count": count}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the sums with ``state`` (the output of :meth:`state`, possibly all-reduced)."""
+        xtx = state["xtx"]
+        if tuple(xtx.shape) != (self.in_features, self.in_features):
+            raise ValueError(
+                f"State of shape {tuple(xtx.shape)} does not fit width {self.in_features}."
+            )
+        self.xtx = xtx.to(self.precision).clone()
+        self.count = int(round(float(torch.as_tensor(state["count"]).reshape(-1)[0])))
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2/n * X X^T`` in float32 (Sec. 3.1), on the accumulator's device."""
+        if self.xtx is None or self.count == 0:
+            raise ValueError(
+                "HessianStats has seen no calibration tokens; run calibration batches through the "
+                "layer (add_batch) before asking for the Hessian."
+            )
+        return (self.xtx * (2.0 / self.count)).float()
+
+    @property
+    def H(self) -> torch.Tensor:  # noqa: N802 - the paper's name
+        """Shorthand for :meth:`hessian`."""
+        return self.hessian()
+
+
+# --------------------------------------------------------------------------------------------
+# Fake quantization (round to nearest, GPTQ-style grid)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_quant_args(bits: int | None, group_size: int | None) -> None:
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
+        raise ValueError(f"bits must be an integer from 2 to 8 (typically 4 or 8) or None, got {bits!r}.")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}.")
+
+
+def _grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``scale`` and ``zero`` ([rows, 1]) of a ``2**bits``-level grid covering ``w``.
+
+    The range always contains 0 (``min <= 0 <= max``), so zero is exactly representable and
+    pruned weights are on the grid. Symmetric grids use ``zero = 2**(bits-1)`` (values
+    ``scale * {-2^(b-1), ..., 2^(b-1)-1}``), the convention GPTQ checkpoints use.
+    """
+    maxq = 2**bits - 1
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        amax = torch.maximum(xmin.abs(), xmax)
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        scale = (xmax - xmin) / maxq
+        zero = torch.zeros_like(scale)
+    empty = scale == 0
+    scale = torch.where(empty, torch.ones_like(scale), scale)
+    if not sym:
+        zero = torch.round(-xmin / scale)
+    return scale[:, None], zero[:, None]
+
+
+def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+    return scale * (q - zero)
+
+
+def quantize_weight(W: torch.Tensor, bits: int, group_size: int | None = None,
+                    sym: bool = True) -> torch.Tensor:
+    """Round-to-nearest fake quantization of ``W`` ([out_features, in_features]).
+
+    One grid per output row, or per row and per ``group_size`` consecutive input columns
+    (the last group may be narrower). The result has ``W``'s dtype and shape and holds at
+    most ``2**bits`` distinct values per row-group, zero among them.
+    """
+    _check_quant_args(bits, group_size)
+    if bits is None:
+        raise ValueError("quantize_weight needs bits (for example 4 or 8).")
+    if W.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D weight, got shape {tuple(W.shape)}.")
+    w = W.float()
+    out = torch.empty_like(w)
+    step = group_size or w.shape[1]
+    for start in range(0, w.shape[1], step):
+        block = w[:, start:start + step]
+        scale, zero = _grid(block, bits, sym)
+        out[:, start:start + step] = _fake_quant(block, scale, zero, bits)
+    return out.to(W.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# SparseGPT
+# --------------------------------------------------------------------------------------------
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = dampening * mean(diag H)``.
+
+    Section 3.3 ("Cholesky"): the rows of this factor are, up to scale, the rows of the
+    successive inverses ``(H_{F_j})^-1`` that the column-wise OBS updates need, so one
+    factorisation replaces all the Gaussian-elimination steps of Eq. 5. Dampening is the
+    paper's 1% of the mean diagonal. When a factorisation fails (H singular or badly
+    conditioned) the dampening is raised tenfold and the factorisation retried, with a warning.
+    """
+    mean_diag = float(torch.diagonal(H).mean())
+    rel = float(dampening)
+    for attempt in range(_MAX_DAMPING_RETRIES + 1):
+        damped = H.clone()
+        damped.diagonal().add_(rel * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U
+        if attempt == _MAX_DAMPING_RETRIES:
+            break
+        new_rel = rel * 10 if rel > 0 else _ZERO_DAMPING_FALLBACK
+        logger.warning(
+            "SparseGPT: Cholesky factorisation of the Hessian failed with dampening %.3g; "
+            "retrying with %.3g (more calibration tokens or a larger dampening avoid this).",
+            rel, new_rel,
+        )
+        rel = new_rel
+    raise RuntimeError(
+        f"SparseGPT: the Hessian could not be factorised even with dampening {rel:.3g}; it is "
+        f"probably not finite. Check the calibration inputs of this layer for inf/NaN."
+    )
+
+
+def _cumulative_count(sparsity: float, rows: int, cols: int) -> int:
+    """Prunes due in the first ``cols`` columns: ``round(sparsity * rows * cols)``."""
+    return prune_count(rows * cols, sparsity)
+
+
+def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` lowest entries of ``score`` (stable sort: exact count)."""
+    pruned = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        pruned[torch.sort(score.reshape(-1), stable=True).indices[:k]] = True
+    return pruned.view_as(score)
+
+
+def _nm_lowest(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """For every row of ``score`` ([rows, m]) mark the ``m - n`` lowest entries."""
+    order = torch.sort(score, dim=1, stable=True).indices
+    pruned = torch.zeros_like(score, dtype=torch.bool)
+    pruned.scatter_(1, order[:, : m - n], True)
+    return pruned
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    pattern: str | Pattern = "unstructured",
+    block_size: int = 128,
+    dampening: float = 0.01,
+    bits: int | None = None,
+    group_size: int | None = None,
+    sym: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune (and optionally quantize) one linear layer with SparseGPT (Algorithm 1).
+
+    Args:
+        W: weight, ``[out_features, in_features]``, any floating dtype. Not modified.
+        H: Hessian ``2/n X X^T``, ``[in_features, in_features]`` (see :class:`HessianStats`).
+        sparsity: fraction of weights to prune for ``unstructured``; ignored for ``N:M``
+            (the pattern fixes it at ``1 - N/M``).
+        pattern: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive inputs).
+        block_size: lazy-batch width ``B`` (Sec. 3.4); also the adaptive-mask block ``B_s``.
+            Rounded to a multiple of M and of ``group_size`` so no N:M group or quantization
+            group straddles two blocks.
+        dampening: ``lambda`` as a fraction of ``mean(diag H)`` added to the diagonal.
+        bits: if set (4 or 8), kept weights are jointly quantized (Sec. 3.5).
+        group_size: input columns per quantization group (``None``: one grid per row).
+        sym: symmetric (``True``) or asymmetric quantization grid.
+
+    Returns:
+        ``(new_W, pruned)``: the pruned (fake-quantized) weight in ``W``'s dtype and shape, and
+        the boolean mask that is ``True`` where a weight was pruned.
+
+    Details, following Algorithm 1:
+
+    * Work is done on a float32 copy. Inputs that never fire (``H_ii == 0``) get ``H_ii = 1``
+      and their weights are zeroed (they cannot affect the output).
+    * Mask selection (Sec. 3.3, "Adaptive Mask Selection"): at the start of each block of
+      ``B_s`` columns the weights with the smallest OBS error ``w^2 / [H^-1]_cc^2`` over the
+      whole block (all rows together) are pruned. The paper takes a quantile per block; here
+      the block gets exactly ``round(s*rows*c_end) - round(s*rows*c_start)`` prunes chosen by
+      a stable sort, so counts telescope and the layer total is exactly
+      ``round(s * out * in)`` (:func:`hfprune.masks.prune_count`), ties and all.
+    * N:M (Sec. 3.5, "Semi-Structured"): when entering each group of M columns, the ``M - N``
+      weights with the smallest OBS error in every row are pruned.
+    * Column update (Eq. 2 / Alg. 1): column ``j`` becomes its pruned/quantized value ``q``,
+      the error ``(w - q) / [H^-1]_jj`` is spread over the remaining columns of the block with
+      row ``j`` of the Cholesky factor; the accumulated errors of the block update all later
+      columns in one matmul (lazy batch update, Sec. 3.4).
+    * Joint quantization (Sec. 3.5): ``q`` is the kept weight rounded to the grid (pruned
+      weights become 0, which is on the grid), so the OBS update compensates the rounding
+      error too, as in GPTQ. Grids are per output row, computed from the weight at the start;
+      or per ``group_size`` columns, computed from the current (already updated) weights when
+      the group is entered.
+    * ``sparsity == 0`` with ``bits is None`` (unstructured) returns a copy of ``W`` unchanged.
+    """
+    pat = parse_pattern(pattern)
+    _check_quant_args(bits, group_size)
+    if W.dim() != 2:
+        raise ValueError(f"sparsegpt_prune expects a 2-D weight [out, in], got shape {tuple(W.shape)}.")
+    rows, cols = W.shape
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(
+            f"Hessian of shape {tuple(H.shape)} does not match a weight with {cols} input features; "
+            f"it must be [{cols}, {cols}]."
+        )
+    if not pat.is_nm and not (0.0 <= float(sparsity) < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}; use e.g. 0.5 for 50%.")
+    if pat.is_nm and cols % pat.m:
+        raise ValueError(
+            f"N:M pattern {pat} needs the input width to be a multiple of {pat.m}, but it is {cols}; "
+            f"exclude this layer or choose an M that divides {cols}."
+        )
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
+    if dampening < 0 or not math.isfinite(dampening):
+        raise ValueError(f"dampening must be a non-negative number, got {dampening}.")
+
+    if not pat.is_nm and sparsity == 0 and bits is None:
+        return W.clone(), torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+
+    unit = math.lcm(pat.m if pat.is_nm else 1, group_size if (bits and group_size) else 1)
+    block = max(unit, (block_size // unit) * unit)
+
+    work = W.detach().float().clone()
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diagonal(H) == 0
+    if bool(dead.any()):
+        logger.debug("SparseGPT: %d of %d inputs never fire; their weights are zeroed.",
+                     int(dead.sum()), cols)
+        H[dead, dead] = 1.0
+        work[:, dead] = 0.0
+    hinv = _upper_cholesky_of_inverse(H, dampening)
+
+    scale = zero = None
+    if bits is not None and group_size is None:
+        scale, zero = _grid(work, bits, sym)
+
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        count = i2 - i1
+        w1 = work[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        d1 = torch.diagonal(hinv1)
+
+        if pat.is_nm:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        else:
+            k = _cumulative_count(sparsity, rows, i2) - _cumulative_count(sparsity, rows, i1)
+            mask1 = _lowest_k(w1.pow(2) / d1.pow(2)[None, :], k)
+
+        for j in range(count):
+            col = i1 + j
+            if pat.is_nm and col % pat.m == 0:
+                score = w1[:, j:j + pat.m].pow(2) / d1[j:j + pat.m].pow(2)[None, :]
+                mask1[:, j:j + pat.m] = _nm_lowest(score, pat.n, pat.m)
+            if bits is not None and group_size is not None and col % group_size == 0:
+                scale, zero = _grid(w1[:, j:j + group_size], bits, sym)
+
+            w = w1[:, j]
+            if bits is not None:
+                q = _fake_quant(w[:, None], scale, zero, bits)[:, 0]
+            else:
+                q = w.clone()
+            q[mask1[:, j]] = 0.0
+            err = (w - q) / d1[j]
+            q1[:, j] = q
+            err1[:, j] = err
+            # OBS update of the remaining columns of the block (Eq. 2 with the Cholesky row).
+            w1[:, j + 1:] -= err[:, None] * hinv1[j, j + 1:][None, :]
+
+        work[:, i1:i2] = q1
+        pruned[:, i1:i2] = mask1
+        # Lazy batch update of all later columns (Sec. 3.4).
+        work[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    logger.debug("SparseGPT: pruned %d of %d weights (%s, block %d%s).", int(pruned.sum()),
+                 pruned.numel(), pat, block, f", int{bits}" if bits else "")
+    return work.to(W.dtype), pruned

@@ -1,0 +1,257 @@
+"""hfprune-sparse checkpoints: save, reload with plain from_pretrained, sizes, quantization."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import hfprune  # noqa: F401
+import hfprune.formats as formats
+from hfprune.formats import compress_weight, decompress_weight, load_sparse, save_sparse, sizes_report
+from hfprune.masks import check_nm, nm_mask, row_mask
+
+CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, vocab_size=256)
+# Linear weights of the config above: per layer q 64x64, k/v 32x64, o 64x64, gate/up 128x64, down 64x128.
+LINEAR_PARAMS = 2 * (4096 + 2048 + 2048 + 4096 + 8192 + 8192 + 8192)
+LINEAR_ROWS = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+
+
+def make_model(pattern: str, dtype=torch.float32, seed=0):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**CFG)).to(dtype).eval()
+    with torch.no_grad():
+        for module in _linears(model).values():
+            w = module.weight
+            mask = nm_mask(w.abs(), 2, 4) if pattern == "2:4" else row_mask(w.abs(), 0.5)
+            w[mask] = 0
+    model.config.pruning_config = {"method": "magnitude", "pattern": pattern, "sparsity": 0.5,
+                                   "calibration": None, "hfprune_version": "0.1.0"}
+    return model
+
+
+def _plain_reload(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _assert_identical(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+    x = torch.randint(0, CFG["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+
+
+def _files(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_roundtrip_bit_identical(tmp_path, pattern):
+    model = make_model(pattern)
+    info = save_sparse(model, tmp_path / "sparse")
+    expected = "nm" if pattern == "2:4" else "bitmask"
+    assert set(info["encodings"].values()) == {expected}
+    assert len(info["encodings"]) == 14  # 7 linears x 2 layers, lm_head excluded
+    cfg = json.loads((tmp_path / "sparse" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "hfprune-sparse"
+    assert cfg["quantization_config"]["pattern"] == pattern
+    assert cfg["pruning_config"]["pattern"] == pattern
+    reloaded = _plain_reload(tmp_path / "sparse")
+    _assert_identical(model, reloaded)
+    # the reloaded model is an ordinary dense model that carries the pruning description
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    assert not getattr(reloaded, "is_quantized", False)
+    assert reloaded.config.pruning_config["pattern"] == pattern
+    # and it saves back as a normal dense checkpoint
+    reloaded.save_pretrained(tmp_path / "dense_again")
+    assert "quantization_config" not in json.loads((tmp_path / "dense_again" / "config.json").read_text())
+
+
+def test_bf16_and_explicit_loader(tmp_path):
+    model = make_model("2:4", dtype=torch.bfloat16)
+    save_sparse(model, tmp_path / "s")
+    reloaded = load_sparse(tmp_path / "s")
+    assert reloaded.dtype == torch.bfloat16
+    # compare with the dense checkpoint loaded the same way (a model cast with .to(bf16) keeps
+    # non-persistent buffers such as rotary inv_freq in another precision)
+    model.save_pretrained(tmp_path / "d")
+    _assert_identical(_plain_reload(tmp_path / "d"), reloaded.eval())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sizes(tmp_path, pattern):
+    model = make_model(pattern)
+    model.save_pretrained(tmp_path / "dense")
+    save_sparse(model, tmp_path / "sparse")
+    save_sparse(model, tmp_path / "int4", bits=4)
+    dense, sparse, int4 = (sizes_report(tmp_path / d) for d in ("dense", "sparse", "int4"))
+    dense_linear = LINEAR_PARAMS * 4
+    sparse_linear = sum(v for k, v in sparse["by_kind"].items() if k != "dense")
+    # fp32 values of the kept half (16 bits/weight) + 1 bit/weight (bitmask) or 2 bits/kept (2:4 index)
+    expected = LINEAR_PARAMS // 2 * 4 + LINEAR_PARAMS // 8 + 14 * 2 * 8
+    assert sparse_linear == expected
+    assert sparse_linear <= 0.6 * dense_linear          # 0.53x
+    # int4: 4 bits per kept value + index/bitmask + one fp32 scale per row
+    int4_linear = sum(v for k, v in int4["by_kind"].items() if k != "dense")
+    assert int4_linear == LINEAR_PARAMS // 4 + LINEAR_PARAMS // 8 + LINEAR_ROWS * 4 + 14 * 2 * 8
+    assert int4_linear <= 0.12 * dense_linear
+    # whole checkpoints (embeddings are stored as is in every variant)
+    assert sparse["weights_bytes"] < dense["weights_bytes"] - 0.45 * dense_linear
+    assert int4["weights_bytes"] < sparse["weights_bytes"]
+
+
+@pytest.mark.parametrize("bits,pattern,group_size", [(8, "2:4", None), (4, "2:4", 32), (4, "unstructured", None),
+                                                     (8, "unstructured", 16)])
+def test_quantized_reload_within_step(tmp_path, bits, pattern, group_size):
+    model = make_model(pattern)
+    save_sparse(model, tmp_path / "q", bits=bits, group_size=group_size)
+    reloaded = _plain_reload(tmp_path / "q")
+    qmax = 2 ** (bits - 1) - 1
+    orig, new = _linears(model), _linears(reloaded)
+    for name, module in orig.items():
+        w, w2 = module.weight, new[name].weight
+        assert w2.dtype == w.dtype
+        assert bool((w2[w == 0] == 0).all()), name             # pruned weights stay exactly zero
+        rows, cols = w.shape
+        gs = group_size or cols
+        step = w.abs().view(rows, cols // gs, gs).amax(-1) / qmax       # quantization step per group
+        err = (w - w2).abs().view(rows, cols // gs, gs).amax(-1)
+        assert bool((err <= step / 2 * (1 + 1e-4) + 1e-12).all()), name
+        if pattern == "2:4":
+            assert check_nm(w2, 2, 4)
+    # other tensors untouched
+    assert torch.equal(model.model.embed_tokens.weight, reloaded.model.embed_tokens.weight)
+    x = torch.randint(0, CFG["vocab_size"], (1, 8))
+    with torch.no_grad():
+        diff = (model(x).logits - reloaded(x).logits).abs().max().item()
+    assert diff < (0.05 if bits == 8 else 0.5)
+
+
+def test_weights_on_grid_are_stored_exactly(tmp_path):
+    """Weights already on an int4 grid (e.g. SparseGPT joint quantization) reload bit-identically."""
+    model = make_model("2:4", dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in _linears(model).values():
+            w = module.weight
+            rows, cols = w.shape
+            scale = torch.rand(rows, cols // 32, 1) * 0.02 + 0.001
+            q = torch.randint(-8, 8, (rows, cols // 32, 32)).float()
+            q[(w == 0).view(rows, cols // 32, 32)] = 0
+            # absmax on a level below 7 in some groups: detection must not assume absmax -> qmax
+            q[: rows // 2] = q[: rows // 2].clamp(-5, 5)
+            w.copy_((q * scale).view(rows, cols).to(w.dtype))
+    save_sparse(model, tmp_path / "grid", bits=4, group_size=32)
+    model.save_pretrained(tmp_path / "dense")
+    _assert_identical(_plain_reload(tmp_path / "dense"), _plain_reload(tmp_path / "grid"))
+
+
+def test_sharded_save_has_index_and_reloads(tmp_path):
+    model = make_model("2:4")
+    info = save_sparse(model, tmp_path / "sh", max_shard_size="100KB")
+    assert len(info["files"]) > 1
+    index = json.loads((tmp_path / "sh" / "model.safetensors.index.json").read_text())
+    names = set()
+    total = 0
+    for fname in info["files"]:
+        with safe_open(str(tmp_path / "sh" / fname), "pt") as fh:
+            for key in fh.keys():
+                assert index["weight_map"][key] == fname
+                t = fh.get_tensor(key)
+                total += t.numel() * t.element_size()
+                names.add(key)
+    assert names == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == total
+    # companions of one module stay in one shard
+    prefix = "model.layers.0.mlp.down_proj."
+    assert len({index["weight_map"][prefix + s] for s in ("weight_values", "weight_nm_index", "weight_shape")}) == 1
+    _assert_identical(model, _plain_reload(tmp_path / "sh"))
+
+
+def test_no_pickle_files(tmp_path):
+    model = make_model("unstructured")
+    save_sparse(model, tmp_path / "a", bits=8, max_shard_size="50KB")
+    formats.save_compressed_tensors(model, tmp_path / "b", bits=4, group_size=32)
+    for d in ("a", "b"):
+        for p in (tmp_path / d).rglob("*"):
+            assert p.suffix in (".safetensors", ".json"), p
+            head = p.read_bytes()[:2]
+            assert head != b"\x80\x04" and head != b"PK", p  # pickle protocol / torch zip
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (2, 8), (8, 16)])
+def test_nm_codec(n, m):
+    torch.manual_seed(n * 100 + m)
+    w = torch.randn(6, 48)
+    w[nm_mask(w.abs(), n, m)] = 0
+    w[0, :m] = 0                 # a group with fewer than n non-zeros
+    w[1, m: 2 * m] = 0
+    w[1, m] = 1.5
+    enc = compress_weight(w, pattern=f"{n}:{m}")
+    assert "weight_nm_index" in enc
+    assert torch.equal(decompress_weight(enc, pattern=f"{n}:{m}"), w)
+    if (n, m) == (2, 4):
+        assert enc["weight_nm_index"].numel() == w.numel() // 2 * 2 // 8   # 2 bits per kept value
+
+
+def test_bitmask_codec_edge_cases():
+    w = torch.zeros(3, 13)       # width not a multiple of 8
+    w[0, 0] = 1.0
+    w[2, 12] = -2.0
+    enc = compress_weight(w)
+    assert enc["weight_bitmask"].dtype == torch.uint8 and enc["weight_bitmask"].numel() == (39 + 7) // 8
+    assert torch.equal(decompress_weight(enc), w)
+    dense = torch.randn(8, 16)   # no sparsity: kept as is
+    assert list(compress_weight(dense)) == ["weight"]
+    q = compress_weight(dense, bits=8)   # dense layers are still quantized when bits is set
+    assert q["weight_values"].dtype == torch.int8
+    assert (decompress_weight(q) - dense).abs().max() <= dense.abs().max() / 127 / 2 + 1e-6
+
+
+def test_compressed_tensors_pack_quantized(tmp_path):
+    from safetensors.torch import load_file
+
+    from hfprune.formats.compressed_tensors import pack_int32, unpack_int32
+
+    # layout: value + 8, 8 nibbles per int32, least significant first
+    q = torch.tensor([[-8, -7, 0, 1, 2, 3, 4, 7, 5]], dtype=torch.int32)
+    packed = pack_int32(q, 4)
+    assert packed.dtype == torch.int32 and packed.shape == (1, 2)
+    expect0 = sum((v + 8) << (4 * i) for i, v in enumerate([-8, -7, 0, 1, 2, 3, 4, 7]))
+    assert packed[0, 0].item() == expect0 - 2**32 and packed[0, 1].item() == 13
+    assert torch.equal(unpack_int32(packed, 4, 9), q)
+
+    model = make_model("2:4", dtype=torch.bfloat16)
+    out = tmp_path / "ct"
+    formats.save_compressed_tensors(model, out, bits=4, group_size=32)
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["quantization_status"] == "compressed" and qc["ignore"] == ["lm_head"]
+    wargs = qc["config_groups"]["group_0"]["weights"]
+    assert (wargs["num_bits"], wargs["strategy"], wargs["group_size"], wargs["symmetric"]) == (4, "group", 32, True)
+    tensors = load_file(str(out / "model.safetensors"))
+    prefix = "model.layers.1.mlp.down_proj."
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert tensors[prefix + "weight_packed"].shape == (64, 128 // 8)
+    assert tensors[prefix + "weight_scale"].shape == (64, 4)
+    assert tensors[prefix + "weight_shape"].tolist() == [64, 128]
+    deq = unpack_int32(tensors[prefix + "weight_packed"], 4, 128).float() * \
+        tensors[prefix + "weight_scale"].float().repeat_interleave(32, 1)
+    assert bool((deq[w == 0] == 0).all())
+    assert (deq - w.float()).abs().max() <= w.abs().max().float() / 7 * 0.51 + 1e-3
