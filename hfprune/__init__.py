@@ -17,7 +17,7 @@ from .engine import prune
 from .evaluation import evaluate, perplexity
 from .io import save_pruned
 from .models import load_model, load_tokenizer
-from .pruners import MagnitudeConfig, WandaConfig
+from .pruners import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from .recipes import load_recipe
 from .registry import available_methods, register_pruner
 from .report import PruneReport
@@ -30,6 +30,7 @@ __all__ = [
     "MagnitudeConfig",
     "PruneReport",
     "PruningConfig",
+    "SparseGPTConfig",
     "WandaConfig",
     "available_methods",
     "evaluate",

@@ -61,6 +61,17 @@ class PruningConfig:
         metadata={"help": "Explicit non-uniform sparsity: a list with one value per decoder block, or a dict from layer-name regex (or block index) to sparsity."},
     )
 
+    true_sequential: bool = field(
+        default=True,
+        metadata={"help": "Prune the layers of a block in call order, each from inputs that went through the already pruned layers (GPTQ's true-sequential); False uses the dense block's inputs for all (the Wanda/SparseGPT reference)."},
+    )
+    owl: bool = field(
+        default=False,
+        metadata={"help": "OWL non-uniform sparsity: blocks with more activation outliers get lower sparsity (mean stays `sparsity`)."},
+    )
+    owl_m: float = field(default=5.0, metadata={"help": "OWL outlier threshold: |W|*||X|| above owl_m x its layer mean."})
+    owl_lambda: float = field(default=0.08, metadata={"help": "OWL: block sparsities lie in [sparsity - owl_lambda, sparsity + owl_lambda]."})
+
     def __post_init__(self) -> None:
         pat = parse_pattern(self.pattern)
         self.pattern = str(pat)
@@ -100,6 +111,13 @@ class PruningConfig:
             for v in values:
                 if not 0.0 <= float(v) < 1.0:
                     raise ValueError(f"layer_sparsity value {v} is outside [0, 1): fix the per-layer list.")
+        if self.owl:
+            if pat.is_nm:
+                raise ValueError("owl=True allocates unstructured sparsity per block: use pattern='unstructured'.")
+            if self.scope == "global" or self.layer_sparsity is not None:
+                raise ValueError("owl=True chooses the per-block sparsities itself: drop scope='global' / layer_sparsity.")
+            if not 0.0 <= self.owl_lambda < 1.0 or self.owl_m <= 0:
+                raise ValueError(f"owl_lambda must be in [0, 1) and owl_m > 0 (got {self.owl_lambda}, {self.owl_m}).")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -155,12 +173,12 @@ class CalibrationConfig:
     split: str = field(default="train", metadata={"help": "Data set split (Hub data sets and local files)."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     config_name: str | None = field(default=None, metadata={"help": "Hub data set configuration name."})
-    batch_size: int = field(default=1, metadata={"help": "Calibration windows run through a block at once."})
+    batch_size: int = field(default=0, metadata={"help": "Calibration windows run through a block at once; 0 picks as many as fit a memory budget (all of them when they fit, which lets each block be pruned in one pass)."})
 
     def __post_init__(self) -> None:
         for name in ("nsamples", "seqlen", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "batch_size" else 1):
                 raise ValueError(f"calibration {name} must be a positive integer, got {value!r}.")
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from .masks import global_budgets, parse_pattern, prune_count
 from .registry import get_pruner_cls
 from .report import PruneReport, layer_sparsity_report, peak_rss_mb
 from .runner import LayerRunner, module_device
+from .stats import RowNormStats
+from . import scores
 
 logger = logging.getLogger(__name__)
 
@@ -60,27 +62,12 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[dict[str, nn
 
 def _layer_sparsities(config: PruningConfig, targets: list[dict[str, nn.Module]]) -> dict[str, float]:
     """Target sparsity of every pruned layer (uniform unless ``config.layer_sparsity`` is set)."""
+    from .allocation import expand_layer_sparsity
+
     result = {name: config.sparsity for block in targets for name in block}
-    spec = config.layer_sparsity
-    if spec is None:
-        return result
-    if isinstance(spec, (list, tuple)):
-        if len(spec) != len(targets):
-            raise ValueError(f"layer_sparsity has {len(spec)} values but the model has {len(targets)} decoder blocks.")
-        for i, block in enumerate(targets):
-            for name in block:
-                result[name] = float(spec[i])
-        return result
-    for key, value in spec.items():
-        hit = False
-        for i, block in enumerate(targets):
-            for name in block:
-                if (isinstance(key, int) or str(key).isdigit()) and int(key) == i or \
-                        not str(key).isdigit() and re.fullmatch(str(key), name):
-                    result[name] = float(value)
-                    hit = True
-        if not hit:
-            raise ValueError(f"layer_sparsity key {key!r} matches no pruned layer (names look like {next(iter(result))}).")
+    if config.layer_sparsity is not None:
+        block_of = {name: i for i, block in enumerate(targets) for name in block}
+        result.update(expand_layer_sparsity(config.layer_sparsity, list(result), block_of))
     return result
 
 
@@ -184,32 +171,22 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
-        if pruner.requires_calibration:
+        if pruner.requires_calibration or config.owl:
             ids = get_calibration_ids(calib, tokenizer, model)
             logger.info("Calibrating on %d x %d tokens.", ids.shape[0], ids.shape[1])
-            runner = LayerRunner(model, spec, batch_size=calib.batch_size)
-            if config.scope == "global":
-                sparsities = _global_allocation(pruner, runner, ids, targets, config, progress)
+            runner = LayerRunner(model, spec, batch_size=_batch_size(calib, ids, model))
+            if config.owl or (config.scope == "global" and pruner.requires_calibration):
+                sparsities = _allocation_pass(pruner, runner, ids, targets, config, sparsities, progress)
+        if pruner.requires_calibration:
             runner.capture(ids)
             scope = "layer" if config.scope == "global" else config.scope
             bar = tqdm(range(len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
             for i in bar:
-                block_targets = targets[i]
-                if block_targets:
-                    device = module_device(blocks[i])
-                    stats = {name: pruner.make_stats(in_features(m), device) for name, m in block_targets.items()}
-                    with runner.hooks(block_targets, stats):
-                        runner.run(i, update=False)
-                    for name, module in block_targets.items():
-                        W = weight_matrix(module)
-                        result = pruner.prune_weight(W, stats[name], sparsities[name], scope)
-                        _apply(W, result.pruned, result.weight)
-                    del stats
-                if i < len(blocks) - 1:
-                    runner.run(i, update=True)
+                _prune_block(runner, i, targets[i], pruner, sparsities, scope, config.true_sequential,
+                             last=i == len(blocks) - 1)
             runner.release()
         else:
-            if config.scope == "global":
+            if config.scope == "global" and not config.owl:
                 all_scores = {name: pruner.score(weight_matrix(m), None) for block in targets for name, m in block.items()}
                 budgets = global_budgets(all_scores, config.sparsity)
                 del all_scores
@@ -243,7 +220,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     report = PruneReport(
         method=config.method,
         config=config.to_dict(),
-        calibration=calib.to_dict() if pruner.requires_calibration else None,
+        calibration=calib.to_dict() if pruner.requires_calibration or config.owl else None,
         layers=layers,
         prune_seconds=elapsed,
         peak_rss_mb=peak_rss_mb(),
@@ -262,6 +239,82 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     return report
 
 
+def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module) -> int:
+    """Calibration windows per block call: the configured value, or (``batch_size=0``, the
+    default) as many as fit a memory budget for the block's intermediate activations."""
+    if calib.batch_size:
+        return calib.batch_size
+    cfg = model.config.get_text_config()
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 16)
+    seqlen = ids.shape[1]
+    bytes_per_token = 4 * (6 * hidden + 4 * inter + 2 * heads * seqlen)
+    device = module_device(model.get_input_embeddings())
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = 0.25 * free
+    else:
+        import psutil
+
+        budget = min(4 * 2**30, 0.25 * psutil.virtual_memory().available)
+    per_window = bytes_per_token * seqlen
+    return int(max(1, min(ids.shape[0], budget // per_window)))
+
+
+def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module], pruner, sparsities, scope: str,
+                 true_sequential: bool, last: bool) -> None:
+    """Collect statistics for, prune, and run one decoder block (see the module docstring)."""
+    if not block_targets:
+        if not last:
+            runner.run(i, update=True)
+        return
+
+    def make_stats(module):
+        return pruner.make_stats(in_features(module), module_device(module))
+
+    def prune_one(name, module, stats):
+        W = weight_matrix(module)
+        result = pruner.prune_weight(W, stats, sparsities[name], scope)
+        _apply(W, result.pruned, result.weight)
+
+    if true_sequential and runner.num_batches == 1:
+        # One pass: each layer is pruned right before its first use, from inputs that already
+        # went through the pruned layers before it; the block output is the pruned output.
+        done = set()
+
+        def on_input(name, module, stats):
+            if name not in done:
+                prune_one(name, module, stats)
+                done.add(name)
+
+        with runner.shared_input_hooks(i, block_targets, make_stats, on_input):
+            runner.run(i, update=True)
+        _check_called(block_targets, done)
+        return
+
+    groups = runner.call_order(i, block_targets) if true_sequential else [list(block_targets)]
+    for group in groups:
+        members = {name: block_targets[name] for name in group}
+        with runner.shared_input_hooks(i, members, make_stats) as stats:
+            runner.run(i, update=False, stop_after=members[group[-1]] if true_sequential else None)
+        _check_called(members, stats)
+        for name in group:
+            prune_one(name, members[name], stats[name])
+        del stats
+    if not last:
+        runner.run(i, update=True)
+
+
+def _check_called(modules: dict[str, nn.Module], seen) -> None:
+    missing = sorted(set(modules) - set(seen))
+    if missing:
+        raise RuntimeError(
+            f"Layer(s) {missing} never ran during calibration, so they cannot be pruned with data: "
+            f"add them to `ignore`."
+        )
+
+
 def _warn_full_layers(sparsities: dict[str, float]) -> None:
     full = [n for n, s in sparsities.items() if s >= 0.999]
     if full:
@@ -269,25 +322,50 @@ def _warn_full_layers(sparsities: dict[str, float]) -> None:
                        "smaller scale than the others'. Consider scope='row' or 'layer'.", len(full), full[0])
 
 
-def _global_allocation(pruner, runner: LayerRunner, ids: torch.Tensor, targets, config: PruningConfig,
-                       progress: bool) -> dict[str, float]:
-    """Per-layer sparsities from one threshold over all pruned layers (a dense pass for statistics)."""
+def _allocation_pass(pruner, runner: LayerRunner, ids: torch.Tensor, targets, config: PruningConfig,
+                     sparsities: dict[str, float], progress: bool) -> dict[str, float]:
+    """Per-layer sparsities from a dense pass of Wanda statistics (``|W| * ||X||`` scores):
+
+    * ``scope="global"``: one ranking across all pruned layers (``masks.global_budgets``);
+    * ``owl=True``: OWL's per-block sparsities from each block's outlier ratio
+      (``allocation.owl_sparsities``), the parameter-weighted mean equal to ``config.sparsity``.
+    """
+    from . import allocation
+
     runner.capture(ids)
     blocks = runner.blocks
-    saved_stats = {}
-    for i in tqdm(range(len(blocks)), desc="hfprune global scores", disable=not progress, unit="block"):
+    norms: dict[str, RowNormStats] = {}
+    for i in tqdm(range(len(blocks)), desc="hfprune allocation", disable=not progress, unit="block"):
         if targets[i]:
-            device = module_device(blocks[i])
-            stats = {name: pruner.make_stats(in_features(m), device) for name, m in targets[i].items()}
-            with runner.hooks(targets[i], stats):
+            with runner.shared_input_hooks(i, targets[i], lambda m: RowNormStats(in_features(m), module_device(m))) as st:
                 runner.run(i, update=i < len(blocks) - 1)
-            saved_stats.update(stats)
+            _check_called(targets[i], st)
+            norms.update(st)
         elif i < len(blocks) - 1:
             runner.run(i, update=True)
     runner.release()
     modules = {name: m for block in targets for name, m in block.items()}
-    scores = {name: pruner.score(weight_matrix(m), saved_stats[name]).cpu() for name, m in modules.items()}
-    budgets = global_budgets(scores, config.sparsity)
+
+    def score(name):
+        return scores.wanda(weight_matrix(modules[name]), norms[name].norm)
+
+    if config.owl:
+        ratios, counts, members = [], [], []
+        for block in targets:
+            if not block:
+                continue
+            names = list(block)
+            ratios.append(allocation.outlier_ratio([score(n) for n in names], m=config.owl_m))
+            counts.append(sum(weight_matrix(block[n]).numel() for n in names))
+            members.append(names)
+        block_sparsity = allocation.owl_sparsities(ratios, counts, config.sparsity, lam=config.owl_lambda)
+        result = dict(sparsities)
+        for names, value in zip(members, block_sparsity):
+            for n in names:
+                result[n] = value
+        logger.info("OWL block sparsities: %s", ", ".join(f"{v:.3f}" for v in block_sparsity))
+        return result
+    budgets = global_budgets({name: score(name).cpu() for name in modules}, config.sparsity)
     result = {name: budgets[name] / weight_matrix(modules[name]).numel() for name in modules}
     _warn_full_layers(result)
     return result

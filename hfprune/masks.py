@@ -3,8 +3,8 @@
 Every function takes a score tensor (higher = more important, keep) and returns a boolean
 tensor of the same shape that is ``True`` where the weight is pruned (set to zero).
 
-Counts are exact: masks are chosen by sorting (stable, so ties are broken by position),
-never by comparing against a threshold, because weights that come from a quantization grid
+Counts are exact: masks are chosen by top-k / sorting (exactly k entries, ties broken
+deterministically), never by comparing against a threshold, because weights that come from a quantization grid
 (GGUF, int4) have many equal magnitudes and ``score <= threshold`` would over-prune.
 """
 
@@ -81,13 +81,17 @@ def prune_count(numel: int, sparsity: float) -> int:
     return int(round(sparsity * numel))
 
 
+def _lowest(score: torch.Tensor, k: int, dim: int = -1, sorted: bool = False):
+    """The ``k`` lowest entries along ``dim`` (exactly ``k``, ties broken deterministically)."""
+    return torch.topk(score, k, dim=dim, largest=False, sorted=sorted)
+
+
 def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``sparsity`` fraction of lowest-scored entries of the whole tensor."""
     k = prune_count(score.numel(), sparsity)
     pruned = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
-        order = torch.sort(score.reshape(-1).float(), stable=True).indices
-        pruned[order[:k]] = True
+        pruned[_lowest(score.reshape(-1).float(), k).indices] = True
     return pruned.view_as(score)
 
 
@@ -103,13 +107,15 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     if k == 0:
         return pruned
     base, extra = divmod(k, rows)
-    sorted_scores, order = torch.sort(score.float(), dim=1, stable=True)
+    score = score.float()
+    if extra == 0:
+        pruned.scatter_(1, _lowest(score, base, dim=1).indices, True)
+        return pruned
+    values, order = _lowest(score, base + 1, dim=1, sorted=True)
     per_row = torch.full((rows,), base, dtype=torch.long, device=score.device)
-    if extra:
-        candidate = sorted_scores[:, base]
-        chosen = torch.sort(candidate, stable=True).indices[:extra]
-        per_row[chosen] += 1
-    ranks = torch.arange(cols, device=score.device).expand(rows, cols)
+    chosen = torch.sort(values[:, base], stable=True).indices[:extra]
+    per_row[chosen] += 1
+    ranks = torch.arange(base + 1, device=score.device).expand(rows, base + 1)
     pruned.scatter_(1, order, ranks < per_row[:, None])
     return pruned
 
@@ -123,9 +129,8 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
             f"exclude this layer or choose an M that divides {cols}."
         )
     groups = score.float().reshape(rows, cols // m, m)
-    order = torch.sort(groups, dim=-1, stable=True).indices
     pruned = torch.zeros_like(groups, dtype=torch.bool)
-    pruned.scatter_(-1, order[..., : m - n], True)
+    pruned.scatter_(-1, _lowest(groups, m - n, dim=-1).indices, True)
     return pruned.reshape(rows, cols)
 
 

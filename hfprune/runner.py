@@ -148,6 +148,10 @@ class LayerRunner:
             )
 
     # ------------------------------------------------------------------ running
+    @property
+    def num_batches(self) -> int:
+        return len(self.hidden)
+
     @contextlib.contextmanager
     def hooks(self, modules: dict[str, nn.Module], stats: dict[str, Any]) -> Iterator[None]:
         """Feed the input of each module in ``modules`` to ``stats[name].add_batch`` while active."""
@@ -167,24 +171,115 @@ class LayerRunner:
             for handle in handles:
                 handle.remove()
 
+    @contextlib.contextmanager
+    def shared_input_hooks(self, index: int, modules: dict[str, nn.Module], make_stats: Callable[[nn.Module], Any],
+                           on_input: Callable[[str, nn.Module, Any], None] | None = None) -> Iterator[dict[str, Any]]:
+        """Accumulate input statistics for ``modules``, once per distinct input tensor.
+
+        Layers that read the same tensor (q/k/v, gate/up) share one accumulator, so statistics
+        such as Hessians are computed once. Yields ``{name: stats}``, filled as layers are called.
+        ``on_input(name, module, stats)`` is called after a layer's statistics were updated,
+        before the layer runs (used to prune a layer just before its first use).
+        """
+        module_stats: dict[str, Any] = {}
+        seen: dict[tuple, Any] = {}
+        names = {id(m): n for n, m in modules.items()}
+
+        def reset(_block, _args, _kwargs=None):
+            seen.clear()
+
+        def hook(mod, inputs):
+            x = inputs[0]
+            name = names[id(mod)]
+            # Layers reading the same tensor object share statistics. The tensor is kept
+            # referenced in `seen` until the next block call, so its id cannot be reused.
+            entry = seen.get(id(x))
+            if entry is None:
+                acc = module_stats.get(name) or make_stats(mod)
+                acc.add_batch(x.detach())
+                seen[id(x)] = (x, acc)
+            else:
+                acc = entry[1]
+            module_stats.setdefault(name, acc)
+            if on_input is not None:
+                on_input(name, mod, module_stats[name])
+
+        handles = [self.blocks[index].register_forward_pre_hook(reset)]
+        handles += [m.register_forward_pre_hook(hook) for m in modules.values()]
+        try:
+            yield module_stats
+        finally:
+            for handle in handles:
+                handle.remove()
+
     @torch.no_grad()
-    def run(self, index: int, *, update: bool) -> None:
-        """Run block ``index`` over every calibration batch.
+    def call_order(self, index: int, modules: dict[str, nn.Module]) -> list[list[str]]:
+        """Groups of ``modules`` that read the same input, in the order the block first calls them
+        (run on the first calibration batch)."""
+        order: list[str] = []
+        key_of: dict[str, int] = {}
+        alive: list[torch.Tensor] = []  # keeps inputs referenced so their ids stay unique
+        names = {id(m): n for n, m in modules.items()}
+
+        def hook(mod, inputs):
+            x = inputs[0]
+            name = names[id(mod)]
+            if name not in key_of:
+                order.append(name)
+                key_of[name] = id(x)
+                alive.append(x)
+
+        handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
+        try:
+            self.run(index, update=False, batches=[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        alive.clear()
+        groups: dict[object, list[str]] = {}
+        for name in order:
+            groups.setdefault(key_of[name], []).append(name)
+        missing = set(modules) - set(order)
+        if missing:
+            groups["never-called"] = sorted(missing)
+        return list(groups.values())
+
+    @torch.no_grad()
+    def run(self, index: int, *, update: bool, stop_after: nn.Module | None = None,
+            batches: list[int] | None = None) -> None:
+        """Run block ``index`` over the calibration batches (all, or ``batches``).
 
         With ``update=True`` the stored activations are replaced by the block's outputs, which
-        become the inputs of block ``index + 1``.
+        become the inputs of block ``index + 1``. With ``stop_after`` the block stops right after
+        that module ran (enough to collect statistics of the layers before it).
         """
         if not self.hidden:
             raise RuntimeError("Call capture() before run().")
+        if update and stop_after is not None:
+            raise ValueError("run(update=True) needs the whole block; drop stop_after.")
         block = self.blocks[index]
         device = module_device(block)
-        for b, hidden in enumerate(self.hidden):
-            rest, kwargs = self.calls[index][b]
-            out = block(_to(hidden, device), *_to(rest, device), **_to(kwargs, device))
-            if isinstance(out, tuple):
-                out = out[0]
-            if update:
-                self.hidden[b] = out.to(hidden.device)
+        handle = None
+        if stop_after is not None:
+            def stop(_mod, _inp, _out):
+                raise _StopForward
+
+            handle = stop_after.register_forward_hook(stop)
+        try:
+            for b in (range(len(self.hidden)) if batches is None else batches):
+                hidden = self.hidden[b]
+                rest, kwargs = self.calls[index][b]
+                try:
+                    out = block(_to(hidden, device), *_to(rest, device), **_to(kwargs, device))
+                except _StopForward:
+                    continue
+                if isinstance(out, tuple):
+                    out = out[0]
+                if update:
+                    self.hidden[b] = out.to(hidden.device)
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def release(self) -> None:
         """Drop the stored activations and captured arguments."""

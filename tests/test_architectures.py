@@ -18,6 +18,9 @@ CASES = [
     ("wanda", {"pattern": "2:4"}),
     ("wanda", {"pattern": "4:8"}),
     ("wanda", {"sparsity": 0.6, "scope": "layer"}),
+    ("wanda", {"sparsity": 0.5, "true_sequential": False}),
+    ("sparsegpt", {"sparsity": 0.5}),
+    ("sparsegpt", {"pattern": "2:4", "block_size": 16}),
 ]
 
 

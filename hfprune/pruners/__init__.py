@@ -3,5 +3,7 @@
 from .base import Pruner, PruneResult
 from .magnitude import MagnitudeConfig, MagnitudePruner
 from .wanda import WandaConfig, WandaPruner
+from .sparsegpt import SparseGPTConfig, SparseGPTPruner
 
-__all__ = ["Pruner", "PruneResult", "MagnitudeConfig", "MagnitudePruner", "WandaConfig", "WandaPruner"]
+__all__ = ["Pruner", "PruneResult", "MagnitudeConfig", "MagnitudePruner", "WandaConfig", "WandaPruner", "SparseGPTConfig",
+           "SparseGPTPruner"]

@@ -1,0 +1,128 @@
+"""One-shot pruning benchmark on SmolLM2-135M (the issues' protocol), one fresh process per run.
+
+Protocol: fp32, calibration c4 64 x 512 tokens seed 0, evaluation WikiText-2 seqlen 2048 first 32
+windows. For every run: prune wall time (the engine only), peak RSS, perplexity, per-layer
+exactness (unstructured: zeros = round(s * numel); N:M: every group holds). The "forward" run
+times one plain forward pass of the model over the same calibration tokens, so
+``prune_seconds / forward_seconds`` compares like with like.
+
+    .venv/bin/python scripts/bench_oneshot.py                       # all runs -> bench_out/oneshot.json
+    .venv/bin/python scripts/bench_oneshot.py --runs wanda-50,wanda-2of4 --max-windows 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import PROTOCOL, machine, run_child, write_json  # noqa: E402
+
+RUNS = {
+    "dense": None,
+    "magnitude-50": {"method": "magnitude", "sparsity": 0.5},
+    "magnitude-2of4": {"method": "magnitude", "pattern": "2:4"},
+    "wanda-50": {"method": "wanda", "sparsity": 0.5},
+    "wanda-2of4": {"method": "wanda", "pattern": "2:4"},
+    "wanda-50-ref": {"method": "wanda", "sparsity": 0.5, "true_sequential": False},
+    "wanda-2of4-ref": {"method": "wanda", "pattern": "2:4", "true_sequential": False},
+    "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
+    "sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4"},
+    "wanda-70": {"method": "wanda", "sparsity": 0.7},
+    "wanda-owl-70": {"method": "wanda", "sparsity": 0.7, "owl": True},
+    "sparsegpt-50-int4": {"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 128},
+}
+DEFAULT_RUNS = "forward,dense,magnitude-50,magnitude-2of4,wanda-50,wanda-2of4,sparsegpt-50,sparsegpt-2of4"
+
+
+def child(name: str, args) -> dict:
+    import torch
+
+    import hfprune
+    from hfprune.architectures import weight_matrix
+    from hfprune.calibration import get_calibration_ids
+    from hfprune.config import CalibrationConfig
+    from hfprune.masks import check_nm, prune_count
+
+    model = hfprune.load_model(PROTOCOL["model"], dtype=PROTOCOL["dtype"])
+    tok = hfprune.load_tokenizer(PROTOCOL["model"])
+    ids = get_calibration_ids(CalibrationConfig(dataset=PROTOCOL["calibration"], nsamples=args.nsamples,
+                                                seqlen=args.seqlen, seed=PROTOCOL["seed"]), tok)
+    row = {"run": name}
+    if name == "forward":
+        best = None
+        for bs in (8, args.nsamples):
+            start = time.perf_counter()
+            with torch.no_grad():
+                for i in range(0, ids.shape[0], bs):
+                    model(input_ids=ids[i:i + bs], use_cache=False)
+            seconds = time.perf_counter() - start
+            row[f"forward_seconds_bs{bs}"] = seconds
+            best = seconds if best is None else min(best, seconds)
+        row["forward_seconds"] = best
+        return row
+    if name != "dense":
+        config = hfprune.PruningConfig.from_dict(RUNS[name])
+        report = hfprune.prune(model, tok, config, calibration=ids, progress=False)
+        row.update(prune_seconds=report.prune_seconds, peak_rss_mb=report.peak_rss_mb, sparsity=report.sparsity,
+                   config=report.config, block_sparsity=[round(b["sparsity"], 4) for b in report.blocks])
+        exact = True
+        modules = dict(model.named_modules())
+        for lname, info in report.layers.items():
+            W = weight_matrix(modules[lname])
+            if config.pattern == "unstructured":
+                exact &= abs(int((W == 0).sum()) - prune_count(W.numel(), info["target"])) <= 1
+            else:
+                n, m = map(int, config.pattern.split(":"))
+                exact &= check_nm(W, n, m)
+        row["every_layer_exact"] = bool(exact)
+        row["layers_checked"] = len(report.layers)
+    if not args.skip_eval:
+        ppl = hfprune.perplexity(model, tok, PROTOCOL["eval_dataset"], seqlen=PROTOCOL["eval_seqlen"],
+                                 max_windows=args.max_windows, progress=False)
+        row.update(perplexity=ppl["perplexity"], eval_windows=ppl["windows"], eval_seconds=ppl["seconds"])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma list of forward and {', '.join(RUNS)}")
+    parser.add_argument("--nsamples", type=int, default=PROTOCOL["nsamples"])
+    parser.add_argument("--seqlen", type=int, default=PROTOCOL["seqlen"])
+    parser.add_argument("--max-windows", type=int, default=PROTOCOL["max_windows"])
+    parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--output", default="bench_out/oneshot.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        write_json(Path(args.child_json), child(args.child, args))
+        return
+
+    out = Path(args.output)
+    result = {"protocol": {**PROTOCOL, "nsamples": args.nsamples, "seqlen": args.seqlen, "max_windows": args.max_windows},
+              "machine": machine(), "command": " ".join(sys.argv), "runs": {}}
+    passthrough = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--max-windows", str(args.max_windows)]
+    if args.skip_eval:
+        passthrough.append("--skip-eval")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.runs.split(","):
+            if name != "forward" and name not in RUNS:
+                raise SystemExit(f"unknown run {name!r}; choose from forward, {', '.join(RUNS)}")
+            row = run_child(__file__, ["--child", name, *passthrough], Path(tmp) / f"{name}.json")
+            result["runs"][name] = row
+            fwd = result["runs"].get("forward", {}).get("forward_seconds")
+            if fwd and "prune_seconds" in row:
+                row["prune_over_forward"] = row["prune_seconds"] / fwd
+            print(f"{name:18s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in row.items() if k not in ("config", "block_sparsity", "run")),
+                  flush=True)
+            write_json(out, result)  # every finished run is kept
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
