@@ -22,6 +22,32 @@ def _add_prune(sub) -> None:
     p.add_argument("--scope", choices=["row", "layer", "global"], help="Comparison group for unstructured masks.")
     p.add_argument("--targets", nargs="+", help="Regexes of linear layers to prune (default: all in the decoder blocks).")
     p.add_argument("--ignore", nargs="+", help="Regexes of linear layers to keep dense.")
+    p.add_argument("--no-true-sequential", action="store_false", dest="true_sequential", default=None,
+                   help="Use the dense block's inputs for every layer (the Wanda/SparseGPT reference) instead of "
+                        "pruning the layers of a block in call order.")
+    p.add_argument("--layer-sparsity", dest="layer_sparsity", type=lambda v: [float(x) for x in v.split(",")],
+                   help="Comma list with one sparsity per decoder block (non-uniform).")
+    p.add_argument("--owl", action="store_true", default=None, help="OWL outlier-weighted per-block sparsity.")
+    p.add_argument("--owl-m", type=float, dest="owl_m", help="OWL outlier threshold M (default 5).")
+    p.add_argument("--owl-lambda", type=float, dest="owl_lambda", help="OWL sparsity range lambda (default 0.08).")
+    p.add_argument("--block-size", type=int, dest="block_size", help="SparseGPT column block size (default 128).")
+    p.add_argument("--dampening", type=float, help="SparseGPT Hessian dampening fraction (default 0.01).")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="Quantize kept weights: jointly with sparsegpt, and/or "
+                                                           "stored as int8/int4 by --format sparse.")
+    p.add_argument("--group-size", type=int, dest="group_size", help="Quantization group size (default: per channel).")
+    p.add_argument("--format", choices=["dense", "sparse", "compressed-tensors"], default="dense",
+                   help="Checkpoint format: dense save_pretrained, hfprune's compressed sparse format (reloads "
+                        "after `import hfprune`), or compressed-tensors int4/int8 for vLLM.")
+    p.add_argument("--target", help="Structured pruning: heads, mlp or heads,mlp (physically removes them; "
+                                    "--method is then the importance: magnitude, wanda or fluctuation).")
+    p.add_argument("--heads-ratio", type=float, dest="heads_ratio", help="Fraction of attention heads removed.")
+    p.add_argument("--mlp-ratio", type=float, dest="mlp_ratio", help="Fraction of MLP neurons removed.")
+    p.add_argument("--non-uniform", action="store_true", default=None, dest="non_uniform",
+                   help="Structured: per-block counts from a global ranking (reload with hfprune).")
+    p.add_argument("--gqa-mode", choices=["per_group", "whole_group"], dest="gqa_mode",
+                   help="Structured heads with GQA: equal query heads per KV group, or whole KV groups.")
+    p.add_argument("--bias-compensation", action="store_true", default=None, dest="bias_compensation",
+                   help="Structured: FLAP bias compensation for removed channels.")
     p.add_argument("--calibration", help="c4, wikitext2, self, a data file, or a Hub data set name.")
     p.add_argument("--nsamples", type=int, help="Calibration windows (default 128).")
     p.add_argument("--seqlen", type=int, help="Tokens per calibration window (default 2048).")
@@ -67,7 +93,17 @@ def _run_prune(args) -> int:
     check_output_dir(args.output, args.overwrite)  # fail before the slow part
     data = read_recipe(args.recipe) if args.recipe else {}
     overrides = {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "scope": args.scope,
-                 "targets": args.targets, "ignore": args.ignore}
+                 "targets": args.targets, "ignore": args.ignore, "target": args.target, "heads_ratio": args.heads_ratio,
+                 "mlp_ratio": args.mlp_ratio, "non_uniform": args.non_uniform, "gqa_mode": args.gqa_mode,
+                 "bias_compensation": args.bias_compensation, "true_sequential": args.true_sequential,
+                 "layer_sparsity": args.layer_sparsity, "owl": args.owl, "owl_m": args.owl_m,
+                 "owl_lambda": args.owl_lambda, "block_size": args.block_size, "dampening": args.dampening}
+    method = args.method or data.get("method")
+    if method == "sparsegpt":
+        overrides.update(bits=args.bits, group_size=args.group_size)
+    elif args.bits and args.format == "dense":
+        raise ValueError("--bits quantizes weights when they are saved with --format sparse or compressed-tensors, "
+                         "or jointly with --method sparsegpt: add one of those.")
     if args.pattern and args.pattern != "unstructured" and args.sparsity is None:
         data.pop("sparsity", None)
     calib_overrides = {"dataset": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen,
@@ -114,13 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_eval(sub)
     _add_methods(sub)
-    for module_name in ("hfprune.hub",):
+    import importlib
+
+    # Subcommands that live next to their feature: each module has add_cli(subparsers).
+    for module_name in ("hfprune.hub", "hfprune.recovery", "hfprune.sweep", "hfprune.zeroshot"):
         try:
-            module = __import__(module_name, fromlist=["add_cli"])
-        except ImportError:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
             continue
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+        module.add_cli(sub)
     return parser
 
 

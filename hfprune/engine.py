@@ -152,6 +152,11 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     """
     if config is None:
         raise ValueError("Pass a pruning config, e.g. hfprune.WandaConfig(sparsity=0.5).")
+    from .structured import StructuredConfig
+
+    if isinstance(config, StructuredConfig):
+        return _prune_structured(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                 batch_size=batch_size, progress=progress)
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
     pruner = get_pruner_cls(config.method)(config)
@@ -369,3 +374,57 @@ def _allocation_pass(pruner, runner: LayerRunner, ids: torch.Tensor, targets, co
     result = {name: budgets[name] / weight_matrix(modules[name]).numel() for name in modules}
     _warn_full_layers(result)
     return result
+
+
+@torch.no_grad()
+def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamples=None, seqlen=None, seed=None,
+                      batch_size=None, progress=True) -> PruneReport:
+    """Structured pruning: channel statistics from one dense calibration pass (when the importance
+    or bias compensation needs data), then :func:`hfprune.structured.prune_structured`."""
+    import dataclasses
+
+    from .structured import attach_channel_stats, prune_structured
+
+    spec = get_spec(model)
+    needs_data = config.importance != "magnitude" or config.bias_compensation
+    calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    stats = None
+    try:
+        if needs_data:
+            ids = get_calibration_ids(calib, tokenizer, model)
+            runner = LayerRunner(model, spec, batch_size=_batch_size(calib, ids, model))
+            runner.capture(ids)
+            stats, remove = attach_channel_stats(model)
+            try:
+                for i in tqdm(range(len(runner)), desc="hfprune structured stats", disable=not progress, unit="block"):
+                    runner.run(i, update=i < len(runner) - 1)
+            finally:
+                remove()
+                runner.release()
+        result = prune_structured(model, heads_ratio=config.heads_ratio, mlp_ratio=config.mlp_ratio,
+                                  importance=config.importance, stats=stats, uniform=config.uniform,
+                                  gqa_mode=config.gqa_mode, bias_compensation=config.bias_compensation)
+    finally:
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_heads", "num_kv_heads", "intermediate_size")}
+    cfg["method"] = f"structured-{config.importance}"
+    removed = 1.0 - result["params_after"] / result["params_before"]
+    report = PruneReport(
+        method=cfg["method"], config=cfg, calibration=calib.to_dict() if needs_data else None, layers={},
+        prune_seconds=elapsed, peak_rss_mb=peak_rss_mb(),
+        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        sparsity=removed, model_sparsity=removed,
+        blocks=[{"index": i, **{k: v for k, v in b.items() if not isinstance(v, list)}}
+                for i, b in enumerate(result["blocks"])],
+        structured=result,
+    )
+    model.config.pruning_config = {**cfg, "params_before": result["params_before"],
+                                   "params_after": result["params_after"], "reload_with": result["reload_with"],
+                                   "calibration": report.calibration}
+    logger.info("Structured pruning removed %.1f%% of the parameters (%d -> %d) in %.1f s.", 100 * removed,
+                result["params_before"], result["params_after"], elapsed)
+    return report

@@ -48,7 +48,49 @@ def build_configs(data: dict[str, Any], overrides: dict[str, Any] | None = None,
     calibration.update({k: v for k, v in (calibration_overrides or {}).items() if v is not None})
     if "method" not in data:
         raise ValueError("The recipe needs a `method` key (for example `method: wanda`), or pass --method.")
+    if data.get("target"):
+        return structured_config(data), CalibrationConfig.from_dict(calibration)
+    data.pop("target", None)
+    for key in _STRUCTURED_KEYS:
+        if data.get(key) not in (None, False):
+            raise ValueError(f"`{key}` is a structured-pruning option: add `target: heads,mlp` (--target) to use it.")
+        data.pop(key, None)
     return PruningConfig.from_dict(data), CalibrationConfig.from_dict(calibration)
+
+
+_STRUCTURED_KEYS = ("heads_ratio", "mlp_ratio", "non_uniform", "gqa_mode", "bias_compensation")
+
+
+def structured_config(data: dict[str, Any]):
+    """A :class:`~hfprune.structured.StructuredConfig` from recipe/CLI keys: ``method`` (the
+    importance: magnitude, wanda or fluctuation), ``target`` (heads, mlp or both), ``heads_ratio``,
+    ``mlp_ratio``, ``non_uniform``, ``gqa_mode``, ``bias_compensation``."""
+    from .structured import StructuredConfig
+
+    data = dict(data)
+    target = data.pop("target")
+    targets = [t.strip() for t in (target.split(",") if isinstance(target, str) else target)]
+    unknown_targets = sorted(set(targets) - {"heads", "mlp"})
+    if unknown_targets:
+        raise ValueError(f"Unknown structured target(s) {unknown_targets}: use heads, mlp or heads,mlp.")
+    heads_ratio = float(data.pop("heads_ratio", None) or 0.0)
+    mlp_ratio = float(data.pop("mlp_ratio", None) or 0.0)
+    if "heads" in targets and heads_ratio == 0.0:
+        raise ValueError("target includes heads: set heads_ratio (--heads-ratio), the fraction of heads removed.")
+    if "mlp" in targets and mlp_ratio == 0.0:
+        raise ValueError("target includes mlp: set mlp_ratio (--mlp-ratio), the fraction of MLP neurons removed.")
+    if "heads" not in targets and heads_ratio:
+        raise ValueError("heads_ratio is set but target does not include heads: use --target heads,mlp.")
+    if "mlp" not in targets and mlp_ratio:
+        raise ValueError("mlp_ratio is set but target does not include mlp: use --target heads,mlp.")
+    kwargs = {"importance": data.pop("method"), "heads_ratio": heads_ratio, "mlp_ratio": mlp_ratio,
+              "uniform": not bool(data.pop("non_uniform", False)), "gqa_mode": data.pop("gqa_mode", None) or "per_group",
+              "bias_compensation": bool(data.pop("bias_compensation", False))}
+    leftover = {k: v for k, v in data.items() if v is not None and k not in ("sparsity", "pattern", "scope", "targets", "ignore")}
+    if leftover:
+        raise ValueError(f"Unknown key(s) {sorted(leftover)} for structured pruning; allowed: method, target, "
+                         f"{', '.join(_STRUCTURED_KEYS)}, calibration.")
+    return StructuredConfig(**kwargs)
 
 
 def load_recipe(path: str | Path, **overrides) -> tuple[PruningConfig, CalibrationConfig]:

@@ -48,7 +48,9 @@ class PruneReport:
     model_sparsity: float = 0.0
     """Zeros over all parameters of the model (tied tensors counted once)."""
     blocks: list[dict[str, Any]] = field(default_factory=list)
-    """Per decoder block: its index and sparsity over its pruned layers."""
+    """Per decoder block: its index and sparsity over its pruned layers (structured: kept shapes)."""
+    structured: dict[str, Any] | None = None
+    """Structured pruning only: parameters before/after and what each block kept."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +73,16 @@ class PruneReport:
         return {k: z / n for k, (z, n) in agg.items()}
 
     def __str__(self) -> str:
+        if self.structured is not None:
+            s = self.structured
+            lines = [f"hfprune {self.method}: parameters {s['params_before']:,} -> {s['params_after']:,} "
+                     f"({100 * self.sparsity:.1f}% removed), {self.prune_seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MiB, "
+                     f"reload with {s['reload_with']}"]
+            for b in self.blocks[:3]:
+                lines.append("  block %d: %s" % (b["index"], ", ".join(f"{k}={v}" for k, v in b.items() if k != "index")))
+            if len(self.blocks) > 3:
+                lines.append(f"  ... {len(self.blocks) - 3} more blocks")
+            return "\n".join(lines)
         lines = [
             f"hfprune {self.method} ({self.config.get('pattern')}, scope={self.config.get('scope')}): "
             f"sparsity {self.sparsity:.4f} over {len(self.layers)} layers "
@@ -78,6 +90,6 @@ class PruneReport:
             + (f", peak CUDA {self.peak_cuda_mb:.0f} MiB" if self.peak_cuda_mb else ""),
             "  by layer type: " + ", ".join(f"{k} {v:.4f}" for k, v in self.by_layer_type().items()),
         ]
-        if self.blocks:
+        if self.blocks and "sparsity" in self.blocks[0]:
             lines.append("  by block: " + " ".join(f"{b['index']}:{b['sparsity']:.3f}" for b in self.blocks))
         return "\n".join(lines)

@@ -265,15 +265,20 @@ def _fmt(x: float) -> str:
 def removal_count(n_units: int, ratio: float, *, strict: bool, what: str, hint: str = "") -> int:
     """How many of ``n_units`` to remove for ``ratio`` (fraction removed).
 
-    ``strict`` demands that ``ratio * n_units`` is a whole number (GQA grouping), otherwise it is
-    rounded. Raises ``ValueError`` when everything would be removed.
+    The count is rounded to the nearest whole unit (for GQA the units are KV groups or one query
+    head per group), and with ``strict`` a ratio that is not a whole number of units logs the
+    fraction actually removed. Raises ``ValueError`` when a ratio above 0 rounds to nothing
+    (with ``strict``) or when everything would be removed.
     """
     exact = ratio * n_units
     count = int(round(exact))
     if strict and abs(exact - count) > 1e-6:
-        valid = ", ".join(_fmt(k / n_units) for k in range(n_units))
-        raise ValueError(f"{what}: ratio {ratio} does not remove a whole number of units out of {n_units}; "
-                         f"use one of {valid}{hint}.")
+        valid = ", ".join(_fmt(k / n_units) for k in range(1, n_units))
+        if count == 0:
+            raise ValueError(f"{what}: ratio {ratio} is less than half of one unit out of {n_units} and would remove "
+                             f"nothing; use one of {valid}{hint}.")
+        logger.warning("%s: ratio %s rounded to %d of %d units (%s removed); allowed ratios: %s.", what, ratio,
+                       count, n_units, _fmt(count / n_units), valid)
     if count >= n_units and n_units > 0 and ratio > 0:
         raise ValueError(f"{what}: ratio {ratio} would remove all {n_units} units; use a ratio below "
                          f"{_fmt((n_units - 0.5) / n_units)} so at least one is kept{hint}.")

@@ -403,8 +403,8 @@ def test_bias_compensation_skipped_with_warning_without_bias_flag(caplog):
     ({"mlp_ratio": "0.5"}, "must be a number"),
     ({"importance": "taylor2"}, "magnitude, wanda, fluctuation"),
     ({"gqa_mode": "groups"}, "per_group, whole_group"),
-    ({"heads_ratio": 0.3, "num_heads": 8, "num_kv_heads": 2}, "0.25, 0.5, 0.75"),
-    ({"heads_ratio": 0.3, "num_heads": 8, "num_kv_heads": 2, "gqa_mode": "whole_group"}, "0, 0.5"),
+    ({"heads_ratio": 0.1, "num_heads": 8, "num_kv_heads": 2}, "0.25, 0.5, 0.75"),
+    ({"heads_ratio": 0.2, "num_heads": 8, "num_kv_heads": 2, "gqa_mode": "whole_group"}, "use one of 0.5"),
     ({"heads_ratio": 0.25, "num_heads": 4, "num_kv_heads": 1, "gqa_mode": "whole_group"}, "single KV head"),
     ({"mlp_ratio": 0.9, "intermediate_size": 2}, "remove all"),
     ({"heads_ratio": 0.95, "num_heads": 4}, "remove all"),
@@ -420,13 +420,15 @@ def test_structured_config_valid_and_for_model():
     cfg = StructuredConfig.for_model(make_model("llama"), heads_ratio=0.5)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size) == (8, 2, 96)
     with pytest.raises(ValueError, match="0.25, 0.5, 0.75"):
-        StructuredConfig.for_model(make_model("llama"), heads_ratio=0.2)
+        StructuredConfig.for_model(make_model("llama"), heads_ratio=0.1)
+    # a ratio between allowed values is rounded to the nearest whole unit
+    assert StructuredConfig.for_model(make_model("llama"), heads_ratio=0.3).heads_ratio == 0.3
 
 
 def test_prune_structured_errors():
     model = make_model("llama")
     with pytest.raises(ValueError, match="0.25, 0.5, 0.75"):
-        prune_structured(model, heads_ratio=0.3)
+        prune_structured(model, heads_ratio=0.1)
     with pytest.raises(ValueError, match="attach_channel_stats"):
         prune_structured(model, mlp_ratio=0.5, importance="wanda")
     with pytest.raises(ValueError, match="missing"):
@@ -485,3 +487,10 @@ def test_global_removal_counts_non_uniform():
     assert global_removal_counts([torch.arange(2.0), torch.arange(2.0)], 0.5, "x") == [1, 1]
     with pytest.raises(ValueError, match="at most 0.5"):
         global_removal_counts([torch.arange(2.0), torch.arange(2.0)], 0.75, "x")
+
+
+def test_ratio_rounds_to_whole_units_and_report_says_so(caplog):
+    model = make_model("llama")  # 8 query heads in 2 KV groups
+    report = prune_structured(model, heads_ratio=0.3)
+    assert report["blocks"][0]["heads_after"] == 6  # 0.3 of 4 per-group slices -> 1 slice = 2 heads
+    assert "rounded" in caplog.text

@@ -1,0 +1,110 @@
+"""llm-compressor 0.14 on the same protocol as scripts/bench_oneshot.py (run with its own venv).
+
+llm-compressor caps transformers at 5.17, so it lives in .venv-llmc:
+
+    python3 -m venv .venv-llmc && .venv-llmc/bin/pip install torch==2.13.0 \\
+        && .venv-llmc/bin/pip install llmcompressor==0.14.0.1 gguf && .venv-llmc/bin/pip install --no-deps -e .
+    .venv-llmc/bin/python scripts/bench_llmcompressor.py --runs wanda-50,wanda-2of4
+
+hfprune is installed there without dependencies only to draw the same calibration windows and to
+score perplexity with the same code; the pruning is llm-compressor's `oneshot` (sequential
+pipeline, decoder projections only: `targets=["re:.*layers.*proj$"]`, lm_head excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import PROTOCOL, machine, run_child, write_json  # noqa: E402
+
+RUNS = {
+    "magnitude-50": ("MagnitudePruningModifier", {"sparsity": 0.5, "mask_structure": "0:0"}),
+    "wanda-50": ("WandaPruningModifier", {"sparsity": 0.5, "mask_structure": "0:0"}),
+    "wanda-2of4": ("WandaPruningModifier", {"sparsity": 0.5, "mask_structure": "2:4"}),
+    "sparsegpt-50": ("SparseGPTModifier", {"sparsity": 0.5, "mask_structure": "0:0"}),
+    "sparsegpt-2of4": ("SparseGPTModifier", {"sparsity": 0.5, "mask_structure": "2:4"}),
+}
+
+
+def child(name: str, args) -> dict:
+    import datasets
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers import pruning
+    from transformers import AutoModelForCausalLM
+
+    import hfprune
+    from hfprune.calibration import get_calibration_ids
+    from hfprune.config import CalibrationConfig
+    from hfprune.models import resolve_model_path
+
+    path = resolve_model_path(PROTOCOL["model"])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = hfprune.load_tokenizer(PROTOCOL["model"])
+    ids = get_calibration_ids(CalibrationConfig(dataset=PROTOCOL["calibration"], nsamples=args.nsamples,
+                                                seqlen=args.seqlen, seed=PROTOCOL["seed"]), tok)
+    ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    cls_name, kwargs = RUNS[name]
+    modifier_cls = getattr(pruning, cls_name)
+    recipe = modifier_cls(targets=["re:.*layers.*proj$"], **kwargs)
+    start = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=args.nsamples,
+            max_seq_length=args.seqlen, pipeline="sequential", shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - start
+    zeros = numel = 0
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in module_name:
+            zeros += int((module.weight == 0).sum())
+            numel += module.weight.numel()
+    row = {"run": name, "tool": "llm-compressor", "modifier": cls_name, "prune_seconds": seconds,
+           "sparsity": zeros / numel, "lm_head_sparsity": float((model.lm_head.weight == 0).float().mean())}
+    if not args.skip_eval:
+        ppl = hfprune.perplexity(model, tok, PROTOCOL["eval_dataset"], seqlen=PROTOCOL["eval_seqlen"],
+                                 max_windows=args.max_windows, progress=False)
+        row.update(perplexity=ppl["perplexity"], eval_windows=ppl["windows"])
+    import resource
+
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="wanda-50,wanda-2of4,sparsegpt-50,sparsegpt-2of4")
+    parser.add_argument("--nsamples", type=int, default=PROTOCOL["nsamples"])
+    parser.add_argument("--seqlen", type=int, default=PROTOCOL["seqlen"])
+    parser.add_argument("--max-windows", type=int, default=PROTOCOL["max_windows"])
+    parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--output", default="bench_out/llmcompressor.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        write_json(Path(args.child_json), child(args.child, args))
+        return
+    import llmcompressor
+
+    out = Path(args.output)
+    result = {"protocol": {**PROTOCOL, "nsamples": args.nsamples, "seqlen": args.seqlen, "max_windows": args.max_windows},
+              "machine": {**machine(), "llmcompressor": llmcompressor.__version__}, "command": " ".join(sys.argv),
+              "runs": {}}
+    passthrough = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--max-windows", str(args.max_windows)]
+    if args.skip_eval:
+        passthrough.append("--skip-eval")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.runs.split(","):
+            row = run_child(__file__, ["--child", name, *passthrough], Path(tmp) / f"{name}.json")
+            result["runs"][name] = row
+            print(f"llm-compressor {name:16s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in row.items() if k != "run"), flush=True)
+            write_json(out, result)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
