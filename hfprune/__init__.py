@@ -15,7 +15,7 @@ from .architectures import ArchSpec, register_architecture
 from .config import CalibrationConfig, PruningConfig
 from .engine import prune
 from .evaluation import evaluate, perplexity
-from .io import save_pruned
+from .io import save_pretrained, save_pruned
 from .models import load_model, load_tokenizer
 from .pruners import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from .recipes import load_recipe
@@ -41,5 +41,6 @@ __all__ = [
     "prune",
     "register_architecture",
     "register_pruner",
+    "save_pretrained",
     "save_pruned",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 
 import pytest
@@ -102,13 +104,18 @@ def test_sizes(tmp_path, pattern):
     dense, sparse, int4 = (sizes_report(tmp_path / d) for d in ("dense", "sparse", "int4"))
     dense_linear = LINEAR_PARAMS * 4
     sparse_linear = sum(v for k, v in sparse["by_kind"].items() if k != "dense")
-    # fp32 values of the kept half (16 bits/weight) + 1 bit/weight (bitmask) or 2 bits/kept (2:4 index)
-    expected = LINEAR_PARAMS // 2 * 4 + LINEAR_PARAMS // 8 + 14 * 2 * 8
+    # fp32 values of the kept half (16 bits/weight) + 1 bit/weight (bitmask) or, for 2:4, one of 6
+    # patterns per group of 4 packed 3 groups per byte
+    if pattern == "2:4":
+        index = sum(math.ceil(m.weight.numel() / 4 / 3) for m in _linears(model).values())
+    else:
+        index = LINEAR_PARAMS // 8
+    expected = LINEAR_PARAMS // 2 * 4 + index + 14 * 2 * 8
     assert sparse_linear == expected
     assert sparse_linear <= 0.6 * dense_linear          # 0.53x
     # int4: 4 bits per kept value + index/bitmask + one fp32 scale per row
     int4_linear = sum(v for k, v in int4["by_kind"].items() if k != "dense")
-    assert int4_linear == LINEAR_PARAMS // 4 + LINEAR_PARAMS // 8 + LINEAR_ROWS * 4 + 14 * 2 * 8
+    assert int4_linear == LINEAR_PARAMS // 4 + index + LINEAR_ROWS * 4 + 14 * 2 * 8
     assert int4_linear <= 0.12 * dense_linear
     # whole checkpoints (embeddings are stored as is in every variant)
     assert sparse["weights_bytes"] < dense["weights_bytes"] - 0.45 * dense_linear
@@ -179,7 +186,7 @@ def test_sharded_save_has_index_and_reloads(tmp_path):
     assert index["metadata"]["total_size"] == total
     # companions of one module stay in one shard
     prefix = "model.layers.0.mlp.down_proj."
-    assert len({index["weight_map"][prefix + s] for s in ("weight_values", "weight_nm_index", "weight_shape")}) == 1
+    assert len({index["weight_map"][prefix + s] for s in ("weight_values", "weight_nm_code", "weight_shape")}) == 1
     _assert_identical(model, _plain_reload(tmp_path / "sh"))
 
 
@@ -203,10 +210,14 @@ def test_nm_codec(n, m):
     w[1, m: 2 * m] = 0
     w[1, m] = 1.5
     enc = compress_weight(w, pattern=f"{n}:{m}")
-    assert "weight_nm_index" in enc
+    # combinatorial code where C(M, N) <= 256, else one index per kept value
+    assert ("weight_nm_code" in enc) == (math.comb(m, n) <= 256)
     assert torch.equal(decompress_weight(enc, pattern=f"{n}:{m}"), w)
     if (n, m) == (2, 4):
-        assert enc["weight_nm_index"].numel() == w.numel() // 2 * 2 // 8   # 2 bits per kept value
+        # 6 patterns per group of 4: 3 groups per byte, i.e. 2.67 bits per group (1.33 per kept value)
+        assert enc["weight_nm_code"].numel() == math.ceil(w.numel() // 4 / 3)
+    if (n, m) == (8, 16):
+        assert enc["weight_nm_index"].numel() == w.numel() // 2 * 4 // 8
 
 
 def test_bitmask_codec_edge_cases():

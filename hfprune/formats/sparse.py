@@ -34,6 +34,11 @@ On-disk layout (one entry per compressed ``<module>.weight``)
                             of its N kept weights, ``ceil(log2 M)`` bits rounded up to 2/4/8,
                             packed least significant first (2:4: 4 indices per byte, i.e. 2 bits
                             per kept value); values are ``[rows, cols*N/M]``
+``<module>.weight_nm_code``  (N:M with at most 256 patterns per group, M <= 12; used instead of
+                            ``weight_nm_index``) uint8: each group's kept positions as the rank of
+                            that combination among the C(M, N) possible ones, ``k`` ranks packed per
+                            byte in base C(M, N) with the largest ``k`` such that C(M, N)^k <= 256
+                            (2:4: 6 patterns, 3 groups per byte = 2.67 bits per group of 4)
 ``<module>.weight_scale``   float32 ``[rows, ceil(cols/group)]`` symmetric scales (quantized)
 Layers where compression does not pay store ``<module>.weight`` as is (or int values + scale
 when quantizing). Embeddings and the output head are never compressed or quantized.
@@ -41,6 +46,7 @@ when quantizing). Embeddings and the output head are never compressed or quantiz
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -70,7 +76,7 @@ __all__ = [
 FORMAT_NAME = "hfprune-sparse"
 FORMAT_VERSION = 1
 
-_SUFFIXES = ("weight_values", "weight_bitmask", "weight_nm_index", "weight_scale", "weight_shape")
+_SUFFIXES = ("weight_values", "weight_bitmask", "weight_nm_index", "weight_nm_code", "weight_scale", "weight_shape")
 # Only compress when the compressed form is below this fraction of the dense bytes.
 _MIN_GAIN = 0.9
 
@@ -99,6 +105,42 @@ def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     parts = [(p >> (i * bits)) & mask for i in range(per_byte)]
     return torch.stack(parts, dim=1).reshape(-1)[:count]
+
+
+def _nm_code_layout(n: int, m: int) -> tuple[torch.Tensor, int] | None:
+    """``(combinations [C, n] in lexicographic order, codes per byte)`` for the N:M code, or
+    ``None`` when the combinatorial code does not apply (more than 256 patterns or M > 12)."""
+    count = math.comb(m, n)
+    if m > 12 or count > 256:
+        return None
+    per_byte = 1
+    while count ** (per_byte + 1) <= 256:
+        per_byte += 1
+    combos = torch.tensor(list(itertools.combinations(range(m), n)), dtype=torch.long)
+    return combos, per_byte
+
+
+def _encode_nm_code(order: torch.Tensor, m: int, combos: torch.Tensor, per_byte: int) -> torch.Tensor:
+    """Pack the ascending kept positions ``order`` ([..., n]) of every group as combination ranks."""
+    weights = (1 << torch.arange(m, dtype=torch.long))
+    lookup = torch.zeros(1 << m, dtype=torch.long)
+    lookup[(weights[combos]).sum(-1)] = torch.arange(combos.shape[0])
+    codes = lookup[(weights.to(order.device)[order]).sum(-1).reshape(-1).cpu()]
+    pad = (-codes.numel()) % per_byte
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    codes = codes.view(-1, per_byte)
+    base = combos.shape[0] ** torch.arange(per_byte, dtype=torch.long)
+    return (codes * base).sum(-1).to(torch.uint8).to(order.device)
+
+
+def _decode_nm_code(packed: torch.Tensor, groups: int, combos: torch.Tensor, per_byte: int) -> torch.Tensor:
+    """Inverse of :func:`_encode_nm_code`: ``[groups, n]`` kept positions."""
+    count = combos.shape[0]
+    p = packed.reshape(-1).long().cpu()
+    base = count ** torch.arange(per_byte, dtype=torch.long)
+    codes = ((p[:, None] // base) % count).reshape(-1)[:groups]
+    return combos[codes].to(packed.device)
 
 
 def _index_bits(m: int) -> int:
@@ -155,16 +197,22 @@ def _quantize(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch
         # level k of the absmax (or a divisor of it). Random weights give a huge k and are skipped.
         mags = torch.sort(torch.cat([g.abs(), g.new_zeros(g.shape[:-1] + (1,))], dim=-1), dim=-1).values
         gaps = mags[..., 1:] - mags[..., :-1]
+        # Necessary condition (cheap, exact): on a grid the magnitudes are |q| * step with
+        # |q| <= qmax + 1, so a group has at most qmax + 2 distinct magnitudes (0 included).
+        # Skipping the rest keeps real (off-grid) weights from running the costly fit below.
+        todo &= (gaps > 0).sum(-1) + 1 <= qmax + 2
         tol = absmax[..., None] * 2.0 ** -(_MANTISSA.get(target, 23) - 1)
         min_gap = torch.where(gaps > tol, gaps, torch.full_like(gaps, float("inf"))).amin(-1)
         k0 = torch.round(absmax / min_gap)
-        g64 = g.double()
-        lo_gap, hi_gap = _rounding_gaps(g64, target)
+        g64 = lo_gap = hi_gap = None
         for mult in (1, 2, 3, 4):
             k = k0 * mult
             todo_k = todo & (k >= 1) & (k <= qmax + 1)
             if not bool(todo_k.any()):
                 continue
+            if g64 is None:
+                g64 = g.double()
+                lo_gap, hi_gap = _rounding_gaps(g64, target)
             guess = safe.double() / torch.where(todo_k, k, torch.ones_like(k)).double()
             fit = _fit_scale(g64, torch.round(g64 / guess[..., None]), lo_gap, hi_gap, guess).float()
             ok = torch.zeros_like(todo)
@@ -221,11 +269,15 @@ def _fit_scale(g: torch.Tensor, q: torch.Tensor, lo_gap: torch.Tensor, hi_gap: t
 
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, cols_idx: torch.Tensor | None, rows_idx: torch.Tensor | None,
-                shape: tuple[int, int]) -> torch.Tensor:
-    """float32 values ``q * scale`` for entries at (rows_idx, cols_idx), or a full matrix."""
+                shape: tuple[int, int], group_size: int | None = None) -> torch.Tensor:
+    """float32 values ``q * scale`` for entries at (rows_idx, cols_idx), or a full matrix.
+
+    ``group_size`` (the checkpoint's ``quantization_config.group_size``) is needed when it does not
+    divide ``cols`` (the last group is padded): ``ceil(cols / groups)`` is then not the group size.
+    """
     rows, cols = shape
     groups = scale.shape[1]
-    group = math.ceil(cols / groups)
+    group = group_size if group_size and math.ceil(cols / group_size) == groups else math.ceil(cols / groups)
     if rows_idx is None:
         gidx = torch.arange(cols, device=q.device) // group
         return q.float() * scale[:, gidx]
@@ -280,7 +332,11 @@ def compress_weight(w: torch.Tensor, *, pattern=None, bits: int | None = None,
         cols_idx = (order + torch.arange(0, cols, m, device=w.device).view(1, -1, 1)).reshape(rows, -1)
         src = q if bits is not None else w
         vals = torch.gather(src, 1, cols_idx)
-        out["weight_nm_index"] = _pack(order.reshape(-1), ib)
+        layout = _nm_code_layout(n, m)
+        if layout is not None:
+            out["weight_nm_code"] = _encode_nm_code(order, m, *layout)
+        else:
+            out["weight_nm_index"] = _pack(order.reshape(-1), ib)
         out["weight_values"] = _store_q(vals, bits) if bits is not None else vals.contiguous()
         return out
 
@@ -300,7 +356,7 @@ def compress_weight(w: torch.Tensor, *, pattern=None, bits: int | None = None,
 
 
 def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: int | None = None,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+                      dtype: torch.dtype | None = None, group_size: int | None = None) -> torch.Tensor:
     """Inverse of :func:`compress_weight`."""
     if "weight_values" not in tensors:
         w = tensors["weight"]
@@ -314,16 +370,22 @@ def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: i
     out_dtype = dtype or (torch.float32 if quant else vals.dtype)
     dev = vals.device
 
-    if "weight_nm_index" in tensors:
+    if "weight_nm_index" in tensors or "weight_nm_code" in tensors:
         pat = parse_pattern(pattern)
         n, m = pat.n, pat.m
         kept = rows * cols // m * n
-        idx = _unpack(tensors["weight_nm_index"], _index_bits(m), kept).long().view(rows, cols // m, n)
+        if "weight_nm_code" in tensors:
+            layout = _nm_code_layout(n, m)
+            if layout is None:
+                raise ValueError(f"weight_nm_code cannot encode pattern {pat}: the checkpoint is inconsistent.")
+            idx = _decode_nm_code(tensors["weight_nm_code"], rows * cols // m, *layout).view(rows, cols // m, n)
+        else:
+            idx = _unpack(tensors["weight_nm_index"], _index_bits(m), kept).long().view(rows, cols // m, n)
         cols_idx = (idx + torch.arange(0, cols, m, device=dev).view(1, -1, 1)).reshape(rows, -1)
         if quant:
             q = _load_q(vals, bits, kept).view(rows, -1)
             rows_idx = torch.arange(rows, device=dev)[:, None].expand_as(cols_idx)
-            v = _dequantize(q, scale, cols_idx, rows_idx, (rows, cols)).to(out_dtype)
+            v = _dequantize(q, scale, cols_idx, rows_idx, (rows, cols), group_size).to(out_dtype)
         else:
             v = vals.view(rows, -1).to(out_dtype)
         dense = torch.zeros(rows, cols, dtype=out_dtype, device=dev)
@@ -337,7 +399,7 @@ def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: i
         if quant:
             pos = mask.nonzero().squeeze(1)
             q = _load_q(vals, bits, count)
-            v = _dequantize(q, scale, pos % cols, pos // cols, (rows, cols))
+            v = _dequantize(q, scale, pos % cols, pos // cols, (rows, cols), group_size)
         else:
             v = vals.reshape(-1)[:count]
         dense[mask] = v.to(out_dtype)
@@ -345,7 +407,7 @@ def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: i
 
     # dense quantized
     q = _load_q(vals, bits, rows * cols).view(rows, cols)
-    return _dequantize(q, scale, None, None, (rows, cols)).to(out_dtype)
+    return _dequantize(q, scale, None, None, (rows, cols), group_size).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +462,7 @@ class _SparseDecompress(ConversionOps):
             except AttributeError:
                 dtype = None
         cfg = self.hf_quantizer.quantization_config
-        dense = decompress_weight(tensors, pattern=cfg.pattern, dtype=dtype)
+        dense = decompress_weight(tensors, pattern=cfg.pattern, dtype=dtype, group_size=cfg.group_size)
         return {full_layer_name if full_layer_name is not None else "weight": dense}
 
     @property
@@ -564,7 +626,7 @@ def save_sparse(model, save_directory, *, pattern: str | None = None, bits: int 
         enc = compress_weight(tensor, pattern=pat if pat.is_nm else None, bits=bits, group_size=group_size)
         if "weight" in enc:
             encodings[name] = "raw"
-        elif "weight_nm_index" in enc:
+        elif "weight_nm_index" in enc or "weight_nm_code" in enc:
             encodings[name] = "nm"
         elif "weight_bitmask" in enc:
             encodings[name] = "bitmask"
@@ -626,11 +688,11 @@ def sizes_report(save_directory) -> dict[str, Any]:
     """Bytes on disk of a saved checkpoint directory.
 
     Returns ``{"total_bytes", "weights_bytes" (all .safetensors), "files": {name: bytes},
-    "by_kind": {"values", "bitmask", "nm_index", "scale", "shape", "dense"}: tensor bytes}``.
+    "by_kind": {"values", "bitmask", "nm_index", "nm_code", "scale", "shape", "dense"}: tensor bytes}``.
     """
     root = Path(save_directory)
     files = {}
-    by_kind = {"values": 0, "bitmask": 0, "nm_index": 0, "scale": 0, "shape": 0, "dense": 0}
+    by_kind = {"values": 0, "bitmask": 0, "nm_index": 0, "nm_code": 0, "scale": 0, "shape": 0, "dense": 0}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = str(path.relative_to(root))
         files[rel] = path.stat().st_size
