@@ -58,7 +58,13 @@ def _add_prune(sub) -> None:
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--output", required=True, help="Output folder for the pruned checkpoint.")
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
-    p.add_argument("--eval", action="store_true", help="Also measure WikiText-2 perplexity after pruning.")
+    p.add_argument("--low-memory", action="store_true", dest="low_memory",
+                   help="Stream a local safetensors checkpoint: keep the decoder blocks on disk, prune one at a time "
+                        "and write the output shards block by block (peak RAM about one block + activations).")
+    p.add_argument("--resume", action="store_true",
+                   help="Continue an interrupted run into the same --output (same command otherwise).")
+    p.add_argument("--eval", action="store_true", help="Also measure WikiText-2 perplexity before and after pruning "
+                                                       "(recorded in eval_results.json and the model card).")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
     p.set_defaults(func=_run_prune)
@@ -87,7 +93,7 @@ def _run_prune(args) -> int:
 
     import hfprune
     from hfprune.engine import resolve_calibration
-    from hfprune.io import check_output_dir, save_pruned
+    from hfprune.io import check_output_dir
     from hfprune.recipes import build_configs, read_recipe
 
     check_output_dir(args.output, args.overwrite)  # fail before the slow part
@@ -110,20 +116,39 @@ def _run_prune(args) -> int:
                        "seed": args.seed, "batch_size": args.batch_size, "split": args.split,
                        "text_column": args.text_column}
     config, calibration = build_configs(data, overrides, calib_overrides)
+    if args.low_memory or args.resume:
+        from hfprune.streaming import run_cli
+
+        report = run_cli(args, config, resolve_calibration(calibration))
+        if report is not None:  # process 0
+            print(report)
+            print(f"saved to {args.output}")
+        return 0
+    from hfprune.distributed import get_context
+
+    is_main = get_context().is_main  # under `accelerate launch`, only process 0 evaluates and writes
     model = hfprune.load_model(args.model, dtype=args.dtype)
     tokenizer = hfprune.load_tokenizer(args.model)
-    report = hfprune.prune(model, tokenizer, config, resolve_calibration(calibration), progress=sys.stderr.isatty())
     extra = {}
+    eval_kw = dict(seqlen=args.eval_seqlen, max_windows=args.max_windows, progress=sys.stderr.isatty())
+    if args.eval and is_main:
+        extra["before"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
+    report = hfprune.prune(model, tokenizer, config, resolve_calibration(calibration), progress=sys.stderr.isatty())
+    if not is_main:
+        return 0
     if args.eval:
-        extra = hfprune.perplexity(model, tokenizer, "wikitext2", seqlen=args.eval_seqlen,
-                                   max_windows=args.max_windows, progress=sys.stderr.isatty())
+        extra["after"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
     model.config.pruning_config["command"] = "hfprune " + " ".join(shlex.quote(a) for a in args.argv)
     model.config.pruning_config["base_model"] = str(args.model)
-    save_pruned(model, args.output, tokenizer=tokenizer, report=report, overwrite=args.overwrite,
-                extra_files={"eval_results.json": extra} if extra else None)
+    hfprune.save_pretrained(model, args.output, format=args.format,
+                            bits=args.bits if args.format != "dense" else None,
+                            group_size=args.group_size if args.format != "dense" else None,
+                            tokenizer=tokenizer, report=report, eval_results=extra or None, overwrite=args.overwrite)
     print(report)
     if extra:
-        print(f"perplexity (wikitext2, seqlen {extra['seqlen']}, {extra['windows']} windows): {extra['perplexity']:.3f}")
+        after = extra["after"]
+        print(f"perplexity (wikitext2, seqlen {after['seqlen']}, {after['windows']} windows): "
+              f"{extra['before']['perplexity']:.3f} -> {after['perplexity']:.3f}")
     print(f"saved to {args.output}")
     return 0
 

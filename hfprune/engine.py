@@ -21,8 +21,9 @@ from .calibration import get_calibration_ids
 from .config import CalibrationConfig, PruningConfig
 from .masks import global_budgets, parse_pattern, prune_count
 from .registry import get_pruner_cls
-from .report import PruneReport, layer_sparsity_report, peak_rss_mb
-from .runner import LayerRunner, module_device
+from .distributed import ChunkedStats, DistContext, finalize_stats, get_context, shard_windows
+from .report import PruneReport, peak_rss_mb
+from .runner import LayerRunner, is_offloaded, module_device
 from .stats import RowNormStats
 from . import scores
 
@@ -123,11 +124,78 @@ def _unique_param_sparsity(model: nn.Module) -> float:
     return zeros / max(1, total)
 
 
+def _count_zeros(t: torch.Tensor, chunk: int = 1 << 20) -> int:
+    """Zeros in ``t``, a slice at a time (a whole-tensor comparison costs several bytes per element)."""
+    flat = t.detach().reshape(-1)
+    return sum(int((flat[s:s + chunk] == 0).sum().item()) for s in range(0, flat.numel(), chunk))
+
+
+def _block_report(model: nn.Module, block: nn.Module, block_targets: dict[str, nn.Module], i: int,
+                  layers: dict, counts: dict) -> None:
+    """Per-layer sparsity of block ``i`` and zero counts over all its parameters, while it is onloaded
+    (the same rows as :func:`~hfprune.report.layer_sparsity_report`)."""
+    for name, module in block_targets.items():
+        W = weight_matrix(module)
+        zeros = _count_zeros(W)
+        layers[name] = {"sparsity": zeros / W.numel(), "zeros": zeros, "numel": W.numel(), "shape": list(W.shape)}
+    zeros = total = 0
+    seen = set()
+    for p in block.parameters():
+        if id(p) in seen or p.device.type == "meta":
+            continue
+        seen.add(id(p))
+        zeros += _count_zeros(p.data)
+        total += p.numel()
+    counts[i] = [zeros, total]
+
+
+def _sparsity_from_counts(runner: LayerRunner, counts: dict[int, list[int]]) -> float:
+    """Whole-model zero fraction from per-block counts plus the parameters outside the blocks
+    (onloaded one module at a time when offloaded)."""
+    zeros = sum(c[0] for c in counts.values())
+    total = sum(c[1] for c in counts.values())
+    inside = {id(m) for b in runner.blocks for m in b.modules()}
+    seen = set()
+    model = runner.model
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(cfg, "tie_word_embeddings", False) and out_emb is not None \
+            and out_emb.weight is not model.get_input_embeddings().weight:
+        # Offloaded tied weights are separate meta parameters: count the shared matrix once.
+        seen.add(id(out_emb.weight))
+    for module in runner.model.modules():
+        if id(module) in inside:
+            continue
+        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if not params:
+            continue
+        seen.update(id(p) for p in params)
+        with runner.materialize(module):
+            for p in module.parameters(recurse=False):
+                zeros += _count_zeros(p.data)
+                total += p.numel()
+    return zeros / max(1, total)
+
+
+def _restore_hidden(runner: LayerRunner, hidden: list[torch.Tensor]) -> None:
+    if len(hidden) != runner.num_batches or any(h.shape != r.shape for h, r in zip(hidden, runner.hidden)):
+        raise RuntimeError("The saved calibration activations do not match this run's calibration batches: "
+                           "resume with the same calibration settings and process count, or drop --resume.")
+    runner.hidden = [h.to(r.device, r.dtype) for h, r in zip(hidden, runner.hidden)]
+
+
 @torch.no_grad()
 def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None = None, calibration: Any = "c4", *,
           nsamples: int | None = None, seqlen: int | None = None, seed: int | None = None,
-          batch_size: int | None = None, progress: bool = True) -> PruneReport:
+          batch_size: int | None = None, progress: bool = True, session: Any = None) -> PruneReport:
     """Prune ``model`` in place and return a :class:`~hfprune.report.PruneReport`.
+
+    Works on models in memory and on Accelerate-offloaded models (``device_map="auto"`` with
+    ``max_memory``/``offload_folder``): the layer runner onloads one block at a time and writes the
+    pruned weights back to the offload storage. Under ``accelerate launch``/``torchrun`` (several
+    processes) each process calibrates on its share of the windows and the statistics are reduced
+    before pruning, with results identical to one process (:mod:`hfprune.distributed`); the
+    per-layer groups are then always pruned in separate passes (see ``_prune_block``).
 
     Args:
         model: a transformers causal LM (any architecture in :mod:`hfprune.architectures`).
@@ -139,6 +207,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
             Ignored by data-free methods (magnitude).
         nsamples, seqlen, seed, batch_size: override the calibration settings.
         progress: show a progress bar over decoder blocks.
+        session: internal (:mod:`hfprune.streaming`): persists finished blocks and resume state.
 
     Example:
         >>> import hfprune, torch
@@ -175,35 +244,76 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    runner = LayerRunner(model, spec)
+    if session is not None:
+        runner.write_path = session.block_path
+    resume = session.load() if session is not None else None
+    ctx = get_context() if pruner.requires_calibration or config.owl else DistContext()
+    offloaded = is_offloaded(model)
+    layers: dict[str, dict[str, Any]] = dict(resume["layers"]) if resume else {}
+    counts: dict[int, list[int]] = {int(k): v for k, v in resume["block_counts"].items()} if resume else {}
+    first = resume["next_block"] if resume else 0
+    if resume:
+        sparsities = dict(resume["sparsities"])
+        logger.info("Resuming at decoder block %d of %d.", first, len(blocks))
+    chunking = None
     try:
         if pruner.requires_calibration or config.owl:
             ids = get_calibration_ids(calib, tokenizer, model)
             logger.info("Calibrating on %d x %d tokens.", ids.shape[0], ids.shape[1])
-            runner = LayerRunner(model, spec, batch_size=_batch_size(calib, ids, model))
-            if config.owl or (config.scope == "global" and pruner.requires_calibration):
-                sparsities = _allocation_pass(pruner, runner, ids, targets, config, sparsities, progress)
+            bs = resume["batch_size"] if resume else ctx.min_int(_batch_size(calib, ids, model))
+            windows, batch_ids, n_chunks, chunk_size = shard_windows(ids.shape[0], bs, ctx)
+            if ctx.enabled:
+                logger.info("Process %d of %d calibrates on %d of %d windows.", ctx.rank, ctx.world_size,
+                            len(windows), ids.shape[0])
+                ids = ids[windows]
+            runner.batch_size = bs
+            runner.batch_ids = batch_ids
+            chunking = (n_chunks, chunk_size, ctx)
+            if session is not None:
+                session.batch_size = bs
+            if not resume and (config.owl or (config.scope == "global" and pruner.requires_calibration)):
+                sparsities = _allocation_pass(pruner, runner, ids, targets, config, sparsities, progress, chunking)
         if pruner.requires_calibration:
             runner.capture(ids)
+            if resume and first < len(blocks):
+                _restore_hidden(runner, resume["hidden"])
             scope = "layer" if config.scope == "global" else config.scope
-            bar = tqdm(range(len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
+            bar = tqdm(range(first, len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
             for i in bar:
-                _prune_block(runner, i, targets[i], pruner, sparsities, scope, config.true_sequential,
-                             last=i == len(blocks) - 1)
+                with runner.onload(i) as handle:
+                    _prune_block(runner, i, targets[i], pruner, sparsities, scope, config.true_sequential,
+                                 last=i == len(blocks) - 1, chunking=chunking)
+                    _block_report(model, blocks[i], targets[i], i, layers, counts)
+                    handle.write_back()
+                if session is not None:
+                    session.block_done(i, runner, sparsities=sparsities, layers=layers, block_counts=counts)
             runner.release()
         else:
-            if config.scope == "global" and not config.owl:
-                all_scores = {name: pruner.score(weight_matrix(m), None) for block in targets for name, m in block.items()}
+            if config.scope == "global" and not config.owl and not resume:
+                all_scores, numels = {}, {}
+                for i, block_targets in enumerate(targets):
+                    with runner.onload(i):
+                        for name, m in block_targets.items():
+                            score = pruner.score(weight_matrix(m), None)
+                            all_scores[name] = score.cpu() if offloaded else score
+                            numels[name] = weight_matrix(m).numel()
                 budgets = global_budgets(all_scores, config.sparsity)
                 del all_scores
-                sparsities = {name: budgets[name] / weight_matrix(m).numel()
-                              for block in targets for name, m in block.items()}
+                sparsities = {name: budgets[name] / numels[name] for name in numels}
                 _warn_full_layers(sparsities)
             scope = "layer" if config.scope == "global" else config.scope
-            for block_targets in tqdm(targets, desc=f"hfprune {config.method}", disable=not progress, unit="block"):
-                for name, module in block_targets.items():
-                    W = weight_matrix(module)
-                    result = pruner.prune_weight(W, None, sparsities[name], scope)
-                    _apply(W, result.pruned, result.weight)
+            bar = tqdm(range(first, len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
+            for i in bar:
+                with runner.onload(i) as handle:
+                    for name, module in targets[i].items():
+                        W = weight_matrix(module)
+                        result = pruner.prune_weight(W, None, sparsities[name], scope)
+                        _apply(W, result.pruned, result.weight)
+                    _block_report(model, blocks[i], targets[i], i, layers, counts)
+                    handle.write_back()
+                if session is not None:
+                    session.block_done(i, None, sparsities=sparsities, layers=layers, block_counts=counts)
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
@@ -211,7 +321,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     elapsed = time.perf_counter() - start
 
     names = [name for block in targets for name in block]
-    layers = layer_sparsity_report(model, names)
+    layers = {name: dict(layers[name]) for name in names}
     for name in names:
         layers[name]["target"] = sparsities[name]
     zeros = sum(v["zeros"] for v in layers.values())
@@ -231,7 +341,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         peak_rss_mb=peak_rss_mb(),
         peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         sparsity=zeros / max(1, numel),
-        model_sparsity=_unique_param_sparsity(model),
+        model_sparsity=(_unique_param_sparsity(model) if not offloaded and not resume
+                        else _sparsity_from_counts(runner, counts)),
         blocks=block_rows,
     )
     model.config.pruning_config = {
@@ -268,24 +379,39 @@ def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module) -
 
 
 def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module], pruner, sparsities, scope: str,
-                 true_sequential: bool, last: bool) -> None:
-    """Collect statistics for, prune, and run one decoder block (see the module docstring)."""
+                 true_sequential: bool, last: bool, chunking: tuple | None = None) -> None:
+    """Collect statistics for, prune, and run one decoder block (see the module docstring).
+
+    ``chunking = (n_chunks, batches_per_chunk, DistContext)`` sums statistics per chunk of
+    calibration batches in a fixed order (and reduces them across processes), see
+    :mod:`hfprune.distributed`. With several processes the true-sequential groups are always
+    pruned in separate passes (statistics must be reduced before each group is pruned), never in
+    the one-pass mode.
+    """
     if not block_targets:
         if not last:
             runner.run(i, update=True)
         return
+    ctx = chunking[2] if chunking is not None else DistContext()
+
+    def plain_stats(module):
+        return pruner.make_stats(in_features(module), module_device(module))
 
     def make_stats(module):
-        return pruner.make_stats(in_features(module), module_device(module))
+        if chunking is None:
+            return plain_stats(module)
+        n_chunks, size, _ = chunking
+        return ChunkedStats(lambda: plain_stats(module), runner, n_chunks, size, ctx)
 
     def prune_one(name, module, stats):
         W = weight_matrix(module)
         result = pruner.prune_weight(W, stats, sparsities[name], scope)
         _apply(W, result.pruned, result.weight)
 
-    if true_sequential and runner.num_batches == 1:
+    if true_sequential and runner.num_batches == 1 and not ctx.enabled:
         # One pass: each layer is pruned right before its first use, from inputs that already
         # went through the pruned layers before it; the block output is the pruned output.
+        # (One batch: the plain sum equals the chunked one.)
         done = set()
 
         def on_input(name, module, stats):
@@ -293,7 +419,7 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
                 prune_one(name, module, stats)
                 done.add(name)
 
-        with runner.shared_input_hooks(i, block_targets, make_stats, on_input):
+        with runner.shared_input_hooks(i, block_targets, plain_stats, on_input):
             runner.run(i, update=True)
         _check_called(block_targets, done)
         return
@@ -304,6 +430,7 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
         with runner.shared_input_hooks(i, members, make_stats) as stats:
             runner.run(i, update=False, stop_after=members[group[-1]] if true_sequential else None)
         _check_called(members, stats)
+        stats = finalize_stats(stats)
         for name in group:
             prune_one(name, members[name], stats[name])
         del stats
@@ -328,7 +455,7 @@ def _warn_full_layers(sparsities: dict[str, float]) -> None:
 
 
 def _allocation_pass(pruner, runner: LayerRunner, ids: torch.Tensor, targets, config: PruningConfig,
-                     sparsities: dict[str, float], progress: bool) -> dict[str, float]:
+                     sparsities: dict[str, float], progress: bool, chunking: tuple | None = None) -> dict[str, float]:
     """Per-layer sparsities from a dense pass of Wanda statistics (``|W| * ||X||`` scores):
 
     * ``scope="global"``: one ranking across all pruned layers (``masks.global_budgets``);
@@ -339,30 +466,39 @@ def _allocation_pass(pruner, runner: LayerRunner, ids: torch.Tensor, targets, co
 
     runner.capture(ids)
     blocks = runner.blocks
-    norms: dict[str, RowNormStats] = {}
-    for i in tqdm(range(len(blocks)), desc="hfprune allocation", disable=not progress, unit="block"):
-        if targets[i]:
-            with runner.shared_input_hooks(i, targets[i], lambda m: RowNormStats(in_features(m), module_device(m))) as st:
-                runner.run(i, update=i < len(blocks) - 1)
-            _check_called(targets[i], st)
-            norms.update(st)
-        elif i < len(blocks) - 1:
-            runner.run(i, update=True)
-    runner.release()
-    modules = {name: m for block in targets for name, m in block.items()}
 
-    def score(name):
-        return scores.wanda(weight_matrix(modules[name]), norms[name].norm)
+    def make(m):
+        if chunking is None:
+            return RowNormStats(in_features(m), module_device(m))
+        n_chunks, size, ctx = chunking
+        return ChunkedStats(lambda: RowNormStats(in_features(m), module_device(m)), runner, n_chunks, size, ctx)
+
+    # Scores are computed while each block is onloaded (offloaded models have meta weights otherwise).
+    ratios, counts, members = [], [], []
+    all_scores: dict[str, torch.Tensor] = {}
+    numels: dict[str, int] = {}
+    for i in tqdm(range(len(blocks)), desc="hfprune allocation", disable=not progress, unit="block"):
+        with runner.onload(i):
+            if targets[i]:
+                with runner.shared_input_hooks(i, targets[i], make) as st:
+                    runner.run(i, update=i < len(blocks) - 1)
+                _check_called(targets[i], st)
+                norms = finalize_stats(st)
+                names = list(targets[i])
+                block_scores = {n: scores.wanda(weight_matrix(targets[i][n]), norms[n].norm) for n in names}
+                if config.owl:
+                    ratios.append(allocation.outlier_ratio([block_scores[n] for n in names], m=config.owl_m))
+                    counts.append(sum(weight_matrix(targets[i][n]).numel() for n in names))
+                    members.append(names)
+                else:
+                    all_scores.update({n: v.cpu() for n, v in block_scores.items()})
+                    numels.update({n: weight_matrix(targets[i][n]).numel() for n in names})
+                del block_scores, norms
+            elif i < len(blocks) - 1:
+                runner.run(i, update=True)
+    runner.release()
 
     if config.owl:
-        ratios, counts, members = [], [], []
-        for block in targets:
-            if not block:
-                continue
-            names = list(block)
-            ratios.append(allocation.outlier_ratio([score(n) for n in names], m=config.owl_m))
-            counts.append(sum(weight_matrix(block[n]).numel() for n in names))
-            members.append(names)
         block_sparsity = allocation.owl_sparsities(ratios, counts, config.sparsity, lam=config.owl_lambda)
         result = dict(sparsities)
         for names, value in zip(members, block_sparsity):
@@ -370,8 +506,8 @@ def _allocation_pass(pruner, runner: LayerRunner, ids: torch.Tensor, targets, co
                 result[n] = value
         logger.info("OWL block sparsities: %s", ", ".join(f"{v:.3f}" for v in block_sparsity))
         return result
-    budgets = global_budgets({name: score(name).cpu() for name in modules}, config.sparsity)
-    result = {name: budgets[name] / weight_matrix(modules[name]).numel() for name in modules}
+    budgets = global_budgets(all_scores, config.sparsity)
+    result = {name: budgets[name] / numels[name] for name in numels}
     _warn_full_layers(result)
     return result
 
@@ -386,6 +522,9 @@ def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamp
     from .structured import attach_channel_stats, prune_structured
 
     spec = get_spec(model)
+    if is_offloaded(model):
+        raise ValueError("Structured pruning changes layer shapes and needs the model in memory: load it without "
+                         "offloading (no device_map offload / --low-memory).")
     needs_data = config.importance != "magnitude" or config.bias_compensation
     calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
     was_training = model.training

@@ -14,7 +14,18 @@ __all__ = ["PruneReport", "peak_rss_mb", "layer_sparsity_report"]
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux this reads ``VmHWM`` from ``/proc/self/status``: ``ru_maxrss`` can carry a parent
+    process's peak into a child started with exec, which would overstate a CLI run's memory.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024.0 if sys.platform != "darwin" else peak / (1024.0 * 1024.0)
 

@@ -13,12 +13,21 @@ It feeds calibration activations through the decoder blocks one block at a time:
 
 Memory: the model plus ``nsamples x seqlen x hidden`` activations (one copy, updated in place),
 never a buffer sized by ``max_position_embeddings``.
+
+Offloaded models (Accelerate ``AlignDevicesHook`` with ``offload=True``: ``device_map="auto"`` with
+``max_memory``/``offload_folder``, ``cpu_offload``, disk offload): :meth:`LayerRunner.onload` brings one
+block's weights onto its execution device for the whole time the engine works on it and yields a
+handle whose ``write_back()`` stores the (pruned) tensors through Accelerate's storage: in place into
+the hook's ``weights_map`` for CPU offload, or as a new safetensors file that the offload index then
+points at for disk offload (never kept in RAM). Leaving the context offloads the block again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -28,7 +37,7 @@ from .architectures import ArchSpec, get_blocks, get_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerRunner", "module_device"]
+__all__ = ["LayerRunner", "module_device", "is_offloaded", "OnloadedBlock"]
 
 # Keyword arguments that would make a block read or write a KV cache during calibration.
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
@@ -47,6 +56,128 @@ def module_device(module: nn.Module) -> torch.device:
         if param.device.type != "meta":
             return param.device
     return torch.device("cpu")
+
+
+def _offload_hooks(module: nn.Module) -> list:
+    """Accelerate ``AlignDevicesHook``-like hooks attached to ``module`` (also inside a ``SequentialHook``)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    hooks = getattr(hook, "hooks", None)
+    hooks = list(hooks) if hooks is not None else [hook]
+    return [h for h in hooks if hasattr(h, "weights_map") and hasattr(h, "offload")]
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """True when some weights of ``module`` live in Accelerate offload storage (CPU map or disk)."""
+    return any(h.offload for m in module.modules() for h in _offload_hooks(m))
+
+
+def _split_weights_map(weights_map) -> tuple[str, Any]:
+    """``(prefix, underlying mapping)`` of a hook's weights map (Accelerate wraps it in a PrefixedDataset)."""
+    prefix = ""
+    while hasattr(weights_map, "prefix") and hasattr(weights_map, "dataset"):
+        prefix = weights_map.prefix + prefix
+        weights_map = weights_map.dataset
+    return prefix, weights_map
+
+
+def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+    return getattr(module, name.rsplit(".", 1)[-1])
+
+
+class OnloadedBlock:
+    """One block (or module) whose offloaded weights are materialized; see :meth:`LayerRunner.onload`."""
+
+    def __init__(self, module: nn.Module, index: int | None, write_path: Callable[[int | None, Any], Path] | None):
+        self.module = module
+        self.index = index
+        self._write_path = write_path
+        self._entries: list[tuple[nn.Module, Any, list[str]]] = []
+        self.written_to: Path | None = None
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self._entries)
+
+    def _onload(self) -> None:
+        from accelerate.utils import named_module_tensors, set_module_tensor_to_device
+
+        for sub in self.module.modules():
+            for hook in _offload_hooks(sub):
+                if not hook.offload:
+                    continue
+                names = [n for n, _ in named_module_tensors(sub, include_buffers=hook.offload_buffers,
+                                                            recurse=hook.place_submodules, remove_non_persistent=True)]
+                device = hook.execution_device if hook.execution_device is not None else "cpu"
+                for n in names:
+                    set_module_tensor_to_device(sub, n, device, value=hook.weights_map[n])
+                # While onloaded, the hook neither reloads (which would drop pruned values) nor offloads.
+                hook.offload = False
+                self._entries.append((sub, hook, names))
+
+    def _offload(self) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for sub, hook, names in self._entries:
+            for n in names:
+                set_module_tensor_to_device(sub, n, "meta")
+            hook.offload = True
+        self._entries = []
+
+    def write_back(self) -> None:
+        """Store the current (pruned) tensors where Accelerate will load them from next time.
+
+        CPU offload: copied in place into the hook's ``weights_map``. Disk offload: written to a new
+        safetensors file (one per block) and the offload index entries point at it. No-op for
+        weights that are not offloaded (they were changed in place already).
+        """
+        from safetensors.torch import save_file
+
+        disk: dict[str, torch.Tensor] = {}
+        loader = None
+        for sub, hook, names in self._entries:
+            prefix, store = _split_weights_map(hook.weights_map)
+            in_ram = getattr(store, "state_dict", store if isinstance(store, dict) else {})
+            for n in names:
+                value = _get_tensor(sub, n).detach()
+                key = prefix + n
+                if key in in_ram:
+                    target = in_ram[key]
+                    if target.data_ptr() != value.data_ptr():
+                        target.copy_(value.to(device=target.device, dtype=target.dtype))
+                elif hasattr(store, "index"):
+                    if loader is not None and loader is not store:
+                        raise RuntimeError("This block's offloaded weights use two different disk stores; "
+                                           "offload it with a single offload_folder.")
+                    loader = store
+                    disk[key] = value.to("cpu").contiguous()
+                else:
+                    raise RuntimeError(f"Cannot write back {key}: its offload storage {type(store).__name__} is "
+                                       f"neither an in-memory map nor an Accelerate OffloadedWeightsLoader.")
+        if not disk:
+            return
+        path = self._write_path(self.index, loader) if self._write_path is not None else None
+        if path is None:
+            folder = getattr(loader, "save_folder", None)
+            if folder is None:
+                raise RuntimeError("The disk-offloaded weights have no offload folder to write the pruned block to: "
+                                   "load the model with offload_folder=... .")
+            name = f"hfprune-block-{self.index:05d}.safetensors" if self.index is not None else \
+                f"hfprune-{abs(hash(tuple(disk))) % 10**8:08d}.safetensors"
+            path = Path(folder) / name
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(disk, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+        for key, value in disk.items():
+            loader.index[key] = {"safetensors_file": str(path), "weight_name": key,
+                                 "dtype": str(value.dtype).replace("torch.", "")}
+        self.written_to = path
+        del disk
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -82,6 +213,12 @@ class LayerRunner:
         self.hidden: list[torch.Tensor] = []
         self.calls: list[list[tuple[tuple, dict]]] = []
         self._out_tuple_len: int | None = None
+        # Global calibration batch index of each stored batch (several processes each hold a share)
+        # and the one being run, read by chunked statistics (hfprune.distributed.ChunkedStats).
+        self.batch_ids: list[int] | None = None
+        self.current_batch: int = 0
+        # Where write_back() puts a disk-offloaded block: ``f(index, loader) -> path`` or None.
+        self.write_path: Callable[[int | None, Any], Path | None] | None = None
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -146,6 +283,27 @@ class LayerRunner:
                 "Calibration capture saw the decoder blocks a different number of times than there are "
                 "batches; this model calls its blocks in an unusual way. Please report the model type."
             )
+
+    # ------------------------------------------------------------------ residency
+    @contextlib.contextmanager
+    def onload(self, index: int) -> Iterator[OnloadedBlock]:
+        """Block ``index`` with all its weights materialized on its execution device while active.
+
+        Yields an :class:`OnloadedBlock`; call its ``write_back()`` after changing weights so the
+        offload storage holds them. A block that is not offloaded is yielded as is (no copies).
+        """
+        with self.materialize(self.blocks[index], index) as handle:
+            yield handle
+
+    @contextlib.contextmanager
+    def materialize(self, module: nn.Module, index: int | None = None) -> Iterator[OnloadedBlock]:
+        """Like :meth:`onload` for any submodule of the model (embeddings, norms, ...)."""
+        handle = OnloadedBlock(module, index, self.write_path)
+        try:
+            handle._onload()
+            yield handle
+        finally:
+            handle._offload()
 
     # ------------------------------------------------------------------ running
     @property
@@ -267,6 +425,7 @@ class LayerRunner:
             handle = stop_after.register_forward_hook(stop)
         try:
             for b in (range(len(self.hidden)) if batches is None else batches):
+                self.current_batch = self.batch_ids[b] if self.batch_ids is not None else b
                 hidden = self.hidden[b]
                 rest, kwargs = self.calls[index][b]
                 try:

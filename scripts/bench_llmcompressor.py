@@ -49,6 +49,14 @@ def child(name: str, args) -> dict:
     ids = get_calibration_ids(CalibrationConfig(dataset=PROTOCOL["calibration"], nsamples=args.nsamples,
                                                 seqlen=args.seqlen, seed=PROTOCOL["seed"]), tok)
     ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    row = {"run": name, "tool": "llm-compressor"}
+    if args.forward_ref:
+        # plain forward (batch 8) over the same tokens in this process, right before pruning
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], 8):
+                model(input_ids=ids[i:i + 8], use_cache=False)
+        row["forward_ref_seconds"] = time.perf_counter() - start
     cls_name, kwargs = RUNS[name]
     modifier_cls = getattr(pruning, cls_name)
     recipe = modifier_cls(targets=["re:.*layers.*proj$"], **kwargs)
@@ -61,8 +69,10 @@ def child(name: str, args) -> dict:
         if isinstance(module, torch.nn.Linear) and ".layers." in module_name:
             zeros += int((module.weight == 0).sum())
             numel += module.weight.numel()
-    row = {"run": name, "tool": "llm-compressor", "modifier": cls_name, "prune_seconds": seconds,
-           "sparsity": zeros / numel, "lm_head_sparsity": float((model.lm_head.weight == 0).float().mean())}
+    row.update({"modifier": cls_name, "prune_seconds": seconds, "sparsity": zeros / numel,
+                "lm_head_sparsity": float((model.lm_head.weight == 0).float().mean())})
+    if "forward_ref_seconds" in row:
+        row["prune_over_forward"] = seconds / row["forward_ref_seconds"]
     if not args.skip_eval:
         ppl = hfprune.perplexity(model, tok, PROTOCOL["eval_dataset"], seqlen=PROTOCOL["eval_seqlen"],
                                  max_windows=args.max_windows, progress=False)
@@ -80,6 +90,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=PROTOCOL["seqlen"])
     parser.add_argument("--max-windows", type=int, default=PROTOCOL["max_windows"])
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--forward-ref", action="store_true", help="time a plain forward in each run before pruning")
     parser.add_argument("--output", default="bench_out/llmcompressor.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
@@ -96,6 +107,8 @@ def main() -> None:
     passthrough = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--max-windows", str(args.max_windows)]
     if args.skip_eval:
         passthrough.append("--skip-eval")
+    if args.forward_ref:
+        passthrough.append("--forward-ref")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs.split(","):
             row = run_child(__file__, ["--child", name, *passthrough], Path(tmp) / f"{name}.json")

@@ -38,6 +38,16 @@ RUNS = {
 DEFAULT_RUNS = "forward,dense,magnitude-50,magnitude-2of4,wanda-50,wanda-2of4,sparsegpt-50,sparsegpt-2of4"
 
 
+def plain_forward_seconds(model, ids, batch_size: int) -> float:
+    import torch
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[i:i + batch_size], use_cache=False)
+    return time.perf_counter() - start
+
+
 def child(name: str, args) -> dict:
     import torch
 
@@ -55,16 +65,16 @@ def child(name: str, args) -> dict:
     if name == "forward":
         best = None
         for bs in (8, args.nsamples):
-            start = time.perf_counter()
-            with torch.no_grad():
-                for i in range(0, ids.shape[0], bs):
-                    model(input_ids=ids[i:i + bs], use_cache=False)
-            seconds = time.perf_counter() - start
+            seconds = plain_forward_seconds(model, ids, bs)
             row[f"forward_seconds_bs{bs}"] = seconds
             best = seconds if best is None else min(best, seconds)
         row["forward_seconds"] = best
         return row
     if name != "dense":
+        if args.forward_ref:
+            # A plain forward over the same tokens in this process, right before pruning: on a shared
+            # machine the ratio prune / forward stays meaningful when the load drifts between runs.
+            row["forward_ref_seconds"] = plain_forward_seconds(model, ids, 8)
         config = hfprune.PruningConfig.from_dict(RUNS[name])
         report = hfprune.prune(model, tok, config, calibration=ids, progress=False)
         row.update(prune_seconds=report.prune_seconds, peak_rss_mb=report.peak_rss_mb, sparsity=report.sparsity,
@@ -94,6 +104,9 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=PROTOCOL["seqlen"])
     parser.add_argument("--max-windows", type=int, default=PROTOCOL["max_windows"])
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--forward-ref", action="store_true",
+                        help="time a plain forward (batch 8) in each prune run, right before pruning")
+    parser.add_argument("--append", action="store_true", help="add to an existing --output instead of replacing it")
     parser.add_argument("--output", default="bench_out/oneshot.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-json", help=argparse.SUPPRESS)
@@ -105,16 +118,24 @@ def main() -> None:
     out = Path(args.output)
     result = {"protocol": {**PROTOCOL, "nsamples": args.nsamples, "seqlen": args.seqlen, "max_windows": args.max_windows},
               "machine": machine(), "command": " ".join(sys.argv), "runs": {}}
+    if args.append and out.exists():
+        import json
+
+        previous = json.loads(out.read_text())
+        result["runs"].update(previous.get("runs", {}))
+        result["command"] = previous.get("command", "") + " ; " + result["command"]
     passthrough = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--max-windows", str(args.max_windows)]
     if args.skip_eval:
         passthrough.append("--skip-eval")
+    if args.forward_ref:
+        passthrough.append("--forward-ref")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs.split(","):
             if name != "forward" and name not in RUNS:
                 raise SystemExit(f"unknown run {name!r}; choose from forward, {', '.join(RUNS)}")
             row = run_child(__file__, ["--child", name, *passthrough], Path(tmp) / f"{name}.json")
             result["runs"][name] = row
-            fwd = result["runs"].get("forward", {}).get("forward_seconds")
+            fwd = row.get("forward_ref_seconds") or result["runs"].get("forward", {}).get("forward_seconds")
             if fwd and "prune_seconds" in row:
                 row["prune_over_forward"] = row["prune_seconds"] / fwd
             print(f"{name:18s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     variants = [  # name, model key, format, bits, group_size, label
         ("dense-bf16", "2of4", "dense", None, None, "dense bf16 (stock save_pretrained)"),
         ("sparse-50", "50", "sparse", None, None, "sparse 50 % unstructured, bf16 values + bitmask"),
-        ("sparse-2of4", "2of4", "sparse", None, None, "sparse 2:4, bf16 values + 2-bit index"),
+        ("sparse-2of4", "2of4", "sparse", None, None, "sparse 2:4, bf16 values + pattern code (2.67 bits per group of 4)"),
         ("sparse-2of4-int8", "2of4", "sparse", 8, None, "sparse 2:4 + int8 (per-row scales)"),
         ("sparse-50-int4", "50", "sparse", 4, 128, "sparse 50 % + int4 (group 128)"),
     ]

@@ -113,3 +113,21 @@ def test_eval_json_console_script(model_dir, calib_file, tmp_path):
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["windows"] == 3 and result["tokens"] == 96 and result["perplexity"] > 1
+
+
+def test_prune_sparse_format_with_eval(model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(_prune_args(model_dir, calib_file, out, "--method", "wanda", "--pattern", "2:4", "--format", "sparse",
+                            "--bits", "8", "--eval", "--eval-seqlen", "16", "--max-windows", "2")) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["before"]["windows"] == 2 and results["after"]["perplexity"] > 0
+    assert "pruned" in (out / "README.md").read_text()
+    import hfprune  # noqa: F401  (registers the sparse loader)
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert check_nm(model.model.layers[0].mlp.up_proj.weight, 2, 4)
+
+
+def test_bits_need_a_quantizing_format(model_dir, calib_file, tmp_path, caplog):
+    assert main(_prune_args(model_dir, calib_file, tmp_path / "o", "--method", "wanda", "--bits", "4")) == 2
+    assert "--format sparse" in caplog.text

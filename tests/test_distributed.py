@@ -1,0 +1,103 @@
+"""Several calibration processes give bit-identical masks and weights to one process.
+
+The multi-process run uses ``accelerate launch --multi_gpu --num_processes 2`` on CPU (torch's
+elastic launcher, gloo): accelerate 1.15's ``--cpu --num_processes N`` starts N processes only
+through mpirun, which is not installed here.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hfprune.cli import main
+from hfprune.distributed import ChunkedStats, DistContext, finalize_stats, shard_windows
+from hfprune.stats import RowNormStats
+
+from conftest import REPO, tiny_model
+
+TEXT = "Pruning removes weights from a neural network to make it smaller. " * 40
+
+
+def _tensors(folder: Path) -> dict:
+    files = sorted(folder.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def test_shards_cover_every_window_once():
+    for world in (1, 2, 3):
+        seen, batches = [], []
+        for rank in range(world):
+            windows, batch_ids, n_chunks, k = shard_windows(13, 2, DistContext(rank, world))
+            seen += windows
+            batches += batch_ids
+        assert sorted(seen) == list(range(13)) and sorted(batches) == list(range(7))
+    with pytest.raises(ValueError, match="processes"):
+        shard_windows(4, 2, DistContext(0, 3))
+
+
+def test_chunked_sum_is_a_fixed_order():
+    class FakeRunner:
+        current_batch = 0
+
+    runner = FakeRunner()
+    xs = [torch.randn(5, 8, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    acc = ChunkedStats(lambda: RowNormStats(8), runner, n_chunks=3, chunk_size=2, ctx=DistContext())
+    for b, x in enumerate(xs):
+        runner.current_batch = b
+        acc.add_batch(x)
+    total = finalize_stats({"a": acc})["a"]
+    chunks = []
+    for c in range(3):
+        s = RowNormStats(8)
+        s.add_batch(xs[2 * c])
+        s.add_batch(xs[2 * c + 1])
+        chunks.append(s.sq_norm)
+    assert torch.equal(total.sq_norm, (chunks[0] + chunks[1]) + chunks[2]) and total.tokens == 30
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
+                    reason="accelerate CLI not installed")
+def test_two_processes_match_one(tmp_path, tiny_tokenizer):
+    model_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(model_dir, max_shard_size="100KB")
+    tiny_tokenizer.save_pretrained(model_dir)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join([TEXT] * 5))
+    args = ["prune", "--model", str(model_dir), "--calibration", str(calib), "--nsamples", "8", "--seqlen", "32",
+            "--batch-size", "2", "--method", "sparsegpt", "--sparsity", "0.5", "--owl"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    res = subprocess.run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(port), str(bin_dir / "hfprune")]
+                         + args + ["--low-memory", "--output", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Process 1 of 2 calibrates on 4 of 8 windows" in res.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args + ["--output", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
+    r1 = json.loads((tmp_path / "one" / "pruning_report.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "pruning_report.json").read_text())
+    assert r1["layers"] == r2["layers"]
