@@ -140,7 +140,7 @@ def main() -> None:
                     ref = model(input_ids=lat_ids[:, :64]).logits
                 torch.save(ref, Path(tmp) / "ref_logits.pt")
                 code = ("import sys, torch; from transformers import AutoModelForCausalLM as A; "
-                        "m = A.from_pretrained(sys.argv[1]).eval(); ids = torch.tensor([sys.argv[2].split(',')], dtype=torch.long); "
+                        "m = A.from_pretrained(sys.argv[1]).eval(); ids = torch.tensor([[int(t) for t in sys.argv[2].split(',')]]); "
                         "ref = torch.load(sys.argv[1] + '/ref_logits.pt'); "
                         "d = (m(input_ids=ids).logits - ref).abs().max().item(); "
                         "print('hfprune' in sys.modules, m.config.num_attention_heads, m.config.num_key_value_heads, "
