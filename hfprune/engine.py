@@ -112,15 +112,21 @@ def _apply(W: torch.Tensor, pruned: torch.Tensor, new_weight: torch.Tensor | Non
     W.masked_fill_(pruned.to(W.device), 0)
 
 
-def _unique_param_sparsity(model: nn.Module) -> float:
+def _unique_param_zeros(module: nn.Module) -> tuple[int, int]:
+    """(zeros, numel) over the materialised parameters of ``module``, tied tensors counted once."""
     zeros = total = 0
     seen = set()
-    for p in model.parameters():
+    for p in module.parameters():
         if id(p) in seen or p.device.type == "meta":
             continue
         seen.add(id(p))
-        zeros += int((p.data == 0).sum().item())
+        zeros += _count_zeros(p.data)
         total += p.numel()
+    return zeros, total
+
+
+def _unique_param_sparsity(model: nn.Module) -> float:
+    zeros, total = _unique_param_zeros(model)
     return zeros / max(1, total)
 
 
@@ -138,15 +144,7 @@ def _block_report(model: nn.Module, block: nn.Module, block_targets: dict[str, n
         W = weight_matrix(module)
         zeros = _count_zeros(W)
         layers[name] = {"sparsity": zeros / W.numel(), "zeros": zeros, "numel": W.numel(), "shape": list(W.shape)}
-    zeros = total = 0
-    seen = set()
-    for p in block.parameters():
-        if id(p) in seen or p.device.type == "meta":
-            continue
-        seen.add(id(p))
-        zeros += _count_zeros(p.data)
-        total += p.numel()
-    counts[i] = [zeros, total]
+    counts[i] = list(_unique_param_zeros(block))
 
 
 def _sparsity_from_counts(runner: LayerRunner, counts: dict[int, list[int]]) -> float:
