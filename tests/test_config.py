@@ -56,15 +56,32 @@ def test_calibration_config_validation():
         CalibrationConfig.from_dict({"nsample": 3})
 
 
-@pytest.mark.parametrize("name", ["magnitude-50", "wanda-50", "wanda-2of4", "wanda-4of8", "magnitude-2of4"])
+ONE_SHOT_RECIPES = ["magnitude-50", "wanda-50", "wanda-2of4", "wanda-4of8", "magnitude-2of4",
+                    "sparsegpt-50", "sparsegpt-2of4", "sparsegpt-50-int4", "wanda-owl-70"]
+
+
+def test_every_one_shot_recipe_is_tested():
+    shipped = {p.stem for p in (REPO / "recipes").glob("*.yaml") if not p.stem.startswith("structured")}
+    assert shipped == set(ONE_SHOT_RECIPES)
+
+
+@pytest.mark.parametrize("name", ONE_SHOT_RECIPES)
 def test_shipped_recipes_load(name):
     cfg, calib = load_recipe(REPO / "recipes" / f"{name}.yaml")
     assert cfg.method in hfprune.available_methods()
+    assert cfg.method == name.split("-")[0]
     if "2of4" in name:
         assert cfg.pattern == "2:4" and cfg.sparsity == 0.5
     if "4of8" in name:
         assert cfg.pattern == "4:8"
+    if name.endswith("-50") or name.endswith("-50-int4"):
+        assert cfg.pattern == "unstructured" and cfg.sparsity == 0.5
+    if "int4" in name:
+        assert cfg.bits == 4 and cfg.group_size == 128
+    if "owl" in name:
+        assert cfg.owl and cfg.sparsity == 0.7 and cfg.owl_m == 5 and cfg.owl_lambda == 0.08
     assert calib.seed == 0
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
 
 
 def test_recipe_overrides_and_unknown_keys(tmp_path):

@@ -78,3 +78,19 @@ def test_select_mask_dispatch():
     assert int(select_mask(score, 0.25, "unstructured", "layer").sum()) == 8
     with pytest.raises(ValueError, match="scope"):
         select_mask(score, 0.5, "unstructured", "bogus")
+
+
+def test_lowest_k_indices_exact_with_ties():
+    from hfprune.masks import lowest_k_indices
+
+    score = torch.tensor([3.0, 1.0, 1.0, 1.0, 2.0, 0.5, 1.0, 4.0]).reshape(2, 4)
+    for k in range(0, 9):
+        idx = lowest_k_indices(score, k)
+        assert idx.numel() == k and idx.unique().numel() == k
+        chosen = score.reshape(-1)[idx]
+        rest = torch.ones(8, dtype=torch.bool)
+        rest[idx] = False
+        if 0 < k < 8:
+            assert chosen.max() <= score.reshape(-1)[rest].min()
+    # Same input, same answer (deterministic tie-breaking).
+    assert torch.equal(lowest_k_indices(score, 3), lowest_k_indices(score.clone(), 3))

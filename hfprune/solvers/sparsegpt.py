@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from hfprune.masks import Pattern, parse_pattern, prune_count
+from hfprune.masks import Pattern, lowest_k_indices, parse_pattern, prune_count
 
 __all__ = ["HessianStats", "sparsegpt_prune", "quantize_weight"]
 
@@ -223,17 +223,24 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, dampening: float) -> torch.Tenso
     factorisation replaces all the Gaussian-elimination steps of Eq. 5. Dampening is the
     paper's 1% of the mean diagonal. When a factorisation fails (H singular or badly
     conditioned) the dampening is raised tenfold and the factorisation retried, with a warning.
+
+    Computed with one factorisation and one triangular inverse instead of the usual
+    factorise / invert / factorise again: with ``P`` the index reversal and
+    ``P H P = L L^T`` (lower Cholesky of the reversed matrix), ``U = P L^-1 P`` is upper
+    triangular with a positive diagonal and ``U^T U = H^-1``, so it is *the* upper Cholesky
+    factor of ``H^-1`` (it is unique).
     """
     mean_diag = float(torch.diagonal(H).mean())
     rel = float(dampening)
+    n = H.shape[0]
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     for attempt in range(_MAX_DAMPING_RETRIES + 1):
-        damped = H.clone()
+        damped = H.flip(0, 1)
         damped.diagonal().add_(rel * mean_diag)
         L, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(U).all()):
                 return U
         if attempt == _MAX_DAMPING_RETRIES:
             break
@@ -256,18 +263,17 @@ def _cumulative_count(sparsity: float, rows: int, cols: int) -> int:
 
 
 def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` lowest entries of ``score`` (stable sort: exact count)."""
+    """Boolean mask of exactly ``k`` lowest entries of ``score`` (selection, exact count)."""
     pruned = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
-        pruned[torch.sort(score.reshape(-1), stable=True).indices[:k]] = True
+        pruned[lowest_k_indices(score, k)] = True
     return pruned.view_as(score)
 
 
 def _nm_lowest(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """For every row of ``score`` ([rows, m]) mark the ``m - n`` lowest entries."""
-    order = torch.sort(score, dim=1, stable=True).indices
     pruned = torch.zeros_like(score, dtype=torch.bool)
-    pruned.scatter_(1, order[:, : m - n], True)
+    pruned.scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
     return pruned
 
 
@@ -372,41 +378,52 @@ def sparsegpt_prune(
         i2 = min(i1 + block, cols)
         count = i2 - i1
         # The block is handled transposed ([columns, rows]) so that each column is a contiguous
-        # vector and the rank-1 OBS update is one BLAS ``ger`` (addr_) call.
+        # vector and the rank-1 OBS update is one BLAS ``ger`` (addr_) call. Row j of ``w1``
+        # is final once column j is processed (later updates touch rows > j only), so ``w1``
+        # ends up holding the pruned/quantized block.
         w1 = work[:, i1:i2].t().contiguous()
-        q1 = torch.zeros_like(w1)
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diagonal(hinv1)
+        inv_d1 = (1.0 / d1)[:, None]
 
         if pat.is_nm:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         else:
             k = _cumulative_count(sparsity, rows, i2) - _cumulative_count(sparsity, rows, i1)
             mask1 = _lowest_k(w1.pow(2) / d1.pow(2)[:, None], k)
+        # Without quantization the error of column j is ``mask * w / d``: one fused multiply.
+        err_scale = None if (bits is not None or pat.is_nm) else mask1 * inv_d1
 
+        # Per-column views made once per block (indexing in the loop costs more than the math).
+        w_rows, err_rows, mask_rows = w1.unbind(0), err1.unbind(0), mask1.unbind(0)
+        h_rows = hinv1.unbind(0)
+        scale_rows = err_scale.unbind(0) if err_scale is not None else None
         for j in range(count):
             col = i1 + j
             if pat.is_nm and col % pat.m == 0:
-                score = w1[j:j + pat.m].pow(2) / d1[j:j + pat.m].pow(2)[:, None]
-                mask1[j:j + pat.m] = _nm_lowest(score.t(), pat.n, pat.m).t()
+                g = slice(j, j + pat.m)
+                score = w1[g].pow(2) / d1[g].pow(2)[:, None]
+                mask1[g] = _nm_lowest(score.t(), pat.n, pat.m).t()
+                if bits is None:
+                    err_g = (mask1[g] * inv_d1[g]).unbind(0)
             if bits is not None and group_size is not None and col % group_size == 0:
                 scale, zero = _grid(w1[j:j + group_size].t(), bits, sym)
 
-            w = w1[j]
-            if bits is not None:
-                q = _fake_quant(w[:, None], scale, zero, bits)[:, 0]
+            w = w_rows[j]
+            if bits is None:
+                # q = w with pruned entries zeroed; err = (w - q) / d.
+                torch.mul(w, scale_rows[j] if scale_rows is not None else err_g[col % pat.m], out=err_rows[j])
+                w.masked_fill_(mask_rows[j], 0.0)
             else:
-                q = w
-            q = q.masked_fill(mask1[j], 0.0)
-            err = (w - q) / d1[j]
-            q1[j] = q
-            err1[j] = err
+                q = _fake_quant(w[:, None], scale, zero, bits)[:, 0].masked_fill_(mask_rows[j], 0.0)
+                torch.mul(w - q, inv_d1[j], out=err_rows[j])
+                w.copy_(q)
             # OBS update of the remaining columns of the block (Eq. 2 with the Cholesky row).
             if j + 1 < count:
-                w1[j + 1:].addr_(hinv1[j, j + 1:], err, alpha=-1.0)
+                w1[j + 1:].addr_(h_rows[j][j + 1:], err_rows[j], alpha=-1.0)
 
-        work[:, i1:i2] = q1.t()
+        work[:, i1:i2] = w1.t()
         pruned[:, i1:i2] = mask1.t()
         # Lazy batch update of all later columns (Sec. 3.4).
         if i2 < cols:
