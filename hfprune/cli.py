@@ -116,6 +116,9 @@ def _run_prune(args) -> int:
                        "seed": args.seed, "batch_size": args.batch_size, "split": args.split,
                        "text_column": args.text_column}
     config, calibration = build_configs(data, overrides, calib_overrides)
+    from hfprune.distributed import requested_cpu_processes, start_cpu_workers
+
+    start_cpu_workers(requested_cpu_processes())  # `accelerate launch --cpu --num_processes N` without mpirun
     if args.low_memory or args.resume:
         from hfprune.streaming import run_cli
 

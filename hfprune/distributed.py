@@ -36,7 +36,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistContext", "get_context", "ChunkedStats", "chunk_batches", "shard_windows", "finalize_stats",
-           "MAX_CHUNKS"]
+           "MAX_CHUNKS", "requested_cpu_processes", "start_cpu_workers"]
 
 MAX_CHUNKS = int(os.environ.get("HFPRUNE_MAX_CHUNKS", "8"))
 """Most summation chunks (``$HFPRUNE_MAX_CHUNKS``, default 8): the most calibration processes, and
@@ -124,6 +124,132 @@ def get_context(init: bool = True) -> DistContext:
     ctx = DistContext(dist.get_rank(), dist.get_world_size())
     logger.info("Calibration process %d of %d (%s).", ctx.rank, ctx.world_size, dist.get_backend())
     return ctx
+
+
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+_LAUNCH_FLAGS = {"--cpu", "--multi_gpu", "--tpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "-m",
+                 "--module", "--no_python", "--debug", "-q", "--quiet", "--same_network", "--rdzv_conf",
+                 "--enable_cpu_affinity", "--use_cpu", "--tpu_use_cluster", "--monitor_interval"}
+
+
+def _num_processes_from_launch_args(cmd: list[str], script: str | None = None) -> int | None:
+    """``N`` from an ``accelerate launch ... --num_processes N script ...`` command line, reading the
+    launcher's own options only: parsing stops at ``script`` (compared by file name) or at the first
+    token that is neither an option nor an option's value."""
+    try:
+        i = cmd.index("launch")
+    except ValueError:
+        return None
+    tokens = cmd[i + 1:]
+    expects_value = False
+    for tok in tokens:
+        if script and os.path.basename(tok) == os.path.basename(script):
+            break
+        if expects_value:
+            expects_value = False
+            continue
+        if not tok.startswith("-"):
+            break  # the training script: what follows are its arguments
+        name, eq, value = tok.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            if eq:
+                return int(value)
+            j = tokens.index(tok)
+            return int(tokens[j + 1]) if j + 1 < len(tokens) else None
+        expects_value = not eq and name not in _LAUNCH_FLAGS
+    return None
+
+
+def requested_cpu_processes() -> int:
+    """Processes a parent ``accelerate launch --cpu --num_processes N`` asked for but did not start.
+
+    Accelerate starts several CPU processes only through mpirun (``--mpirun_hostfile``); without it
+    ``--cpu --num_processes N`` runs the script once, with ``ACCELERATE_USE_CPU`` and ``MASTER_ADDR``
+    set but no ``WORLD_SIZE``. This reads ``N`` from the launcher's command line (the parent process);
+    1 when not in that situation.
+    """
+    if os.environ.get("WORLD_SIZE") or any(int(os.environ.get(v, "1")) > 1 for v in _MPI_SIZE_VARS):
+        return 1
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true") or not os.environ.get("MASTER_ADDR"):
+        return 1
+    try:
+        import psutil
+
+        cmd = psutil.Process().parent().cmdline()
+    except Exception:  # noqa: BLE001 - no parent information: behave as one process
+        return 1
+    if not any("accelerate" in os.path.basename(tok) for tok in cmd[:3]):
+        return 1
+    try:
+        import sys
+
+        n = _num_processes_from_launch_args(cmd, sys.argv[0])
+    except ValueError:
+        return 1
+    return n if n and n > 1 else 1
+
+
+def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTERM when rank 0 exits
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the gloo timeout ends orphans instead
+        pass
+
+
+def start_cpu_workers(world_size: int, argv: list[str] | None = None) -> list:
+    """Make this process rank 0 of ``world_size`` CPU calibration processes and start ranks
+    1..N-1 as copies of this command (the same environment plus ``RANK``/``WORLD_SIZE``/
+    ``LOCAL_RANK``), as ``torchrun`` would. Rank 0 exits with the first failing worker's code.
+    Returns the worker handles (empty when ``world_size <= 1``)."""
+    import atexit
+    import subprocess
+    import sys
+    import threading
+
+    if world_size <= 1:
+        return []
+    argv = list(sys.argv if argv is None else argv)
+    base = dict(os.environ, WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    logger.info("`accelerate launch --cpu --num_processes %d` started one process (accelerate needs mpirun for "
+                "more); hfprune starts the other %d calibration processes itself (gloo).", world_size, world_size - 1)
+    workers = []
+    for rank in range(1, world_size):
+        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+        workers.append(subprocess.Popen([sys.executable, *argv], env=env, preexec_fn=_die_with_parent))
+    os.environ.update({k: base[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
+    os.environ.update(RANK="0", LOCAL_RANK="0")
+
+    def watch() -> None:
+        import time
+
+        while True:
+            for w in workers:
+                code = w.poll()
+                if code not in (None, 0):
+                    logger.error("Calibration process (pid %d) failed with exit code %d; stopping.", w.pid, code)
+                    os._exit(code if code > 0 else 1)
+            if all(w.poll() is not None for w in workers):
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+    def wait() -> None:
+        for w in workers:
+            try:
+                w.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                w.terminate()
+
+    atexit.register(wait)
+    return workers
 
 
 def chunk_batches(n_batches: int) -> int:

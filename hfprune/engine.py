@@ -259,7 +259,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         if pruner.requires_calibration or config.owl:
             ids = get_calibration_ids(calib, tokenizer, model)
             logger.info("Calibrating on %d x %d tokens.", ids.shape[0], ids.shape[1])
-            bs = resume["batch_size"] if resume else ctx.min_int(_batch_size(calib, ids, model))
+            bs = resume["batch_size"] if resume else ctx.min_int(
+                _batch_size(calib, ids, model, low_memory=session is not None))
             windows, batch_ids, n_chunks, chunk_size = shard_windows(ids.shape[0], bs, ctx)
             if ctx.enabled:
                 logger.info("Process %d of %d calibrates on %d of %d windows.", ctx.rank, ctx.world_size,
@@ -333,7 +334,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     report = PruneReport(
         method=config.method,
         config=config.to_dict(),
-        calibration=calib.to_dict() if pruner.requires_calibration or config.owl else None,
+        calibration=({**calib.to_dict(), "batch_size": runner.batch_size}
+                     if pruner.requires_calibration or config.owl else None),
         layers=layers,
         prune_seconds=elapsed,
         peak_rss_mb=peak_rss_mb(),
@@ -353,9 +355,15 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     return report
 
 
-def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module) -> int:
+def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module, low_memory: bool = False) -> int:
     """Calibration windows per block call: the configured value, or (``batch_size=0``, the
-    default) as many as fit a memory budget for the block's intermediate activations."""
+    default) as many as fit a memory budget for the block's intermediate activations.
+
+    ``low_memory`` (streaming): the budget is the size of the hidden states that are kept
+    anyway (``nsamples x seqlen x hidden`` in the model dtype; at least 64 MB), so the block's
+    working memory stays about the size of the calibration activations whatever the model width;
+    when that splits the windows into several batches, each block takes one pass per
+    true-sequential group instead of one pass."""
     if calib.batch_size:
         return calib.batch_size
     cfg = model.config.get_text_config()
@@ -372,6 +380,9 @@ def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module) -
         import psutil
 
         budget = min(4 * 2**30, 0.25 * psutil.virtual_memory().available)
+    if low_memory:
+        dtype_bytes = next(model.parameters()).element_size()
+        budget = min(budget, max(64 * 2**20, dtype_bytes * hidden * ids.numel()))
     per_window = bytes_per_token * seqlen
     return int(max(1, min(ids.shape[0], budget // per_window)))
 

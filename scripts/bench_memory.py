@@ -2,14 +2,15 @@
 
 Builds random-weight Llama-shaped checkpoints of about 0.1 B, 0.5 B and 1.5 B parameters (bf16,
 500 MB shards, vocab 49152 = the SmolLM2 tokenizer's; cached in ~/.cache/hfprune/bench_models),
-prunes each with Wanda 50 % in streaming mode (16 x 256 tokens of c4) in a fresh process, records
-peak RSS and time, checks that the 0.1 B result equals the in-memory run (checksum), and writes
+prunes each with Wanda 50 % in streaming mode (16 x 256 tokens of c4, the calibration batch that
+--low-memory picks by itself) in a fresh process, records peak RSS and time, checks that the 0.1 B
+result equals the in-memory run with the same batch (checksum), and writes
 bench_out/memory.json and docs/img/memory.png.
 
     .venv/bin/python scripts/bench_memory.py [--sizes 0.1b,0.5b,1.5b] [--multiprocess]
 
 ``--multiprocess`` also prunes SmolLM2-135M with 2 calibration processes
-(``accelerate launch --multi_gpu --num_processes 2``, gloo on CPU) and with 1, and checks
+(``accelerate launch --cpu --num_processes 2``, gloo) and with 1, and checks
 the masks and weights are bit-identical.
 
 The driver itself never imports torch and builds / checksums in child processes: a child started
@@ -39,7 +40,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "1.5b": (2048, 5632, 31, 32, 8),
 }
 VOCAB = 49152
-NSAMPLES, SEQLEN, BATCH = 16, 256, 16
+NSAMPLES, SEQLEN = 16, 256
 
 
 def _config(size):
@@ -128,7 +129,7 @@ def run_prune(model: Path | str, out: Path, *extra: str, launcher: list[str] | N
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
     report = json.loads((out / "pruning_report.json").read_text())
     return {"wall_s": wall, "prune_s": report["prune_seconds"], "peak_rss_mb": report["peak_rss_mb"],
-            "sparsity": report["sparsity"]}
+            "sparsity": report["sparsity"], "batch_size": (report.get("calibration") or {}).get("batch_size")}
 
 
 def plot(rows, est, path: Path) -> None:
@@ -168,7 +169,7 @@ def main() -> int:
         return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"nsamples": NSAMPLES, "seqlen": SEQLEN, "batch_size": BATCH, "models": []}
+    result = {"nsamples": NSAMPLES, "seqlen": SEQLEN, "batch_size": "auto (--low-memory)", "models": []}
     contention = subprocess.run(["pgrep", "-f", "bench_(oneshot|compare|size|structured|llmcompressor)"],
                                 capture_output=True, text=True).stdout.split()
     result["other_benchmarks_running"] = len(contention)
@@ -183,10 +184,11 @@ def main() -> int:
                "activations_mb": NSAMPLES * SEQLEN * h * 2 / 2**20,
                "hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"]}
         out = work / f"{size}-low-memory"
-        row.update(run_prune(path, out, "--low-memory", "--batch-size", str(BATCH)))
+        # --low-memory picks its own calibration batch (block working memory <= the activations).
+        row.update(run_prune(path, out, "--low-memory"))
         row["checksum"] = _child("--checksum", str(out))
         if size == "0.1b":
-            ref = run_prune(path, work / f"{size}-in-memory", "--batch-size", str(BATCH))
+            ref = run_prune(path, work / f"{size}-in-memory", "--batch-size", str(row["batch_size"]))
             row["in_memory"] = {**ref, "checksum": _child("--checksum", str(work / f"{size}-in-memory"))}
             row["same_as_in_memory"] = row["in_memory"]["checksum"] == row["checksum"]
         result["models"].append(row)
@@ -210,7 +212,8 @@ def main() -> int:
         mp = {"model": "smollm2-135m", "batch_size": 2}
         one = run_prune("smollm2-135m", work / "smollm2-1proc", "--batch-size", "2")
         two = run_prune("smollm2-135m", work / "smollm2-2proc", "--batch-size", "2",
-                        launcher=[str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                        launcher=[str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2",
+                                  "--num_cpu_threads_per_process", "1",
                                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                                   "--main_process_port", str(port)])
         mp.update(one_process=one, two_processes=two,

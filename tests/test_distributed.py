@@ -1,8 +1,9 @@
 """Several calibration processes give bit-identical masks and weights to one process.
 
-The multi-process run uses ``accelerate launch --multi_gpu --num_processes 2`` on CPU (torch's
-elastic launcher, gloo): accelerate 1.15's ``--cpu --num_processes N`` starts N processes only
-through mpirun, which is not installed here.
+The multi-process runs use ``accelerate launch --multi_gpu --num_processes 2`` on CPU (torch's
+elastic launcher, gloo) and ``accelerate launch --cpu --num_processes 2``: accelerate 1.15 starts
+several CPU processes only through mpirun (not installed here), so hfprune starts the other
+calibration processes itself (:func:`hfprune.distributed.start_cpu_workers`).
 """
 
 import json
@@ -69,7 +70,8 @@ def test_chunked_sum_is_a_fixed_order():
 
 @pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
                     reason="accelerate CLI not installed")
-def test_two_processes_match_one(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("launcher", ["--multi_gpu", "--cpu"])
+def test_two_processes_match_one(tmp_path, tiny_tokenizer, launcher):
     model_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(model_dir, max_shard_size="100KB")
     tiny_tokenizer.save_pretrained(model_dir)
@@ -83,13 +85,15 @@ def test_two_processes_match_one(tmp_path, tiny_tokenizer):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
-    res = subprocess.run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    res = subprocess.run([str(bin_dir / "accelerate"), "launch", launcher, "--num_processes", "2",
+                          "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "--main_process_port", str(port), str(bin_dir / "hfprune")]
                          + args + ["--low-memory", "--output", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Process 1 of 2 calibrates on 4 of 8 windows" in res.stderr
+    if launcher == "--cpu":
+        assert "hfprune starts the other 1 calibration processes itself" in res.stderr
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -101,3 +105,26 @@ def test_two_processes_match_one(tmp_path, tiny_tokenizer):
     r1 = json.loads((tmp_path / "one" / "pruning_report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "pruning_report.json").read_text())
     assert r1["layers"] == r2["layers"]
+
+
+def test_num_processes_read_from_the_launcher_options_only():
+    from hfprune.distributed import _num_processes_from_launch_args as parse
+
+    assert parse(["python", "accelerate", "launch", "--cpu", "--num_processes", "3", "hfprune", "prune"]) == 3
+    assert parse(["accelerate", "launch", "--num-processes=4", "hfprune"]) == 4
+    # After the script, the options belong to the script.
+    assert parse(["accelerate", "launch", "--cpu", "train.py", "--num_processes", "5"]) is None
+    assert parse(["python", "train.py"]) is None
+
+
+def test_no_extra_processes_outside_accelerate_cpu(monkeypatch):
+    from hfprune.distributed import requested_cpu_processes
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert requested_cpu_processes() == 1
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / --multi_gpu already started them
+    assert requested_cpu_processes() == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    assert requested_cpu_processes() == 1  # the parent here is pytest, not `accelerate launch`

@@ -94,3 +94,18 @@ def test_lowest_k_indices_exact_with_ties():
             assert chosen.max() <= score.reshape(-1)[rest].min()
     # Same input, same answer (deterministic tie-breaking).
     assert torch.equal(lowest_k_indices(score, 3), lowest_k_indices(score.clone(), 3))
+
+
+@pytest.mark.parametrize("pattern,sparsity,scope", [("unstructured", 0.5, "row"), ("2:4", 0.5, "row"),
+                                                    ("unstructured", 0.3, "row"), ("unstructured", 0.5, "layer")])
+def test_row_chunked_selection_equals_one_call(monkeypatch, pattern, sparsity, scope):
+    import hfprune
+    from hfprune.pruners import base
+    from hfprune.registry import get_pruner_cls
+
+    monkeypatch.setattr(base, "ROW_CHUNK_ELEMENTS", 700 * 7)  # chunks of 7 rows
+    W = torch.randint(-8, 8, (61, 700), generator=torch.Generator().manual_seed(0)).float() * 0.01  # many ties
+    cfg = hfprune.MagnitudeConfig(sparsity=sparsity, pattern=pattern, scope=scope)
+    pruner = get_pruner_cls("magnitude")(cfg)
+    chunked = pruner.prune_weight(W, None, cfg.sparsity, scope).pruned
+    assert torch.equal(chunked, select_mask(pruner.score(W, None), cfg.sparsity, pattern, scope))

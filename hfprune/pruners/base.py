@@ -18,9 +18,14 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import PruningConfig
-from ..masks import select_mask
+from ..masks import parse_pattern, prune_count, select_mask
 
 __all__ = ["Pruner", "PruneResult"]
+
+ROW_CHUNK_ELEMENTS = 1 << 20
+"""Scores are computed for at most this many weights at a time when the mask is chosen row by row
+(N:M, or row scope with the same count in every row): the transient memory of pruning one layer
+is then a few MB plus its boolean mask, not several float32/int64 copies of the matrix."""
 
 
 @dataclass
@@ -49,5 +54,24 @@ class Pruner:
         raise NotImplementedError
 
     def prune_weight(self, W: torch.Tensor, stats: Any | None, sparsity: float, scope: str) -> PruneResult:
-        """Default: mask the lowest scores with the configured pattern and scope."""
-        return PruneResult(pruned=select_mask(self.score(W, stats), sparsity, self.config.pattern, scope))
+        """Default: mask the lowest scores with the configured pattern and scope.
+
+        When every row's choice is independent of the others (N:M; row scope with the same
+        count in every row) the score is computed and selected in chunks of rows, with the same
+        result as one call.
+        """
+        pattern = parse_pattern(self.config.pattern)
+        rows, cols = W.shape
+        step = max(1, ROW_CHUNK_ELEMENTS // max(1, cols))
+        chunk_sparsity = sparsity
+        separable = pattern.is_nm
+        if not separable and scope == "row":
+            k = prune_count(rows * cols, sparsity)
+            separable = k % rows == 0
+            chunk_sparsity = (k // rows) / cols
+        if not separable or rows <= step:
+            return PruneResult(pruned=select_mask(self.score(W, stats), sparsity, pattern, scope))
+        pruned = torch.empty(rows, cols, dtype=torch.bool, device=W.device)
+        for r in range(0, rows, step):
+            pruned[r:r + step] = select_mask(self.score(W[r:r + step], stats), chunk_sparsity, pattern, scope)
+        return PruneResult(pruned=pruned)
