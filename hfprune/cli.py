@@ -32,6 +32,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--owl-lambda", type=float, dest="owl_lambda", help="OWL sparsity range lambda (default 0.08).")
     p.add_argument("--block-size", type=int, dest="block_size", help="SparseGPT column block size (default 128).")
     p.add_argument("--dampening", type=float, help="SparseGPT Hessian dampening fraction (default 0.01).")
+    p.add_argument("--act-order", action="store_true", dest="act_order", default=None,
+                   help="SparseGPT: solve input columns by decreasing Hessian diagonal (N:M: whole groups).")
     p.add_argument("--bits", type=int, choices=[4, 8], help="Quantize kept weights: jointly with sparsegpt, and/or "
                                                            "stored as int8/int4 by --format sparse.")
     p.add_argument("--group-size", type=int, dest="group_size", help="Quantization group size (default: per channel).")
@@ -103,7 +105,8 @@ def _run_prune(args) -> int:
                  "mlp_ratio": args.mlp_ratio, "non_uniform": args.non_uniform, "gqa_mode": args.gqa_mode,
                  "bias_compensation": args.bias_compensation, "true_sequential": args.true_sequential,
                  "layer_sparsity": args.layer_sparsity, "owl": args.owl, "owl_m": args.owl_m,
-                 "owl_lambda": args.owl_lambda, "block_size": args.block_size, "dampening": args.dampening}
+                 "owl_lambda": args.owl_lambda, "block_size": args.block_size, "dampening": args.dampening,
+                 "act_order": args.act_order}
     method = args.method or data.get("method")
     if method == "sparsegpt":
         overrides.update(bits=args.bits, group_size=args.group_size)

@@ -31,6 +31,7 @@ RUNS = {
     "wanda-2of4-ref": {"method": "wanda", "pattern": "2:4", "true_sequential": False},
     "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4"},
+    "sparsegpt-2of4-ao": {"method": "sparsegpt", "pattern": "2:4", "act_order": True},
     "wanda-70": {"method": "wanda", "sparsity": 0.7},
     "wanda-owl-70": {"method": "wanda", "sparsity": 0.7, "owl": True},
     "sparsegpt-50-int4": {"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 128},

@@ -32,6 +32,7 @@ class SparseGPTConfig(PruningConfig):
     bits: int | None = field(default=None, metadata={"help": "Jointly quantize kept weights to 4 or 8 bits (fake-quantized in the model dtype)."})
     group_size: int | None = field(default=None, metadata={"help": "Quantization group size along the input (None: per output channel)."})
     sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
+    act_order: bool = field(default=False, metadata={"help": "Solve the input columns in order of decreasing Hessian diagonal (N:M: whole groups)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +44,9 @@ class SparseGPTConfig(PruningConfig):
             raise ValueError(f"bits must be 4 or 8 (or 2/3), got {self.bits}.")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be positive or None, got {self.group_size}.")
+        if self.act_order and self.bits is not None and self.group_size is not None:
+            raise ValueError("act_order cannot be combined with group_size quantization (groups would not be "
+                             "consecutive inputs); drop one of them.")
 
 
 @register_pruner("sparsegpt", config_cls=SparseGPTConfig)
@@ -60,5 +64,6 @@ class SparseGPTPruner(Pruner):
     def prune_weight(self, W, stats, sparsity, scope):
         c = self.config
         new_w, pruned = sparsegpt_prune(W, stats.hessian(), sparsity, c.pattern, block_size=c.block_size,
-                                        dampening=c.dampening, bits=c.bits, group_size=c.group_size, sym=c.sym)
+                                        dampening=c.dampening, bits=c.bits, group_size=c.group_size, sym=c.sym,
+                                        act_order=c.act_order)
         return PruneResult(pruned=pruned, weight=new_w)

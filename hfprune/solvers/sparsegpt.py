@@ -287,6 +287,7 @@ def sparsegpt_prune(
     bits: int | None = None,
     group_size: int | None = None,
     sym: bool = True,
+    act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune (and optionally quantize) one linear layer with SparseGPT (Algorithm 1).
 
@@ -303,6 +304,11 @@ def sparsegpt_prune(
         bits: if set (4 or 8), kept weights are jointly quantized (Sec. 3.5).
         group_size: input columns per quantization group (``None``: one grid per row).
         sym: symmetric (``True``) or asymmetric quantization grid.
+        act_order: process the input columns in order of decreasing Hessian diagonal (GPTQ's
+            "act-order"), so the inputs that matter most are decided first and the later, less
+            important ones absorb the compensation. N:M keeps its groups of M consecutive inputs
+            and orders whole groups (by their summed diagonal). Meant for N:M (and per-channel
+            joint quantization); for unstructured masks it is usually worse. Not with ``group_size``.
 
     Returns:
         ``(new_W, pruned)``: the pruned (fake-quantized) weight in ``W``'s dtype and shape, and
@@ -355,6 +361,22 @@ def sparsegpt_prune(
 
     if not pat.is_nm and sparsity == 0 and bits is None:
         return W.clone(), torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+
+    if act_order:
+        if bits is not None and group_size is not None:
+            raise ValueError("act_order reorders the input columns, so quantization groups would not be "
+                             "consecutive inputs any more: use group_size=None (per-channel) with act_order.")
+        diag = torch.diagonal(H).float()
+        if pat.is_nm:
+            group_order = torch.argsort(diag.reshape(-1, pat.m).sum(1), descending=True, stable=True)
+            perm = (group_order[:, None] * pat.m + torch.arange(pat.m, device=diag.device)).reshape(-1)
+        else:
+            perm = torch.argsort(diag, descending=True, stable=True)
+        perm = perm.to(W.device)
+        new_w, pruned = sparsegpt_prune(W[:, perm], H[perm][:, perm], sparsity, pat, block_size, dampening,
+                                        bits, group_size, sym, act_order=False)
+        inv = torch.argsort(perm)
+        return new_w[:, inv], pruned[:, inv]
 
     unit = math.lcm(pat.m if pat.is_nm else 1, group_size if (bits and group_size) else 1)
     block = max(unit, (block_size // unit) * unit)
