@@ -51,7 +51,8 @@ def _merged(*names):
 
 def section_oneshot(lines):
     # Later files override earlier runs of the same name (reruns after code changes).
-    ours, our_cmds, ours_meta = _merged("oneshot", "oneshot_ref", "oneshot_extra", "oneshot_q5", "oneshot_q6")
+    ours, our_cmds, ours_meta = _merged("oneshot", "oneshot_ref", "oneshot_extra", "oneshot_q5", "oneshot_q6",
+                                          "oneshot_q7")
     theirs, their_cmds, theirs_meta = _merged("llmcompressor", "llmcompressor_sgpt", "timing_quiet_llmc",
                                               "timing_llmc_sgpt")
     lines.append("## One-shot pruning: hfprune vs llm-compressor 0.14 (SmolLM2-135M)\n")
