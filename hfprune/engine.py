@@ -281,9 +281,12 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
             bar = tqdm(range(first, len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
             for i in bar:
                 with runner.onload(i) as handle:
+                    infos: dict[str, dict] = {}
                     _prune_block(runner, i, targets[i], pruner, sparsities, scope, config.true_sequential,
-                                 last=i == len(blocks) - 1, chunking=chunking)
+                                 last=i == len(blocks) - 1, chunking=chunking, infos=infos)
                     _block_report(model, blocks[i], targets[i], i, layers, counts)
+                    for name, info in infos.items():
+                        layers[name].update(info)
                     handle.write_back()
                 if session is not None:
                     session.block_done(i, runner, sparsities=sparsities, layers=layers, block_counts=counts)
@@ -388,8 +391,11 @@ def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module, l
 
 
 def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module], pruner, sparsities, scope: str,
-                 true_sequential: bool, last: bool, chunking: tuple | None = None) -> None:
+                 true_sequential: bool, last: bool, chunking: tuple | None = None,
+                 infos: dict | None = None) -> None:
     """Collect statistics for, prune, and run one decoder block (see the module docstring).
+
+    ``infos`` receives each layer's :attr:`PruneResult.info` (e.g. SparseGPT's output error).
 
     ``chunking = (n_chunks, batches_per_chunk, DistContext)`` sums statistics per chunk of
     calibration batches in a fixed order (and reduces them across processes), see
@@ -416,6 +422,8 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
         W = weight_matrix(module)
         result = pruner.prune_weight(W, stats, sparsities[name], scope)
         _apply(W, result.pruned, result.weight)
+        if infos is not None and result.info:
+            infos[name] = result.info
 
     if true_sequential and runner.num_batches == 1 and not ctx.enabled:
         # One pass: each layer is pruned right before its first use, from inputs that already

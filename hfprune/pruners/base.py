@@ -34,6 +34,8 @@ class PruneResult:
     """Boolean ``[out, in]`` mask, True where the weight is removed."""
     weight: torch.Tensor | None = None
     """New ``[out, in]`` weight for methods that update kept weights; ``None`` keeps them."""
+    info: dict | None = None
+    """Per-layer numbers for the report (``report.layers[name]``), e.g. a reconstruction error."""
 
 
 class Pruner:

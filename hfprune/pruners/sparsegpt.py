@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from ..config import PruningConfig
 from ..registry import register_pruner
-from ..solvers.sparsegpt import HessianStats, sparsegpt_prune
+from ..solvers.sparsegpt import HessianStats, output_error, sparsegpt_prune
 from .base import Pruner, PruneResult
 
 
@@ -63,7 +63,9 @@ class SparseGPTPruner(Pruner):
 
     def prune_weight(self, W, stats, sparsity, scope):
         c = self.config
-        new_w, pruned = sparsegpt_prune(W, stats.hessian(), sparsity, c.pattern, block_size=c.block_size,
+        H = stats.hessian()
+        new_w, pruned = sparsegpt_prune(W, H, sparsity, c.pattern, block_size=c.block_size,
                                         dampening=c.dampening, bits=c.bits, group_size=c.group_size, sym=c.sym,
                                         act_order=c.act_order)
-        return PruneResult(pruned=pruned, weight=new_w)
+        # How well the kept (and quantized) weights reproduce the layer's calibration outputs.
+        return PruneResult(pruned=pruned, weight=new_w, info={"output_error": output_error(W, new_w, H)})

@@ -32,7 +32,7 @@ import torch
 
 from hfprune.masks import Pattern, lowest_k_indices, parse_pattern, prune_count
 
-__all__ = ["HessianStats", "sparsegpt_prune", "quantize_weight"]
+__all__ = ["HessianStats", "sparsegpt_prune", "quantize_weight", "output_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,17 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, dampening: float) -> torch.Tenso
         f"SparseGPT: the Hessian could not be factorised even with dampening {rel:.3g}; it is "
         f"probably not finite. Check the calibration inputs of this layer for inf/NaN."
     )
+
+
+def output_error(W: torch.Tensor, new_W: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative layer-output error ``||(W - W') X|| / ||W X||`` on the calibration inputs, from the
+    Hessian alone: ``||D X||^2 = n/2 * tr(D H D^T)`` (the ``n/2`` cancels in the ratio)."""
+    H = H.to(device=W.device, dtype=torch.float32)
+    W = W.float()
+    D = W - new_W.to(device=W.device, dtype=torch.float32)
+    num = float(((D @ H) * D).sum())
+    den = float(((W @ H) * W).sum())
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 
 def _cumulative_count(sparsity: float, rows: int, cols: int) -> int:
