@@ -255,3 +255,25 @@ def test_act_order_refuses_quantization_groups():
     w, _x, h = _layer()
     with pytest.raises(ValueError, match="act_order"):
         sparsegpt_prune(w, h, 0.5, bits=4, group_size=32, act_order=True)
+
+
+def test_output_error_matches_direct_computation():
+    from hfprune.solvers.sparsegpt import output_error
+
+    w, x, h = _layer()
+    new_w, _ = sparsegpt_prune(w, h, 0.5, "2:4", block_size=32)
+    assert output_error(w, new_w, h) == pytest.approx(_rel_err(w, new_w, x), rel=1e-4)
+    assert output_error(w, w, h) == 0.0
+
+
+def test_report_has_sparsegpt_output_errors():
+    import hfprune
+
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    report = hfprune.prune(model, None, hfprune.SparseGPTConfig(sparsity=0.5),
+                           calibration=torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0)),
+                           progress=False)
+    errors = [info["output_error"] for info in report.layers.values()]
+    assert len(errors) == len(report.layers) and all(0 < e < 1 for e in errors)
