@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     tok = hfprune.load_tokenizer(args.model)
     ids = get_calibration_ids(CalibrationConfig(dataset=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
                                                 seed=args.seed), tok)
-    summary = {"machine": machine(), "args": {k: v for k, v in vars(args).items()}}
+    summary = {"machine": machine(), "command": " ".join(sys.argv), "args": {k: v for k, v in vars(args).items()}}
     runners = {"sweep": run_sweep, "search": run_search, "zeroshot": run_zeroshot}
     for part in PARTS:  # zeroshot prunes the model in place, so it runs last
         if part in args.parts:
