@@ -67,10 +67,19 @@ def section_oneshot(lines):
                  + (f"; llm-compressor {theirs_meta['machine'].get('llmcompressor')} (transformers "
                     f"{theirs_meta['machine'].get('transformers')}) in its own venv" if theirs_meta else "") + ".\n")
     lines.append("Commands: " + " ; ".join(f"`{c}`" for c in our_cmds + their_cmds) + "\n")
-    lines.append("Times: the machine was shared with other benchmark processes while these ran, so every prune "
-                 "run also timed one plain forward pass over the same 64 x 512 calibration tokens (batch 8) in the "
-                 "same process right before pruning (`forward_ref`). `prune / forward` divides by it, and the "
-                 "normalised time ratio compares the two tools' `prune / forward`.\n")
+    # Idle-machine timings replace the times of the (loaded) perplexity runs of the same name.
+    idle = set()
+    for name, row in ((load("timing_quiet") or {}).get("runs") or {}).items():
+        if name in ours:
+            ours[name].update({k: row[k] for k in ("prune_seconds", "forward_ref_seconds", "prune_over_forward")
+                               if k in row})
+            idle.add(name)
+    idle |= {"sparsegpt-50", "sparsegpt-2of4"}  # oneshot_q6 ran alone
+    lines.append("Times: every timed run also timed one plain forward pass over the same 64 x 512 calibration tokens "
+                 "(batch 8) in the same process right before pruning (`forward_ref`); `prune / forward` divides by "
+                 "it and the normalised time ratio compares the two tools' `prune / forward`. Times of "
+                 f"{', '.join(sorted(idle))} and of llm-compressor were measured with nothing else running; the other "
+                 "rows ran beside other jobs, so only their perplexities count.\n")
     lines.append("llm-compressor perplexities marked * are the issue's own measurement of llm-compressor 0.14 on this "
                  "protocol (its side-by-side run here was timed with --skip-eval to fit the session).\n")
     lines.append("| run | eval windows | hfprune ppl | llm-compressor ppl | ppl ratio | hfprune prune s | forward_ref s | prune / forward "
