@@ -80,6 +80,10 @@ class DistContext:
 
 _warned: list = []
 
+_MPI_VARS = (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK"),
+             ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"))
+"""(size, rank) variables that mpirun implementations set."""
+
 
 def _comm_device() -> torch.device:
     if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
@@ -96,8 +100,7 @@ def get_context(init: bool = True) -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         # mpirun (``accelerate launch --cpu --mpirun_hostfile``) sets only its own variables.
-        for size_var, rank_var in (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK"),
-                                   ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK")):
+        for size_var, rank_var in _MPI_VARS:
             if int(os.environ.get(size_var, "1")) > 1:
                 world = int(os.environ[size_var])
                 if init:
@@ -126,9 +129,6 @@ def get_context(init: bool = True) -> DistContext:
     return ctx
 
 
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
 _LAUNCH_FLAGS = {"--cpu", "--multi_gpu", "--tpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "-m",
                  "--module", "--no_python", "--debug", "-q", "--quiet", "--same_network", "--rdzv_conf",
                  "--enable_cpu_affinity", "--use_cpu", "--tpu_use_cluster", "--monitor_interval"}
@@ -144,7 +144,7 @@ def _num_processes_from_launch_args(cmd: list[str], script: str | None = None) -
         return None
     tokens = cmd[i + 1:]
     expects_value = False
-    for tok in tokens:
+    for j, tok in enumerate(tokens):
         if script and os.path.basename(tok) == os.path.basename(script):
             break
         if expects_value:
@@ -156,7 +156,6 @@ def _num_processes_from_launch_args(cmd: list[str], script: str | None = None) -
         if name in ("--num_processes", "--num-processes"):
             if eq:
                 return int(value)
-            j = tokens.index(tok)
             return int(tokens[j + 1]) if j + 1 < len(tokens) else None
         expects_value = not eq and name not in _LAUNCH_FLAGS
     return None
@@ -170,7 +169,7 @@ def requested_cpu_processes() -> int:
     set but no ``WORLD_SIZE``. This reads ``N`` from the launcher's command line (the parent process);
     1 when not in that situation.
     """
-    if os.environ.get("WORLD_SIZE") or any(int(os.environ.get(v, "1")) > 1 for v in _MPI_SIZE_VARS):
+    if os.environ.get("WORLD_SIZE") or any(int(os.environ.get(v, "1")) > 1 for v, _ in _MPI_VARS):
         return 1
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true") or not os.environ.get("MASTER_ADDR"):
         return 1

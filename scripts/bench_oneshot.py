@@ -84,7 +84,6 @@ def child(name: str, args) -> dict:
         row.update(prune_seconds=report.prune_seconds, peak_rss_mb=report.peak_rss_mb, sparsity=report.sparsity,
                    config=report.config, block_sparsity=[round(b["sparsity"], 4) for b in report.blocks])
         exact = True
-        modules = dict(model.named_modules())
         for lname, info in report.layers.items():
             W = weight_matrix(modules[lname])
             if config.pattern == "unstructured":

@@ -38,6 +38,16 @@ ISSUE_REFERENCE = {"magnitude-50": 560.3, "magnitude-2of4": 2014.0, "wanda-50": 
                    "sparsegpt-50": 46.46, "sparsegpt-2of4": 95.17}
 
 
+def _section(lines, name: str, title: str, script: str):
+    """Append the section heading; return the JSON ``name`` or, when it is missing, say which script makes it
+    and return ``None``."""
+    data = load(name)
+    lines.append(f"## {title}\n")
+    if not data:
+        lines.append(f"_not run yet: `{script}`_\n")
+    return data
+
+
 def _merged(*names):
     runs, commands, meta = {}, [], None
     for name in names:
@@ -107,10 +117,8 @@ def section_oneshot(lines):
 
 
 def section_structured(lines):
-    data = load("structured")
-    lines.append("## Structured pruning (heads and MLP neurons)\n")
+    data = _section(lines, "structured", "Structured pruning (heads and MLP neurons)", "scripts/bench_structured.py")
     if not data:
-        lines.append("_not run yet: `scripts/bench_structured.py`_\n")
         return
     lines.append(f"Command: `{data['command']}`. Settings: {data['settings']}. WikiText-2 seqlen 2048, first "
                  f"{data['protocol']['max_windows']} windows. Latencies are medians of repeated runs in the same "
@@ -142,10 +150,8 @@ def section_timing(lines):
 
 
 def section_generic(lines, name, title, script):
-    data = load(name)
-    lines.append(f"## {title}\n")
+    data = _section(lines, name, title, script)
     if not data:
-        lines.append(f"_not run yet: `{script}`_\n")
         return
     if "command" in data:
         lines.append(f"Command: `{data['command']}`\n")
@@ -157,10 +163,8 @@ def section_generic(lines, name, title, script):
 
 
 def section_recovery(lines):
-    data = load("recovery")
-    lines.append("## Recovery fine-tuning (Wanda 2:4, SmolLM2-135M)\n")
+    data = _section(lines, "recovery", "Recovery fine-tuning (Wanda 2:4, SmolLM2-135M)", "scripts/bench_recovery.py")
     if not data:
-        lines.append("_not run yet: `scripts/bench_recovery.py`_\n")
         return
     p = data["protocol"]
     lines.append(f"Command: `.venv/bin/python scripts/bench_recovery.py --minutes {p['minutes_per_run']:g}`. "
@@ -198,10 +202,8 @@ def section_sweep(lines):
 
 
 def section_memory(lines):
-    data = load("memory")
-    lines.append("## Memory: streaming big checkpoints (`--low-memory`)\n")
+    data = _section(lines, "memory", "Memory: streaming big checkpoints (`--low-memory`)", "scripts/bench_memory.py")
     if not data:
-        lines.append("_not run yet: `scripts/bench_memory.py`_\n")
         return
     lines.append(f"Command: `.venv/bin/python scripts/bench_memory.py --multiprocess`. Random-weight Llama-shaped "
                  f"bf16 checkpoints sharded at 500 MB, Wanda 50 %, calibration c4 {data['nsamples']} x "

@@ -58,6 +58,20 @@ def tiny_config(model_type: str, **extra):
     return cfg
 
 
+def load_sharded(folder: Path) -> tuple[dict, dict]:
+    """(index, {name: tensor}) of a sharded safetensors checkpoint, read through its index."""
+    import json
+
+    from safetensors import safe_open
+
+    index = json.loads((Path(folder) / "model.safetensors.index.json").read_text())
+    out = {}
+    for key, fname in index["weight_map"].items():
+        with safe_open(str(Path(folder) / fname), framework="pt") as fh:
+            out[key] = fh.get_tensor(key)
+    return index, out
+
+
 def tiny_model(model_type: str, seed: int = 0, **extra):
     import transformers as T
 

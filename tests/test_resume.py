@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from hfprune.cli import main
 from hfprune.streaming import work_dir_for
 
-from conftest import REPO, tiny_model
+from conftest import REPO, load_sharded, tiny_model
 
 TEXT = "Pruning removes weights from a neural network to make it smaller. " * 40
 
@@ -31,12 +30,7 @@ def setup(tmp_path_factory, tiny_tokenizer):
 
 
 def _tensors(folder):
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    out = {}
-    for key, fname in index["weight_map"].items():
-        with safe_open(str(folder / fname), framework="pt") as fh:
-            out[key] = fh.get_tensor(key)
-    return out
+    return load_sharded(folder)[1]
 
 
 def _same(a, b):

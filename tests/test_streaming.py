@@ -12,7 +12,7 @@ from hfprune.cli import main
 from hfprune.engine import resolve_calibration
 from hfprune.streaming import prune_checkpoint, work_dir_for
 
-from conftest import tiny_model
+from conftest import load_sharded, tiny_model
 
 TEXT = "Pruning removes weights from a neural network to make it smaller. " * 40
 
@@ -24,13 +24,6 @@ def sharded(tmp_path_factory):
     return path
 
 
-def _load_all(folder):
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    out = {}
-    for key, fname in index["weight_map"].items():
-        with safe_open(str(folder / fname), framework="pt") as fh:
-            out[key] = fh.get_tensor(key)
-    return index, out
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -47,7 +40,7 @@ def test_low_memory_matches_in_memory(sharded, tmp_path, method, monkeypatch):
     report = prune_checkpoint(sharded, out, cfg, resolve_calibration(ids, batch_size=2), low_memory=True)
     assert report.layers == ref_report.layers and report.peak_rss_mb > 0
     assert report.model_sparsity == pytest.approx(ref_report.model_sparsity)
-    index, tensors = _load_all(out)
+    index, tensors = load_sharded(out)
     in_index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(in_index["weight_map"])  # same names; lm_head stays tied (absent)
     assert "lm_head.weight" not in tensors
@@ -73,11 +66,11 @@ def test_cli_low_memory(sharded, tmp_path, tiny_tokenizer):
               "--method", "wanda", "--pattern", "2:4", "--batch-size", "2"]
     assert main(common + ["--output", str(tmp_path / "a")]) == 0
     assert main(common + ["--low-memory", "--output", str(tmp_path / "b")]) == 0
-    _, a = _load_all(tmp_path / "a") if (tmp_path / "a" / "model.safetensors.index.json").exists() else (None, None)
+    _, a = load_sharded(tmp_path / "a") if (tmp_path / "a" / "model.safetensors.index.json").exists() else (None, None)
     if a is None:
         with safe_open(str(tmp_path / "a" / "model.safetensors"), framework="pt") as fh:
             a = {k: fh.get_tensor(k) for k in fh.keys()}
-    _, b = _load_all(tmp_path / "b")
+    _, b = load_sharded(tmp_path / "b")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     report = json.loads((tmp_path / "b" / "pruning_report.json").read_text())
     assert report["peak_rss_mb"] > 0 and report["sparsity"] == pytest.approx(0.5)
