@@ -22,9 +22,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--scope", choices=["row", "layer", "global"], help="Comparison group for unstructured masks.")
     p.add_argument("--targets", nargs="+", help="Regexes of linear layers to prune (default: all in the decoder blocks).")
     p.add_argument("--ignore", nargs="+", help="Regexes of linear layers to keep dense.")
-    p.add_argument("--no-true-sequential", action="store_false", dest="true_sequential", default=None,
-                   help="Use the dense block's inputs for every layer (the Wanda/SparseGPT reference) instead of "
-                        "pruning the layers of a block in call order.")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, dest="true_sequential", default=None,
+                   help="Prune the layers of a block in call order, each from inputs through the already pruned "
+                        "layers (default for sparsegpt); --no-true-sequential scores every layer from the dense "
+                        "block's inputs (default for wanda, as in its paper).")
     p.add_argument("--layer-sparsity", dest="layer_sparsity", type=lambda v: [float(x) for x in v.split(",")],
                    help="Comma list with one sparsity per decoder block (non-uniform).")
     p.add_argument("--owl", action="store_true", default=None, help="OWL outlier-weighted per-block sparsity.")

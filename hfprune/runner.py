@@ -44,7 +44,8 @@ _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
 
 class _StopForward(Exception):
-    """Raised inside the last block's pass-through: nothing after the blocks is needed."""
+    """Ends a block call early once everything needed from it was seen (statistics collected, or
+    the last block's pass-through: nothing after the blocks is needed)."""
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -331,20 +332,25 @@ class LayerRunner:
 
     @contextlib.contextmanager
     def shared_input_hooks(self, index: int, modules: dict[str, nn.Module], make_stats: Callable[[nn.Module], Any],
-                           on_input: Callable[[str, nn.Module, Any], None] | None = None) -> Iterator[dict[str, Any]]:
+                           on_input: Callable[[str, nn.Module, Any], None] | None = None,
+                           stop_when_seen: bool = False) -> Iterator[dict[str, Any]]:
         """Accumulate input statistics for ``modules``, once per distinct input tensor.
 
         Layers that read the same tensor (q/k/v, gate/up) share one accumulator, so statistics
         such as Hessians are computed once. Yields ``{name: stats}``, filled as layers are called.
         ``on_input(name, module, stats)`` is called after a layer's statistics were updated,
         before the layer runs (used to prune a layer just before its first use).
+        With ``stop_when_seen`` a statistics-only :meth:`run` ends each block call as soon as every
+        module has read its input, before the last one computes (nothing after it is needed).
         """
         module_stats: dict[str, Any] = {}
         seen: dict[tuple, Any] = {}
+        called: set[str] = set()
         names = {id(m): n for n, m in modules.items()}
 
         def reset(_block, _args, _kwargs=None):
             seen.clear()
+            called.clear()
 
         def hook(mod, inputs):
             x = inputs[0]
@@ -361,6 +367,9 @@ class LayerRunner:
             module_stats.setdefault(name, acc)
             if on_input is not None:
                 on_input(name, mod, module_stats[name])
+            called.add(name)
+            if stop_when_seen and len(called) == len(names):
+                raise _StopForward
 
         handles = [self.blocks[index].register_forward_pre_hook(reset)]
         handles += [m.register_forward_pre_hook(hook) for m in modules.values()]
@@ -403,42 +412,31 @@ class LayerRunner:
         return list(groups.values())
 
     @torch.no_grad()
-    def run(self, index: int, *, update: bool, stop_after: nn.Module | None = None,
-            batches: list[int] | None = None) -> None:
+    def run(self, index: int, *, update: bool, batches: list[int] | None = None) -> None:
         """Run block ``index`` over the calibration batches (all, or ``batches``).
 
         With ``update=True`` the stored activations are replaced by the block's outputs, which
-        become the inputs of block ``index + 1``. With ``stop_after`` the block stops right after
-        that module ran (enough to collect statistics of the layers before it).
+        become the inputs of block ``index + 1``. A statistics hook may end a ``update=False``
+        call early (``shared_input_hooks(stop_when_seen=True)``).
         """
         if not self.hidden:
             raise RuntimeError("Call capture() before run().")
-        if update and stop_after is not None:
-            raise ValueError("run(update=True) needs the whole block; drop stop_after.")
         block = self.blocks[index]
         device = module_device(block)
-        handle = None
-        if stop_after is not None:
-            def stop(_mod, _inp, _out):
-                raise _StopForward
-
-            handle = stop_after.register_forward_hook(stop)
-        try:
-            for b in (range(len(self.hidden)) if batches is None else batches):
-                self.current_batch = self.batch_ids[b] if self.batch_ids is not None else b
-                hidden = self.hidden[b]
-                rest, kwargs = self.calls[index][b]
-                try:
-                    out = block(_to(hidden, device), *_to(rest, device), **_to(kwargs, device))
-                except _StopForward:
-                    continue
-                if isinstance(out, tuple):
-                    out = out[0]
+        for b in (range(len(self.hidden)) if batches is None else batches):
+            self.current_batch = self.batch_ids[b] if self.batch_ids is not None else b
+            hidden = self.hidden[b]
+            rest, kwargs = self.calls[index][b]
+            try:
+                out = block(_to(hidden, device), *_to(rest, device), **_to(kwargs, device))
+            except _StopForward:
                 if update:
-                    self.hidden[b] = out.to(hidden.device)
-        finally:
-            if handle is not None:
-                handle.remove()
+                    raise RuntimeError("run(update=True) needs the whole block; a hook stopped it early.") from None
+                continue
+            if isinstance(out, tuple):
+                out = out[0]
+            if update:
+                self.hidden[b] = out.to(hidden.device)
 
     def release(self) -> None:
         """Drop the stored activations and captured arguments."""

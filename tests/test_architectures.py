@@ -18,7 +18,7 @@ CASES = [
     ("wanda", {"pattern": "2:4"}),
     ("wanda", {"pattern": "4:8"}),
     ("wanda", {"sparsity": 0.6, "scope": "layer"}),
-    ("wanda", {"sparsity": 0.5, "true_sequential": False}),
+    ("wanda", {"sparsity": 0.5, "true_sequential": True}),
     ("sparsegpt", {"sparsity": 0.5}),
     ("sparsegpt", {"pattern": "2:4", "block_size": 16}),
 ]

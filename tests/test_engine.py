@@ -24,7 +24,7 @@ def test_one_pass_and_batched_true_sequential_agree(method):
     pass per layer group) compute the same statistics, so the masks agree."""
     ids = _ids()
     a, b = tiny_model("llama"), tiny_model("llama")
-    cfg = hfprune.PruningConfig.from_dict({"method": method, "sparsity": 0.5})
+    cfg = hfprune.PruningConfig.from_dict({"method": method, "sparsity": 0.5, "true_sequential": True})
     hfprune.prune(a, config=cfg, calibration=ids, batch_size=0, progress=False)
     hfprune.prune(b, config=cfg, calibration=ids, batch_size=1, progress=False)
     ma, mb = _masks(a), _masks(b)
@@ -45,6 +45,57 @@ def test_true_sequential_changes_later_layers_only():
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
         assert torch.equal(ma[name], mb[name])
     assert not torch.equal(ma["model.layers.0.mlp.down_proj"], mb["model.layers.0.mlp.down_proj"])
+
+
+def test_statistics_pass_stops_before_the_last_layer_runs():
+    """The statistics pass ends each block call once every layer has read its input: the last
+    layer (down_proj) never computes, and its statistics are still complete."""
+    from hfprune.engine import _prune_block
+    from hfprune.runner import LayerRunner
+    from hfprune.architectures import get_blocks, get_spec, find_linears
+    from hfprune.pruners.wanda import WandaPruner
+
+    model = tiny_model("llama")
+    spec = get_spec(model)
+    runner = LayerRunner(model, spec, batch_size=2)
+    ids = _ids(4, 16)
+    runner.capture(ids)
+    block = get_blocks(model, spec)[0]
+    targets = {f"model.layers.0.{n}": m for n, m in find_linears(block).items()}
+    calls = []
+    block.mlp.down_proj.register_forward_hook(lambda *_: calls.append(1))
+    pruner = WandaPruner(hfprune.WandaConfig())
+    _prune_block(runner, 0, targets, pruner, {n: 0.5 for n in targets}, "row", False, last=False)
+    # two batches: the output pass runs down_proj twice, the statistics pass never
+    assert len(calls) == 2
+    # same masks as statistics from a full (unstopped) forward of the dense block
+    ref = tiny_model("llama")
+    ref_block = get_blocks(ref, spec)[0]
+    norms = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: norms.setdefault(n, []).append(inp[0]))
+             for n, m in find_linears(ref_block).items()]
+    with torch.no_grad():
+        ref(ids)
+    for h in hooks:
+        h.remove()
+    W = ref_block.mlp.down_proj.weight.detach()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in norms["mlp.down_proj"]])
+    score = W.abs() * x.norm(dim=0)
+    keep = torch.zeros_like(W, dtype=torch.bool).scatter_(1, score.topk(W.shape[1] // 2, dim=1).indices, True)
+    assert torch.equal(block.mlp.down_proj.weight != 0, keep)
+
+
+def test_cpu_batch_size_is_small_unless_one_pass():
+    from hfprune.config import CalibrationConfig
+    from hfprune.engine import CPU_BATCH_TOKENS, _batch_size
+
+    model = tiny_model("llama")
+    ids = _ids(64, 512)
+    calib = CalibrationConfig(nsamples=64, seqlen=512)
+    assert _batch_size(calib, ids, model, one_pass=True) == 64
+    assert _batch_size(calib, ids, model, one_pass=False) == CPU_BATCH_TOKENS // 512
+    assert _batch_size(CalibrationConfig(nsamples=64, seqlen=512, batch_size=5), ids, model, one_pass=False) == 5
+    assert _batch_size(calib, _ids(2, 4096), model, one_pass=False) == 1
 
 
 def test_sparsegpt_zero_sparsity_is_identity():

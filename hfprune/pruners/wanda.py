@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .. import scores
@@ -23,6 +23,14 @@ class WandaConfig(PruningConfig):
     """
 
     method: ClassVar[str] = "wanda"
+
+    true_sequential: bool = field(
+        default=False,
+        metadata={"help": "Default False, as in the Wanda paper's code: every layer of a block is scored from the dense "
+                          "block's inputs (one statistics pass, then one pass for the pruned outputs). True prunes the "
+                          "layers in call order, each from inputs through the already pruned layers (one pass per block "
+                          "when the calibration windows fit one batch)."},
+    )
 
 
 @register_pruner("wanda", config_cls=WandaConfig)
