@@ -27,8 +27,9 @@ RUNS = {
     "magnitude-2of4": {"method": "magnitude", "pattern": "2:4"},
     "wanda-50": {"method": "wanda", "sparsity": 0.5},
     "wanda-2of4": {"method": "wanda", "pattern": "2:4"},
-    "wanda-50-ref": {"method": "wanda", "sparsity": 0.5, "true_sequential": False},
-    "wanda-2of4-ref": {"method": "wanda", "pattern": "2:4", "true_sequential": False},
+    # Wanda's default order is its paper's (true_sequential=False); "-ts" runs the other order.
+    "wanda-50-ts": {"method": "wanda", "sparsity": 0.5, "true_sequential": True},
+    "wanda-2of4-ts": {"method": "wanda", "pattern": "2:4", "true_sequential": True},
     "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4"},
     "sparsegpt-2of4-ao": {"method": "sparsegpt", "pattern": "2:4", "act_order": True},

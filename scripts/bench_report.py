@@ -61,10 +61,14 @@ def _merged(*names):
 
 def section_oneshot(lines):
     # Later files override earlier runs of the same name (reruns after code changes).
-    ours, our_cmds, ours_meta = _merged("oneshot", "oneshot_ref", "oneshot_extra", "oneshot_q5", "oneshot_q6",
-                                          "oneshot_q7")
-    theirs, their_cmds, theirs_meta = _merged("llmcompressor", "llmcompressor_sgpt", "timing_quiet_llmc",
-                                              "timing_llmc_sgpt")
+    # oneshot_q8/q9: Wanda after its default became the paper's order (stop 12); they replace the
+    # older wanda-50/wanda-2of4 rows, and the older "-ref" rows measured that order before the change.
+    # oneshot_q10/q11: dense, magnitude and Wanda 70 % (uniform, OWL) re-measured at the same stop.
+    ours, our_cmds, ours_meta = _merged("oneshot", "oneshot_q5", "oneshot_q6", "oneshot_q7", "oneshot_q8",
+                                          "oneshot_q9", "oneshot_q10", "oneshot_q11")
+    if ours:
+        ours = {k: v for k, v in ours.items() if not k.endswith("-ref")}
+    theirs, their_cmds, theirs_meta = _merged("llmcompressor", "timing_llmc_sgpt")
     lines.append("## One-shot pruning: hfprune vs llm-compressor 0.14 (SmolLM2-135M)\n")
     if not ours:
         lines.append("_not run yet: `scripts/bench_oneshot.py` and `scripts/bench_llmcompressor.py`_\n")
@@ -77,42 +81,42 @@ def section_oneshot(lines):
                  + (f"; llm-compressor {theirs_meta['machine'].get('llmcompressor')} (transformers "
                     f"{theirs_meta['machine'].get('transformers')}) in its own venv" if theirs_meta else "") + ".\n")
     lines.append("Commands: " + " ; ".join(f"`{c}`" for c in our_cmds + their_cmds) + "\n")
-    # Idle-machine timings replace the times of the (loaded) perplexity runs of the same name.
-    idle = set()
-    for name, row in ((load("timing_quiet") or {}).get("runs") or {}).items():
-        if name in ours:
-            ours[name].update({k: row[k] for k in ("prune_seconds", "forward_ref_seconds", "prune_over_forward")
-                               if k in row})
-            idle.add(name)
-    idle |= {"sparsegpt-50", "sparsegpt-2of4"}  # oneshot_q6 ran alone
+    idle = {name for q in ("oneshot_q6", "oneshot_q8", "oneshot_q9", "oneshot_q10", "oneshot_q11")
+            for name in ((load(q) or {}).get("runs") or {})}
     lines.append("Times: every timed run also timed one plain forward pass over the same 64 x 512 calibration tokens "
                  "(batch 8) in the same process right before pruning (`forward_ref`); `prune / forward` divides by "
-                 "it and the normalised time ratio compares the two tools' `prune / forward`. Times of "
+                 "it; the time ratio is hfprune's prune seconds over llm-compressor's, and the normalised time ratio "
+                 "compares the two tools' `prune / forward`. Times of "
                  f"{', '.join(sorted(idle))} and of llm-compressor were measured with nothing else running; the other "
                  "rows ran beside other jobs, so only their perplexities count.\n")
     lines.append("llm-compressor perplexities marked * are the issue's own measurement of llm-compressor 0.14 on this "
-                 "protocol (its side-by-side run here was timed with --skip-eval to fit the session).\n")
+                 "protocol (runs without a side-by-side perplexity here).\n")
     lines.append("| run | eval windows | hfprune ppl | llm-compressor ppl | ppl ratio | hfprune prune s | forward_ref s | prune / forward "
-                 "| llm-compressor s | its forward_ref s | its prune / forward | normalised time ratio | every layer exact |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| llm-compressor s | its forward_ref s | its prune / forward | time ratio | normalised time ratio "
+                 "| every layer exact |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in ours.items():
         if name == "forward":
             continue
-        other = dict((theirs or {}).get(name, {}))
+        base = name.removesuffix("-ts")  # the other order inside a block: compared with the same llm-compressor run
+        other = dict((theirs or {}).get(base, {}))
         star = ""
-        if "perplexity" not in other and name.replace("-ref", "") in ISSUE_REFERENCE:
-            other["perplexity"] = ISSUE_REFERENCE[name.replace("-ref", "")]
+        if "perplexity" not in other and base in ISSUE_REFERENCE:
+            other["perplexity"] = ISSUE_REFERENCE[base]
             star = "*"
         ratio = row.get("perplexity") / other["perplexity"] if other.get("perplexity") and row.get("perplexity") else None
         norm = (row.get("prune_over_forward") / other["prune_over_forward"]
                 if row.get("prune_over_forward") and other.get("prune_over_forward") and row.get("forward_ref_seconds")
                 else None)
+        raw = (row["prune_seconds"] / other["prune_seconds"]
+               if row.get("prune_seconds") and other.get("prune_seconds") and name in idle else None)
         lines.append(f"| {name} | {row.get('eval_windows', '-')} | {fmt(row.get('perplexity'))} | "
                      f"{fmt(other.get('perplexity'))}{star} | {fmt(ratio, '.3f')} | "
                      f"{fmt(row.get('prune_seconds'), '.1f')} | {fmt(row.get('forward_ref_seconds'), '.1f')} | "
                      f"{fmt(row.get('prune_over_forward') if row.get('forward_ref_seconds') else None)} | "
                      f"{fmt(other.get('prune_seconds'), '.1f')} | {fmt(other.get('forward_ref_seconds'), '.1f')} | "
-                     f"{fmt(other.get('prune_over_forward'))} | {fmt(norm, '.2f')} | {fmt(row.get('every_layer_exact'))} |")
+                     f"{fmt(other.get('prune_over_forward'))} | {fmt(raw, '.2f')} | {fmt(norm, '.2f')} | "
+                     f"{fmt(row.get('every_layer_exact'))} |")
     lines.append("")
 
 
@@ -132,20 +136,6 @@ def section_structured(lines):
                      f"{r.get('reload_with', '-')} | {fmt(r.get('forward_512_s'))} | {fmt(r.get('forward_speedup'))} | "
                      f"{fmt(r.get('forward_speedup_over_ideal'))} | {fmt(r.get('generate_64_s'))} | "
                      f"{fmt(r.get('generate_speedup'))} | {fmt(r.get('dense_forward_512_s_recheck'))} |")
-    lines.append("")
-
-
-def section_timing(lines):
-    ours, theirs = load("timing_quiet"), load("timing_quiet_llmc")
-    if not ours:
-        return
-    lines.append("### Prune time on an otherwise idle machine\n")
-    lines.append(f"Commands: `{ours['command']}`" + (f" ; `{theirs['command']}`" if theirs else "") + "\n")
-    lines.append("| run | tool | prune s | plain forward s (same process) | prune / forward |\n|---|---|---|---|---|")
-    for tool, data in (("hfprune", ours), ("llm-compressor", theirs)):
-        for name, r in (data or {}).get("runs", {}).items():
-            lines.append(f"| {name} | {tool} | {fmt(r.get('prune_seconds'), '.1f')} | "
-                         f"{fmt(r.get('forward_ref_seconds'), '.1f')} | {fmt(r.get('prune_over_forward'))} |")
     lines.append("")
 
 
@@ -233,7 +223,6 @@ def main() -> None:
     lines = ["# Benchmarks\n", "Generated by `scripts/bench_report.py` from the JSON of the benchmark scripts "
              "(copies in `docs/results/`). All numbers were measured on the project's 2-core CPU machine.\n"]
     section_oneshot(lines)
-    section_timing(lines)
     section_structured(lines)
     section_generic(lines, "size", "Checkpoint size (first run: 2:4 stored with 2-bit indices)", "scripts/bench_size.py")
     new_md = BENCH / "size_new" / "size.md"
