@@ -63,7 +63,8 @@ def section_oneshot(lines):
     # Later files override earlier runs of the same name (reruns after code changes).
     # oneshot_q8/q9: Wanda after its default became the paper's order (stop 12); they replace the
     # older wanda-50/wanda-2of4 rows, and the older "-ref" rows measured that order before the change.
-    # oneshot_q10/q11: dense, magnitude and Wanda 70 % (uniform, OWL) re-measured at the same stop.
+    # oneshot_q10/q11: dense, magnitude and Wanda 70 % (uniform, OWL) re-measured at the same stop (q11 ran
+    # beside a test run: its times are not idle).
     ours, our_cmds, ours_meta = _merged("oneshot", "oneshot_q5", "oneshot_q6", "oneshot_q7", "oneshot_q8",
                                           "oneshot_q9", "oneshot_q10", "oneshot_q11")
     if ours:
@@ -81,7 +82,7 @@ def section_oneshot(lines):
                  + (f"; llm-compressor {theirs_meta['machine'].get('llmcompressor')} (transformers "
                     f"{theirs_meta['machine'].get('transformers')}) in its own venv" if theirs_meta else "") + ".\n")
     lines.append("Commands: " + " ; ".join(f"`{c}`" for c in our_cmds + their_cmds) + "\n")
-    idle = {name for q in ("oneshot_q6", "oneshot_q8", "oneshot_q9", "oneshot_q10", "oneshot_q11")
+    idle = {name for q in ("oneshot_q6", "oneshot_q8", "oneshot_q9", "oneshot_q10")
             for name in ((load(q) or {}).get("runs") or {})}
     lines.append("Times: every timed run also timed one plain forward pass over the same 64 x 512 calibration tokens "
                  "(batch 8) in the same process right before pruning (`forward_ref`); `prune / forward` divides by "
