@@ -55,7 +55,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--nsamples", type=int, help="Calibration windows (default 128).")
     p.add_argument("--seqlen", type=int, help="Tokens per calibration window (default 2048).")
     p.add_argument("--seed", type=int, help="Calibration sampling seed (default 0).")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="Calibration windows per block call (default 1).")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="Calibration windows per block call (default: chosen from memory and pass count; see CalibrationConfig.batch_size).")
     p.add_argument("--split", help="Calibration data set split (default train).")
     p.add_argument("--text-column", dest="text_column", help="Calibration text column (default text).")
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
