@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -44,3 +45,29 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def add_protocol_args(parser: argparse.ArgumentParser, runs: str, output: str, runs_help: str | None = None) -> None:
+    """The flags both one-shot comparisons share: runs, calibration size, eval windows, timing, output."""
+    parser.add_argument("--runs", default=runs, help=runs_help)
+    parser.add_argument("--nsamples", type=int, default=PROTOCOL["nsamples"])
+    parser.add_argument("--seqlen", type=int, default=PROTOCOL["seqlen"])
+    parser.add_argument("--max-windows", type=int, default=PROTOCOL["max_windows"])
+    parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--forward-ref", action="store_true",
+                        help="time a plain forward (batch 8) in each prune run, right before pruning")
+    parser.add_argument("--output", default=output)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+
+
+def protocol_result(args, machine_info: dict) -> tuple[dict, list[str]]:
+    """The JSON skeleton for a comparison run, and the flags each child process gets."""
+    result = {"protocol": {**PROTOCOL, "nsamples": args.nsamples, "seqlen": args.seqlen, "max_windows": args.max_windows},
+              "machine": machine_info, "command": " ".join(sys.argv), "runs": {}}
+    passthrough = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--max-windows", str(args.max_windows)]
+    if args.skip_eval:
+        passthrough.append("--skip-eval")
+    if args.forward_ref:
+        passthrough.append("--forward-ref")
+    return result, passthrough

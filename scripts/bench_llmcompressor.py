@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import PROTOCOL, machine, run_child, write_json  # noqa: E402
+from _bench_common import PROTOCOL, add_protocol_args, machine, protocol_result, run_child, write_json  # noqa: E402
 
 RUNS = {
-    "magnitude-50": ("MagnitudePruningModifier", {"sparsity": 0.5, "mask_structure": "0:0"}),
+    # No magnitude run: llm-compressor 0.14's MagnitudePruningModifier follows a training schedule, and
+    # under `oneshot` (init_sparsity = final_sparsity = 0.5) it left the weights dense here (0.03 % zeros).
     "wanda-50": ("WandaPruningModifier", {"sparsity": 0.5, "mask_structure": "0:0"}),
     "wanda-2of4": ("WandaPruningModifier", {"sparsity": 0.5, "mask_structure": "2:4"}),
     "sparsegpt-50": ("SparseGPTModifier", {"sparsity": 0.5, "mask_structure": "0:0"}),
@@ -85,15 +86,8 @@ def child(name: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="wanda-50,wanda-2of4,sparsegpt-50,sparsegpt-2of4")
-    parser.add_argument("--nsamples", type=int, default=PROTOCOL["nsamples"])
-    parser.add_argument("--seqlen", type=int, default=PROTOCOL["seqlen"])
-    parser.add_argument("--max-windows", type=int, default=PROTOCOL["max_windows"])
-    parser.add_argument("--skip-eval", action="store_true")
-    parser.add_argument("--forward-ref", action="store_true", help="time a plain forward in each run before pruning")
-    parser.add_argument("--output", default="bench_out/llmcompressor.json")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-json", help=argparse.SUPPRESS)
+    add_protocol_args(parser, "wanda-50,wanda-2of4,sparsegpt-50,sparsegpt-2of4", "bench_out/llmcompressor.json",
+                      runs_help=f"comma list of {', '.join(RUNS)}")
     args = parser.parse_args()
     if args.child:
         write_json(Path(args.child_json), child(args.child, args))
@@ -101,14 +95,7 @@ def main() -> None:
     import llmcompressor
 
     out = Path(args.output)
-    result = {"protocol": {**PROTOCOL, "nsamples": args.nsamples, "seqlen": args.seqlen, "max_windows": args.max_windows},
-              "machine": {**machine(), "llmcompressor": llmcompressor.__version__}, "command": " ".join(sys.argv),
-              "runs": {}}
-    passthrough = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--max-windows", str(args.max_windows)]
-    if args.skip_eval:
-        passthrough.append("--skip-eval")
-    if args.forward_ref:
-        passthrough.append("--forward-ref")
+    result, passthrough = protocol_result(args, {**machine(), "llmcompressor": llmcompressor.__version__})
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs.split(","):
             row = run_child(__file__, ["--child", name, *passthrough], Path(tmp) / f"{name}.json")

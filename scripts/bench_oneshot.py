@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import PROTOCOL, machine, run_child, write_json  # noqa: E402
+from _bench_common import PROTOCOL, add_protocol_args, machine, protocol_result, run_child, write_json  # noqa: E402
 
 RUNS = {
     "dense": None,
@@ -117,36 +117,22 @@ def child(name: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma list of forward and {', '.join(RUNS)}")
-    parser.add_argument("--nsamples", type=int, default=PROTOCOL["nsamples"])
-    parser.add_argument("--seqlen", type=int, default=PROTOCOL["seqlen"])
-    parser.add_argument("--max-windows", type=int, default=PROTOCOL["max_windows"])
-    parser.add_argument("--skip-eval", action="store_true")
-    parser.add_argument("--forward-ref", action="store_true",
-                        help="time a plain forward (batch 8) in each prune run, right before pruning")
+    add_protocol_args(parser, DEFAULT_RUNS, "bench_out/oneshot.json",
+                      runs_help=f"comma list of forward and {', '.join(RUNS)}")
     parser.add_argument("--append", action="store_true", help="add to an existing --output instead of replacing it")
-    parser.add_argument("--output", default="bench_out/oneshot.json")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         write_json(Path(args.child_json), child(args.child, args))
         return
 
     out = Path(args.output)
-    result = {"protocol": {**PROTOCOL, "nsamples": args.nsamples, "seqlen": args.seqlen, "max_windows": args.max_windows},
-              "machine": machine(), "command": " ".join(sys.argv), "runs": {}}
+    result, passthrough = protocol_result(args, machine())
     if args.append and out.exists():
         import json
 
         previous = json.loads(out.read_text())
         result["runs"].update(previous.get("runs", {}))
         result["command"] = previous.get("command", "") + " ; " + result["command"]
-    passthrough = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--max-windows", str(args.max_windows)]
-    if args.skip_eval:
-        passthrough.append("--skip-eval")
-    if args.forward_ref:
-        passthrough.append("--forward-ref")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs.split(","):
             if name != "forward" and name not in RUNS:
