@@ -360,9 +360,10 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
 
 
 # Tokens per block call on CPU when a block takes several passes anyway: small batches keep the
-# element-wise work (norms, rotary embeddings, activations) in cache; on SmolLM2-135M a forward in
-# batches of 2048 tokens takes about 0.75x the time of one 32768-token batch
-# (scripts/bench_oneshot.py times both).
+# element-wise work (norms, rotary embeddings, activations) in cache. On SmolLM2-135M (2-core CPU)
+# the model body over 64 x 512 tokens took 54-63 s in batches of 2-8 windows (1024-4096 tokens)
+# and 75.7 s as one 32768-token batch; `scripts/bench_oneshot.py --runs forward` times the whole
+# model at batch 8 and at batch 64.
 CPU_BATCH_TOKENS = 2048
 
 
