@@ -442,7 +442,7 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
 
     args = args if args is not None else RecoveryArguments()
     if args.output is not None:
-        check_output_dir(args.output, args.overwrite)  # fail before the slow part
+        check_output_dir(args.output, args.overwrite, (args.model, args.teacher))  # fail before the slow part
     if args.distill and teacher is None:
         raise ValueError("distill=True needs the dense teacher: pass recover(..., teacher=dense_model) "
                          "(CLI: --teacher DIR).")
@@ -548,7 +548,7 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
                 "seqlen": args.seqlen, "learning_rate": args.learning_rate, "distill": bool(args.distill),
                 "sparsity": after["sparsity"],
             }
-        with atomic_output_dir(args.output, args.overwrite) as tmp:
+        with atomic_output_dir(args.output, args.overwrite, (args.model, args.teacher)) as tmp:
             final.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -641,7 +641,7 @@ def _cmd_recover(ns) -> int:
         raise ValueError("Pass the pruned model: --model DIR (or `model:` in the recipe).")
     if not args.output:
         raise ValueError("Pass an output folder: --output OUT (or `output:` in the recipe).")
-    check_output_dir(args.output, args.overwrite)  # before loading anything
+    check_output_dir(args.output, args.overwrite, (args.model, args.teacher))  # before loading anything
 
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
