@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import shlex
+import signal
 import sys
 
 logger = logging.getLogger("hfprune.cli")
@@ -92,16 +93,23 @@ def _add_methods(sub) -> None:
     p.set_defaults(func=lambda args: print("\n".join(__import__("hfprune").available_methods())) or 0)
 
 
+def _save_args(args) -> tuple:
+    """(format, bits, group_size) as saved: with --format dense, --bits means SparseGPT's joint quantization."""
+    quantized = args.format != "dense"
+    return args.format, args.bits if quantized else None, args.group_size if quantized else None
+
+
 def _run_prune(args) -> int:
     import torch  # noqa: F401
 
     import hfprune
     from hfprune.engine import resolve_calibration
-    from hfprune.io import check_output_dir, output_lock
+    from hfprune.io import check_output_dir, check_save_args, output_lock
     from hfprune.recipes import build_configs, read_recipe
 
     inputs = (args.model, args.calibration, args.recipe)  # never replaced by --output, even with --overwrite
     check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
+    check_save_args(*_save_args(args))
     data = read_recipe(args.recipe) if args.recipe else {}
     overrides = {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "scope": args.scope,
                  "targets": args.targets, "ignore": args.ignore, "target": args.target, "heads_ratio": args.heads_ratio,
@@ -143,8 +151,10 @@ def _run_prune(args) -> int:
 def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
     import hfprune
     from hfprune.engine import resolve_calibration
+    from hfprune.io import check_save_args
 
     model = hfprune.load_model(args.model, dtype=args.dtype)
+    check_save_args(*_save_args(args), model=model)  # e.g. a --group-size that does not fit: now, not after pruning
     tokenizer = hfprune.load_tokenizer(args.model)
     extra = {}
     eval_kw = dict(seqlen=args.eval_seqlen, max_windows=args.max_windows, progress=sys.stderr.isatty())
@@ -157,10 +167,8 @@ def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
         extra["after"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
     model.config.pruning_config["command"] = "hfprune " + " ".join(shlex.quote(a) for a in args.argv)
     model.config.pruning_config["base_model"] = str(args.model)
-    hfprune.save_pretrained(model, args.output, format=args.format,
-                            bits=args.bits if args.format != "dense" else None,
-                            group_size=args.group_size if args.format != "dense" else None,
-                            tokenizer=tokenizer, report=report, eval_results=extra or None, overwrite=args.overwrite)
+    fmt, bits, group_size = _save_args(args)
+    hfprune.save_pretrained(model, args.output, format=fmt, bits=bits, group_size=group_size, tokenizer=tokenizer, report=report, eval_results=extra or None, overwrite=args.overwrite)
     print(report)
     if extra:
         after = extra["after"]
@@ -213,11 +221,27 @@ def main(argv=None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up temporary folders on `kill` too
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError, ImportError) as err:
         logger.error("%s", err)
         return 2
+    except KeyboardInterrupt as err:
+        logger.error("%s: nothing was written to the output (it is replaced only when complete); a --low-memory "
+                     "run continues from its last finished block with --resume.",
+                     "Terminated" if isinstance(err, Terminated) else "Interrupted")
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (temporary folders, locks) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

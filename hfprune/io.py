@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,7 +77,7 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, inputs=()
             what = "is" if src == resolved else "contains"
             raise ValueError(f"Output folder {path} {what} the input {src}: writing there would replace the input. "
                              f"Choose another --output (a new folder).")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(not _is_debris(p, resolved.name) for p in path.iterdir()):
         if not overwrite:
             raise FileExistsError(
                 f"Output folder {path} is not empty: choose another --output or pass --overwrite (overwrite=True)."
@@ -84,7 +86,25 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, inputs=()
         if _is_within(cwd, resolved) or _is_within(home, resolved) or resolved == Path(resolved.anchor):
             raise ValueError(f"Output folder {path} is (or contains) the current folder, the home folder or the file "
                              f"system root; --overwrite would replace it. Choose a new folder for --output.")
+    _check_writable(resolved)
     return path
+
+
+def _is_debris(entry: Path, name: str) -> bool:
+    """A temporary or old copy that hfprune itself leaves beside (or, for a mount point, inside) an output."""
+    return entry.name.startswith((f".{name}.tmp-", f".{name}.old-"))
+
+
+def _check_writable(resolved: Path) -> None:
+    """Fail now, not after hours of pruning, when the output's disk or folder is not writable."""
+    place = resolved if resolved.is_dir() and _is_mount_point(resolved) else resolved.parent
+    while not place.exists():
+        place = place.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hfprune-write-test-", dir=place))
+    except OSError as exc:
+        raise PermissionError(exc.errno, f"Cannot write the output {resolved}: {place} is not writable "
+                                         f"({exc.strerror}). Choose an --output on a writable disk.") from None
 
 
 class OutputLockedError(RuntimeError):
@@ -204,8 +224,12 @@ def _atomic_output_dir(path, overwrite: bool, inputs) -> Iterator[Path]:
         created.append(parent)
         parent = parent.parent
     final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_debris(final)
+    # A mount point (an empty container volume) cannot be renamed: stage inside it, on its own disk.
+    in_place = final.is_dir() and _is_mount_point(final)
+    mode = stat.S_IMODE(final.stat().st_mode) if final.is_dir() else _default_dir_mode()
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final if in_place else final.parent))
     except BaseException as exc:
         _remove_empty(created)
         if _is_disk_full(exc):
@@ -213,24 +237,75 @@ def _atomic_output_dir(path, overwrite: bool, inputs) -> Iterator[Path]:
         raise
     try:
         yield tmp
-        backup = None
-        if final.exists():
-            backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, backup)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, final)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        os.chmod(tmp, mode)  # mkdtemp makes 0700; keep the old folder's mode, else what mkdir would give
+        if in_place:
+            _replace_contents(tmp, final)
+        else:
+            _replace_folder(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         if _is_disk_full(exc) and not (isinstance(exc, OSError) and "--output" in str(exc)):
             raise _disk_full_error(final, exc) from exc
         raise
+
+
+def _default_dir_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def _is_mount_point(folder: Path) -> bool:
+    return os.path.ismount(folder) or folder.stat().st_dev != folder.parent.stat().st_dev
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Two renames: the old folder to ``.<name>.old-PID``, the new one into place, then drop the old.
+    A run killed between the renames leaves the old copy, which the next run restores (:func:`_clean_debris`)."""
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, backup)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, final)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _replace_contents(tmp: Path, final: Path) -> None:
+    """Like :func:`_replace_folder` for a folder that cannot be renamed: entry by entry, inside it."""
+    backup = final / f".{final.name}.old-{os.getpid()}"
+    old = [p for p in final.iterdir() if p != tmp]
+    if old:
+        backup.mkdir()
+        for entry in old:
+            os.replace(entry, backup / entry.name)
+    for entry in list(tmp.iterdir()):
+        os.replace(entry, final / entry.name)
+    tmp.rmdir()
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _clean_debris(final: Path) -> None:
+    """Leftovers of runs killed while writing ``final`` (the caller holds its lock, so no live run owns them):
+    temporary folders are removed; an old copy renamed aside is restored if ``final`` is missing, else removed."""
+    places = [final.parent] + ([final] if final.is_dir() else [])
+    for place in places:
+        for tmp in place.glob(glob.escape(f".{final.name}") + ".tmp-*"):
+            logger.info("Removing %s, left by an interrupted run.", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+    pattern = glob.escape(f".{final.name}") + ".old-*"
+    olds = sorted(final.parent.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if olds and not final.exists():
+        logger.warning("Restoring %s from %s: a run was killed while replacing it.", final, olds[-1])
+        os.replace(olds.pop(), final)
+    for old in olds + (list(final.glob(pattern)) if final.is_dir() else []):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -280,9 +355,10 @@ def _linear_sparsity(model) -> float:
     return zeros / numel if numel else 0.0
 
 
-def _validate(model, fmt: str, bits, group_size) -> None:
-    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
-        raise TypeError(f"save_pretrained expects a transformers PreTrainedModel, got {type(model).__name__}.")
+def check_save_args(format: str = "dense", bits=None, group_size=None, model=None) -> str:
+    """Check the save settings (and, given ``model``, that they fit its layers) before any slow work;
+    returns the normalised format name. :func:`save_pretrained` calls it too."""
+    fmt = _normalize_format(format)
     if bits is not None and (isinstance(bits, bool) or bits not in (4, 8)):
         raise ValueError(f"bits must be None, 4 or 8, got {bits!r}.")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
@@ -295,9 +371,8 @@ def _validate(model, fmt: str, bits, group_size) -> None:
     if fmt == "sparse" and group_size is not None and bits is None:
         raise ValueError("group_size needs bits=4 or bits=8 (it is the quantization group); pass bits or drop group_size.")
     if fmt == "compressed-tensors" and bits is None:
-        raise ValueError("format='compressed-tensors' writes quantized weights: pass bits=4 or bits=8.")
-    _check_dtypes(model)
-    if fmt == "compressed-tensors" and group_size is not None:
+        raise ValueError("format='compressed-tensors' writes quantized weights: pass bits=4 or bits=8 (--bits).")
+    if model is not None and fmt == "compressed-tensors" and group_size is not None:
         from .formats.sparse import _compress_targets
 
         targets = _compress_targets(model)
@@ -307,6 +382,14 @@ def _validate(model, fmt: str, bits, group_size) -> None:
                     f"{name} has {param.shape[1]} inputs, not a multiple of group_size={group_size}: choose a "
                     f"group_size that divides every Linear input width, or group_size=None (one scale per channel)."
                 )
+    return fmt
+
+
+def _validate(model, fmt: str, bits, group_size) -> None:
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise TypeError(f"save_pretrained expects a transformers PreTrainedModel, got {type(model).__name__}.")
+    check_save_args(fmt, bits, group_size, model)
+    _check_dtypes(model)
     if fmt == "sparse" and not isinstance(getattr(model.config, "pruning_config", None), dict):
         sparsity = _linear_sparsity(model)
         if sparsity < _MIN_SPARSITY_WITHOUT_CONFIG:
@@ -315,6 +398,14 @@ def _validate(model, fmt: str, bits, group_size) -> None:
                 f"{100 * sparsity:.1f}% zeros in its decoder Linear weights: prune it first (hfprune.prune(...)) "
                 f"or save it with format='dense'."
             )
+
+
+def _check_file_name(name) -> None:
+    """``extra_files`` keys are plain file names inside the output folder (no folders, no ``..``)."""
+    text = str(name)
+    if not text or text in (".", "..") or Path(text).name != text or "\\" in text or os.path.isabs(text):
+        raise ValueError(f"extra_files name {name!r} is not a plain file name: use a name like 'results.json' "
+                         f"(it is written inside the output folder).")
 
 
 def _report_dict(report) -> dict | None:
@@ -379,6 +470,8 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
     """
     fmt = _normalize_format(format)
     _validate(model, fmt, bits, group_size)
+    for name in extra_files or {}:
+        _check_file_name(name)
     report_dict = _report_dict(report)
     # the folder the model was loaded from (its weights may still be memory-mapped from there)
     inputs = (getattr(model.config, "_name_or_path", None), _base_model(model))

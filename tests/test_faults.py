@@ -143,3 +143,154 @@ def test_output_lock_is_exclusive_across_processes_and_reentrant(tmp_path):
     with output_lock(out):  # free again
         pass
     assert issubclass(OutputLockedError, RuntimeError)  # the CLI turns it into a message, exit 2
+
+
+# --- item 8: extra_files names stay inside the output ------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../x.json", "/tmp/hfprune-abs.json", "sub/x.json", "..", ""])
+def test_extra_files_outside_the_output_are_refused(tmp_path, name):
+    model = tiny_model("llama")
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(ValueError, match="plain file name"):
+        save_pretrained(model, out, extra_files={name: {"a": 1}})
+    assert list(tmp_path.iterdir()) == [] and not os.path.exists("/tmp/hfprune-abs.json")
+
+
+# --- item 9: what can be checked is checked before the first block ------------------------------
+
+def _fails_before_pruning(caplog, argv_result, needle):
+    assert argv_result == 2
+    assert needle in caplog.text
+    assert "Calibrating on" not in caplog.text  # no calibration pass started
+
+
+def test_compressed_tensors_without_bits_fails_first(model_dir, calib_file, tmp_path, caplog):
+    rc = _prune(model_dir, calib_file, tmp_path / "out", "--format", "compressed-tensors")
+    _fails_before_pruning(caplog, rc, "pass bits=4 or bits=8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_group_size_that_does_not_fit_fails_first(model_dir, calib_file, tmp_path, caplog):
+    rc = _prune(model_dir, calib_file, tmp_path / "out", "--format", "compressed-tensors", "--bits", "4",
+                "--group-size", "48")
+    _fails_before_pruning(caplog, rc, "not a multiple of group_size=48")
+
+
+def _mount_tmpfs(where, *options):
+    where.mkdir(exist_ok=True)
+    opts = ",".join(("size=4m",) + options)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root and mount to make a real mount point")
+
+
+def test_read_only_output_fails_first(model_dir, calib_file, tmp_path, caplog):
+    ro = tmp_path / "ro"
+    _mount_tmpfs(ro, "ro")
+    try:
+        rc = _prune(model_dir, calib_file, ro / "out")
+        _fails_before_pruning(caplog, rc, "not writable")
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+# --- item 10: an empty mount point (a container volume) as the output ---------------------------
+
+def test_empty_mount_point_as_output(model_dir, calib_file, tmp_path):
+    vol = tmp_path / "vol"
+    _mount_tmpfs(vol)
+    try:
+        assert _prune(model_dir, calib_file, vol) == 0
+        assert (vol / "config.json").exists() and (vol / "model.safetensors").exists()
+        assert not [p for p in vol.iterdir() if p.name.startswith(".")]
+        assert _prune(model_dir, calib_file, vol, "--overwrite") == 0  # replace in place, on the volume's disk
+        assert (vol / "config.json").exists() and not [p for p in vol.iterdir() if p.name.startswith(".")]
+    finally:
+        subprocess.run(["umount", str(vol)], check=False)
+
+
+# --- item 17/19: Ctrl-C and SIGTERM: a message, no traceback, no debris -------------------------
+
+def _cli_process(model_dir, calib_file, out, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "hfprune.cli", "prune", "--model", str(model_dir),
+                             "--calibration", str(calib_file), "--nsamples", "64", "--seqlen", "64",
+                             "--method", "sparsegpt", "--sparsity", "0.5", "--output", str(out)],
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("sig,code", [(2, 130), (15, 143)])
+def test_interrupt_gives_a_message_and_leaves_nothing(model_dir, calib_file, tmp_path, sig, code):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = _cli_process(model_dir, calib_file, out)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until the run is under way (its lock file exists)
+        if (tmp_path / ".out.hfprune-lock").exists():
+            break
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and ("Interrupted" in err or "Terminated" in err)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+_KILL_DURING_SAVE = """
+import os, signal, sys
+import torch
+from transformers import AutoModelForCausalLM
+from hfprune.io import save_pretrained
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+mode = sys.argv[3]
+if mode == "write":          # killed while the new checkpoint is being written
+    class Tok:
+        def save_pretrained(self, path):
+            os.kill(os.getpid(), signal.SIGKILL)
+    save_pretrained(model, sys.argv[2], tokenizer=Tok(), overwrite=True)
+else:                        # killed between moving the old copy aside and moving the new one in
+    real, calls = os.replace, []
+    def replace(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(a, b)
+    os.replace = replace
+    save_pretrained(model, sys.argv[2], overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["write", "swap"])
+def test_sigkill_debris_is_cleaned_and_the_old_copy_restored(model_dir, calib_file, tmp_path, mode, caplog):
+    out = tmp_path / "out"
+    assert _prune(model_dir, calib_file, out) == 0
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(model_dir), str(out), mode],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, timeout=300)
+    assert proc.returncode == -9
+    debris = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert debris  # the killed run left a temporary folder (write) or the old copy aside (swap)
+    if mode == "swap":
+        assert not out.exists()
+    # the next run to that output cleans up (and restores the old copy first when it was moved aside)
+    assert _prune(model_dir, calib_file, out, "--overwrite") == 0
+    assert (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+    if mode == "swap":
+        assert "Restoring" in caplog.text
+
+
+# --- item 20: folder modes -----------------------------------------------------------------------
+
+def test_output_folder_mode_is_like_mkdir_and_kept_on_overwrite(model_dir, calib_file, tmp_path):
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert _prune(model_dir, calib_file, out) == 0
+        assert (out.stat().st_mode & 0o777) == 0o755
+        os.chmod(out, 0o750)
+        assert _prune(model_dir, calib_file, out, "--overwrite") == 0
+        assert (out.stat().st_mode & 0o777) == 0o750
+    finally:
+        os.umask(old)
