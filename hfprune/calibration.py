@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["get_calibration_ids", "sample_windows", "self_generated_ids"]
 
 _TOKENIZE_ALL_LIMIT = 20_000  # documents; above this, tokenize lazily while sampling
+# Characters per needed token beyond which a document (or the joined text) is cut before tokenizing:
+# far more than any text needs (about 4 characters a token), so normal data sets are untouched, while
+# a 50 MB one-line file is not tokenized whole for a few windows.
+_CHARS_PER_TOKEN_CAP = 64
+_JOINED_CHARS_MIN = 8_000_000  # the joined text is cut only beyond this (WikiText-2 test is 1.3 M characters)
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:
@@ -38,6 +43,10 @@ def sample_windows(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed
     """``[nsamples, seqlen]`` token ids drawn from ``texts`` by the papers' protocol."""
     if not texts:
         raise ValueError("The calibration data is empty: give at least one non-empty document.")
+    cap = _CHARS_PER_TOKEN_CAP * nsamples * (seqlen + 1)
+    if any(len(t) > cap for t in texts):
+        logger.info("Reading at most the first %d characters of each calibration document.", cap)
+        texts = [t[:cap] for t in texts]
     rng = random.Random(seed)
     lengths: dict[int, list[int]] = {}
     if len(texts) <= _TOKENIZE_ALL_LIMIT:
@@ -71,7 +80,8 @@ def sample_windows(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed
             windows.append(ids[start:start + seqlen])
     else:
         logger.info("No document is longer than %d tokens: sampling windows from the joined text.", seqlen)
-        stream = _tokenize(tokenizer, "\n\n".join(texts))
+        joined = "\n\n".join(texts)
+        stream = _tokenize(tokenizer, joined[:max(16 * cap, _JOINED_CHARS_MIN)])
         if len(stream) < nsamples * seqlen:
             raise _too_few(len(stream), nsamples, seqlen)
         for _ in range(nsamples):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,6 +24,26 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+_SIMPLE_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(config) -> None:
+    """Fields annotated with plain ``float``/``int``/``bool``/``str`` (or ``X | None``) hold such
+    values, so a recipe typo (``owl_m: abc``) is a message naming the key, not a traceback later."""
+    for f in dataclasses.fields(config):
+        parts = {t.strip() for t in str(f.type).split("|")}
+        simple = parts - {"None"}
+        if not simple or not simple <= set(_SIMPLE_TYPES):
+            continue
+        value = getattr(config, f.name)
+        if value is None and "None" in parts:
+            continue
+        ok = any(isinstance(value, _SIMPLE_TYPES[t]) and (t == "bool" or not isinstance(value, bool)) for t in simple)
+        if not ok:
+            raise ValueError(f"`{f.name}` must be {' or '.join(sorted(parts))}, got {value!r} "
+                             f"({type(value).__name__}): fix it in the recipe or on the command line.")
 
 
 @dataclass
@@ -73,6 +94,14 @@ class PruningConfig:
     owl_lambda: float = field(default=0.08, metadata={"help": "OWL: block sparsities lie in [sparsity - owl_lambda, sparsity + owl_lambda]."})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        for key in ("targets", "ignore"):
+            for regex in [getattr(self, key)] if isinstance(getattr(self, key), str) else getattr(self, key):
+                try:
+                    re.compile(regex)
+                except (re.error, TypeError) as err:
+                    raise ValueError(f"{key} regex {regex!r} is not valid ({err}): fix --{key} "
+                                     f"(a Python regular expression over layer names, e.g. '.*mlp.*').") from None
         pat = parse_pattern(self.pattern)
         self.pattern = str(pat)
         if pat.is_nm:
@@ -155,7 +184,10 @@ class PruningConfig:
             raise ValueError(
                 f"Unknown key(s) {unknown} for method {config_cls.method!r}; allowed keys: {sorted(allowed)}."
             )
-        return config_cls(**data)
+        try:
+            return config_cls(**data)
+        except TypeError as err:  # e.g. a list where a number belongs, found by a comparison in validation
+            raise ValueError(f"Bad value in the {config_cls.method!r} config {data}: {err}.") from None
 
 
 @dataclass

@@ -131,6 +131,11 @@ def load_texts(source, *, split: str = "train", text_column: str = "text",
         if root is not None and (root / spec["file"]).is_file():
             path = root / spec["file"]
             if split != spec["file_split"]:
+                if key == "wikitext2":  # the only local split is the evaluation text: no silent leakage
+                    raise ValueError(
+                        f"The local wikitext2 ({root / spec['file']}) holds only the test split, which is the text "
+                        f"perplexity is measured on: calibrating on it makes that number meaningless. Calibrate on "
+                        f"c4 (--calibration c4), or pass split='test' (--split test) to do it knowingly.")
                 logger.warning("Using %s (the %s split) from %s for split %r: it is the only split kept locally.",
                                key, spec["file_split"], root, split)
             if key == "wikitext2":

@@ -32,8 +32,16 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Recipe {path} does not exist: pass the path of a YAML file (see recipes/).")
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.constructor.ConstructorError as err:  # e.g. !!python/object: never executed
+        raise ValueError(f"Recipe {path} uses a YAML tag that is not allowed ({err.problem} {err.problem_mark}): "
+                         f"recipes hold plain keys and values only; remove the tag.") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"Recipe {path} is not valid YAML: {err}. Fix the line it names.") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Recipe {path} is not UTF-8 text ({err.reason}): save it as UTF-8.") from None
     if not isinstance(data, dict):
         raise ValueError(f"Recipe {path} must be a YAML mapping of config keys, got {type(data).__name__}.")
     return data

@@ -294,3 +294,56 @@ def test_output_folder_mode_is_like_mkdir_and_kept_on_overwrite(model_dir, calib
         assert (out.stat().st_mode & 0o777) == 0o750
     finally:
         os.umask(old)
+
+
+# --- item 15: a huge one-line calibration file is not tokenized whole ----------------------------
+
+def test_huge_single_line_calibration_file_is_cheap(model_dir, tmp_path):
+    import resource
+    import time
+
+    from hfprune import load_tokenizer
+    from hfprune.calibration import get_calibration_ids
+    from hfprune.config import CalibrationConfig
+
+    big = tmp_path / "big.txt"
+    big.write_text(("pruning words " * 3_500_000) + "\n")  # 49 MB, one line
+    tok = load_tokenizer(model_dir)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    ids = get_calibration_ids(CalibrationConfig(dataset=str(big), nsamples=4, seqlen=64), tok)
+    assert ids.shape == (4, 64)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert grown_mb < 800, grown_mb  # reading the file is ~100 MB of Python strings; tokenizing it whole took GBs
+    assert time.perf_counter() - start < 60
+
+
+# --- item 16: calibrating on the evaluation text needs to be asked for ---------------------------
+
+def test_calibrating_on_the_evaluation_text_is_refused_unless_asked(model_dir, tmp_path, caplog):
+    args = ["prune", "--model", str(model_dir), "--calibration", "wikitext2", "--nsamples", "2", "--seqlen", "32",
+            "--method", "wanda", "--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "only the test split" in caplog.text and "--split test" in caplog.text
+    assert not (tmp_path / "out").exists()
+    assert main(args + ["--split", "test"]) == 0
+
+
+# --- item 17: input errors are messages, not tracebacks ------------------------------------------
+
+def test_invalid_targets_regex_fails_before_the_model_loads(model_dir, calib_file, tmp_path, caplog):
+    assert _prune(model_dir, calib_file, tmp_path / "o", "--targets", "mlp.(") == 2
+    assert "targets regex 'mlp.('" in caplog.text and "Loading" not in caplog.text
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("method: [wanda", "not valid YAML"),
+    ("method: !!python/object/apply:os.system ['echo owned']", "YAML tag that is not allowed"),
+    ("method: wanda\nowl_m: abc", "`owl_m` must be float"),
+    ("method: wanda\ntargets: 5", "targets"),
+])
+def test_bad_recipes_are_messages(model_dir, calib_file, tmp_path, caplog, capsys, text, needle):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert _prune(model_dir, calib_file, tmp_path / "o", "--recipe", str(recipe)) == 2
+    assert needle in caplog.text and "owned" not in capsys.readouterr().out
