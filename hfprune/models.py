@@ -95,13 +95,29 @@ def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs
     path = resolve_model_path(name)
     if not Path(path).exists() and os.sep not in path.strip("/") and "/" not in path and name not in ALIASES:
         logger.info("%s is not a local folder; trying the Hugging Face Hub.", path)
+    from .structured import AutoPrunedModelForCausalLM  # every checkpoint hfprune writes, structured ones too
+
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype), device_map=device_map, **kwargs)
+        model, info = AutoPrunedModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype), device_map=device_map,
+                                                                 output_loading_info=True, **kwargs)
     except OSError as err:
         raise OSError(
             f"Could not load a model from {name!r}: {err}\nPass a local checkpoint folder, a Hub id that is reachable, "
             f"or one of the aliases: {', '.join(ALIASES)}."
         ) from err
+    except Exception as err:  # a damaged file (truncated safetensors, bad header) is an input error, not a bug
+        if type(err).__name__ in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeaderDeserialization") \
+                or "safetensors" in str(err).lower() or "header" in str(err).lower():
+            raise ValueError(f"The weights of {name!r} cannot be read ({type(err).__name__}: {err}): the file is "
+                             f"damaged or incomplete (an interrupted download or copy?). Copy it again.") from None
+        raise
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"{name!r} lacks {len(missing)} weight(s) that its config needs, e.g. {', '.join(missing[:3])}: the config "
+            f"and the weights do not match (config.json names more layers or larger sizes than the checkpoint "
+            f"holds?). Loading would fill them with random values; fix config.json or use the matching checkpoint.")
+    return model
 
 
 def load_tokenizer(name: str | os.PathLike, **kwargs):

@@ -347,3 +347,39 @@ def test_bad_recipes_are_messages(model_dir, calib_file, tmp_path, caplog, capsy
     recipe.write_text(text)
     assert _prune(model_dir, calib_file, tmp_path / "o", "--recipe", str(recipe)) == 2
     assert needle in caplog.text and "owned" not in capsys.readouterr().out
+
+
+# --- item 5: a config that names more layers than the checkpoint holds ---------------------------
+
+def test_missing_block_in_the_checkpoint_is_refused(model_dir, calib_file, tmp_path, caplog):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["num_hidden_layers"] += 1
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    assert _prune(model_dir, calib_file, tmp_path / "out") == 2
+    assert "lacks" in caplog.text and "model.layers.2." in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+# --- item 17: a truncated safetensors file ------------------------------------------------------
+
+def test_truncated_weights_are_a_message(model_dir, calib_file, tmp_path, caplog):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    assert _prune(model_dir, calib_file, tmp_path / "out") == 2
+    assert "cannot be read" in caplog.text and "Traceback" not in caplog.text
+
+
+# --- item 12: every command loads every checkpoint hfprune writes --------------------------------
+
+def test_eval_and_recover_load_non_uniform_structured_outputs(model_dir, calib_file, tmp_path):
+    out = tmp_path / "structured"
+    assert main(["prune", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "4",
+                 "--seqlen", "32", "--method", "wanda", "--target", "mlp", "--mlp-ratio", "0.25",
+                 "--non-uniform", "--output", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text()).get("pruned_shapes")  # really non-uniform
+    assert main(["eval", "--model", str(out), "--dataset", str(calib_file), "--seqlen", "32",
+                 "--max-windows", "1"]) == 0
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(["Other text for evaluation, not seen in training. " * 30] * 3))
+    assert main(["recover", "--model", str(out), "--dataset", str(calib_file), "--max-steps", "1", "--seqlen",
+                 "32", "--eval-dataset", str(held_out), "--output", str(tmp_path / "rec")]) == 0
