@@ -191,6 +191,25 @@ def in_features(module: nn.Module) -> int:
 # --- Sizes read from a config (used by structured pruning) -------------------------------------
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (``None`` when the config does
+    not say: rotary models without a limit)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(config, seqlen: int, what: str) -> None:
+    """Refuse windows longer than the model's positions (GPT-2 would index past its table)."""
+    limit = max_positions(config)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"{what} is {seqlen} tokens, but the model covers at most {limit} positions "
+                         f"(config max_position_embeddings / n_positions): lower it to {limit} or less.")
+
+
 def num_heads_of(config, spec: ArchSpec) -> int:
     """Number of query heads in ``config`` (``spec.heads_attr``)."""
     return int(getattr(config, spec.heads_attr))

@@ -81,11 +81,23 @@ def _add_eval(sub) -> None:
     p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, a text file, or a Hub data set name.")
     p.add_argument("--split", default="test")
     p.add_argument("--text-column", dest="text_column", default="text")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None, help="Evaluate only the first K windows.")
+    p.add_argument("--seqlen", type=positive_int, default=None,
+                   help="Tokens per window (default 2048, or the model's positions when fewer).")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="Evaluate only the first K windows.")
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true", help="Print one JSON object.")
     p.set_defaults(func=_run_eval)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--seqlen 0`` is a usage error, not a traceback later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _add_methods(sub) -> None:

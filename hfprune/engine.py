@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import get_blocks, get_spec, in_features, find_linears, weight_matrix
+from .architectures import check_seqlen, get_blocks, get_spec, in_features, find_linears, weight_matrix
 from .calibration import get_calibration_ids
 from .config import CalibrationConfig, PruningConfig
 from .masks import global_budgets, parse_pattern, prune_count
@@ -175,6 +175,18 @@ def _sparsity_from_counts(runner: LayerRunner, counts: dict[int, list[int]]) -> 
     return zeros / max(1, total)
 
 
+def _check_finite(targets: list[dict[str, nn.Module]]) -> None:
+    """NaN or Inf weights would be ranked and saved as if they were numbers: refuse them."""
+    for block in targets:
+        for name, module in block.items():
+            W = weight_matrix(module)
+            if W.device.type != "meta" and not bool(torch.isfinite(W).all()):
+                bad = int((~torch.isfinite(W)).sum())
+                raise ValueError(f"{name} has {bad} NaN/Inf weight(s): the checkpoint is damaged or was saved after a "
+                                 f"diverged training step. Fix the weights before pruning, or leave "
+                                 f"that layer dense with a regex in ignore= (--ignore).")
+
+
 def _restore_hidden(runner: LayerRunner, hidden: list[torch.Tensor]) -> None:
     if len(hidden) != runner.num_batches or any(h.shape != r.shape for h, r in zip(hidden, runner.hidden)):
         raise RuntimeError("The saved calibration activations do not match this run's calibration batches: "
@@ -233,6 +245,11 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     _validate_pattern(config, targets)
     sparsities = _layer_sparsities(config, targets)
     calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    if pruner.requires_calibration or config.owl:
+        width = calib.dataset.shape[-1] if isinstance(calib.dataset, torch.Tensor) else calib.seqlen
+        check_seqlen(model.config, int(width), "The calibration seqlen (--seqlen)")
+    if not is_offloaded(model):  # offloaded blocks are checked as they are onloaded
+        _check_finite(targets)
 
     was_training = model.training
     model.eval()
@@ -282,6 +299,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
             bar = tqdm(range(first, len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
             for i in bar:
                 with runner.onload(i) as handle:
+                    if offloaded:
+                        _check_finite([targets[i]])
                     infos: dict[str, dict] = {}
                     _prune_block(runner, i, targets[i], pruner, sparsities, scope, config.true_sequential,
                                  last=i == len(blocks) - 1, chunking=chunking, infos=infos)
@@ -309,6 +328,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
             bar = tqdm(range(first, len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
             for i in bar:
                 with runner.onload(i) as handle:
+                    if offloaded:
+                        _check_finite([targets[i]])
                     for name, module in targets[i].items():
                         W = weight_matrix(module)
                         result = pruner.prune_weight(W, None, sparsities[name], scope)

@@ -33,14 +33,31 @@ def eval_token_ids(tokenizer, dataset="wikitext2", *, split: str = "test", text_
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int = 2048, max_windows: int | None = None,
+def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int | None = 2048, max_windows: int | None = None,
                split: str = "test", text_column: str = "text", config_name: str | None = None,
                progress: bool = True, token_ids: torch.Tensor | None = None) -> dict:
     """Perplexity of ``model`` on ``dataset`` with the papers' protocol.
 
+    ``seqlen=None`` takes 2048 or the model's positions, whichever is smaller; a ``seqlen`` longer
+    than the model's positions is an error.
+
     Returns:
         ``{"perplexity", "nll", "windows", "tokens", "seqlen", "dataset", "seconds"}``.
     """
+    from .architectures import check_seqlen, max_positions
+
+    if seqlen is None:
+        limit = max_positions(model.config)
+        seqlen = 2048 if limit is None else min(2048, limit)
+        if seqlen < 2048:
+            logger.info("Evaluating in windows of %d tokens, the model's positions (the protocol's 2048 is longer).",
+                        seqlen)
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise ValueError(f"seqlen must be an integer >= 2 (tokens per window), got {seqlen!r}.")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise ValueError(f"max_windows must be a positive integer or None (all windows), got {max_windows!r}.")
+    check_seqlen(model.config, seqlen, "The evaluation seqlen (--seqlen)")
     ids = token_ids if token_ids is not None else eval_token_ids(
         tokenizer, dataset, split=split, text_column=text_column, config_name=config_name)
     n_windows = ids.shape[1] // seqlen

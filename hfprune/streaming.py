@@ -97,8 +97,43 @@ def _fingerprint(model_path: Path, config, calibration, dtype, world_size: int) 
         "model": str(model_path.resolve()),
         "model_config": (model_path / "config.json").read_text() if (model_path / "config.json").is_file() else "",
         "weight_map": _weight_map(model_path),
+        "weights": _files_identity(model_path, sorted(set(_weight_map(model_path).values()))),
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _files_identity(folder: Path, names: list[str], sample: int = 1 << 20) -> dict[str, str]:
+    """Size, modification time and a hash of the first and last MiB of each weight file: rewritten
+    weights (same names and shapes, other values) give another fingerprint, without reading GBs."""
+    out = {}
+    for name in names:
+        path = folder / name
+        st = path.stat()
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            h.update(fh.read(sample))
+            if st.st_size > sample:
+                fh.seek(max(sample, st.st_size - sample))
+                h.update(fh.read(sample))
+        out[name] = f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
+    return out
+
+
+def _readable_safetensors(path: Path) -> str | None:
+    """``None`` when ``path`` is a complete safetensors file, else why not."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n < size else None
+        if not isinstance(header, dict):
+            return "its header is missing or damaged"
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            return f"it holds {size} bytes where its header needs {8 + n + end} (truncated?)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"it cannot be read ({err})"
+    return None
 
 
 class _Session:
@@ -139,23 +174,33 @@ class _Session:
         if not state_path.is_file():
             logger.info("No saved progress in %s: starting from the first block.", self.work)
             return None
-        state = json.loads(state_path.read_text())
+        try:
+            state = json.loads(state_path.read_text())
+            int(state["next_block"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"The saved progress {state_path} is damaged ({type(err).__name__}: {err}): drop --resume "
+                             f"to start over (the progress folder is then replaced).") from None
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"The interrupted run in {self.work} used another model, settings or process count; resume with "
                 f"exactly the same command, or drop --resume to start over (the folder is then replaced)."
             )
         nxt = int(state["next_block"])
+        # Every saved file is checked now, before any block is redone, not when the output is assembled.
+        needed = [self.work / self.shard_name(i) for i in range(nxt)] if self.ctx.is_main else []
+        if nxt < self.n_blocks and state.get("has_hidden", True):
+            needed.append(self._hidden_path(nxt - 1, self.ctx.rank))
+        for path in needed:
+            problem = "it is missing" if not path.is_file() else _readable_safetensors(path)
+            if problem:
+                raise ValueError(f"Saved progress in {self.work} has a bad {path.name}: {problem}. Drop --resume to "
+                                 f"start over.")
         hidden = []
         if nxt < self.n_blocks and state.get("has_hidden", True):
             from safetensors.torch import load_file
 
             data = load_file(str(self._hidden_path(nxt - 1, self.ctx.rank)))
             hidden = [data[f"b{j}"] for j in range(len(data))]
-        for i in range(nxt):
-            if self.ctx.is_main and not (self.work / self.shard_name(i)).is_file():
-                raise RuntimeError(f"Saved progress in {self.work} lacks {self.shard_name(i)}: drop --resume to start "
-                                   f"over.")
         logger.info("Resuming from %s: blocks 0-%d are done.", self.work, nxt - 1)
         return {"next_block": nxt, "batch_size": state["batch_size"], "sparsities": state["sparsities"],
                 "layers": state["layers"], "block_counts": state["block_counts"], "hidden": hidden}
@@ -251,12 +296,6 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, config
 
 def _prune_checkpoint(path: Path, model, output, config, calibration, ctx, weight_map, *, tokenizer, dtype,
                       low_memory, resume, overwrite, progress, command, after_prune):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .architectures import get_blocks, get_spec
-    from .engine import prune
-    from .models import _parse_dtype, load_tokenizer
-
     work = work_dir_for(output)
     if ctx.is_main:
         if work.exists() and not resume:
@@ -264,6 +303,31 @@ def _prune_checkpoint(path: Path, model, output, config, calibration, ctx, weigh
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
+    try:
+        return _prune_into(path, model, output, config, calibration, ctx, weight_map, work, tokenizer=tokenizer,
+                           dtype=dtype, low_memory=low_memory, resume=resume, overwrite=overwrite, progress=progress,
+                           command=command, after_prune=after_prune)
+    except BaseException:
+        # The offload copies are only scratch; the progress is kept only when it holds a finished block.
+        for scratch in work.glob(f"offload-rank{ctx.rank}-*"):
+            shutil.rmtree(scratch, ignore_errors=True)
+        if ctx.is_main and work.is_dir():
+            if (work / _STATE).is_file():
+                logger.error("Progress up to the last finished block is kept in %s: rerun the same command with "
+                             "--resume to continue.", work)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _prune_into(path: Path, model, output, config, calibration, ctx, weight_map, work: Path, *, tokenizer, dtype,
+                low_memory, resume, overwrite, progress, command, after_prune):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .architectures import get_blocks, get_spec
+    from .engine import prune
+    from .models import _parse_dtype, load_tokenizer
+
     torch_dtype = _parse_dtype(dtype)
 
     # The module layout (no weights) tells which tensors belong to which block.

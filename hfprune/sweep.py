@@ -173,6 +173,13 @@ class _PointRunner:
             if key not in by_ptr:
                 by_ptr[key] = t.detach().clone()
             self.dense_state[name] = by_ptr[key]
+        # Which dense weights the rows were measured on (a sample of every tensor: cheap, and another
+        # checkpoint under the same name or path gives another digest).
+        digest = hashlib.sha256()
+        for name in sorted(self.dense_state):
+            t = self.dense_state[name].reshape(-1)
+            digest.update(name.encode() + t[:: max(1, t.numel() // 256)][:256].float().numpy().tobytes())
+        self.weights_digest = digest.hexdigest()[:16]
 
     def settings(self) -> dict:
         from .engine import resolve_calibration
@@ -180,6 +187,8 @@ class _PointRunner:
         calib = resolve_calibration(self.calibration, **self.calib_overrides)
         return {
             "model": self.model_label,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "weights": self.weights_digest,
             "calibration": _fingerprint(calib.dataset),
             "nsamples": calib.nsamples,
             "seqlen": calib.seqlen,

@@ -97,8 +97,7 @@ def test_interrupted_save_leaves_nothing(model_dir, calib_file, tmp_path, monkey
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", boom)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        main(_prune_args(model_dir, calib_file, out, "--method", "magnitude"))
+    assert main(_prune_args(model_dir, calib_file, out, "--method", "magnitude")) == 130  # a message, no traceback
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 

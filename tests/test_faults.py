@@ -383,3 +383,129 @@ def test_eval_and_recover_load_non_uniform_structured_outputs(model_dir, calib_f
     held_out.write_text("\n".join(["Other text for evaluation, not seen in training. " * 30] * 3))
     assert main(["recover", "--model", str(out), "--dataset", str(calib_file), "--max-steps", "1", "--seqlen",
                  "32", "--eval-dataset", str(held_out), "--output", str(tmp_path / "rec")]) == 0
+
+
+# --- item 3: resume checks what it resumes ------------------------------------------------------
+
+def _interrupted_low_memory_run(model_dir, calib_file, out, after_block=0):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HFPRUNE_TEST_EXIT_AFTER_BLOCK=str(after_block))
+    proc = subprocess.run([sys.executable, "-m", "hfprune.cli", "prune", "--model", str(model_dir),
+                           "--calibration", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--method",
+                           "wanda", "--sparsity", "0.5", "--low-memory", "--output", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    partial = out.parent / f".{out.name}.hfprune-partial"
+    assert partial.is_dir(), proc.stderr
+    return partial
+
+
+def _resume(model_dir, calib_file, out):
+    return main(["prune", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "4",
+                 "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5", "--low-memory", "--resume",
+                 "--output", str(out)])
+
+
+def test_resume_after_the_input_weights_changed_is_refused(model_dir, calib_file, tmp_path, caplog):
+    out = tmp_path / "out"
+    _interrupted_low_memory_run(model_dir, calib_file, out)
+    tiny_model("llama", seed=1).save_pretrained(model_dir)  # same names and shapes, other weights
+    assert _resume(model_dir, calib_file, out) == 2
+    assert "another model" in caplog.text and not out.exists()
+
+
+def test_resume_with_a_truncated_block_shard_fails_before_any_block(model_dir, calib_file, tmp_path, caplog):
+    out = tmp_path / "out"
+    partial = _interrupted_low_memory_run(model_dir, calib_file, out)
+    shard = sorted(p for p in partial.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert _resume(model_dir, calib_file, out) == 2
+    assert shard.name in caplog.text and "Drop --resume" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_resume_with_a_truncated_state_file(model_dir, calib_file, tmp_path, caplog):
+    out = tmp_path / "out"
+    partial = _interrupted_low_memory_run(model_dir, calib_file, out)
+    state = partial / "state.json"
+    state.write_text(state.read_text()[:20])
+    assert _resume(model_dir, calib_file, out) == 2
+    assert "state.json" in caplog.text and "drop --resume" in caplog.text
+
+
+# --- item 19 (low-memory part): a failed run leaves no progress or offload folders --------------
+
+def test_failed_low_memory_run_leaves_nothing(model_dir, tmp_path, caplog):
+    bad = tmp_path / "calib.txt"
+    bad.write_text("too short")
+    out = tmp_path / "out"
+    rc = main(["prune", "--model", str(model_dir), "--calibration", str(bad), "--nsamples", "4", "--seqlen", "32",
+               "--method", "wanda", "--low-memory", "--output", str(out)])
+    assert rc == 2 and "fewer than nsamples" in caplog.text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# --- item 6: a sweep resumed with other settings or another model --------------------------------
+
+def test_sweep_resumed_with_another_dtype_or_model_is_refused(model_dir, calib_file, tmp_path, caplog):
+    out = tmp_path / "sweep"
+    base = ["sweep", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "4", "--seqlen",
+            "32", "--eval-dataset", str(calib_file), "--eval-seqlen", "32", "--max-windows", "1", "--methods",
+            "magnitude", "--sparsities", "0.5", "--no-plot", "--output", str(out)]
+    assert main(base + ["--dtype", "float32"]) == 0
+    rows = (out / "results.jsonl").read_text()
+    assert main(base + ["--dtype", "bfloat16"]) == 2
+    assert "other settings" in caplog.text
+    tiny_model("llama", seed=5).save_pretrained(model_dir)  # same path, other weights
+    caplog.clear()
+    assert main(base + ["--dtype", "float32"]) == 2 and "other settings" in caplog.text
+    assert (out / "results.jsonl").read_text() == rows  # nothing mixed in
+
+
+# --- item 7: NaN / Inf weights -------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(method, value):
+    import hfprune
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = value
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = hfprune.MagnitudeConfig(sparsity=0.5) if method == "magnitude" else hfprune.WandaConfig(sparsity=0.5)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj has 1 NaN/Inf"):
+        hfprune.prune(model, None, cfg, calibration=ids, progress=False)
+    assert not (model.model.layers[0].mlp.up_proj.weight == 0).any()  # refused before any block was pruned
+
+
+# --- item 11: windows longer than the model's positions ------------------------------------------
+
+@pytest.fixture
+def gpt2_dir(tmp_path, tiny_tokenizer):
+    path = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(path)  # n_positions=256
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_calibration_seqlen_beyond_positions_is_refused(gpt2_dir, calib_file, tmp_path, caplog):
+    rc = main(["prune", "--model", str(gpt2_dir), "--calibration", str(calib_file), "--nsamples", "2", "--seqlen",
+               "512", "--method", "wanda", "--output", str(tmp_path / "out")])
+    assert rc == 2 and "512 tokens" in caplog.text and "at most 256 positions" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_on_a_short_context_model(gpt2_dir, calib_file, caplog, capsys):
+    long_text = calib_file.parent / "long.txt"
+    long_text.write_text(TEXT * 30)
+    assert main(["eval", "--model", str(gpt2_dir), "--dataset", str(long_text), "--max-windows", "1"]) == 0
+    assert "x 256 tokens" in capsys.readouterr().out  # the default 2048 lowered to the model's positions
+    assert main(["eval", "--model", str(gpt2_dir), "--dataset", str(long_text), "--seqlen", "1024"]) == 2
+    assert "at most 256 positions" in caplog.text
+
+
+@pytest.mark.parametrize("flag,value", [("--seqlen", "0"), ("--max-windows", "-1"), ("--seqlen", "abc")])
+def test_eval_bad_numbers_are_usage_errors(gpt2_dir, flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--model", str(gpt2_dir), flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and flag in err and "Traceback" not in err
