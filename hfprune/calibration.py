@@ -100,7 +100,9 @@ def self_generated_ids(model, tokenizer, nsamples: int, seqlen: int, seed: int =
     """
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
+    from .runner import module_device
+
+    device = module_device(model.get_input_embeddings())  # not a disk-offloaded (meta) weight's device
     vocab = model.config.get_text_config().vocab_size
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     rows = []

@@ -160,6 +160,17 @@ def _run_prune(args) -> int:
         return _prune_in_memory(args, config, calibration, is_main)
 
 
+def _needs_tokenizer(args, config, calibration) -> bool:
+    """Text calibration and --eval need one; data-free methods and self-generated calibration do not."""
+    from hfprune.registry import get_pruner_cls
+
+    try:
+        calibrated = get_pruner_cls(config.method).requires_calibration or getattr(config, "owl", False)
+    except (ValueError, KeyError):
+        calibrated = True  # structured importances other than magnitude read activations
+    return bool(args.eval) or (calibrated and getattr(calibration, "dataset", None) != "self")
+
+
 def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
     import hfprune
     from hfprune.engine import resolve_calibration
@@ -167,7 +178,7 @@ def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
 
     model = hfprune.load_model(args.model, dtype=args.dtype)
     check_save_args(*_save_args(args), model=model)  # e.g. a --group-size that does not fit: now, not after pruning
-    tokenizer = hfprune.load_tokenizer(args.model)
+    tokenizer = hfprune.load_tokenizer(args.model, required=_needs_tokenizer(args, config, calibration))
     extra = {}
     eval_kw = dict(seqlen=args.eval_seqlen, max_windows=args.max_windows, progress=sys.stderr.isatty())
     if args.eval and is_main:

@@ -120,7 +120,31 @@ def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs
     return model
 
 
-def load_tokenizer(name: str | os.PathLike, **kwargs):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(name: str | os.PathLike, *, required: bool = True, **kwargs):
+    """``AutoTokenizer.from_pretrained`` for a path, Hub id or alias.
+
+    A local folder without tokenizer files gives ``None`` when not ``required`` (data-free methods,
+    token-id calibration), else an error that says what to add.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name), **kwargs)
+    path = resolve_model_path(name)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        if not required:
+            logger.info("%s has no tokenizer files; continuing without a tokenizer.", path)
+            return None
+        raise ValueError(
+            f"{name} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}): save it there with "
+            f"`tokenizer.save_pretrained({str(name)!r})`, or use a data-free method (--method magnitude).")
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (ValueError, OSError) as err:
+        if "sentencepiece" in str(err) or "tiktoken" in str(err):
+            raise ValueError(
+                f"The tokenizer in {name} is a slow (sentencepiece/tiktoken) one that needs converting: "
+                f"`pip install sentencepiece` (or tiktoken), or save a fast tokenizer.json there "
+                f"(`AutoTokenizer.from_pretrained(...).save_pretrained(dir)` on a machine that has them).") from None
+        raise

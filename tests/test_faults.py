@@ -509,3 +509,19 @@ def test_eval_bad_numbers_are_usage_errors(gpt2_dir, flag, value, capsys):
         main(["eval", "--model", str(gpt2_dir), flag, value])
     err = capsys.readouterr().err
     assert info.value.code == 2 and flag in err and "Traceback" not in err
+
+
+# --- item 13: data-free and self-generated calibration in every mode -----------------------------
+
+def test_no_tokenizer_needed_for_magnitude_or_self_calibration(tmp_path, caplog):
+    path = tmp_path / "notok"
+    tiny_model("llama", vocab_size=20000).save_pretrained(path)  # no tokenizer; embeddings big enough for disk
+    for n, extra in enumerate(([], ["--low-memory"])):
+        assert main(["prune", "--model", str(path), "--method", "magnitude", "--sparsity", "0.5",
+                     "--output", str(tmp_path / f"mag{n}"), *extra]) == 0
+        assert main(["prune", "--model", str(path), "--method", "wanda", "--calibration", "self", "--nsamples",
+                     "2", "--seqlen", "16", "--output", str(tmp_path / f"self{n}"), *extra]) == 0
+    # text calibration without a tokenizer: a message that says what to add, before any pruning
+    assert main(["prune", "--model", str(path), "--method", "wanda", "--calibration", "c4", "--nsamples", "2",
+                 "--seqlen", "16", "--output", str(tmp_path / "c4")]) == 2
+    assert "has no tokenizer" in caplog.text and "save_pretrained" in caplog.text
