@@ -85,16 +85,32 @@ def _load_file(path: Path, text_column: str, split: str | None = None) -> list[s
         )
     if kind == "text":
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as fh:
-            return [line.rstrip("\n") for line in fh if line.strip()]
+        try:
+            with opener(path, "rt", encoding="utf-8") as fh:
+                return [line.rstrip("\n") for line in fh if line.strip()]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}): convert it, e.g. "
+                             f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`.") from None
+        except (OSError, EOFError) as err:  # a damaged .gz
+            raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): is the file complete?") from None
     import datasets
 
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps JSON/CSV/parquet parse errors in its own types
+        cause = err.__cause__ or err.__context__ or err
+        raise ValueError(f"{path} is not a readable {kind} file ({type(cause).__name__}: {str(cause)[:300]}): fix "
+                         f"the file (for JSON Lines, one complete object per line) or pass another --calibration.") from None
     if text_column not in ds.column_names:
         raise ValueError(
             f"{path} has no column {text_column!r} (columns: {ds.column_names}); pass text_column=... / --text-column."
         )
-    return [t for t in ds[text_column] if t]
+    values = [t for t in ds[text_column] if t]
+    wrong = next((v for v in values if not isinstance(v, str)), None)
+    if wrong is not None:
+        raise ValueError(f"Column {text_column!r} of {path} holds {type(wrong).__name__} values (e.g. {wrong!r}), "
+                         f"not text: name the text column with --text-column (columns: {ds.column_names}).")
+    return values
 
 
 def _load_hub(name: str, config_name: str | None, split: str, text_column: str, **kwargs) -> list[str]:

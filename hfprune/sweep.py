@@ -123,7 +123,16 @@ def _split_list(value, cast=str) -> list:
         value = [value]
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",")]
-    return [cast(v) for v in value if v != ""]
+    out = []
+    for v in value:
+        if v == "":
+            continue
+        try:
+            out.append(cast(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"{v!r} in {value!r} is not a {cast.__name__}: use a comma-separated list such as "
+                             f"0.3,0.5,0.7.") from None
+    return out
 
 
 # ------------------------------------------------------------------------------------ point runner
@@ -274,6 +283,10 @@ def _grid(methods: Sequence[str], sparsities: Sequence[float], patterns: Sequenc
     for m in methods:
         if m not in known:
             raise ValueError(f"Unknown method {m!r}: use one of {', '.join(known)} (see `hfprune methods`).")
+    if not methods or not patterns or (not sparsities and any(not parse_pattern(p).is_nm for p in patterns)):
+        raise ValueError(f"The grid is empty (methods={list(methods)}, patterns={list(patterns)}, sparsities="
+                         f"{list(sparsities)}): give at least one method (--methods), pattern (--patterns) and, for "
+                         f"unstructured, one sparsity (--sparsities).")
     points = [(DENSE, DENSE, 0.0)]
     for method in methods:
         for pattern in patterns:

@@ -525,3 +525,28 @@ def test_no_tokenizer_needed_for_magnitude_or_self_calibration(tmp_path, caplog)
     assert main(["prune", "--model", str(path), "--method", "wanda", "--calibration", "c4", "--nsamples", "2",
                  "--seqlen", "16", "--output", str(tmp_path / "c4")]) == 2
     assert "has no tokenizer" in caplog.text and "save_pretrained" in caplog.text
+
+
+# --- items 17/18: calibration files that cannot be used say why ----------------------------------
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', "not a readable json file"),
+    ("latin.txt", "caf\xe9 cr\xe8me ".encode("latin1") * 100, "not UTF-8 text"),
+    ("nums.jsonl", b'{"text": 1}\n{"text": 2}\n', "holds int values"),
+])
+def test_unusable_calibration_files_are_messages(model_dir, tmp_path, caplog, name, content, needle):
+    path = tmp_path / name
+    path.write_bytes(content)
+    rc = main(["prune", "--model", str(model_dir), "--calibration", str(path), "--nsamples", "2", "--seqlen", "16",
+               "--method", "wanda", "--output", str(tmp_path / "out")])
+    assert rc == 2 and needle in caplog.text and "Traceback" not in caplog.text
+
+
+# --- item 18: sweep grids that cannot run ---------------------------------------------------------
+
+@pytest.mark.parametrize("flags,needle", [(["--sparsities", "0.5,abc"], "'abc'"), (["--methods", ","], "grid is empty"),
+                                          (["--sparsities", ""], "grid is empty")])
+def test_bad_sweep_grids_fail_before_loading(model_dir, calib_file, tmp_path, caplog, flags, needle):
+    rc = main(["sweep", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "2", "--seqlen",
+               "16", "--methods", "magnitude", "--no-plot", "--output", str(tmp_path / "sw"), *flags])
+    assert rc == 2 and needle in caplog.text
