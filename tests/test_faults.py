@@ -550,3 +550,38 @@ def test_bad_sweep_grids_fail_before_loading(model_dir, calib_file, tmp_path, ca
     rc = main(["sweep", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "2", "--seqlen",
                "16", "--methods", "magnitude", "--no-plot", "--output", str(tmp_path / "sw"), *flags])
     assert rc == 2 and needle in caplog.text
+
+
+# --- item 4: tampered sparse checkpoints are refused --------------------------------------------
+
+def _tamper(folder, key_suffix, fn):
+    from safetensors.torch import load_file, save_file
+
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        hits = [k for k in tensors if k.endswith(key_suffix)]
+        if hits:
+            tensors[hits[0]] = fn(tensors[hits[0]])
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return hits[0]
+    raise AssertionError(f"no tensor ending in {key_suffix}")
+
+
+@pytest.mark.parametrize("pattern,suffix", [("unstructured", "bitmask"), ("2:4", "nm_code"), ("1:16", "nm_index")])
+def test_tampered_sparse_checkpoint_is_refused(tmp_path, pattern, suffix, capfd, caplog):
+    import hfprune
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    hfprune.prune(model, None, hfprune.MagnitudeConfig(pattern=pattern))
+    out = tmp_path / "sparse"
+    hfprune.save_pretrained(model, out, format="sparse")
+    if suffix == "nm_code":  # a byte beyond the 6**3 codes of three 2:4 groups
+        name = _tamper(out, suffix, lambda t: torch.full_like(t, 255))
+    else:  # fewer mask bits / positions than the stored values need
+        name = _tamper(out, suffix, lambda t: t[: t.numel() // 2].clone())
+    with pytest.raises((ValueError, RuntimeError)) as info:  # transformers reports conversion errors as RuntimeError
+        AutoModelForCausalLM.from_pretrained(out)
+    said = str(info.value) + caplog.text + "".join(capfd.readouterr())
+    assert "Damaged hfprune-sparse checkpoint" in said
+    assert name.startswith("model.layers.")

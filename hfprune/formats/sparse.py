@@ -290,7 +290,16 @@ def _store_q(q: torch.Tensor, bits: int) -> torch.Tensor:
     return _pack((q + 8).to(torch.uint8), 4)
 
 
+def _stored_count(stored: torch.Tensor, count: int, what: str) -> None:
+    """The checkpoint holds exactly the ``count`` values its mask or pattern keeps (int4: two a byte)."""
+    have = stored.numel() * (2 if stored.dtype == torch.uint8 else 1)
+    if not count <= have <= count + (1 if stored.dtype == torch.uint8 else 0):
+        raise ValueError(f"Damaged {FORMAT_NAME} checkpoint: {what} keeps {count} values but {have} are stored; "
+                         f"the file was altered or truncated. Save the model again.")
+
+
 def _load_q(stored: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    _stored_count(stored, count, "a quantized weight")
     if stored.dtype == torch.int8:
         return stored.reshape(-1)[:count].to(torch.int32)
     return _unpack(stored, 4, count).to(torch.int32) - 8
@@ -374,25 +383,43 @@ def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: i
         pat = parse_pattern(pattern)
         n, m = pat.n, pat.m
         kept = rows * cols // m * n
+        groups = rows * cols // m
         if "weight_nm_code" in tensors:
             layout = _nm_code_layout(n, m)
             if layout is None:
                 raise ValueError(f"weight_nm_code cannot encode pattern {pat}: the checkpoint is inconsistent.")
-            idx = _decode_nm_code(tensors["weight_nm_code"], rows * cols // m, *layout).view(rows, cols // m, n)
+            packed = tensors["weight_nm_code"]
+            limit = layout[0].shape[0] ** layout[1]
+            if packed.numel() * layout[1] < groups or (packed.numel() and int(packed.long().max()) >= limit):
+                raise ValueError(f"Damaged {FORMAT_NAME} checkpoint: an N:M code holds {packed.numel()} bytes for "
+                                 f"{groups} groups, or a byte out of range (>= {limit}). Save the model again.")
+            idx = _decode_nm_code(packed, groups, *layout).view(rows, cols // m, n)
         else:
-            idx = _unpack(tensors["weight_nm_index"], _index_bits(m), kept).long().view(rows, cols // m, n)
+            packed = tensors["weight_nm_index"]
+            if packed.numel() * (8 // _index_bits(m)) < kept:
+                raise ValueError(f"Damaged {FORMAT_NAME} checkpoint: an N:M index is shorter than its {kept} "
+                                 f"positions. Save the model again.")
+            idx = _unpack(packed, _index_bits(m), kept).long().view(rows, cols // m, n)
+            ordered = idx.sort(-1).values
+            if int(idx.max()) >= m or (n > 1 and bool((ordered[..., 1:] == ordered[..., :-1]).any())):
+                raise ValueError(f"Damaged {FORMAT_NAME} checkpoint: an N:M index names a position outside its "
+                                 f"group of {m} or the same one twice. Save the model again.")
         cols_idx = (idx + torch.arange(0, cols, m, device=dev).view(1, -1, 1)).reshape(rows, -1)
         if quant:
             q = _load_q(vals, bits, kept).view(rows, -1)
             rows_idx = torch.arange(rows, device=dev)[:, None].expand_as(cols_idx)
             v = _dequantize(q, scale, cols_idx, rows_idx, (rows, cols), group_size).to(out_dtype)
         else:
+            _stored_count(vals, kept, f"a {pat} weight")
             v = vals.view(rows, -1).to(out_dtype)
         dense = torch.zeros(rows, cols, dtype=out_dtype, device=dev)
         dense.scatter_(1, cols_idx, v)
         return dense
 
     if "weight_bitmask" in tensors:
+        if tensors["weight_bitmask"].numel() * 8 < rows * cols:
+            raise ValueError(f"Damaged {FORMAT_NAME} checkpoint: a bitmask holds {tensors['weight_bitmask'].numel() * 8} "
+                             f"bits for {rows * cols} weights. Save the model again.")
         mask = _unpack(tensors["weight_bitmask"], 1, rows * cols).bool()
         count = int(mask.sum())
         dense = torch.zeros(rows * cols, dtype=out_dtype, device=dev)
@@ -401,7 +428,8 @@ def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: i
             q = _load_q(vals, bits, count)
             v = _dequantize(q, scale, pos % cols, pos // cols, (rows, cols), group_size)
         else:
-            v = vals.reshape(-1)[:count]
+            _stored_count(vals, count, "a bitmask")
+            v = vals.reshape(-1)
         dense[mask] = v.to(out_dtype)
         return dense.view(rows, cols)
 
