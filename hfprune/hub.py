@@ -36,7 +36,7 @@ def _network_error(endpoint: str, exc: BaseException) -> RuntimeError:
 def _ensure_card(model_dir: Path, repo_id: str) -> None:
     if (model_dir / "README.md").exists():
         return
-    from .card import write_model_card
+    from hfprune.card import write_model_card
 
     config = {}
     if (model_dir / "config.json").is_file():

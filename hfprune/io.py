@@ -149,7 +149,7 @@ def _check_dtypes(model) -> None:
 def _linear_sparsity(model) -> float:
     import torch
 
-    from .formats.sparse import _compress_targets
+    from hfprune.formats.sparse import _compress_targets
 
     targets = _compress_targets(model)
     zeros = numel = 0
@@ -179,7 +179,7 @@ def _validate(model, fmt: str, bits, group_size) -> None:
         raise ValueError("format='compressed-tensors' writes quantized weights: pass bits=4 or bits=8.")
     _check_dtypes(model)
     if fmt == "compressed-tensors" and group_size is not None:
-        from .formats.sparse import _compress_targets
+        from hfprune.formats.sparse import _compress_targets
 
         targets = _compress_targets(model)
         for name, param in model.named_parameters():
@@ -269,11 +269,11 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
         if fmt == "dense":
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
         elif fmt == "sparse":
-            from .formats import save_sparse
+            from hfprune.formats import save_sparse
 
             save_sparse(model, tmp, bits=bits, group_size=group_size, max_shard_size=max_shard_size)
         else:
-            from .formats import save_compressed_tensors
+            from hfprune.formats import save_compressed_tensors
 
             save_compressed_tensors(model, tmp, bits=bits, group_size=group_size, max_shard_size=max_shard_size)
         if tokenizer is not None:
@@ -287,7 +287,7 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
         for name, obj in files.items():
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
         if model_card and (pc is not None or report_dict is not None):
-            from .card import write_model_card
+            from hfprune.card import write_model_card
 
             write_model_card(tmp, base_model=_base_model(model), pruning_config=pc or {}, report=report_dict,
                              eval_results=eval_results, command=command or (pc or {}).get("command"))

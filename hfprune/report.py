@@ -32,7 +32,7 @@ def peak_rss_mb() -> float:
 
 def layer_sparsity_report(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Sparsity of the weight of every named module in ``names`` (all linear layers when ``None``)."""
-    from .architectures import is_linear, weight_matrix
+    from hfprune.arch import is_linear, weight_matrix
 
     out = {}
     modules = dict(model.named_modules())

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import hfprune
 from hfprune.io import save_pretrained, save_pruned
-from hfprune.masks import check_nm
+from hfprune.solvers.masks import check_nm
 
 from conftest import VOCAB, tiny_model
 

@@ -2,8 +2,8 @@
 its transformers quantizer, so ``from_pretrained`` reloads such checkpoints as dense models) and
 the compressed-tensors ``pack-quantized`` export."""
 
-from .compressed_tensors import save_compressed_tensors
-from .sparse import (
+from hfprune.formats.compressed_tensors import save_compressed_tensors
+from hfprune.formats.sparse import (
     FORMAT_NAME,
     HfpruneSparseConfig,
     compress_weight,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .sparse import _compress_targets, _quantize, _state_dict_untied, _write_shards
+from hfprune.formats.sparse import _compress_targets, _quantize, _state_dict_untied, _write_shards
 
 logger = logging.getLogger(__name__)
 

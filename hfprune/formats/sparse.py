@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..masks import check_nm, parse_pattern
+from hfprune.solvers.masks import check_nm, parse_pattern
 
 logger = logging.getLogger(__name__)
 

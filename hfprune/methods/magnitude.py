@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .. import scores
-from ..config import PruningConfig
-from ..registry import register_pruner
-from .base import Pruner
+from hfprune.solvers import scores
+from hfprune.config import PruningConfig
+from hfprune.registry import register_pruner
+from hfprune.methods.base import Pruner
 
 
 @dataclass

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import load_eval_text
-from .runner import module_device
+from hfprune.data import load_eval_text
+from hfprune.core.runner import module_device
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def evaluate(model, tokenizer=None, dataset="wikitext2", **kwargs) -> dict:
 
     Keyword arguments go to :func:`perplexity`.
     """
-    from .report import layer_sparsity_report
+    from hfprune.report import layer_sparsity_report
 
     result = perplexity(model, tokenizer, dataset, **kwargs)
     layers = layer_sparsity_report(model)

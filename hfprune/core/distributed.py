@@ -281,7 +281,7 @@ def shard_windows(n_windows: int, batch_size: int, ctx: DistContext) -> tuple[li
 class ChunkedStats:
     """Statistics summed per chunk of calibration batches (see the module docstring).
 
-    Wraps any accumulator with ``add_batch`` and ``merge`` (``RowNormStats``, ``HessianStats``);
+    Wraps any :class:`~hfprune.stats.Stats` accumulator (``RowNormStats``, ``HessianStats``, ...);
     ``factory()`` makes an empty one. :func:`finalize_stats` turns it into the reduced total.
     """
 
@@ -309,7 +309,7 @@ class ChunkedStats:
         while self._next < below:
             part = self.chunks.pop(self._next, None)
             if part is not None:
-                self.total = part if self.total is None else self.total.merge(part) or self.total
+                self.total = part if self.total is None else self.total.merge(part)
             self._next += 1
 
     def finalize(self) -> Any:
@@ -321,27 +321,9 @@ class ChunkedStats:
             owner = c % self.ctx.world_size
             part = self.chunks.get(c) if owner == self.ctx.rank else None
             part = _broadcast_stats(part, self.factory, owner, self.ctx)
-            total = part if total is None else total.merge(part) or total
+            total = part if total is None else total.merge(part)
         self.chunks = {}
         return total
-
-
-def _tensors(stats) -> dict[str, torch.Tensor]:
-    if hasattr(stats, "state"):
-        return stats.state()
-    if hasattr(stats, "sq_norm"):
-        return {"sq_norm": stats.sq_norm, "tokens": torch.tensor([float(stats.tokens)], dtype=torch.float64,
-                                                                  device=stats.sq_norm.device)}
-    raise TypeError(f"Cannot reduce statistics of type {type(stats).__name__} across processes: give it "
-                    f"state()/load_state() like HessianStats.")
-
-
-def _load(stats, tensors: dict[str, torch.Tensor]) -> None:
-    if hasattr(stats, "load_state"):
-        stats.load_state(tensors)
-    else:
-        stats.sq_norm = tensors["sq_norm"].to(stats.sq_norm.device)
-        stats.tokens = int(tensors["tokens"].item())
 
 
 def _broadcast_stats(part, factory, owner: int, ctx: DistContext):
@@ -349,7 +331,7 @@ def _broadcast_stats(part, factory, owner: int, ctx: DistContext):
     if part is None:
         part = factory()
     dev = _comm_device()
-    local = _tensors(part)
+    local = part.state()
     out = {}
     for key in sorted(local):
         t = local[key]
@@ -357,7 +339,7 @@ def _broadcast_stats(part, factory, owner: int, ctx: DistContext):
         torch.distributed.broadcast(buf, src=owner)
         out[key] = buf.to(t.device)
     if ctx.rank != owner:
-        _load(part, out)
+        part.load_state(out)
     return part
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import PruningConfig
-from ..registry import register_pruner
-from ..solvers.sparsegpt import HessianStats, output_error, sparsegpt_prune
-from .base import Pruner, PruneResult
+from hfprune.config import PruningConfig
+from hfprune.registry import register_pruner
+from hfprune.solvers.sparsegpt import output_error, sparsegpt_prune
+from hfprune.stats import HessianStats
+from hfprune.methods.base import Pruner, PruneResult
 
 
 @dataclass

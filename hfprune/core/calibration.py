@@ -13,8 +13,8 @@ import random
 
 import torch
 
-from .config import CalibrationConfig
-from .data import load_texts
+from hfprune.config import CalibrationConfig
+from hfprune.data import load_texts
 
 logger = logging.getLogger(__name__)
 

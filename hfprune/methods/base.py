@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import PruningConfig
-from ..masks import parse_pattern, prune_count, select_mask
+from hfprune.config import PruningConfig
+from hfprune.solvers.masks import parse_pattern, prune_count, select_mask
 
 __all__ = ["Pruner", "PruneResult"]
 
@@ -42,6 +42,8 @@ class Pruner:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[PruningConfig]] = PruningConfig
     requires_calibration: ClassVar[bool] = False
+    structured: ClassVar[bool] = False
+    """True for methods that change layer shapes (heads, neurons) instead of masking weights."""
 
     def __init__(self, config: PruningConfig):
         if not isinstance(config, self.config_cls):

@@ -16,16 +16,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import get_blocks, get_spec, in_features, find_linears, weight_matrix
-from .calibration import get_calibration_ids
-from .config import CalibrationConfig, PruningConfig
-from .masks import global_budgets, parse_pattern, prune_count
-from .registry import get_pruner_cls
-from .distributed import ChunkedStats, DistContext, finalize_stats, get_context, shard_windows
-from .report import PruneReport, peak_rss_mb
-from .runner import LayerRunner, is_offloaded, module_device
-from .stats import RowNormStats
-from . import scores
+from hfprune.arch import get_blocks, get_spec, in_features, find_linears, weight_matrix
+from hfprune.core.calibration import get_calibration_ids
+from hfprune.config import CalibrationConfig, PruningConfig
+from hfprune.solvers.masks import global_budgets, parse_pattern, prune_count
+from hfprune.registry import get_pruner_cls
+from hfprune.core.distributed import ChunkedStats, DistContext, finalize_stats, get_context, shard_windows
+from hfprune.report import PruneReport, peak_rss_mb
+from hfprune.core.runner import LayerRunner, is_offloaded, module_device
+from hfprune.stats import RowNormStats
+from hfprune.solvers import scores
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[dict[str, nn
 
 def _layer_sparsities(config: PruningConfig, targets: list[dict[str, nn.Module]]) -> dict[str, float]:
     """Target sparsity of every pruned layer (uniform unless ``config.layer_sparsity`` is set)."""
-    from .allocation import expand_layer_sparsity
+    from hfprune.core.allocation import expand_layer_sparsity
 
     result = {name: config.sparsity for block in targets for name in block}
     if config.layer_sparsity is not None:
@@ -192,11 +192,11 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     ``max_memory``/``offload_folder``): the layer runner onloads one block at a time and writes the
     pruned weights back to the offload storage. Under ``accelerate launch``/``torchrun`` (several
     processes) each process calibrates on its share of the windows and the statistics are reduced
-    before pruning, with results identical to one process (:mod:`hfprune.distributed`); the
+    before pruning, with results identical to one process (:mod:`hfprune.core.distributed`); the
     per-layer groups are then always pruned in separate passes (see ``_prune_block``).
 
     Args:
-        model: a transformers causal LM (any architecture in :mod:`hfprune.architectures`).
+        model: a transformers causal LM (any architecture in :mod:`hfprune.arch`).
         tokenizer: its tokenizer (needed for text calibration data).
         config: a method config such as ``WandaConfig(sparsity=0.5, pattern="2:4")``, or a dict
             with a ``method`` key.
@@ -205,7 +205,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
             Ignored by data-free methods (magnitude).
         nsamples, seqlen, seed, batch_size: override the calibration settings.
         progress: show a progress bar over decoder blocks.
-        session: internal (:mod:`hfprune.streaming`): persists finished blocks and resume state.
+        session: internal (:mod:`hfprune.workflows.streaming`): persists finished blocks and resume state.
 
     Example:
         >>> import hfprune, torch
@@ -219,14 +219,12 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     """
     if config is None:
         raise ValueError("Pass a pruning config, e.g. hfprune.WandaConfig(sparsity=0.5).")
-    from .structured import StructuredConfig
-
-    if isinstance(config, StructuredConfig):
-        return _prune_structured(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                 batch_size=batch_size, progress=progress)
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
     pruner = get_pruner_cls(config.method)(config)
+    if pruner.structured:
+        return _prune_structured(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                 batch_size=batch_size, progress=progress)
     spec = get_spec(model)
     blocks = get_blocks(model, spec)
     targets = select_targets(model, config)
@@ -417,7 +415,7 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
 
     ``chunking = (n_chunks, batches_per_chunk, DistContext)`` sums statistics per chunk of
     calibration batches in a fixed order (and reduces them across processes), see
-    :mod:`hfprune.distributed`. With several processes the true-sequential groups are always
+    :mod:`hfprune.core.distributed`. With several processes the true-sequential groups are always
     pruned in separate passes (statistics must be reduced before each group is pruned), never in
     the one-pass mode.
     """
@@ -497,7 +495,7 @@ def _allocation_pass(pruner, runner: LayerRunner, ids: torch.Tensor, targets, co
     * ``owl=True``: OWL's per-block sparsities from each block's outlier ratio
       (``allocation.owl_sparsities``), the parameter-weighted mean equal to ``config.sparsity``.
     """
-    from . import allocation
+    from hfprune.core import allocation
 
     runner.capture(ids)
     blocks = runner.blocks
@@ -554,7 +552,8 @@ def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamp
     or bias compensation needs data), then :func:`hfprune.structured.prune_structured`."""
     import dataclasses
 
-    from .structured import attach_channel_stats, prune_structured
+    from hfprune.methods.structured import prune_structured
+    from hfprune.structured import attach_channel_stats
 
     spec = get_spec(model)
     if is_offloaded(model):

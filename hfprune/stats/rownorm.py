@@ -1,10 +1,4 @@
-"""Calibration statistics accumulated from a layer's inputs (pure torch, no hooks).
-
-Each class has ``add_batch(x)`` where ``x`` is the input of a linear layer with shape
-``[..., in_features]``. Sums are kept in float64 so the result does not depend on how the
-tokens were split into batches (up to float64 rounding), which makes multi-process reduction
-reproducible.
-"""
+"""Wanda's input statistic ``||X_j||_2^2`` (see :mod:`hfprune.stats.base` for the protocol)."""
 
 from __future__ import annotations
 
@@ -29,9 +23,18 @@ class RowNormStats:
         self.sq_norm += x.float().pow(2).sum(dim=0).to(torch.float64)
         self.tokens += x.shape[0]
 
-    def merge(self, other: "RowNormStats") -> None:
+    def merge(self, other: "RowNormStats") -> "RowNormStats":
         self.sq_norm += other.sq_norm.to(self.sq_norm.device)
         self.tokens += other.tokens
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sq_norm": self.sq_norm, "tokens": torch.tensor([float(self.tokens)], dtype=torch.float64,
+                                                                device=self.sq_norm.device)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.sq_norm = state["sq_norm"].to(self.sq_norm.device, torch.float64)
+        self.tokens = int(state["tokens"].item())
 
     @property
     def norm(self) -> torch.Tensor:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .. import scores
-from ..config import PruningConfig
-from ..registry import register_pruner
-from ..stats import RowNormStats
-from .base import Pruner
+from hfprune.solvers import scores
+from hfprune.config import PruningConfig
+from hfprune.registry import register_pruner
+from hfprune.stats import RowNormStats
+from hfprune.methods.base import Pruner
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .architectures import ArchSpec, get_blocks, get_spec
+from hfprune.arch import ArchSpec, get_blocks, get_spec
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class LayerRunner:
 
     Args:
         model: a transformers causal LM.
-        spec: its :class:`~hfprune.architectures.ArchSpec` (looked up when ``None``).
+        spec: its :class:`~hfprune.arch.ArchSpec` (looked up when ``None``).
         batch_size: calibration windows per block call.
         storage_device: where activations live between blocks (default: where the model's
             first block receives them).
@@ -215,7 +215,7 @@ class LayerRunner:
         self.calls: list[list[tuple[tuple, dict]]] = []
         self._out_tuple_len: int | None = None
         # Global calibration batch index of each stored batch (several processes each hold a share)
-        # and the one being run, read by chunked statistics (hfprune.distributed.ChunkedStats).
+        # and the one being run, read by chunked statistics (hfprune.core.distributed.ChunkedStats).
         self.batch_ids: list[int] | None = None
         self.current_batch: int = 0
         # Where write_back() puts a disk-offloaded block: ``f(index, loader) -> path`` or None.

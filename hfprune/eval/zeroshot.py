@@ -83,7 +83,7 @@ def _items(dataset: Iterable, prompt_field: str, choices_field: str, label_field
         mapping = None
     if isinstance(dataset, (str, os.PathLike)):
         raise TypeError("Pass the items (a datasets.Dataset or a list of dicts), not a path: "
-                        "load a file with hfprune.zeroshot.load_task_file(path).")
+                        "load a file with hfprune.eval.zeroshot.load_task_file(path).")
     out: list[Item] = []
     for i, doc in enumerate(dataset):
         if limit is not None and len(out) >= limit:
@@ -402,7 +402,7 @@ def build_cloze_task(texts: Iterable[str], n_items: int, n_choices: int = 4, see
 def cloze_task(source: str = "wikitext2", n_items: int = 500, n_choices: int = 4, seed: int = 0, **kwargs) -> list[dict]:
     """:func:`build_cloze_task` over a text source of :func:`hfprune.data.load_texts` (``"wikitext2"``:
     the WikiText-2 *test* rows, ``"c4"``: the local C4 train documents, a file, a list of strings)."""
-    from .data import load_texts
+    from hfprune.data import load_texts
 
     split = "test" if isinstance(source, str) and source.lower().startswith("wikitext") else "train"
     texts = load_texts(source, split=split)
@@ -504,7 +504,7 @@ def add_cli(subparsers):
         "zeroshot", help="Zero-shot multiple-choice accuracy by log-likelihood.",
         description="Score each choice by the log-likelihood of its tokens after the prompt; report acc and "
                     "acc_norm (divided by the choice's length in characters). cloze-wikitext2 / cloze-c4 are "
-                    "synthetic offline tasks built from local text (see hfprune.zeroshot.build_cloze_task).")
+                    "synthetic offline tasks built from local text (see hfprune.eval.zeroshot.build_cloze_task).")
     p.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
     p.add_argument("--task", default="cloze-wikitext2",
                    help="cloze-wikitext2, cloze-c4, or a local .json/.jsonl file of items.")
@@ -522,7 +522,7 @@ def add_cli(subparsers):
 
 
 def _run_zeroshot(args) -> int:
-    from .models import load_model, load_tokenizer
+    from hfprune.models import load_model, load_tokenizer
 
     task = args.task
     if task.startswith("cloze-"):

@@ -5,8 +5,9 @@ linear layers of a block, the ``[out_features, in_features]`` view of a weight, 
 structured pruning) which projections belong to attention and MLP and which config fields hold
 their sizes.
 
-To support a new family, add one :class:`ArchSpec` to :data:`ARCHITECTURES` (or call
-:func:`register_architecture` from user code) and one row to the architecture test table.
+To support a new family, add one :class:`ArchSpec` to :data:`ARCHITECTURES` (the architecture
+:class:`~hfprune.registry.Registry`; or call :func:`register_architecture` from user code) and one
+row to the architecture test table.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hfprune.registry import ARCHITECTURES
+
 logger = logging.getLogger(__name__)
 
 try:  # GPT-2 style "Conv1D" is a linear layer with a transposed weight ([in, out]).
@@ -25,14 +28,9 @@ except ImportError:  # pragma: no cover - transformers always has it today
     Conv1D = ()
 
 __all__ = [
-    "ArchSpec",
-    "ARCHITECTURES",
-    "register_architecture",
-    "get_spec",
-    "get_blocks",
-    "find_linears",
-    "weight_matrix",
-    "is_linear",
+    "ArchSpec", "ARCHITECTURES", "Conv1D", "register_architecture", "get_spec", "get_blocks", "get_submodule",
+    "find_linears", "weight_matrix", "in_features", "is_linear", "num_heads_of", "num_kv_heads_of", "head_dim_of",
+    "intermediate_size_of", "head_dim_configurable",
 ]
 
 
@@ -81,7 +79,7 @@ class ArchSpec:
 
 _LLAMA_LIKE = ArchSpec(layers="model.layers")
 
-ARCHITECTURES: dict[str, ArchSpec] = {
+ARCHITECTURES.update({
     "llama": ArchSpec(layers="model.layers", attention_bias_attr="attention_bias",
                       mlp_bias_attr="mlp_bias"),
     "mistral": _LLAMA_LIKE,
@@ -105,19 +103,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                          up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", kv_heads_attr=None,
                          head_dim_attr=None, qkv_layout="per_head",
                          attention_bias_attr="attention_bias"),
-}
+})
 
 
 def register_architecture(model_type: str, spec: ArchSpec, *, overwrite: bool = False) -> None:
     """Teach hfprune a new ``config.model_type``.
 
     Example:
-        >>> from hfprune.architectures import ArchSpec, register_architecture
+        >>> from hfprune.arch import ArchSpec, register_architecture
         >>> register_architecture("my_llama", ArchSpec(layers="model.layers"))
     """
-    if model_type in ARCHITECTURES and not overwrite:
-        raise ValueError(f"Architecture {model_type!r} is already registered; pass overwrite=True to replace it.")
-    ARCHITECTURES[model_type] = spec
+    ARCHITECTURES.register(model_type, spec, overwrite=overwrite)
 
 
 def get_spec(model: nn.Module) -> ArchSpec:
@@ -130,7 +126,7 @@ def get_spec(model: nn.Module) -> ArchSpec:
             f"hfprune does not know the layout of model type {model_type!r} (known: {known}). "
             f"Add it with `hfprune.register_architecture({model_type!r}, "
             f"ArchSpec(layers='<path to the decoder block ModuleList, e.g. model.layers>'))`, "
-            f"or add an entry to ARCHITECTURES in hfprune/architectures.py."
+            f"or add an entry to ARCHITECTURES in hfprune/arch/base.py."
         )
     return ARCHITECTURES[model_type]
 

@@ -84,7 +84,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _fingerprint(model_path: Path, config, calibration, dtype, world_size: int) -> str:
-    from .engine import resolve_calibration
+    from hfprune.core.engine import resolve_calibration
 
     calib = resolve_calibration(calibration)
     cal = calib.to_dict()
@@ -101,7 +101,7 @@ def _fingerprint(model_path: Path, config, calibration, dtype, world_size: int) 
 
 
 class _Session:
-    """Persists finished blocks and resume state for :func:`hfprune.engine.prune`."""
+    """Persists finished blocks and resume state for :func:`hfprune.core.engine.prune`."""
 
     def __init__(self, work: Path, ctx, fingerprint: str, layers_prefix: str, n_blocks: int,
                  expected: list[set[str]], low_memory: bool, resume: bool):
@@ -229,12 +229,12 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, config
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .architectures import get_blocks, get_spec
-    from .config import PruningConfig
-    from .distributed import get_context
-    from .engine import prune
-    from .io import check_output_dir
-    from .models import _parse_dtype, load_tokenizer, resolve_model_path
+    from hfprune.arch import get_blocks, get_spec
+    from hfprune.config import PruningConfig
+    from hfprune.core.distributed import get_context
+    from hfprune.core.engine import prune
+    from hfprune.io import check_output_dir
+    from hfprune.models import _parse_dtype, load_tokenizer, resolve_model_path
 
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
@@ -290,7 +290,7 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, config
     if command:
         net.config.pruning_config["command"] = command
     extra = after_prune(net, tokenizer) if after_prune is not None else {}
-    from .report import peak_rss_mb
+    from hfprune.report import peak_rss_mb
 
     report.peak_rss_mb = max(report.peak_rss_mb, peak_rss_mb())  # includes loading and evaluation
     if torch.cuda.is_available():
@@ -327,10 +327,10 @@ def _disk_device_map(skeleton, layers: str, n_blocks: int) -> dict[str, str]:
 def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str, str], output, overwrite: bool,
               extra: dict[str, Any]) -> None:
     """Move the block shards into the output with the other tensors, index, config and tokenizer."""
-    from .io import atomic_output_dir
+    from hfprune.io import atomic_output_dir
 
     work = session.work
-    from .runner import LayerRunner
+    from hfprune.core.runner import LayerRunner
 
     in_blocks = set().union(*session.expected)
     rest_keys = [k for k in weight_map if k not in in_blocks]
@@ -387,7 +387,7 @@ def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str,
         (tmp / "pruning_report.json").write_text(json.dumps(report_dict, indent=2, default=str) + "\n")
         for fname, obj in extra.items():
             (tmp / fname).write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        from .card import write_model_card
+        from hfprune.card import write_model_card
 
         pc = model.config.pruning_config
         write_model_card(tmp, base_model=pc.get("base_model"), pruning_config=pc, report=report_dict,
@@ -419,14 +419,14 @@ def run_cli(args, config, calibration):
     after = None
     if getattr(args, "eval", False):
         def after(model, tokenizer):
-            from .distributed import get_context
-            from .evaluation import perplexity
+            from hfprune.core.distributed import get_context
+            from hfprune.eval.perplexity import perplexity
 
             if not get_context().is_main:
                 return {}
             return {"eval_results.json": perplexity(model, tokenizer, "wikitext2", seqlen=args.eval_seqlen,
                                                     max_windows=args.max_windows, progress=sys.stderr.isatty())}
-    from .distributed import get_context
+    from hfprune.core.distributed import get_context
 
     report = prune_checkpoint(args.model, args.output, config, calibration, dtype=args.dtype,
                               low_memory=args.low_memory, resume=args.resume, overwrite=args.overwrite,

@@ -95,7 +95,7 @@ def _run_prune(args) -> int:
     import torch  # noqa: F401
 
     import hfprune
-    from hfprune.engine import resolve_calibration
+    from hfprune.core.engine import resolve_calibration
     from hfprune.io import check_output_dir
     from hfprune.recipes import build_configs, read_recipe
 
@@ -120,18 +120,18 @@ def _run_prune(args) -> int:
                        "seed": args.seed, "batch_size": args.batch_size, "split": args.split,
                        "text_column": args.text_column}
     config, calibration = build_configs(data, overrides, calib_overrides)
-    from hfprune.distributed import requested_cpu_processes, start_cpu_workers
+    from hfprune.core.distributed import requested_cpu_processes, start_cpu_workers
 
     start_cpu_workers(requested_cpu_processes())  # `accelerate launch --cpu --num_processes N` without mpirun
     if args.low_memory or args.resume:
-        from hfprune.streaming import run_cli
+        from hfprune.workflows.streaming import run_cli
 
         report = run_cli(args, config, resolve_calibration(calibration))
         if report is not None:  # process 0
             print(report)
             print(f"saved to {args.output}")
         return 0
-    from hfprune.distributed import get_context
+    from hfprune.core.distributed import get_context
 
     is_main = get_context().is_main  # under `accelerate launch`, only process 0 evaluates and writes
     model = hfprune.load_model(args.model, dtype=args.dtype)
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     # Subcommands that live next to their feature: each module has add_cli(subparsers).
-    for module_name in ("hfprune.hub", "hfprune.recovery", "hfprune.sweep", "hfprune.zeroshot"):
+    for module_name in ("hfprune.hub", "hfprune.workflows.recovery", "hfprune.workflows.sweep", "hfprune.eval.zeroshot"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
@@ -210,5 +210,3 @@ def main(argv=None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())

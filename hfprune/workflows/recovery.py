@@ -7,7 +7,7 @@ evaluates perplexity on a *different* text (WikiText-2 by default) every ``eval_
 at ``max_steps`` or when the ``max_minutes`` wall-clock budget is spent, checks that no pruned
 weight came back, and saves atomically (model + tokenizer + ``recovery_report.json``)::
 
-    from hfprune.recovery import RecoveryArguments, recover
+    from hfprune.workflows.recovery import RecoveryArguments, recover
     result = recover(model, tokenizer, RecoveryArguments(max_steps=200, lora=True, output="out"))
 
 Command line (``hfprune recover``; every :class:`RecoveryArguments` field is a flag, and
@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from .training import MaskPreservingCallback, canonical_name, masks_from_zeros, sparsity_report
+from hfprune.training import MaskPreservingCallback, canonical_name, masks_from_zeros, sparsity_report
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class _WindowDataset(torch.utils.data.Dataset):
 def _same_source(a, b) -> bool:
     if not isinstance(a, (str, os.PathLike)) or not isinstance(b, (str, os.PathLike)):
         return False
-    from .data import _ALIASES
+    from hfprune.data import _ALIASES
 
     def norm(x):
         x = os.fspath(x)
@@ -271,7 +271,7 @@ class RecoveryLogCallback(TrainerCallback):
             return
         if self.evals and self.evals[-1]["step"] == step:
             return
-        from .evaluation import perplexity
+        from hfprune.eval.perplexity import perplexity
 
         t0 = time.perf_counter()
         res = perplexity(model, self.tokenizer, seqlen=self.eval_seqlen, max_windows=self.eval_max_windows,
@@ -368,7 +368,7 @@ def check_masks(model, masks: dict[str, torch.Tensor]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def _load_train_texts(args: RecoveryArguments) -> list[str]:
-    from .data import load_texts
+    from hfprune.data import load_texts
 
     if args.eval_enabled and _same_source(args.dataset, args.eval_dataset):
         raise ValueError(f"The training data set ({args.dataset}) is the evaluation text ({args.eval_dataset}): "
@@ -437,8 +437,8 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
     """
     from transformers import PrinterCallback, Trainer
 
-    from .io import atomic_output_dir, check_output_dir
-    from .training import DistillationTrainer, merge_lora_keep_sparsity
+    from hfprune.io import atomic_output_dir, check_output_dir
+    from hfprune.training import DistillationTrainer, merge_lora_keep_sparsity
 
     args = args if args is not None else RecoveryArguments()
     if args.output is not None:
@@ -469,7 +469,7 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
                     windows.shape[0], args.max_steps, needed)
     eval_ids = None
     if args.eval_enabled:
-        from .evaluation import eval_token_ids
+        from hfprune.eval.perplexity import eval_token_ids
 
         eval_ids = eval_token_ids(tokenizer, args.eval_dataset)
 
@@ -630,9 +630,9 @@ def arguments_from(recipe: dict | None = None, overrides: dict | None = None) ->
 
 
 def _cmd_recover(ns) -> int:
-    from .io import check_output_dir
-    from .models import load_model, load_tokenizer
-    from .recipes import read_recipe
+    from hfprune.io import check_output_dir
+    from hfprune.models import load_model, load_tokenizer
+    from hfprune.recipes import read_recipe
 
     names = {f.name for f in dataclasses.fields(RecoveryArguments)}
     recipe = read_recipe(ns.recipe) if getattr(ns, "recipe", None) else {}

@@ -133,7 +133,7 @@ class _PointRunner:
     def __init__(self, model_or_loader, tokenizer=None, *, calibration="c4", nsamples=None, seqlen=None, seed=None,
                  eval_dataset="wikitext2", eval_seqlen=2048, max_windows=None, dtype=None,
                  method_kwargs: dict[str, dict] | None = None):
-        from .models import load_model, load_tokenizer
+        from hfprune.models import load_model, load_tokenizer
 
         self.model_label = None
         if isinstance(model_or_loader, (str, os.PathLike)):
@@ -175,7 +175,7 @@ class _PointRunner:
             self.dense_state[name] = by_ptr[key]
 
     def settings(self) -> dict:
-        from .engine import resolve_calibration
+        from hfprune.core.engine import resolve_calibration
 
         calib = resolve_calibration(self.calibration, **self.calib_overrides)
         return {
@@ -192,8 +192,8 @@ class _PointRunner:
 
     def calibration_ids(self) -> torch.Tensor:
         if self._calib_ids is None:
-            from .calibration import get_calibration_ids
-            from .engine import resolve_calibration
+            from hfprune.core.calibration import get_calibration_ids
+            from hfprune.core.engine import resolve_calibration
 
             calib = resolve_calibration(self.calibration, **self.calib_overrides)
             self.restore()
@@ -203,7 +203,7 @@ class _PointRunner:
 
     def eval_ids(self) -> torch.Tensor:
         if self._eval_ids is None:
-            from .evaluation import eval_token_ids
+            from hfprune.eval.perplexity import eval_token_ids
 
             if self.tokenizer is None and not isinstance(self.eval_dataset, torch.Tensor):
                 raise ValueError("Evaluating on text needs a tokenizer: pass tokenizer= (or token ids as eval_dataset).")
@@ -217,8 +217,8 @@ class _PointRunner:
             del self.model.config.pruning_config
 
     def config(self, method: str, pattern: str, sparsity: float):
-        from .config import PruningConfig
-        from .masks import parse_pattern
+        from hfprune.config import PruningConfig
+        from hfprune.solvers.masks import parse_pattern
 
         data = {"method": method, "pattern": pattern, **self.method_kwargs.get(method, {})}
         if not parse_pattern(pattern).is_nm:
@@ -227,9 +227,9 @@ class _PointRunner:
 
     def run(self, method: str, pattern: str, sparsity: float) -> dict:
         """Restore the dense weights, prune (unless ``method == "dense"``) and measure perplexity."""
-        from .engine import prune
-        from .evaluation import perplexity
-        from .registry import get_pruner_cls
+        from hfprune.core.engine import prune
+        from hfprune.eval.perplexity import perplexity
+        from hfprune.registry import get_pruner_cls
 
         start = time.perf_counter()
         self.restore()
@@ -258,8 +258,8 @@ def _key(method: str, pattern: str, sparsity: float) -> str:
 
 
 def _grid(methods: Sequence[str], sparsities: Sequence[float], patterns: Sequence[str]) -> list[tuple[str, str, float]]:
-    from .masks import parse_pattern
-    from .registry import available_methods
+    from hfprune.solvers.masks import parse_pattern
+    from hfprune.registry import available_methods
 
     known = available_methods()
     for m in methods:
@@ -528,7 +528,7 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
         "budget_ppl", "converged", "probes": [{"step", "phase", "sparsity", "perplexity",
         "within_budget", ...}], ...}``.
     """
-    from .masks import parse_pattern
+    from hfprune.solvers.masks import parse_pattern
 
     if (max_ppl_increase is None) == (max_ppl is None):
         raise ValueError("Give exactly one budget: max_ppl_increase (relative, e.g. 0.1 for +10 %) or "
