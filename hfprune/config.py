@@ -44,7 +44,8 @@ class PruningConfig:
     )
     scope: str = field(
         default="row",
-        metadata={"help": "Comparison group for unstructured masks: 'row' (per output row), 'layer' (per matrix) or 'global' (all pruned layers)."},
+        metadata={"help": "Comparison group for unstructured masks: 'row' (per output row), 'layer' (per matrix) or 'global' (all pruned layers).",
+                  "choices": SCOPES},
     )
     targets: list[str] = field(
         default_factory=lambda: [r".*"],

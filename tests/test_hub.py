@@ -319,7 +319,7 @@ def test_bad_inputs(tmp_path):
 def test_cli_parser():
     import argparse
 
-    from hfprune.hub import _cmd_push, add_cli
+    from hfprune.cli.push import _cmd_push, add_cli
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hfprune.workflows import sweep as sweep_mod
-from hfprune.workflows.sweep import add_cli, format_table, read_jsonl, search, sweep
+from hfprune.cli.sweep import add_cli
+from hfprune.workflows.sweep import format_table, read_jsonl, search, sweep
 
 from conftest import VOCAB, tiny_model
 

@@ -8,56 +8,41 @@ import logging
 import shlex
 import sys
 
+from hfprune.cli import push, recover, sweep, zeroshot
+from hfprune.cli.flags import add_fields
+
 logger = logging.getLogger("hfprune.cli")
 
 
+def _comma_floats(value: str) -> list[float]:
+    return [float(x) for x in value.split(",")]
+
+
 def _add_prune(sub) -> None:
+    from hfprune.config import CalibrationConfig, PruningConfig
+    from hfprune.formats import FORMATS
+    from hfprune.methods import SparseGPTConfig, StructuredConfig
+
     p = sub.add_parser("prune", help="Prune a model and save it.",
                        description="Prune a causal LM one decoder block at a time and save a standard checkpoint.")
     p.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
     p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); the flags below override its values.")
     p.add_argument("--method", help="Pruning method (see `hfprune methods`).")
-    p.add_argument("--sparsity", type=float, help="Fraction of weights removed per layer, in [0, 1).")
-    p.add_argument("--pattern", help="'unstructured' or N:M such as 2:4.")
-    p.add_argument("--scope", choices=["row", "layer", "global"], help="Comparison group for unstructured masks.")
-    p.add_argument("--targets", nargs="+", help="Regexes of linear layers to prune (default: all in the decoder blocks).")
-    p.add_argument("--ignore", nargs="+", help="Regexes of linear layers to keep dense.")
-    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, dest="true_sequential", default=None,
-                   help="Prune the layers of a block in call order, each from inputs through the already pruned "
-                        "layers (default for sparsegpt); --no-true-sequential scores every layer from the dense "
-                        "block's inputs (default for wanda, as in its paper).")
-    p.add_argument("--layer-sparsity", dest="layer_sparsity", type=lambda v: [float(x) for x in v.split(",")],
-                   help="Comma list with one sparsity per decoder block (non-uniform).")
-    p.add_argument("--owl", action="store_true", default=None, help="OWL outlier-weighted per-block sparsity.")
-    p.add_argument("--owl-m", type=float, dest="owl_m", help="OWL outlier threshold M (default 5).")
-    p.add_argument("--owl-lambda", type=float, dest="owl_lambda", help="OWL sparsity range lambda (default 0.08).")
-    p.add_argument("--block-size", type=int, dest="block_size", help="SparseGPT column block size (default 128).")
-    p.add_argument("--dampening", type=float, help="SparseGPT Hessian dampening fraction (default 0.01).")
-    p.add_argument("--act-order", action="store_true", dest="act_order", default=None,
-                   help="SparseGPT: solve input columns by decreasing Hessian diagonal (N:M: whole groups).")
+    # Method and calibration flags come from the config dataclasses (help text in their field metadata).
+    method_keys = add_fields(p, PruningConfig, extra={"layer_sparsity": {"type": _comma_floats, "nargs": None}})
+    method_keys += add_fields(p, SparseGPTConfig, only=("block_size", "dampening", "act_order"))
     p.add_argument("--bits", type=int, choices=[4, 8], help="Quantize kept weights: jointly with sparsegpt, and/or "
                                                            "stored as int8/int4 by --format sparse.")
     p.add_argument("--group-size", type=int, dest="group_size", help="Quantization group size (default: per channel).")
-    p.add_argument("--format", choices=["dense", "sparse", "compressed-tensors"], default="dense",
+    p.add_argument("--format", choices=list(FORMATS), default="dense",
                    help="Checkpoint format: dense save_pretrained, hfprune's compressed sparse format (reloads "
                         "after `import hfprune`), or compressed-tensors int4/int8 for vLLM.")
     p.add_argument("--target", help="Structured pruning: heads, mlp or heads,mlp (physically removes them; "
                                     "--method is then the importance: magnitude, wanda or fluctuation).")
-    p.add_argument("--heads-ratio", type=float, dest="heads_ratio", help="Fraction of attention heads removed.")
-    p.add_argument("--mlp-ratio", type=float, dest="mlp_ratio", help="Fraction of MLP neurons removed.")
+    method_keys += add_fields(p, StructuredConfig, only=("heads_ratio", "mlp_ratio", "gqa_mode", "bias_compensation"))
     p.add_argument("--non-uniform", action="store_true", default=None, dest="non_uniform",
                    help="Structured: per-block counts from a global ranking (reload with hfprune).")
-    p.add_argument("--gqa-mode", choices=["per_group", "whole_group"], dest="gqa_mode",
-                   help="Structured heads with GQA: equal query heads per KV group, or whole KV groups.")
-    p.add_argument("--bias-compensation", action="store_true", default=None, dest="bias_compensation",
-                   help="Structured: FLAP bias compensation for removed channels.")
-    p.add_argument("--calibration", help="c4, wikitext2, self, a data file, or a Hub data set name.")
-    p.add_argument("--nsamples", type=int, help="Calibration windows (default 128).")
-    p.add_argument("--seqlen", type=int, help="Tokens per calibration window (default 2048).")
-    p.add_argument("--seed", type=int, help="Calibration sampling seed (default 0).")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="Calibration windows per block call (default: chosen from memory and pass count; see CalibrationConfig.batch_size).")
-    p.add_argument("--split", help="Calibration data set split (default train).")
-    p.add_argument("--text-column", dest="text_column", help="Calibration text column (default text).")
+    calib_keys = add_fields(p, CalibrationConfig, skip=("config_name",), flags={"dataset": ["--calibration"]})
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--output", required=True, help="Output folder for the pruned checkpoint.")
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
@@ -70,7 +55,7 @@ def _add_prune(sub) -> None:
                                                        "(recorded in eval_results.json and the model card).")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
-    p.set_defaults(func=_run_prune)
+    p.set_defaults(func=_run_prune, method_keys=method_keys + ["method", "target", "non_uniform"], calib_keys=calib_keys)
 
 
 def _add_eval(sub) -> None:
@@ -101,13 +86,7 @@ def _run_prune(args) -> int:
 
     check_output_dir(args.output, args.overwrite)  # fail before the slow part
     data = read_recipe(args.recipe) if args.recipe else {}
-    overrides = {"method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "scope": args.scope,
-                 "targets": args.targets, "ignore": args.ignore, "target": args.target, "heads_ratio": args.heads_ratio,
-                 "mlp_ratio": args.mlp_ratio, "non_uniform": args.non_uniform, "gqa_mode": args.gqa_mode,
-                 "bias_compensation": args.bias_compensation, "true_sequential": args.true_sequential,
-                 "layer_sparsity": args.layer_sparsity, "owl": args.owl, "owl_m": args.owl_m,
-                 "owl_lambda": args.owl_lambda, "block_size": args.block_size, "dampening": args.dampening,
-                 "act_order": args.act_order}
+    overrides = {k: getattr(args, k) for k in args.method_keys}
     method = args.method or data.get("method")
     if method == "sparsegpt":
         overrides.update(bits=args.bits, group_size=args.group_size)
@@ -116,17 +95,13 @@ def _run_prune(args) -> int:
                          "or jointly with --method sparsegpt: add one of those.")
     if args.pattern and args.pattern != "unstructured" and args.sparsity is None:
         data.pop("sparsity", None)
-    calib_overrides = {"dataset": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                       "seed": args.seed, "batch_size": args.batch_size, "split": args.split,
-                       "text_column": args.text_column}
+    calib_overrides = {k: getattr(args, k) for k in args.calib_keys}
     config, calibration = build_configs(data, overrides, calib_overrides)
     from hfprune.core.distributed import requested_cpu_processes, start_cpu_workers
 
     start_cpu_workers(requested_cpu_processes())  # `accelerate launch --cpu --num_processes N` without mpirun
     if args.low_memory or args.resume:
-        from hfprune.workflows.streaming import run_cli
-
-        report = run_cli(args, config, resolve_calibration(calibration))
+        report = _run_streaming(args, config, resolve_calibration(calibration))
         if report is not None:  # process 0
             print(report)
             print(f"saved to {args.output}")
@@ -145,8 +120,8 @@ def _run_prune(args) -> int:
         return 0
     if args.eval:
         extra["after"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
-    model.config.pruning_config["command"] = "hfprune " + " ".join(shlex.quote(a) for a in args.argv)
-    model.config.pruning_config["base_model"] = str(args.model)
+    report.command = "hfprune " + " ".join(shlex.quote(a) for a in args.argv)
+    report.base_model = str(args.model)
     hfprune.save_pretrained(model, args.output, format=args.format,
                             bits=args.bits if args.format != "dense" else None,
                             group_size=args.group_size if args.format != "dense" else None,
@@ -158,6 +133,34 @@ def _run_prune(args) -> int:
               f"{extra['before']['perplexity']:.3f} -> {after['perplexity']:.3f}")
     print(f"saved to {args.output}")
     return 0
+
+
+def _run_streaming(args, config, calibration):
+    """``hfprune prune --low-memory / --resume``: returns the report on process 0, else ``None``."""
+    from hfprune.workflows.streaming import prune_checkpoint
+
+    if getattr(args, "format", "dense") != "dense":
+        raise ValueError("--low-memory / --resume write dense safetensors shards: drop --format, or convert the "
+                         "output afterwards with hfprune.save_pretrained(..., format=...).")
+    if getattr(args, "target", None):
+        raise ValueError("--low-memory / --resume support unstructured and N:M pruning, not structured --target.")
+    after = None
+    if getattr(args, "eval", False):
+        def after(model, tokenizer):
+            from hfprune.core.distributed import get_context
+            from hfprune.eval.perplexity import perplexity
+
+            if not get_context().is_main:
+                return {}
+            return {"eval_results.json": perplexity(model, tokenizer, "wikitext2", seqlen=args.eval_seqlen,
+                                                    max_windows=args.max_windows, progress=sys.stderr.isatty())}
+    from hfprune.core.distributed import get_context
+
+    report = prune_checkpoint(args.model, args.output, config, calibration, dtype=args.dtype,
+                              low_memory=args.low_memory, resume=args.resume, overwrite=args.overwrite,
+                              progress=sys.stderr.isatty(),
+                              command="hfprune " + " ".join(shlex.quote(a) for a in args.argv), after_prune=after)
+    return report if get_context().is_main else None
 
 
 def _run_eval(args) -> int:
@@ -182,16 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_eval(sub)
     _add_methods(sub)
-    import importlib
-
-    # Subcommands that live next to their feature: each module has add_cli(subparsers).
-    for module_name in ("hfprune.hub", "hfprune.workflows.recovery", "hfprune.workflows.sweep", "hfprune.eval.zeroshot"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
+    for module in (push, recover, sweep, zeroshot):  # one file per further subcommand in hfprune/cli/
         module.add_cli(sub)
     return parser
 

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from hfprune.arch import get_blocks, get_spec, in_features, find_linears, weight_matrix
 from hfprune.core.calibration import get_calibration_ids
 from hfprune.config import CalibrationConfig, PruningConfig
-from hfprune.solvers.masks import global_budgets, parse_pattern, prune_count
+from hfprune.solvers.masks import global_budgets, parse_pattern
 from hfprune.registry import get_pruner_cls
 from hfprune.core.distributed import ChunkedStats, DistContext, finalize_stats, get_context, shard_windows
-from hfprune.report import PruneReport, peak_rss_mb
+from hfprune.report import PruneReport, count_zeros, peak_rss_mb, zero_counts
 from hfprune.core.runner import LayerRunner, is_offloaded, module_device
 from hfprune.stats import RowNormStats
 from hfprune.solvers import scores
@@ -120,7 +120,7 @@ def _unique_param_zeros(module: nn.Module) -> tuple[int, int]:
         if id(p) in seen or p.device.type == "meta":
             continue
         seen.add(id(p))
-        zeros += _count_zeros(p.data)
+        zeros += count_zeros(p.data)
         total += p.numel()
     return zeros, total
 
@@ -130,20 +130,11 @@ def _unique_param_sparsity(model: nn.Module) -> float:
     return zeros / max(1, total)
 
 
-def _count_zeros(t: torch.Tensor, chunk: int = 1 << 20) -> int:
-    """Zeros in ``t``, a slice at a time (a whole-tensor comparison costs several bytes per element)."""
-    flat = t.detach().reshape(-1)
-    return sum(int((flat[s:s + chunk] == 0).sum().item()) for s in range(0, flat.numel(), chunk))
-
-
 def _block_report(model: nn.Module, block: nn.Module, block_targets: dict[str, nn.Module], i: int,
                   layers: dict, counts: dict) -> None:
     """Per-layer sparsity of block ``i`` and zero counts over all its parameters, while it is onloaded
     (the same rows as :func:`~hfprune.report.layer_sparsity_report`)."""
-    for name, module in block_targets.items():
-        W = weight_matrix(module)
-        zeros = _count_zeros(W)
-        layers[name] = {"sparsity": zeros / W.numel(), "zeros": zeros, "numel": W.numel(), "shape": list(W.shape)}
+    layers.update(zero_counts(((n, weight_matrix(m)) for n, m in block_targets.items()), shape=True)["layers"])
     counts[i] = list(_unique_param_zeros(block))
 
 
@@ -170,7 +161,7 @@ def _sparsity_from_counts(runner: LayerRunner, counts: dict[int, list[int]]) -> 
         seen.update(id(p) for p in params)
         with runner.materialize(module):
             for p in module.parameters(recurse=False):
-                zeros += _count_zeros(p.data)
+                zeros += count_zeros(p.data)
                 total += p.numel()
     return zeros / max(1, total)
 
@@ -276,45 +267,23 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
             runner.capture(ids)
             if resume and first < len(blocks):
                 _restore_hidden(runner, resume["hidden"])
-            scope = "layer" if config.scope == "global" else config.scope
-            bar = tqdm(range(first, len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
-            for i in bar:
-                with runner.onload(i) as handle:
-                    infos: dict[str, dict] = {}
-                    _prune_block(runner, i, targets[i], pruner, sparsities, scope, config.true_sequential,
-                                 last=i == len(blocks) - 1, chunking=chunking, infos=infos)
-                    _block_report(model, blocks[i], targets[i], i, layers, counts)
-                    for name, info in infos.items():
-                        layers[name].update(info)
-                    handle.write_back()
-                if session is not None:
-                    session.block_done(i, runner, sparsities=sparsities, layers=layers, block_counts=counts)
-            runner.release()
-        else:
-            if config.scope == "global" and not config.owl and not resume:
-                all_scores, numels = {}, {}
-                for i, block_targets in enumerate(targets):
-                    with runner.onload(i):
-                        for name, m in block_targets.items():
-                            score = pruner.score(weight_matrix(m), None)
-                            all_scores[name] = score.cpu() if offloaded else score
-                            numels[name] = weight_matrix(m).numel()
-                budgets = global_budgets(all_scores, config.sparsity)
-                del all_scores
-                sparsities = {name: budgets[name] / numels[name] for name in numels}
-                _warn_full_layers(sparsities)
-            scope = "layer" if config.scope == "global" else config.scope
-            bar = tqdm(range(first, len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
-            for i in bar:
-                with runner.onload(i) as handle:
-                    for name, module in targets[i].items():
-                        W = weight_matrix(module)
-                        result = pruner.prune_weight(W, None, sparsities[name], scope)
-                        _apply(W, result.pruned, result.weight)
-                    _block_report(model, blocks[i], targets[i], i, layers, counts)
-                    handle.write_back()
-                if session is not None:
-                    session.block_done(i, None, sparsities=sparsities, layers=layers, block_counts=counts)
+        elif config.scope == "global" and not config.owl and not resume:
+            sparsities = _data_free_budgets(pruner, runner, targets, config.sparsity, offloaded)
+        scope = "layer" if config.scope == "global" else config.scope
+        bar = tqdm(range(first, len(blocks)), desc=f"hfprune {config.method}", disable=not progress, unit="block")
+        for i in bar:  # the one block loop: onload, prune (running the block when the method needs data), record
+            with runner.onload(i) as handle:
+                infos: dict[str, dict] = {}
+                _prune_block(runner, i, targets[i], pruner, sparsities, scope, config.true_sequential,
+                             last=i == len(blocks) - 1, chunking=chunking, infos=infos)
+                _block_report(model, blocks[i], targets[i], i, layers, counts)
+                for name, info in infos.items():
+                    layers[name].update(info)
+                handle.write_back()
+            if session is not None:
+                session.block_done(i, runner if pruner.requires_calibration else None, sparsities=sparsities,
+                                   layers=layers, block_counts=counts)
+        runner.release()
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
@@ -346,13 +315,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         model_sparsity=(_unique_param_sparsity(model) if not offloaded and not resume
                         else _sparsity_from_counts(runner, counts)),
         blocks=block_rows,
+        pattern=config.pattern,
     )
-    model.config.pruning_config = {
-        **config.to_dict(),
-        "achieved_sparsity": report.sparsity,
-        "layer_sparsity": {n: round(v["sparsity"], 6) for n, v in layers.items()},
-        "calibration": report.calibration,
-    }
+    model.config.pruning_config = report.pruning_config()  # serialised into config.json; nothing reads it back
     logger.info("%s", report)
     return report
 
@@ -419,6 +384,17 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
     pruned in separate passes (statistics must be reduced before each group is pruned), never in
     the one-pass mode.
     """
+    def prune_one(name, module, stats):
+        W = weight_matrix(module)
+        result = pruner.prune_weight(W, stats, sparsities[name], scope)
+        _apply(W, result.pruned, result.weight)
+        if infos is not None and result.info:
+            infos[name] = result.info
+
+    if not pruner.requires_calibration:  # data-free: nothing to run
+        for name, module in block_targets.items():
+            prune_one(name, module, None)
+        return
     if not block_targets:
         if not last:
             runner.run(i, update=True)
@@ -433,13 +409,6 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
             return plain_stats(module)
         n_chunks, size, _ = chunking
         return ChunkedStats(lambda: plain_stats(module), runner, n_chunks, size, ctx)
-
-    def prune_one(name, module, stats):
-        W = weight_matrix(module)
-        result = pruner.prune_weight(W, stats, sparsities[name], scope)
-        _apply(W, result.pruned, result.weight)
-        if infos is not None and result.info:
-            infos[name] = result.info
 
     if true_sequential and runner.num_batches == 1 and not ctx.enabled:
         # One pass: each layer is pruned right before its first use, from inputs that already
@@ -478,6 +447,21 @@ def _check_called(modules: dict[str, nn.Module], seen) -> None:
             f"Layer(s) {missing} never ran during calibration, so they cannot be pruned with data: "
             f"add them to `ignore`."
         )
+
+
+def _data_free_budgets(pruner, runner: LayerRunner, targets, sparsity: float, offloaded: bool) -> dict[str, float]:
+    """``scope="global"`` for a data-free method: one ranking of its scores across all pruned layers."""
+    all_scores, numels = {}, {}
+    for i, block_targets in enumerate(targets):
+        with runner.onload(i):
+            for name, m in block_targets.items():
+                score = pruner.score(weight_matrix(m), None)
+                all_scores[name] = score.cpu() if offloaded else score
+                numels[name] = weight_matrix(m).numel()
+    budgets = global_budgets(all_scores, sparsity)
+    result = {name: budgets[name] / numels[name] for name in numels}
+    _warn_full_layers(result)
+    return result
 
 
 def _warn_full_layers(sparsities: dict[str, float]) -> None:
@@ -595,9 +579,7 @@ def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamp
                 for i, b in enumerate(result["blocks"])],
         structured=result,
     )
-    model.config.pruning_config = {**cfg, "params_before": result["params_before"],
-                                   "params_after": result["params_after"], "reload_with": result["reload_with"],
-                                   "calibration": report.calibration}
+    model.config.pruning_config = report.pruning_config()
     logger.info("Structured pruning removed %.1f%% of the parameters (%d -> %d) in %.1f s.", 100 * removed,
                 result["params_before"], result["params_after"], elapsed)
     return report

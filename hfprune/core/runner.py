@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from hfprune.arch import ArchSpec, get_blocks, get_spec
+from hfprune.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +170,7 @@ class OnloadedBlock:
                 f"hfprune-{abs(hash(tuple(disk))) % 10**8:08d}.safetensors"
             path = Path(folder) / name
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(disk, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp, tensors=disk: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         for key, value in disk.items():
             loader.index[key] = {"safetensors_file": str(path), "weight_name": key,
                                  "dtype": str(value.dtype).replace("torch.", "")}

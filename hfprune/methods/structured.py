@@ -84,12 +84,15 @@ class StructuredConfig:
 
     method: ClassVar[str] = "structured"
 
-    heads_ratio: float = 0.0
-    mlp_ratio: float = 0.0
-    importance: str = "magnitude"
-    uniform: bool = True
-    gqa_mode: str = "per_group"
-    bias_compensation: bool = False
+    heads_ratio: float = field(default=0.0, metadata={"help": "Fraction of attention heads removed."})
+    mlp_ratio: float = field(default=0.0, metadata={"help": "Fraction of MLP neurons removed."})
+    importance: str = field(default="magnitude", metadata={"help": "magnitude, wanda or fluctuation.",
+                                                           "choices": IMPORTANCES})
+    uniform: bool = field(default=True, metadata={"help": "Every block keeps the same counts (else a global ranking)."})
+    gqa_mode: str = field(default="per_group", metadata={
+        "help": "Structured heads with GQA: equal query heads per KV group, or whole KV groups.", "choices": GQA_MODES})
+    bias_compensation: bool = field(default=False, metadata={
+        "help": "Structured: FLAP bias compensation for removed channels."})
     num_heads: int | None = field(default=None, repr=False)
     num_kv_heads: int | None = field(default=None, repr=False)
     intermediate_size: int | None = field(default=None, repr=False)

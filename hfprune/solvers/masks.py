@@ -10,7 +10,6 @@ deterministically), never by comparing against a threshold, because weights that
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -206,13 +205,3 @@ def _cumsum(sizes: list[int]):
     for s in sizes[:-1]:
         acc += s
         yield acc
-
-
-def sparsity_of(weight: torch.Tensor) -> float:
-    """Fraction of exact zeros in ``weight``."""
-    return float((weight == 0).sum().item()) / max(1, weight.numel())
-
-
-def is_close_to(value: float, target: float, numel: int) -> bool:
-    """True when ``value`` is within one element (``1/numel``) of ``target``."""
-    return math.isclose(value, target, abs_tol=1.0 / numel + 1e-12)

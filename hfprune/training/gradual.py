@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from hfprune.report import zero_counts
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
@@ -294,12 +296,11 @@ class GradualPruner:
         return {n: self._masks.entries[n].mask for n in self.targets}
 
     def layer_sparsity(self) -> dict[str, float]:
-        return {n: float((t.weight == 0).sum().item()) / t.weight.numel() for n, t in self.targets.items()}
+        return {n: v["sparsity"] for n, v in zero_counts((n, t.weight) for n, t in self.targets.items())["layers"].items()}
 
     def sparsity(self) -> float:
         """Fraction of exact zeros over all targeted weights."""
-        zeros = sum(int((t.weight == 0).sum().item()) for t in self.targets.values())
-        return zeros / max(1, sum(t.weight.numel() for t in self.targets.values()))
+        return zero_counts((n, t.weight) for n, t in self.targets.items())["sparsity"]
 
 
 class GradualPruningCallback(TrainerCallback):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from hfprune.report import zero_counts
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
@@ -110,19 +112,9 @@ def sparsity_report(model: nn.Module, include: Iterable[str] | None = None) -> d
         ``{"layers": {name: {"zeros", "numel", "sparsity"}}, "zeros": int, "numel": int,
         "sparsity": float}`` where the totals cover all listed layers.
     """
-    layers = {}
-    zeros_total = numel_total = 0
-    with torch.no_grad():
-        for name, _, weight in _prunable_weights(model, include):
-            zeros = int((weight == 0).sum().item())
-            numel = weight.numel()
-            layers[name] = {"zeros": zeros, "numel": numel, "sparsity": zeros / max(1, numel)}
-            zeros_total += zeros
-            numel_total += numel
-    report = {"layers": layers, "zeros": zeros_total, "numel": numel_total,
-              "sparsity": zeros_total / max(1, numel_total)}
-    logger.info("sparsity: %.4f (%d / %d weights zero in %d layers)", report["sparsity"], zeros_total,
-                numel_total, len(layers))
+    report = zero_counts((name, weight) for name, _, weight in _prunable_weights(model, include))
+    logger.info("sparsity: %.4f (%d / %d weights zero in %d layers)", report["sparsity"], report["zeros"],
+                report["numel"], len(report["layers"]))
     return report
 
 

@@ -16,16 +16,12 @@ Command line (``hfprune recover``; every :class:`RecoveryArguments` field is a f
     hfprune recover --model pruned/ --dataset c4 --max-steps 200 --seqlen 256 --lora --output out/
 """
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
-import shlex
 import sys
 import tempfile
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,12 +29,13 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from hfprune.training import MaskPreservingCallback, canonical_name, masks_from_zeros, sparsity_report
+from hfprune.report import zero_counts
+from hfprune.training.masks import MaskPreservingCallback, _prunable_weights, canonical_name, masks_from_zeros
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RecoveryArguments", "recover", "token_windows", "TimeBudgetCallback", "RecoveryLogCallback",
-           "check_masks", "add_cli"]
+           "check_masks"]
 
 _NO_EVAL = ("", "none", "null", "off")
 
@@ -330,11 +327,8 @@ def _sparsity(model) -> dict:
     """Exact zeros of the prunable weights, the output head excluded (it is never pruned; tied to the
     embeddings it may hold zeros of its own, e.g. from a quantized source)."""
     out_ids = _output_weight_ids(model)
-    rep = sparsity_report(model)
-    layers = {canonical_name(n): v for n, v in rep["layers"].items() if not _is_output_head(model, n, out_ids)}
-    zeros = sum(v["zeros"] for v in layers.values())
-    numel = sum(v["numel"] for v in layers.values())
-    return {"sparsity": zeros / max(1, numel), "zeros": zeros, "numel": numel, "layers": layers}
+    return zero_counts((canonical_name(n), w) for n, _, w in _prunable_weights(model)
+                       if not _is_output_head(model, n, out_ids))
 
 
 def check_masks(model, masks: dict[str, torch.Tensor]) -> dict:
@@ -437,7 +431,7 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
     """
     from transformers import PrinterCallback, Trainer
 
-    from hfprune.io import atomic_output_dir, check_output_dir
+    from hfprune.io import check_output_dir, save_pretrained
     from hfprune.training import DistillationTrainer, merge_lora_keep_sparsity
 
     args = args if args is not None else RecoveryArguments()
@@ -548,69 +542,11 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
                 "seqlen": args.seqlen, "learning_rate": args.learning_rate, "distill": bool(args.distill),
                 "sparsity": after["sparsity"],
             }
-        with atomic_output_dir(args.output, args.overwrite) as tmp:
-            final.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            (tmp / "recovery_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        save_pretrained(final, args.output, tokenizer=tokenizer, overwrite=args.overwrite, model_card=False,
+                        extra_files={"recovery_report.json": report})
         logger.info("Saved the recovered %s to %s.", "adapter" if args.lora and not args.merge_lora else "model",
                     args.output)
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-_FLAG_ALIASES = {
-    "learning_rate": ["--lr"],
-    "per_device_train_batch_size": ["--batch-size"],
-}
-
-
-def _field_type(tp):
-    """The scalar type of an annotation (``Optional[int]`` -> ``int``)."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0] if len(args) == 1 else str
-    return tp
-
-
-def _optional_scalar(tp):
-    def parse(text: str):
-        if text.strip().lower() in ("none", "null"):
-            return None
-        return tp(text)
-    parse.__name__ = tp.__name__
-    return parse
-
-
-def add_cli(subparsers):
-    """Add ``hfprune recover`` to an argparse ``subparsers`` object (one flag per
-    :class:`RecoveryArguments` field, ``--recipe``); returns the parser. Its ``func`` default
-    takes the parsed args and returns an exit code."""
-    parser = subparsers.add_parser(
-        "recover", help="Fine-tune a pruned model to recover quality, keeping its zeros.",
-        description="Recovery fine-tuning (full or LoRA, optional distillation) of a pruned causal LM on packed "
-                    "token windows; pruned weights stay exactly zero. Flags override --recipe values.",
-        argument_default=argparse.SUPPRESS)
-    parser.add_argument("--recipe", help="YAML file with RecoveryArguments keys (flags override it).")
-    hints = typing.get_type_hints(RecoveryArguments)
-    for f in dataclasses.fields(RecoveryArguments):
-        tp = hints[f.name]
-        scalar = _field_type(tp)
-        flags = ["--" + f.name.replace("_", "-"), *_FLAG_ALIASES.get(f.name, [])]
-        default = f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        if scalar is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            conv = _optional_scalar(scalar) if scalar is not tp else scalar
-            parser.add_argument(*flags, dest=f.name, type=conv, help=help_text,
-                                metavar=f.name.upper() if f.name != "model" else "DIR")
-    parser.set_defaults(func=_cmd_recover)
-    return parser
 
 
 def arguments_from(recipe: dict | None = None, overrides: dict | None = None) -> RecoveryArguments:
@@ -627,39 +563,3 @@ def arguments_from(recipe: dict | None = None, overrides: dict | None = None) ->
                 raise ValueError(f"Unknown {label} key {key!r}: valid keys are {', '.join(sorted(names))}.")
             data[k] = value
     return RecoveryArguments(**data)
-
-
-def _cmd_recover(ns) -> int:
-    from hfprune.io import check_output_dir
-    from hfprune.models import load_model, load_tokenizer
-    from hfprune.recipes import read_recipe
-
-    names = {f.name for f in dataclasses.fields(RecoveryArguments)}
-    recipe = read_recipe(ns.recipe) if getattr(ns, "recipe", None) else {}
-    args = arguments_from(recipe, {k: v for k, v in vars(ns).items() if k in names})
-    if not args.model:
-        raise ValueError("Pass the pruned model: --model DIR (or `model:` in the recipe).")
-    if not args.output:
-        raise ValueError("Pass an output folder: --output OUT (or `output:` in the recipe).")
-    check_output_dir(args.output, args.overwrite)  # before loading anything
-
-    model = load_model(args.model, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.model)
-    teacher = None
-    if args.distill:
-        name = args.teacher or (getattr(model.config, "pruning_config", None) or {}).get("base_model")
-        if not name:
-            raise ValueError("--distill needs the dense teacher: pass --teacher DIR (the model before pruning).")
-        teacher = load_model(name, dtype=args.dtype)
-    result = recover(model, tokenizer, args, teacher=teacher)
-    argv = getattr(ns, "argv", None)
-    if argv is not None:
-        logger.debug("command: hfprune %s", " ".join(shlex.quote(a) for a in argv))
-    evals = result["evals"]
-    ppl = ""
-    if evals:
-        ppl = f"; perplexity {evals[0]['perplexity']:.3f} -> {evals[-1]['perplexity']:.3f}"
-    sys.stdout.write(f"recovered {result['steps']} steps in {result['seconds']:.1f}s; sparsity "
-                     f"{result['sparsity_before']:.4f} -> {result['sparsity_after']:.4f}{ppl}\n"
-                     f"saved to {args.output}\n")
-    return 0

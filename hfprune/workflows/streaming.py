@@ -38,9 +38,11 @@ from typing import Any, Callable
 
 import torch
 
+from hfprune.io import atomic_write
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["prune_checkpoint", "work_dir_for", "run_cli"]
+__all__ = ["prune_checkpoint", "work_dir_for"]
 
 _STATE = "state.json"
 _INDEX = "model.safetensors.index.json"
@@ -69,18 +71,11 @@ def _weight_map(path: Path) -> dict[str, str]:
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def _fingerprint(model_path: Path, config, calibration, dtype, world_size: int) -> str:
@@ -171,7 +166,7 @@ class _Session:
             state = {"fingerprint": self.fingerprint, "next_block": i + 1, "n_blocks": self.n_blocks,
                      "batch_size": self.batch_size, "world_size": ctx.world_size, "has_hidden": has_hidden,
                      "sparsities": sparsities, "layers": layers, "block_counts": block_counts}
-            _atomic_write_text(self.work / _STATE, json.dumps(state, default=float))
+            atomic_write(self.work / _STATE, json.dumps(state, default=float))
         ctx.barrier()
         for old in self.work.glob(f"hidden-after-*-rank{ctx.rank}.safetensors"):
             if old != self._hidden_path(i, ctx.rank):
@@ -286,9 +281,8 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, config
                                                                  "tokenizer.model")):
         tokenizer = load_tokenizer(path)
     report = prune(net, tokenizer, config, calibration, progress=progress, session=session)
-    net.config.pruning_config["base_model"] = str(model)
-    if command:
-        net.config.pruning_config["command"] = command
+    report.base_model, report.command = str(model), command or None
+    report.save_to(net.config)
     extra = after_prune(net, tokenizer) if after_prune is not None else {}
     from hfprune.report import peak_rss_mb
 
@@ -327,7 +321,8 @@ def _disk_device_map(skeleton, layers: str, n_blocks: int) -> dict[str, str]:
 def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str, str], output, overwrite: bool,
               extra: dict[str, Any]) -> None:
     """Move the block shards into the output with the other tensors, index, config and tokenizer."""
-    from hfprune.io import atomic_output_dir
+    from hfprune.io import atomic_output_dir, write_companions
+    from hfprune.report import PruneReport
 
     work = session.work
     from hfprune.core.runner import LayerRunner
@@ -381,17 +376,8 @@ def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str,
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        report_dict = report.to_dict()
-        (tmp / "pruning_report.json").write_text(json.dumps(report_dict, indent=2, default=str) + "\n")
-        for fname, obj in extra.items():
-            (tmp / fname).write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        from hfprune.card import write_model_card
-
-        pc = model.config.pruning_config
-        write_model_card(tmp, base_model=pc.get("base_model"), pruning_config=pc, report=report_dict,
-                         eval_results=extra.get("eval_results.json"), command=pc.get("command"))
+        write_companions(tmp, model, tokenizer=tokenizer, record=PruneReport.from_model(model),
+                         report_dict=report.to_dict(), eval_results=extra.get("eval_results.json"), extra_files=extra)
     logger.info("Saved the pruned checkpoint (%d shards) to %s.", session.n_files, output)
 
 
@@ -404,32 +390,3 @@ def _nbytes(dtype: str, shape) -> int:
     for s in shape:
         n *= int(s)
     return n * _DTYPE_BYTES.get(dtype, 4)
-
-
-def run_cli(args, config, calibration):
-    """``hfprune prune --low-memory / --resume``: returns the report on process 0, else ``None``."""
-    import shlex
-    import sys
-
-    if getattr(args, "format", "dense") != "dense":
-        raise ValueError("--low-memory / --resume write dense safetensors shards: drop --format, or convert the "
-                         "output afterwards with hfprune.save_pretrained(..., format=...).")
-    if getattr(args, "target", None):
-        raise ValueError("--low-memory / --resume support unstructured and N:M pruning, not structured --target.")
-    after = None
-    if getattr(args, "eval", False):
-        def after(model, tokenizer):
-            from hfprune.core.distributed import get_context
-            from hfprune.eval.perplexity import perplexity
-
-            if not get_context().is_main:
-                return {}
-            return {"eval_results.json": perplexity(model, tokenizer, "wikitext2", seqlen=args.eval_seqlen,
-                                                    max_windows=args.max_windows, progress=sys.stderr.isatty())}
-    from hfprune.core.distributed import get_context
-
-    report = prune_checkpoint(args.model, args.output, config, calibration, dtype=args.dtype,
-                              low_memory=args.low_memory, resume=args.resume, overwrite=args.overwrite,
-                              progress=sys.stderr.isatty(),
-                              command="hfprune " + " ".join(shlex.quote(a) for a in args.argv), after_prune=after)
-    return report if get_context().is_main else None
