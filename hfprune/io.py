@@ -25,22 +25,133 @@ from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_output_dir", "atomic_write", "check_output_dir", "save_pretrained", "save_pruned",
-           "write_companions", "SUPPORTED_DTYPES"]
+__all__ = ["atomic_output_dir", "atomic_write", "check_output_dir", "output_lock", "OutputLockedError", "input_paths",
+           "save_pretrained", "save_pruned", "write_companions", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse a non-empty output folder unless ``overwrite``; refuse a file in its place."""
-    path = Path(path)
+def input_paths(*candidates) -> list[Path]:
+    """The candidates that are existing local paths (model folders, calibration files, recipes), resolved."""
+    out = []
+    for c in candidates:
+        if isinstance(c, (str, os.PathLike)) and str(c).strip():
+            try:
+                path = Path(c).expanduser()
+                if path.exists():
+                    out.append(path.resolve())
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, inputs=()) -> Path:
+    """Refuse an output that would lose data, before any slow work starts.
+
+    * an empty path (``--output ""`` means the current folder);
+    * a file in the folder's place;
+    * a non-empty folder unless ``overwrite``;
+    * even with ``overwrite``: the current folder or one that contains it, the home folder or the
+      file system root, and any folder that is or contains one of ``inputs`` (the model being
+      pruned, a calibration file, a recipe): replacing it would delete the input.
+    """
+    if path is None or not str(path).strip():
+        raise ValueError("The output path is empty: pass --output NEW_FOLDER (save_directory), a folder that does "
+                         "not exist yet or an earlier output to replace with --overwrite.")
+    path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"Output path {path} is a file: choose a folder path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Output folder {path} is not empty: choose another --output or pass --overwrite (overwrite=True)."
-        )
+    resolved = path.resolve()
+    for src in input_paths(*inputs):
+        if _is_within(src, resolved):
+            what = "is" if src == resolved else "contains"
+            raise ValueError(f"Output folder {path} {what} the input {src}: writing there would replace the input. "
+                             f"Choose another --output (a new folder).")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"Output folder {path} is not empty: choose another --output or pass --overwrite (overwrite=True)."
+            )
+        cwd, home = Path.cwd().resolve(), Path.home().resolve()
+        if _is_within(cwd, resolved) or _is_within(home, resolved) or resolved == Path(resolved.anchor):
+            raise ValueError(f"Output folder {path} is (or contains) the current folder, the home folder or the file "
+                             f"system root; --overwrite would replace it. Choose a new folder for --output.")
     return path
+
+
+class OutputLockedError(RuntimeError):
+    """Another process is writing the same output folder."""
+
+
+_HELD_LOCKS: dict[Path, list] = {}  # lock file -> [fd, depth]: re-entrant within one process
+
+
+def _lock_path(path: str | os.PathLike) -> Path:
+    out = Path(path).expanduser().resolve()
+    return out.parent / f".{out.name}.hfprune-lock"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the output ``path`` (a ``.<name>.hfprune-lock`` file beside it).
+
+    A second run to the same output (whose temporary and resume folders would be shared) fails at
+    once with :class:`OutputLockedError` instead of mixing its work with the first. Re-entrant in
+    one process; the lock file is removed on release (the kernel drops the lock if the process dies).
+    """
+    import fcntl
+
+    lock = _lock_path(path)
+    if lock in _HELD_LOCKS:
+        _HELD_LOCKS[lock][1] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[lock][1] -= 1
+        return
+    created = []
+    parent = lock.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            _remove_empty(created)
+            raise OutputLockedError(
+                f"Another hfprune run (process {holder}) is writing to {Path(path)} (lock {lock}): wait for it to "
+                f"finish, or choose another --output.") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed by the previous holder between open and lock: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD_LOCKS[lock] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[lock]
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        _remove_empty(created)
 
 
 def _is_disk_full(exc: BaseException | None) -> bool:
@@ -68,13 +179,21 @@ def _disk_full_error(final: Path, exc: BaseException) -> OSError:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``path`` only if the block finishes without error.
 
     On any error the temporary folder (and any parent folders this call created) is removed; a
-    full disk is re-raised as an ``OSError(ENOSPC)`` that says what to do.
+    full disk is re-raised as an ``OSError(ENOSPC)`` that says what to do. The output is locked
+    (:func:`output_lock`) while the folder is written; ``inputs`` as for :func:`check_output_dir`.
     """
-    final = check_output_dir(path, overwrite).resolve()
+    with output_lock(path):
+        with _atomic_output_dir(path, overwrite, inputs) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_output_dir(path, overwrite: bool, inputs) -> Iterator[Path]:
+    final = check_output_dir(path, overwrite, inputs).resolve()
     created = []
     parent = final.parent
     while not parent.exists():
@@ -206,7 +325,7 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
                     group_size: int | None = None, tokenizer=None, report=None,
                     eval_results: dict | None = None, overwrite: bool = False, model_card: bool = True,
                     max_shard_size: int | str = "5GB", command: str | None = None,
-                    extra_files: dict[str, Any] | None = None) -> Path:
+                    extra_files: dict[str, Any] | None = None, inputs=()) -> Path:
     """Save a (pruned) model atomically, in one of the registered formats (:mod:`hfprune.formats`).
 
     Args:
@@ -232,6 +351,7 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
         max_shard_size: safetensors shard limit (``"5GB"``, ``"500MB"``, bytes).
         command: the command line that produced the model, for the card (default: the record's).
         extra_files: ``{file name: JSON-serializable object}`` written as JSON files.
+        inputs: further paths the output must never replace (see :func:`check_output_dir`).
 
     Returns:
         The output folder.
@@ -252,8 +372,10 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
     record = PruneReport.from_model(model)  # parsed once; what the format, card and checks go by
     _validate(model, fmt, bits, group_size, record)
     report_dict = _report_dict(report)
-    check_output_dir(save_directory, overwrite)
-    with atomic_output_dir(save_directory, overwrite) as tmp:
+    # the folder the model was loaded from (its weights may still be memory-mapped from there)
+    inputs = (getattr(model.config, "_name_or_path", None), record.base_model if record is not None else None, *inputs)
+    check_output_dir(save_directory, overwrite, inputs)
+    with atomic_output_dir(save_directory, overwrite, inputs) as tmp:
         fmt.save(model, tmp, record=record, bits=bits, group_size=group_size, max_shard_size=max_shard_size)
         write_companions(tmp, model, tokenizer=tokenizer, record=record, report_dict=report_dict,
                          eval_results=eval_results, extra_files=extra_files, model_card=model_card, command=command)

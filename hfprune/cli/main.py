@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shlex
@@ -79,12 +80,12 @@ def _add_methods(sub) -> None:
 def _run_prune(args) -> int:
     import torch  # noqa: F401
 
-    import hfprune
     from hfprune.core.engine import resolve_calibration
-    from hfprune.io import check_output_dir
+    from hfprune.io import check_output_dir, output_lock
     from hfprune.recipes import build_configs, read_recipe
 
-    check_output_dir(args.output, args.overwrite)  # fail before the slow part
+    inputs = (args.model, args.dataset, args.recipe)  # never replaced by --output, even with --overwrite
+    check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
     data = read_recipe(args.recipe) if args.recipe else {}
     overrides = {k: getattr(args, k) for k in args.method_keys}
     method = args.method or data.get("method")
@@ -109,6 +110,14 @@ def _run_prune(args) -> int:
     from hfprune.core.distributed import get_context
 
     is_main = get_context().is_main  # under `accelerate launch`, only process 0 evaluates and writes
+    with output_lock(args.output) if is_main else contextlib.nullcontext():
+        return _prune_in_memory(args, config, calibration, is_main)
+
+
+def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
+    import hfprune
+    from hfprune.core.engine import resolve_calibration
+
     model = hfprune.load_model(args.model, dtype=args.dtype)
     tokenizer = hfprune.load_tokenizer(args.model)
     extra = {}

@@ -45,7 +45,7 @@ def _cmd_recover(ns) -> int:
         raise ValueError("Pass the pruned model: --model DIR (or `model:` in the recipe).")
     if not args.output:
         raise ValueError("Pass an output folder: --output OUT (or `output:` in the recipe).")
-    check_output_dir(args.output, args.overwrite)  # before loading anything
+    check_output_dir(args.output, args.overwrite, (args.model, args.teacher))  # before loading anything
 
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)

@@ -436,7 +436,7 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
 
     args = args if args is not None else RecoveryArguments()
     if args.output is not None:
-        check_output_dir(args.output, args.overwrite)  # fail before the slow part
+        check_output_dir(args.output, args.overwrite, (args.model, args.teacher))  # fail before the slow part
     if args.distill and teacher is None:
         raise ValueError("distill=True needs the dense teacher: pass recover(..., teacher=dense_model) "
                          "(CLI: --teacher DIR).")
@@ -543,7 +543,7 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
                 "sparsity": after["sparsity"],
             }
         save_pretrained(final, args.output, tokenizer=tokenizer, overwrite=args.overwrite, model_card=False,
-                        extra_files={"recovery_report.json": report})
+                        extra_files={"recovery_report.json": report}, inputs=(args.model, args.teacher))
         logger.info("Saved the recovered %s to %s.", "adapter" if args.lora and not args.merge_lora else "model",
                     args.output)
     return result

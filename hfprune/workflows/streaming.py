@@ -27,6 +27,7 @@ With several processes (``accelerate launch``) only process 0 writes shards and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -222,14 +223,10 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, config
         command: recorded in ``config.pruning_config["command"]``.
         after_prune: ``f(model, tokenizer) -> {file name: JSON object}`` run before saving (e.g. evaluation).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from hfprune.arch import get_blocks, get_spec
     from hfprune.config import PruningConfig
     from hfprune.core.distributed import get_context
-    from hfprune.core.engine import prune
-    from hfprune.io import check_output_dir
-    from hfprune.models import _parse_dtype, load_tokenizer, resolve_model_path
+    from hfprune.io import check_output_dir, output_lock
+    from hfprune.models import resolve_model_path
 
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
@@ -239,7 +236,22 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, config
         raise FileNotFoundError(f"{model} is not a local folder: --low-memory / --resume need a local safetensors "
                                 f"checkpoint folder.")
     weight_map = _weight_map(path)
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, inputs=(path,))
+    # One run at a time per output: its progress folder beside the output is shared by name.
+    with output_lock(output) if ctx.is_main else contextlib.nullcontext():
+        return _prune_checkpoint(path, model, output, config, calibration, ctx, weight_map, tokenizer=tokenizer,
+                                 dtype=dtype, low_memory=low_memory, resume=resume, overwrite=overwrite,
+                                 progress=progress, command=command, after_prune=after_prune)
+
+
+def _prune_checkpoint(path: Path, model, output, config, calibration, ctx, weight_map, *, tokenizer, dtype,
+                      low_memory, resume, overwrite, progress, command, after_prune):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hfprune.arch import get_blocks, get_spec
+    from hfprune.core.engine import prune
+    from hfprune.models import _parse_dtype, load_tokenizer
+
     work = work_dir_for(output)
     if ctx.is_main:
         if work.exists() and not resume:
