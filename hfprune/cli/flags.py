@@ -20,7 +20,7 @@ def _scalar(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is list:
         return (args[0] if args else str), True
-    return (tp if isinstance(tp, type) else str), False
+    return (tp if tp in (int, float, str, bool) else str), False
 
 
 def _optional(tp):

@@ -125,11 +125,6 @@ def _unique_param_zeros(module: nn.Module) -> tuple[int, int]:
     return zeros, total
 
 
-def _unique_param_sparsity(model: nn.Module) -> float:
-    zeros, total = _unique_param_zeros(model)
-    return zeros / max(1, total)
-
-
 def _block_report(model: nn.Module, block: nn.Module, block_targets: dict[str, nn.Module], i: int,
                   layers: dict, counts: dict) -> None:
     """Per-layer sparsity of block ``i`` and zero counts over all its parameters, while it is onloaded
@@ -312,8 +307,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         peak_rss_mb=peak_rss_mb(),
         peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         sparsity=zeros / max(1, numel),
-        model_sparsity=(_unique_param_sparsity(model) if not offloaded and not resume
-                        else _sparsity_from_counts(runner, counts)),
+        model_sparsity=_sparsity_from_counts(runner, counts),
         blocks=block_rows,
         pattern=config.pattern,
     )

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from hfprune.core.runner import module_device
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -109,13 +111,6 @@ def _items(dataset: Iterable, prompt_field: str, choices_field: str, label_field
 
 
 # --------------------------------------------------------------------------------------- scoring
-def _model_device(model) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
-
-
 def _prefix_ids(tokenizer) -> list[int]:
     """Tokens the tokenizer puts before any text (BOS for Llama-style tokenizers, nothing for GPT-2 style)."""
     ids = tokenizer("", add_special_tokens=True)["input_ids"]
@@ -148,7 +143,7 @@ def _loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_si
     """Sum of log p(continuation | context) for every ``(context_ids, continuation_ids)``."""
     from tqdm.auto import tqdm
 
-    device = _model_device(model)
+    device = module_device(model.get_input_embeddings())
     results = [0.0] * len(requests)
     # Longest first: batches of similar length waste less on padding.
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
@@ -440,7 +435,7 @@ def generation_samples(model, tokenizer, prompts: Sequence[str] | str, max_new_t
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    device = _model_device(model)
+    device = module_device(model.get_input_embeddings())
     pad = _pad_id(tokenizer)
     was_training = model.training
     model.eval()

@@ -116,6 +116,13 @@ def write_shards(tensors: dict[str, torch.Tensor], save_directory: Path, max_sha
     return files
 
 
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: ``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": ...}``."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return json.loads(fh.read(n))
+
+
 def write_config(model, directory: Path, quantization_config: dict[str, Any]) -> None:
     """``config.json`` with ``quantization_config`` (the pruning record travels in it), and the generation config."""
     config_dict = model.config.to_dict()

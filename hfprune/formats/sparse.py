@@ -46,7 +46,6 @@ when quantizing). Embeddings and the output head are never compressed or quantiz
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hfprune.formats.base import compress_targets, register_format, state_dict_untied, write_config, write_shards
+from hfprune.formats.base import safetensors_header, compress_targets, register_format, state_dict_untied, write_config, write_shards
 from hfprune.formats.codec import SUFFIXES, compress_weight, decompress_weight
 from hfprune.report import PruneReport, zero_counts
 from hfprune.solvers.masks import parse_pattern
@@ -256,12 +255,6 @@ def load_sparse(save_directory, **kwargs):
 # sizes
 # --------------------------------------------------------------------------------------------
 
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return json.loads(fh.read(n))
-
-
 def sizes_report(save_directory) -> dict[str, Any]:
     """Bytes on disk of a saved checkpoint directory.
 
@@ -275,7 +268,7 @@ def sizes_report(save_directory) -> dict[str, Any]:
         rel = str(path.relative_to(root))
         files[rel] = path.stat().st_size
         if path.suffix == ".safetensors":
-            for name, info in _safetensors_header(path).items():
+            for name, info in safetensors_header(path).items():
                 if name == "__metadata__":
                     continue
                 nbytes = info["data_offsets"][1] - info["data_offsets"][0]

@@ -106,7 +106,11 @@ def lowest_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
 
 def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``sparsity`` fraction of lowest-scored entries of the whole tensor."""
-    k = prune_count(score.numel(), sparsity)
+    return lowest_k_mask(score, prune_count(score.numel(), sparsity))
+
+
+def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly ``k`` lowest entries of ``score`` (selection, exact count)."""
     pruned = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
         pruned[lowest_k_indices(score, k)] = True

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from hfprune.solvers.masks import Pattern, lowest_k_indices, parse_pattern, prune_count
+from hfprune.solvers.masks import Pattern, lowest_k_mask, parse_pattern, prune_count
 
 __all__ = ["sparsegpt_prune", "quantize_weight", "output_error"]
 
@@ -166,14 +166,6 @@ def output_error(W: torch.Tensor, new_W: torch.Tensor, H: torch.Tensor) -> float
 def _cumulative_count(sparsity: float, rows: int, cols: int) -> int:
     """Prunes due in the first ``cols`` columns: ``round(sparsity * rows * cols)``."""
     return prune_count(rows * cols, sparsity)
-
-
-def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly ``k`` lowest entries of ``score`` (selection, exact count)."""
-    pruned = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k > 0:
-        pruned[lowest_k_indices(score, k)] = True
-    return pruned.view_as(score)
 
 
 def _nm_lowest(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -319,7 +311,7 @@ def sparsegpt_prune(
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         else:
             k = _cumulative_count(sparsity, rows, i2) - _cumulative_count(sparsity, rows, i1)
-            mask1 = _lowest_k(w1.pow(2) / d1.pow(2)[:, None], k)
+            mask1 = lowest_k_mask(w1.pow(2) / d1.pow(2)[:, None], k)
         # Without quantization the error of column j is ``mask * w / d``: one fused multiply.
         err_scale = None if (bits is not None or pat.is_nm) else mask1 * inv_d1
 

@@ -333,6 +333,7 @@ def _disk_device_map(skeleton, layers: str, n_blocks: int) -> dict[str, str]:
 def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str, str], output, overwrite: bool,
               extra: dict[str, Any]) -> None:
     """Move the block shards into the output with the other tensors, index, config and tokenizer."""
+    from hfprune.formats.base import safetensors_header
     from hfprune.io import atomic_output_dir, write_companions
     from hfprune.report import PruneReport
 
@@ -369,13 +370,10 @@ def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str,
                 os.link(src, tmp / name)  # the work copy stays until the output is complete
             except OSError:
                 shutil.copyfile(src, tmp / name)
-            from safetensors import safe_open
-
-            with safe_open(str(tmp / name), framework="pt") as fh:
-                for key in fh.keys():
+            for key, info in safetensors_header(tmp / name).items():
+                if key != "__metadata__":
                     index[key] = name
-                    sl = fh.get_slice(key)
-                    total += _nbytes(sl.get_dtype(), sl.get_shape())
+                    total += info["data_offsets"][1] - info["data_offsets"][0]
         last = session.shard_name(session.n_blocks)
         _save_tensors(rest, tmp / last)
         for key, value in rest.items():
@@ -392,13 +390,3 @@ def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str,
                          report_dict=report.to_dict(), eval_results=extra.get("eval_results.json"), extra_files=extra)
     logger.info("Saved the pruned checkpoint (%d shards) to %s.", session.n_files, output)
 
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _nbytes(dtype: str, shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n * _DTYPE_BYTES.get(dtype, 4)
