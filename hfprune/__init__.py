@@ -6,21 +6,19 @@ Example:
     'wanda'
 """
 
-__version__ = "0.1.0"
-
 import logging as _logging
 
-from . import formats as _formats  # noqa: F401  (registers the hfprune-sparse checkpoint loader)
-from .architectures import ArchSpec, register_architecture
-from .config import CalibrationConfig, PruningConfig
-from .engine import prune
-from .evaluation import evaluate, perplexity
-from .io import save_pretrained, save_pruned
-from .models import load_model, load_tokenizer
-from .pruners import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from .recipes import load_recipe
-from .registry import available_methods, register_pruner
-from .report import PruneReport
+from hfprune.arch import ArchSpec, register_architecture
+from hfprune.config import CalibrationConfig, PruningConfig, __version__
+from hfprune import formats as _formats  # noqa: F401  (registers the formats and the hfprune-sparse loader)
+from hfprune.core.engine import prune
+from hfprune.eval.perplexity import evaluate, perplexity
+from hfprune.io import save_pretrained, save_pruned
+from hfprune.models import load_model, load_tokenizer
+from hfprune.methods import MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig
+from hfprune.recipes import load_recipe
+from hfprune.registry import available_methods, register_pruner
+from hfprune.report import PruneReport
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
@@ -31,6 +29,7 @@ __all__ = [
     "PruneReport",
     "PruningConfig",
     "SparseGPTConfig",
+    "StructuredConfig",
     "WandaConfig",
     "available_methods",
     "evaluate",

@@ -13,17 +13,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .masks import parse_pattern
+from hfprune.registry import get_pruner_cls
+from hfprune.solvers.masks import parse_pattern
 
-__all__ = ["PruningConfig", "CalibrationConfig", "SCOPES"]
+__all__ = ["PruningConfig", "CalibrationConfig", "SCOPES", "__version__"]
+
+__version__ = "0.1.0"
+"""Stamped into every saved config (``hfprune_version``); ``hfprune.__version__`` is this value."""
 
 SCOPES = ("row", "layer", "global")
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 _SIMPLE_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
@@ -67,7 +65,8 @@ class PruningConfig:
     )
     scope: str = field(
         default="row",
-        metadata={"help": "Comparison group for unstructured masks: 'row' (per output row), 'layer' (per matrix) or 'global' (all pruned layers)."},
+        metadata={"help": "Comparison group for unstructured masks: 'row' (per output row), 'layer' (per matrix) or 'global' (all pruned layers).",
+                  "choices": SCOPES},
     )
     targets: list[str] = field(
         default_factory=lambda: [r".*"],
@@ -152,7 +151,7 @@ class PruningConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {"method": self.method}
         out.update(dataclasses.asdict(self))
-        out["hfprune_version"] = _version()
+        out["hfprune_version"] = __version__
         return out
 
     def to_json_string(self) -> str:
@@ -173,8 +172,6 @@ class PruningConfig:
         method = data.pop("method", None) or cls.method
         config_cls = cls
         if method and method != cls.method:
-            from .registry import get_pruner_cls
-
             config_cls = get_pruner_cls(method).config_cls
         if not config_cls.method:
             raise ValueError("The config needs a `method` (for example 'wanda' or 'magnitude').")

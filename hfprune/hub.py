@@ -8,7 +8,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["push_to_hub", "add_cli"]
+__all__ = ["push_to_hub"]
 
 
 def _network_error_types() -> tuple[type[BaseException], ...]:
@@ -36,7 +36,7 @@ def _network_error(endpoint: str, exc: BaseException) -> RuntimeError:
 def _ensure_card(model_dir: Path, repo_id: str) -> None:
     if (model_dir / "README.md").exists():
         return
-    from .card import write_model_card
+    from hfprune.card import write_model_card
 
     config = {}
     if (model_dir / "config.json").is_file():
@@ -122,27 +122,3 @@ def push_to_hub(model_dir, repo_id: str, *, private: bool = False, token: str | 
         raise _network_error(endpoint, exc) from exc
     logger.info("Pushed %s to %s (%s)", model_dir, repo_id, getattr(info, "commit_url", ""))
     return str(url)
-
-
-def _cmd_push(args) -> int:
-    url = push_to_hub(args.model, args.repo, private=args.private, token=args.token, exist_ok=args.exist_ok,
-                      commit_message=getattr(args, "commit_message", None))
-    logger.info("Model available at %s", url)
-    return 0
-
-
-def add_cli(subparsers):
-    """Add the ``push`` subcommand to an argparse ``subparsers`` object; returns the parser.
-    The parser's ``func`` default takes the parsed args and returns an exit code."""
-    parser = subparsers.add_parser(
-        "push", help="upload a pruned model directory to the Hugging Face Hub",
-        description="Create a Hub model repo and upload a pruned model directory (writes a model card if missing).",
-    )
-    parser.add_argument("--model", required=True, metavar="DIR", help="saved model directory")
-    parser.add_argument("--repo", required=True, metavar="USER/NAME", help="target repo id")
-    parser.add_argument("--private", action="store_true", help="create the repo as private")
-    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
-    parser.add_argument("--exist-ok", action="store_true", help="upload into an existing repo")
-    parser.add_argument("--commit-message", default=None, help="commit message")
-    parser.set_defaults(func=_cmd_push)
-    return parser

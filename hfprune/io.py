@@ -1,7 +1,9 @@
-"""Saving pruned models atomically.
+"""Saving pruned models atomically: the one save path and the one atomic writer.
 
-Everything is written to a temporary folder beside the output and renamed into place at the
-end, so an interrupted run (or a full disk) never leaves a half-written checkpoint.
+Everything is written to a temporary folder (:func:`atomic_output_dir`) or file
+(:func:`atomic_write`) beside the output and renamed into place at the end, so an interrupted run
+(or a full disk) never leaves a half-written checkpoint. Prune, streaming, recovery and sweep all
+write through here.
 
 :func:`save_pretrained` (``hfprune.save_pretrained``) is the one entry point: dense
 ``save_pretrained`` checkpoints, the compressed ``hfprune-sparse`` format (optionally int8/int4)
@@ -21,20 +23,14 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_output_dir", "check_output_dir", "output_lock", "OutputLockedError", "input_paths", "save_pretrained", "save_pruned", "FORMATS", "SUPPORTED_DTYPES"]
+__all__ = ["atomic_output_dir", "atomic_write", "check_output_dir", "output_lock", "OutputLockedError", "input_paths",
+           "save_pretrained", "save_pruned", "write_companions", "SUPPORTED_DTYPES"]
 
-FORMATS = ("dense", "sparse", "compressed-tensors")
-_FORMAT_ALIASES = {"dense": "dense", "sparse": "sparse", "hfprune-sparse": "sparse",
-                   "compressed-tensors": "compressed-tensors", "compressed_tensors": "compressed-tensors",
-                   "ct": "compressed-tensors"}
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-# format="sparse" on a model without config.pruning_config needs at least this fraction of zeros
-# in its decoder Linear weights (below it the bitmask encoding barely pays, see formats.sparse).
-_MIN_SPARSITY_WITHOUT_CONFIG = 0.1
 
 
 def input_paths(*candidates) -> list[Path]:
@@ -308,6 +304,29 @@ def _clean_debris(final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], Any]) -> None:
+    """Write one file through a temporary file beside ``path``, renamed into place when complete
+    (``data`` may be a function that writes the given temporary path, e.g. safetensors' ``save_file``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if not callable(data):
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if callable(data):
+            data(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _remove_empty(folders: list[Path]) -> None:
     for folder in folders:  # deepest first
         try:
@@ -320,84 +339,49 @@ def _remove_empty(folders: list[Path]) -> None:
 # validation
 # --------------------------------------------------------------------------------------------
 
-def _normalize_format(format: str) -> str:
-    key = str(format).strip().lower()
-    if key not in _FORMAT_ALIASES:
-        raise ValueError(f"Unknown format {format!r}: use one of {', '.join(repr(f) for f in FORMATS)}.")
-    return _FORMAT_ALIASES[key]
-
-
-def _check_dtypes(model) -> None:
+def check_save_args(format: str = "dense", bits=None, group_size=None, model=None):
+    """Check the save settings before any slow work: the format exists and ``bits``/``group_size``
+    are valid for it and, given ``model``, fit its layers. The CLI calls this before loading the model
+    and again before pruning; :func:`save_pretrained` before writing. Returns ``(name, format)``."""
     import torch
 
-    supported = {torch.float32, torch.float16, torch.bfloat16}
+    from hfprune.formats import get_format
+
+    name, fmt = get_format(format)
+    _check_bits(bits, group_size)
+    if model is None:  # the settings alone: a model without layers, that will be pruned before it is saved
+        fmt.validate(torch.nn.Module(), bits, group_size, _TO_BE_PRUNED)
+    else:
+        from hfprune.report import PruneReport
+
+        fmt.validate(model, bits, group_size, PruneReport.from_model(model) or _TO_BE_PRUNED)
+    return name, fmt
+
+
+_TO_BE_PRUNED = object()  # stands for the record of a model that is pruned before it is saved
+
+
+def _check_bits(bits, group_size) -> None:
+    if bits is not None and (isinstance(bits, bool) or bits not in (4, 8)):
+        raise ValueError(f"bits must be None, 4 or 8, got {bits!r}.")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or None (one scale per row), got {group_size!r}.")
+
+
+def _validate(model, fmt, bits, group_size, record) -> None:
+    import torch
+
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise TypeError(f"save_pretrained expects a transformers PreTrainedModel, got {type(model).__name__}.")
+    _check_bits(bits, group_size)
     for name, param in model.named_parameters():
-        if param.dtype not in supported:
+        if param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(
                 f"Parameter {name} has dtype {param.dtype}; hfprune.save_pretrained supports "
                 f"{', '.join(SUPPORTED_DTYPES)} weights. Cast the model first (e.g. model.to(torch.bfloat16)), "
                 f"or call model.save_pretrained(...) directly for a plain copy."
             )
-
-
-def _linear_sparsity(model) -> float:
-    import torch
-
-    from .formats.sparse import _compress_targets
-
-    targets = _compress_targets(model)
-    zeros = numel = 0
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in targets:
-                zeros += int((param == 0).sum())
-                numel += param.numel()
-    return zeros / numel if numel else 0.0
-
-
-def check_save_args(format: str = "dense", bits=None, group_size=None, model=None) -> str:
-    """Check the save settings (and, given ``model``, that they fit its layers) before any slow work;
-    returns the normalised format name. :func:`save_pretrained` calls it too."""
-    fmt = _normalize_format(format)
-    if bits is not None and (isinstance(bits, bool) or bits not in (4, 8)):
-        raise ValueError(f"bits must be None, 4 or 8, got {bits!r}.")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size must be a positive integer or None (one scale per row), got {group_size!r}.")
-    if fmt == "dense" and (bits is not None or group_size is not None):
-        raise ValueError(
-            "format='dense' stores the weights as they are and does not quantize: drop bits/group_size, or use "
-            "format='sparse' (compressed sparse + int8/int4) or format='compressed-tensors' (int8/int4 for vLLM)."
-        )
-    if fmt == "sparse" and group_size is not None and bits is None:
-        raise ValueError("group_size needs bits=4 or bits=8 (it is the quantization group); pass bits or drop group_size.")
-    if fmt == "compressed-tensors" and bits is None:
-        raise ValueError("format='compressed-tensors' writes quantized weights: pass bits=4 or bits=8 (--bits).")
-    if model is not None and fmt == "compressed-tensors" and group_size is not None:
-        from .formats.sparse import _compress_targets
-
-        targets = _compress_targets(model)
-        for name, param in model.named_parameters():
-            if name in targets and param.shape[1] % group_size:
-                raise ValueError(
-                    f"{name} has {param.shape[1]} inputs, not a multiple of group_size={group_size}: choose a "
-                    f"group_size that divides every Linear input width, or group_size=None (one scale per channel)."
-                )
-    return fmt
-
-
-def _validate(model, fmt: str, bits, group_size) -> None:
-    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
-        raise TypeError(f"save_pretrained expects a transformers PreTrainedModel, got {type(model).__name__}.")
-    check_save_args(fmt, bits, group_size, model)
-    _check_dtypes(model)
-    if fmt == "sparse" and not isinstance(getattr(model.config, "pruning_config", None), dict):
-        sparsity = _linear_sparsity(model)
-        if sparsity < _MIN_SPARSITY_WITHOUT_CONFIG:
-            raise ValueError(
-                f"format='sparse' needs a pruned model, but this one has no config.pruning_config and only "
-                f"{100 * sparsity:.1f}% zeros in its decoder Linear weights: prune it first (hfprune.prune(...)) "
-                f"or save it with format='dense'."
-            )
+    fmt.validate(model, bits, group_size, record)
 
 
 def _check_file_name(name) -> None:
@@ -418,10 +402,28 @@ def _report_dict(report) -> dict | None:
     raise TypeError(f"report must be a PruneReport or a dict, got {type(report).__name__}.")
 
 
-def _base_model(model) -> str | None:
-    pc = getattr(model.config, "pruning_config", None)
-    base = pc.get("base_model") if isinstance(pc, dict) else None
-    return str(base or getattr(model.config, "_name_or_path", "") or "") or None
+def write_companions(directory: Path, model, *, tokenizer=None, record=None, report_dict: dict | None = None,
+                     eval_results: dict | None = None, extra_files: dict[str, Any] | None = None,
+                     model_card: bool = True, command: str | None = None) -> None:
+    """Tokenizer, ``pruning_report.json``, JSON extras and the model card beside a checkpoint's weights."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    files = dict(extra_files or {})
+    if report_dict is not None:
+        files = {"pruning_report.json": report_dict, **files}
+    if eval_results is not None:
+        files.setdefault("eval_results.json", eval_results)
+    for name, obj in files.items():
+        (directory / name).write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    if model_card and (record is not None or report_dict is not None):
+        from hfprune.card import write_model_card
+
+        base = (record.base_model if record else None) or str(getattr(model.config, "_name_or_path", "") or "") or None
+        write_model_card(directory, base_model=base, pruning_config=getattr(model.config, "pruning_config", None) or {},
+                         report=report_dict, eval_results=eval_results,
+                         command=command or (record.command if record else None))
+    elif model_card:
+        logger.info("No config.pruning_config or report: not writing a model card for an unpruned model.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,8 +434,8 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
                     group_size: int | None = None, tokenizer=None, report=None,
                     eval_results: dict | None = None, overwrite: bool = False, model_card: bool = True,
                     max_shard_size: int | str = "5GB", command: str | None = None,
-                    extra_files: dict[str, Any] | None = None) -> Path:
-    """Save a (pruned) model atomically, in one of three formats.
+                    extra_files: dict[str, Any] | None = None, inputs=()) -> Path:
+    """Save a (pruned) model atomically, in one of the registered formats (:mod:`hfprune.formats`).
 
     Args:
         model: a transformers ``PreTrainedModel`` (float32, float16 or bfloat16 weights).
@@ -441,22 +443,24 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
         format: ``"dense"`` (stock ``save_pretrained``: zeros stored densely, loads anywhere),
             ``"sparse"`` (compressed ``hfprune-sparse``: kept values + bitmask / N:M index; reloads
             with stock ``from_pretrained`` after ``import hfprune``) or ``"compressed-tensors"``
-            (``pack-quantized`` int4/int8, what vLLM reads; needs ``bits``).
+            (``pack-quantized`` int4/int8, what vLLM reads; needs ``bits``), or a format registered
+            with :func:`hfprune.formats.register_format`.
         bits: ``None`` (values kept exactly), ``8`` or ``4`` (symmetric, float32 scales);
             ``"sparse"`` and ``"compressed-tensors"`` only.
         group_size: quantization group along the input dimension; ``None`` = one scale per row.
         tokenizer: saved beside the model when given.
-        report: a ``PruneReport`` (or its dict) written to ``pruning_report.json`` and summarized
-            in the model card.
+        report: the :class:`~hfprune.report.PruneReport` that :func:`hfprune.prune` returned (or its
+            dict): written to ``pruning_report.json``, serialised into ``config.json`` and summarized
+            in the model card. Without it, the record a reloaded pruned checkpoint carries is used.
         eval_results: e.g. ``{"before": {"perplexity": x}, "after": {...}}``; written to
             ``eval_results.json`` and the model card.
         overwrite: replace a non-empty ``save_directory`` (only once the new checkpoint is complete).
-        model_card: write ``README.md`` (base model from ``config.pruning_config["base_model"]`` or
-            ``config._name_or_path``); skipped for a model with neither a pruning config nor a report.
+        model_card: write ``README.md`` (base model from the record or ``config._name_or_path``);
+            skipped for a model without a pruning record.
         max_shard_size: safetensors shard limit (``"5GB"``, ``"500MB"``, bytes).
-        command: the command line that produced the model, for the card (default
-            ``config.pruning_config["command"]``).
+        command: the command line that produced the model, for the card (default: the record's).
         extra_files: ``{file name: JSON-serializable object}`` written as JSON files.
+        inputs: further paths the output must never replace (see :func:`check_output_dir`).
 
     Returns:
         The output folder.
@@ -468,46 +472,25 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
         OSError: writing failed; a full disk says "No space left on device ... free space or choose
             another --output". Nothing is left behind in either case.
     """
-    fmt = _normalize_format(format)
-    _validate(model, fmt, bits, group_size)
-    for name in extra_files or {}:
-        _check_file_name(name)
+    from hfprune.formats import get_format
+    from hfprune.report import PruneReport
+
+    for extra in extra_files or {}:
+        _check_file_name(extra)
+    name, fmt = get_format(format)
+    if isinstance(report, PruneReport):  # the record travels in config.json (edits made there since win)
+        report.save_to(model.config)
+    record = PruneReport.from_model(model)  # parsed once; what the format, card and checks go by
+    _validate(model, fmt, bits, group_size, record)
     report_dict = _report_dict(report)
     # the folder the model was loaded from (its weights may still be memory-mapped from there)
-    inputs = (getattr(model.config, "_name_or_path", None), _base_model(model))
+    inputs = (getattr(model.config, "_name_or_path", None), record.base_model if record is not None else None, *inputs)
     check_output_dir(save_directory, overwrite, inputs)
-    pc = getattr(model.config, "pruning_config", None)
-    pc = pc if isinstance(pc, dict) else None
-
     with atomic_output_dir(save_directory, overwrite, inputs) as tmp:
-        if fmt == "dense":
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        elif fmt == "sparse":
-            from .formats import save_sparse
-
-            save_sparse(model, tmp, bits=bits, group_size=group_size, max_shard_size=max_shard_size)
-        else:
-            from .formats import save_compressed_tensors
-
-            save_compressed_tensors(model, tmp, bits=bits, group_size=group_size, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report_dict is not None:
-            (tmp / "pruning_report.json").write_text(json.dumps(report_dict, indent=2, default=str) + "\n",
-                                                     encoding="utf-8")
-        files = dict(extra_files or {})
-        if eval_results is not None:
-            files.setdefault("eval_results.json", eval_results)
-        for name, obj in files.items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-        if model_card and (pc is not None or report_dict is not None):
-            from .card import write_model_card
-
-            write_model_card(tmp, base_model=_base_model(model), pruning_config=pc or {}, report=report_dict,
-                             eval_results=eval_results, command=command or (pc or {}).get("command"))
-        elif model_card:
-            logger.info("No config.pruning_config or report: not writing a model card for an unpruned model.")
-    logger.info("Saved the model (%s%s) to %s.", fmt, f", int{bits}" if bits else "", save_directory)
+        fmt.save(model, tmp, record=record, bits=bits, group_size=group_size, max_shard_size=max_shard_size)
+        write_companions(tmp, model, tokenizer=tokenizer, record=record, report_dict=report_dict,
+                         eval_results=eval_results, extra_files=extra_files, model_card=model_card, command=command)
+    logger.info("Saved the model (%s%s) to %s.", name, f", int{bits}" if bits else "", save_directory)
     return Path(save_directory)
 
 

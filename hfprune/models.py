@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -54,15 +52,11 @@ def _convert_gguf_alias(alias: str, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    from hfprune.io import atomic_output_dir
+
+    with atomic_output_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_model_path(name: str | os.PathLike) -> str:
@@ -90,12 +84,10 @@ def _parse_dtype(dtype):
 
 def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` for a path, Hub id or alias; dtype defaults to the checkpoint's."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(name)
     if not Path(path).exists() and os.sep not in path.strip("/") and "/" not in path and name not in ALIASES:
         logger.info("%s is not a local folder; trying the Hugging Face Hub.", path)
-    from .structured import AutoPrunedModelForCausalLM  # every checkpoint hfprune writes, structured ones too
+    from hfprune.structured import AutoPrunedModelForCausalLM  # every checkpoint hfprune writes, structured ones too
 
     try:
         model, info = AutoPrunedModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype), device_map=device_map,

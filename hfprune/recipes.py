@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .config import CalibrationConfig, PruningConfig
+from hfprune.config import CalibrationConfig, PruningConfig
 
 __all__ = ["load_recipe", "read_recipe", "build_configs"]
 
@@ -70,10 +70,10 @@ _STRUCTURED_KEYS = ("heads_ratio", "mlp_ratio", "non_uniform", "gqa_mode", "bias
 
 
 def structured_config(data: dict[str, Any]):
-    """A :class:`~hfprune.structured.StructuredConfig` from recipe/CLI keys: ``method`` (the
+    """A :class:`~hfprune.methods.structured.StructuredConfig` from recipe/CLI keys: ``method`` (the
     importance: magnitude, wanda or fluctuation), ``target`` (heads, mlp or both), ``heads_ratio``,
     ``mlp_ratio``, ``non_uniform``, ``gqa_mode``, ``bias_compensation``."""
-    from .structured import StructuredConfig
+    from hfprune.methods.structured import StructuredConfig
 
     data = dict(data)
     target = data.pop("target")

@@ -1,47 +1,67 @@
-"""Explicit registry of pruning methods.
+"""One registry type for every extension axis: pruning methods, checkpoint formats, architectures
+and evaluation tasks.
 
-A method is one file in ``hfprune/pruners/`` with one config dataclass and one
-:class:`~hfprune.pruners.base.Pruner` subclass decorated with :func:`register_pruner`.
+A plug-in is one file that registers itself when its package is imported (``hfprune/methods/``,
+``hfprune/formats/``, ...); user code registers its own the same way, e.g.
+``METHODS.register("mine", MyPruner)`` or the decorator ``@register_pruner("mine", MyConfig)``.
+This module imports nothing from hfprune, so it cannot be part of an import cycle.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .config import PruningConfig
-    from .pruners.base import Pruner
-
-__all__ = ["register_pruner", "get_pruner_cls", "available_methods", "PRUNERS"]
-
-PRUNERS: dict[str, type["Pruner"]] = {}
+__all__ = ["Registry", "METHODS", "FORMATS", "ARCHITECTURES", "TASKS", "register_pruner", "get_pruner_cls",
+           "available_methods"]
 
 
-def register_pruner(name: str, config_cls: type["PruningConfig"]):
+class Registry(dict):
+    """A named table of plug-ins: ``register`` refuses duplicates, ``get`` names the known entries."""
+
+    def __init__(self, kind: str, how: str):
+        super().__init__()
+        self.kind, self.how = kind, how
+
+    def register(self, name: str, obj: Any = None, *, overwrite: bool = False):
+        """Register ``obj`` under ``name``; without ``obj`` this is a decorator."""
+        if obj is None:
+            return lambda o: self.register(name, o, overwrite=overwrite)
+        if name in self and not overwrite:
+            raise ValueError(f"A {self.kind} named {name!r} is already registered ({self[name]!r}); "
+                             f"pass overwrite=True to replace it.")
+        self[name] = obj
+        return obj
+
+    def get(self, name: str, default: Any = KeyError) -> Any:  # type: ignore[override]
+        if name in self:
+            return self[name]
+        if default is not KeyError:
+            return default
+        raise ValueError(f"Unknown {self.kind} {name!r}; available: {', '.join(sorted(self))}. {self.how}")
+
+
+METHODS = Registry("pruning method", "Register one with @hfprune.register_pruner(name, ConfigClass).")
+FORMATS = Registry("checkpoint format", "Register one with hfprune.formats.register_format(name, Format()).")
+ARCHITECTURES = Registry("architecture", "Add it with hfprune.register_architecture(model_type, ArchSpec(...)).")
+TASKS = Registry("evaluation task", "Register one with hfprune.registry.TASKS.register(name, builder).")
+
+
+def register_pruner(name: str, config_cls: type):
     """Class decorator that registers a pruner under ``name``; duplicate names raise."""
 
     def wrap(cls):
-        if name in PRUNERS:
-            raise ValueError(f"A pruning method named {name!r} is already registered ({PRUNERS[name].__name__}).")
         if config_cls.method != name:
             raise ValueError(f"{config_cls.__name__}.method is {config_cls.method!r}, expected {name!r}.")
-        cls.name = name
-        cls.config_cls = config_cls
-        PRUNERS[name] = cls
+        METHODS.register(name, cls)
+        cls.name, cls.config_cls = name, config_cls
         return cls
 
     return wrap
 
 
-def get_pruner_cls(name: str) -> type["Pruner"]:
-    from . import pruners  # noqa: F401  (registers the built-in methods)
-
-    if name not in PRUNERS:
-        raise ValueError(f"Unknown pruning method {name!r}; available: {', '.join(available_methods())}.")
-    return PRUNERS[name]
+def get_pruner_cls(name: str) -> type:
+    return METHODS.get(name)
 
 
 def available_methods() -> list[str]:
-    from . import pruners  # noqa: F401
-
-    return sorted(PRUNERS)
+    return sorted(METHODS)

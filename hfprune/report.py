@@ -1,4 +1,10 @@
-"""The report a pruning run returns: per-layer sparsity, time and memory."""
+"""The typed record of what was pruned (:class:`PruneReport`) and the one zero counter.
+
+:func:`hfprune.prune` returns the record; :func:`hfprune.save_pretrained`, the model card and the
+streaming / CLI paths take it explicitly. It is serialised into ``config.json`` as
+``pruning_config`` (:meth:`PruneReport.pruning_config`) so a reloaded checkpoint still describes
+itself; a reloaded dict is parsed back into a record once (:meth:`PruneReport.from_model`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,11 @@ import json
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
-__all__ = ["PruneReport", "peak_rss_mb", "layer_sparsity_report"]
+__all__ = ["PruneReport", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report"]
 
 
 def peak_rss_mb() -> float:
@@ -30,19 +36,31 @@ def peak_rss_mb() -> float:
     return peak / 1024.0 if sys.platform != "darwin" else peak / (1024.0 * 1024.0)
 
 
+def count_zeros(t: torch.Tensor, chunk: int = 1 << 20) -> int:
+    """Exact zeros in ``t``, a slice at a time (a whole-tensor comparison costs several bytes per element)."""
+    flat = t.detach().reshape(-1)
+    return sum(int((flat[s:s + chunk] == 0).sum().item()) for s in range(0, flat.numel(), chunk))
+
+
+def zero_counts(named: Iterable[tuple[str, torch.Tensor]], shape: bool = False) -> dict[str, Any]:
+    """``{"layers": {name: {"sparsity", "zeros", "numel"[, "shape"]}}, "zeros", "numel", "sparsity"}``."""
+    layers = {}
+    for name, t in named:
+        zeros = count_zeros(t)
+        layers[name] = {"sparsity": zeros / max(1, t.numel()), "zeros": zeros, "numel": t.numel(),
+                        **({"shape": list(t.shape)} if shape else {})}
+    zeros, numel = sum(v["zeros"] for v in layers.values()), sum(v["numel"] for v in layers.values())
+    return {"layers": layers, "zeros": zeros, "numel": numel, "sparsity": zeros / max(1, numel)}
+
+
 def layer_sparsity_report(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Sparsity of the weight of every named module in ``names`` (all linear layers when ``None``)."""
-    from .architectures import is_linear, weight_matrix
+    from hfprune.arch import is_linear, weight_matrix
 
-    out = {}
     modules = dict(model.named_modules())
     if names is None:
         names = [n for n, m in modules.items() if is_linear(m)]
-    for name in names:
-        W = weight_matrix(modules[name])
-        zeros = int((W == 0).sum().item())
-        out[name] = {"sparsity": zeros / W.numel(), "zeros": zeros, "numel": W.numel(), "shape": list(W.shape)}
-    return out
+    return zero_counts(((n, weight_matrix(modules[n])) for n in names), shape=True)["layers"]
 
 
 @dataclass
@@ -62,6 +80,40 @@ class PruneReport:
     """Per decoder block: its index and sparsity over its pruned layers (structured: kept shapes)."""
     structured: dict[str, Any] | None = None
     """Structured pruning only: parameters before/after and what each block kept."""
+    pattern: str = "unstructured"
+    """``"unstructured"`` or ``"N:M"``: what the formats encode (structured: unstructured)."""
+    base_model: str | None = None
+    """Where the dense model came from (the model card's ``base_model``)."""
+    command: str | None = None
+    """The command line that produced the model (for the card)."""
+
+    def pruning_config(self) -> dict[str, Any]:
+        """The ``config.pruning_config`` entry written to ``config.json`` (serialisation only)."""
+        if self.structured is not None:
+            s = self.structured
+            out = {**self.config, "params_before": s["params_before"], "params_after": s["params_after"],
+                   "reload_with": s["reload_with"], "calibration": self.calibration}
+        else:
+            out = {**self.config, "achieved_sparsity": self.sparsity,
+                   "layer_sparsity": {n: round(v["sparsity"], 6) for n, v in self.layers.items()},
+                   "calibration": self.calibration}
+        out.update({k: v for k, v in (("command", self.command), ("base_model", self.base_model)) if v})
+        return out
+
+    def save_to(self, config) -> None:
+        """Serialise into ``config.pruning_config`` (keys already there, e.g. edited by hand, win)."""
+        config.pruning_config = {**self.pruning_config(), **(getattr(config, "pruning_config", None) or {})}
+
+    @classmethod
+    def from_model(cls, model) -> "PruneReport | None":
+        """The record of a model reloaded from a pruned checkpoint (its ``config.pruning_config``), or ``None``."""
+        pc = getattr(getattr(model, "config", None), "pruning_config", None)
+        if not isinstance(pc, dict):
+            return None
+        return cls(method=str(pc.get("method", "")), config=pc, calibration=pc.get("calibration"), layers={},
+                   prune_seconds=0.0, peak_rss_mb=0.0, sparsity=float(pc.get("achieved_sparsity") or 0.0),
+                   pattern=str(pc.get("pattern") or "unstructured"), base_model=pc.get("base_model"),
+                   command=pc.get("command"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -40,7 +40,7 @@ def child(name: str, args) -> dict:
     from transformers import AutoModelForCausalLM
 
     import hfprune
-    from hfprune.calibration import get_calibration_ids
+    from hfprune.core.calibration import get_calibration_ids
     from hfprune.config import CalibrationConfig
     from hfprune.models import resolve_model_path
 

@@ -54,10 +54,10 @@ def child(name: str, args) -> dict:
     import torch
 
     import hfprune
-    from hfprune.architectures import weight_matrix
-    from hfprune.calibration import get_calibration_ids
+    from hfprune.arch import weight_matrix
+    from hfprune.core.calibration import get_calibration_ids
     from hfprune.config import CalibrationConfig
-    from hfprune.masks import check_nm, prune_count
+    from hfprune.solvers.masks import check_nm, prune_count
 
     model = hfprune.load_model(PROTOCOL["model"], dtype=PROTOCOL["dtype"])
     tok = hfprune.load_tokenizer(PROTOCOL["model"])

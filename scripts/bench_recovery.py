@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def calibration_with_docs(tok, docs: list[str], nsamples: int, seqlen: int, seed: int):
-    """Calibration ids exactly as ``hfprune.calibration.sample_windows`` draws them, plus the indices
+    """Calibration ids exactly as ``hfprune.core.calibration.sample_windows`` draws them, plus the indices
     of the documents they came from (``None`` when the sampler took the joined-text path)."""
-    from hfprune.calibration import sample_windows
+    from hfprune.core.calibration import sample_windows
 
     ids = sample_windows(tok, docs, nsamples, seqlen, seed)
     encoded = tok(list(docs), add_special_tokens=True, verbose=False)["input_ids"]
@@ -61,7 +61,7 @@ def calibration_with_docs(tok, docs: list[str], nsamples: int, seqlen: int, seed
 def zero_patterns(model) -> dict:
     import torch
 
-    from hfprune.architectures import find_linears, get_blocks, get_spec
+    from hfprune.arch import find_linears, get_blocks, get_spec
 
     spec = get_spec(model)
     out = {}
@@ -86,8 +86,8 @@ def sparsity_check(model, pruned: dict) -> dict:
 
 
 def run_recovery(name, pruned_model, tok, train_docs, opts, eval_ids, patterns, teacher=None) -> dict:
-    from hfprune.evaluation import perplexity
-    from hfprune.recovery import RecoveryArguments, recover
+    from hfprune.eval.perplexity import perplexity
+    from hfprune.workflows.recovery import RecoveryArguments, recover
 
     lora = name.startswith("lora")
     model = copy.deepcopy(pruned_model)
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
 
     import hfprune
     from hfprune.data import load_texts
-    from hfprune.evaluation import eval_token_ids, perplexity
+    from hfprune.eval.perplexity import eval_token_ids, perplexity
 
     t0 = time.perf_counter()
     tok = hfprune.load_tokenizer(PROTOCOL["model"])

@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import hfprune
-    from hfprune.calibration import get_calibration_ids
+    from hfprune.core.calibration import get_calibration_ids
     from hfprune.config import CalibrationConfig
     from hfprune.structured import StructuredConfig
 
@@ -88,7 +88,7 @@ def main() -> None:
     state = {k: v.clone() for k, v in dense.state_dict().items()}
     ids = get_calibration_ids(CalibrationConfig(dataset="c4", nsamples=PROTOCOL["nsamples"], seqlen=PROTOCOL["seqlen"],
                                                 seed=PROTOCOL["seed"]), tok)
-    eval_ids = hfprune.evaluation.eval_token_ids(tok, "wikitext2")
+    eval_ids = hfprune.eval.perplexity.eval_token_ids(tok, "wikitext2")
     lat_ids = eval_ids[:, :512]
     gen_ids = eval_ids[:, 1000:1016]
     out = {"protocol": {**PROTOCOL, "max_windows": args.max_windows}, "machine": machine(),

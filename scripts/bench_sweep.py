@@ -14,7 +14,7 @@ Parts (``--parts``, comma-separated, default all):
 * ``search``: highest wanda unstructured sparsity within +10 % perplexity (bisection, every probe
   listed) -> ``<out>/search/search.{jsonl,json}`` and ``<out>/search.md``.
 * ``zeroshot``: accuracy on the synthetic cloze task built from WikiText-2 test sentences
-  (``hfprune.zeroshot.build_cloze_task``; no published benchmark) for dense vs wanda 50 %, plus a few
+  (``hfprune.eval.zeroshot.build_cloze_task``; no published benchmark) for dense vs wanda 50 %, plus a few
   greedy generations before/after -> ``<out>/zeroshot.json`` and ``<out>/zeroshot.md``.
 
     .venv/bin/python scripts/bench_sweep.py                                 # everything (tens of minutes on CPU)
@@ -77,7 +77,7 @@ def parse_args(argv=None):
 
 
 def run_sweep(args, model, tok, ids, out: Path) -> dict:
-    from hfprune.sweep import format_table, sweep
+    from hfprune.workflows.sweep import format_table, sweep
 
     start = time.perf_counter()
     rows = sweep(model, args.methods, args.sparsities, args.patterns, tokenizer=tok, calibration=ids,
@@ -99,7 +99,7 @@ def run_sweep(args, model, tok, ids, out: Path) -> dict:
 
 
 def run_search(args, model, tok, ids, out: Path) -> dict:
-    from hfprune.sweep import format_probes, search
+    from hfprune.workflows.sweep import format_probes, search
 
     result = search(model, tok, args.search_method, max_ppl_increase=args.budget, tol=args.tol, calibration=ids,
                     eval_dataset=args.eval_dataset, eval_seqlen=args.eval_seqlen, max_windows=args.max_windows,
@@ -116,7 +116,7 @@ def run_search(args, model, tok, ids, out: Path) -> dict:
 
 def run_zeroshot(args, model, tok, ids, out: Path) -> dict:
     import hfprune
-    from hfprune.zeroshot import cloze_task, generation_samples, zeroshot_accuracy
+    from hfprune.eval.zeroshot import cloze_task, generation_samples, zeroshot_accuracy
 
     items = cloze_task("wikitext2", n_items=args.zeroshot_items, n_choices=4, seed=args.seed)
     dense = zeroshot_accuracy(model, tok, items, progress=True)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     import torch
 
     import hfprune
-    from hfprune.calibration import get_calibration_ids
+    from hfprune.core.calibration import get_calibration_ids
     from hfprune.config import CalibrationConfig
 
     args = parse_args(argv)

@@ -1,11 +1,11 @@
-"""Tests for OWL allocation and explicit per-layer sparsity specs (hfprune.allocation)."""
+"""Tests for OWL allocation and explicit per-layer sparsity specs (hfprune.core.allocation)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hfprune.allocation import expand_layer_sparsity, outlier_ratio, owl_sparsities
+from hfprune.core.allocation import expand_layer_sparsity, outlier_ratio, owl_sparsities
 
 
 def _weighted_mean(values, counts):

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfprune
-from hfprune.architectures import find_linears, get_blocks, get_spec, weight_matrix
-from hfprune.masks import check_nm, prune_count
+from hfprune.arch import find_linears, get_blocks, get_spec, weight_matrix
+from hfprune.solvers.masks import check_nm, prune_count
 
 from conftest import tiny_model
 
@@ -80,7 +80,7 @@ def test_unknown_architecture_error():
 
 
 def test_register_architecture_makes_a_model_prunable(random_ids):
-    from hfprune.architectures import ARCHITECTURES, ArchSpec
+    from hfprune.arch import ARCHITECTURES, ArchSpec
 
     model = tiny_model("llama")
     model.config.model_type = "my_llama_clone"
@@ -96,7 +96,7 @@ def test_register_architecture_makes_a_model_prunable(random_ids):
 
 def test_sliding_window_layers_get_their_own_masks(random_ids):
     """Gemma-2 alternates sliding and full attention: each block must be replayed with its own mask."""
-    from hfprune.runner import LayerRunner
+    from hfprune.core.runner import LayerRunner
 
     model = tiny_model("gemma2")
     ids = torch.randint(3, 200, (1, 48))

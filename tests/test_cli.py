@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hfprune.cli import main
-from hfprune.masks import check_nm
+from hfprune.solvers.masks import check_nm
 
 from conftest import REPO, tiny_model
 

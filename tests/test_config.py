@@ -100,7 +100,7 @@ def test_recipe_overrides_and_unknown_keys(tmp_path):
 
 
 def test_registry_rejects_duplicates():
-    from hfprune.pruners.base import Pruner
+    from hfprune.methods.base import Pruner
     from hfprune.registry import register_pruner
 
     with pytest.raises(ValueError, match="already registered"):

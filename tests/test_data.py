@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.calibration import get_calibration_ids, sample_windows
+from hfprune.core.calibration import get_calibration_ids, sample_windows
 from hfprune.config import CalibrationConfig
 from hfprune.data import load_eval_text, load_texts
 

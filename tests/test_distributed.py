@@ -3,7 +3,7 @@
 The multi-process runs use ``accelerate launch --multi_gpu --num_processes 2`` on CPU (torch's
 elastic launcher, gloo) and ``accelerate launch --cpu --num_processes 2``: accelerate 1.15 starts
 several CPU processes only through mpirun (not installed here), so hfprune starts the other
-calibration processes itself (:func:`hfprune.distributed.start_cpu_workers`).
+calibration processes itself (:func:`hfprune.core.distributed.start_cpu_workers`).
 """
 
 import json
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from hfprune.cli import main
-from hfprune.distributed import ChunkedStats, DistContext, finalize_stats, shard_windows
+from hfprune.core.distributed import ChunkedStats, DistContext, finalize_stats, shard_windows
 from hfprune.stats import RowNormStats
 
 from conftest import REPO, tiny_model
@@ -108,7 +108,7 @@ def test_two_processes_match_one(tmp_path, tiny_tokenizer, launcher):
 
 
 def test_num_processes_read_from_the_launcher_options_only():
-    from hfprune.distributed import _num_processes_from_launch_args as parse
+    from hfprune.core.distributed import _num_processes_from_launch_args as parse
 
     assert parse(["python", "accelerate", "launch", "--cpu", "--num_processes", "3", "hfprune", "prune"]) == 3
     assert parse(["accelerate", "launch", "--num-processes=4", "hfprune"]) == 4
@@ -118,7 +118,7 @@ def test_num_processes_read_from_the_launcher_options_only():
 
 
 def test_no_extra_processes_outside_accelerate_cpu(monkeypatch):
-    from hfprune.distributed import requested_cpu_processes
+    from hfprune.core.distributed import requested_cpu_processes
 
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     assert requested_cpu_processes() == 1

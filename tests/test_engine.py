@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.architectures import weight_matrix
+from hfprune.arch import weight_matrix
 
 from conftest import tiny_model
 
@@ -50,10 +50,10 @@ def test_true_sequential_changes_later_layers_only():
 def test_statistics_pass_stops_before_the_last_layer_runs():
     """The statistics pass ends each block call once every layer has read its input: the last
     layer (down_proj) never computes, and its statistics are still complete."""
-    from hfprune.engine import _prune_block
-    from hfprune.runner import LayerRunner
-    from hfprune.architectures import get_blocks, get_spec, find_linears
-    from hfprune.pruners.wanda import WandaPruner
+    from hfprune.core.engine import _prune_block
+    from hfprune.core.runner import LayerRunner
+    from hfprune.arch import get_blocks, get_spec, find_linears
+    from hfprune.methods.wanda import WandaPruner
 
     model = tiny_model("llama")
     spec = get_spec(model)
@@ -87,7 +87,7 @@ def test_statistics_pass_stops_before_the_last_layer_runs():
 
 def test_cpu_batch_size_is_small_unless_one_pass():
     from hfprune.config import CalibrationConfig
-    from hfprune.engine import CPU_BATCH_TOKENS, _batch_size
+    from hfprune.core.engine import CPU_BATCH_TOKENS, _batch_size
 
     model = tiny_model("llama")
     ids = _ids(64, 512)

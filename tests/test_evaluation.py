@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.evaluation import perplexity
+from hfprune.eval.perplexity import perplexity
 
 from conftest import tiny_model
 

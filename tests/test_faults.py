@@ -116,8 +116,8 @@ def test_second_run_to_the_same_output_fails_at_once(model_dir, calib_file, tmp_
         return {}
 
     from hfprune import MagnitudeConfig
-    from hfprune.engine import resolve_calibration
-    from hfprune.streaming import prune_checkpoint
+    from hfprune.core.engine import resolve_calibration
+    from hfprune.workflows.streaming import prune_checkpoint
 
     ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     prune_checkpoint(model_dir, out, MagnitudeConfig(sparsity=0.5), resolve_calibration(ids), low_memory=True,
@@ -303,7 +303,7 @@ def test_huge_single_line_calibration_file_is_cheap(model_dir, tmp_path):
     import time
 
     from hfprune import load_tokenizer
-    from hfprune.calibration import get_calibration_ids
+    from hfprune.core.calibration import get_calibration_ids
     from hfprune.config import CalibrationConfig
 
     big = tmp_path / "big.txt"

@@ -13,7 +13,7 @@ from safetensors import safe_open
 import hfprune  # noqa: F401
 import hfprune.formats as formats
 from hfprune.formats import compress_weight, decompress_weight, load_sparse, save_sparse, sizes_report
-from hfprune.masks import check_nm, nm_mask, row_mask
+from hfprune.solvers.masks import check_nm, nm_mask, row_mask
 
 CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=256)

@@ -214,7 +214,7 @@ def fake_hub(monkeypatch, tmp_path):
 def _tiny_pruned_model():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hfprune.masks import nm_mask
+    from hfprune.solvers.masks import nm_mask
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -319,7 +319,7 @@ def test_bad_inputs(tmp_path):
 def test_cli_parser():
     import argparse
 
-    from hfprune.hub import _cmd_push, add_cli
+    from hfprune.cli.push import _cmd_push, add_cli
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import hfprune
 from hfprune.io import save_pretrained, save_pruned
-from hfprune.masks import check_nm
+from hfprune.solvers.masks import check_nm
 
 from conftest import VOCAB, tiny_model
 
@@ -178,7 +178,7 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch, pruned_24):
     def full(*args, **kwargs):  # what safetensors raises on a full disk
         raise st.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr("hfprune.formats.sparse.save_file", full)
+    monkeypatch.setattr("hfprune.formats.base.save_file", full)
     with pytest.raises(OSError, match="No space left"):
         save_pretrained(pruned_24[0], out, format="sparse", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before and _leftovers(tmp_path) == []

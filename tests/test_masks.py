@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hfprune.masks import (check_nm, global_budgets, layer_mask, nm_mask, parse_pattern, prune_count, row_mask,
+from hfprune.solvers.masks import (check_nm, global_budgets, layer_mask, nm_mask, parse_pattern, prune_count, row_mask,
                            select_mask)
 
 
@@ -81,7 +81,7 @@ def test_select_mask_dispatch():
 
 
 def test_lowest_k_indices_exact_with_ties():
-    from hfprune.masks import lowest_k_indices
+    from hfprune.solvers.masks import lowest_k_indices
 
     score = torch.tensor([3.0, 1.0, 1.0, 1.0, 2.0, 0.5, 1.0, 4.0]).reshape(2, 4)
     for k in range(0, 9):
@@ -100,7 +100,7 @@ def test_lowest_k_indices_exact_with_ties():
                                                     ("unstructured", 0.3, "row"), ("unstructured", 0.5, "layer")])
 def test_row_chunked_selection_equals_one_call(monkeypatch, pattern, sparsity, scope):
     import hfprune
-    from hfprune.pruners import base
+    from hfprune.methods import base
     from hfprune.registry import get_pruner_cls
 
     monkeypatch.setattr(base, "ROW_CHUNK_ELEMENTS", 700 * 7)  # chunks of 7 rows

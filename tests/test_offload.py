@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfprune
-from hfprune.runner import LayerRunner, is_offloaded
+from hfprune.core.runner import LayerRunner, is_offloaded
 
 from conftest import tiny_model
 

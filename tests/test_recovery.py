@@ -1,4 +1,4 @@
-"""Tests for hfprune.recovery: recovery fine-tuning keeps the pruned zeros (full, LoRA, distill),
+"""Tests for hfprune.workflows.recovery: recovery fine-tuning keeps the pruned zeros (full, LoRA, distill),
 time budget, CLI round trip and output-folder safety. Tiny models only."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from conftest import VOCAB, tiny_model
 
 import hfprune
-from hfprune.recovery import RecoveryArguments, add_cli, arguments_from, recover, token_windows
+from hfprune.cli.recover import add_cli
+from hfprune.workflows.recovery import RecoveryArguments, arguments_from, recover, token_windows
 from hfprune.training import masks_from_zeros
 
 WORDS = ("pruning sparse weights model quick brown fox jumps over lazy dog calibration data text small "

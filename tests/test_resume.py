@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hfprune.cli import main
-from hfprune.streaming import work_dir_for
+from hfprune.workflows.streaming import work_dir_for
 
 from conftest import REPO, load_sharded, tiny_model
 
@@ -60,7 +60,7 @@ def test_killed_run_resumes_to_same_result(setup, tmp_path):
 
 
 def test_in_memory_resume_after_exception(setup, tmp_path, monkeypatch):
-    from hfprune import streaming
+    from hfprune.workflows import streaming
 
     root, args = setup
     ref, out = tmp_path / "ref", tmp_path / "out"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.architectures import weight_matrix
-from hfprune.masks import check_nm
+from hfprune.arch import weight_matrix
+from hfprune.solvers.masks import check_nm
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def test_alias_loads_llama_with_tied_embeddings(smollm2):
 def test_wanda_2of4_on_smollm2(smollm2, data_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("HFPRUNE_DATA_DIR", str(data_dir))
     model, tok = smollm2
-    ids = hfprune.evaluation.eval_token_ids(tok, "wikitext2")[:, :512]
+    ids = hfprune.eval.perplexity.eval_token_ids(tok, "wikitext2")[:, :512]
     dense = hfprune.perplexity(model, token_ids=ids, seqlen=256, progress=False)["perplexity"]
     embed_zeros = int((model.get_input_embeddings().weight == 0).sum())
     report = hfprune.prune(model, tok, hfprune.WandaConfig(pattern="2:4"), calibration="c4", nsamples=4, seqlen=64,

@@ -7,8 +7,9 @@ import logging
 import pytest
 import torch
 
-from hfprune.masks import check_nm, layer_mask, nm_mask, prune_count, row_mask
-from hfprune.solvers import HessianStats, quantize_weight, sparsegpt_prune
+from hfprune.solvers.masks import check_nm, layer_mask, nm_mask, prune_count, row_mask
+from hfprune.solvers import quantize_weight, sparsegpt_prune
+from hfprune.stats import HessianStats
 
 OUT, IN, TOKENS = 64, 128, 512
 

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import hfprune
 from hfprune.cli import main
-from hfprune.engine import resolve_calibration
-from hfprune.streaming import prune_checkpoint, work_dir_for
+from hfprune.core.engine import resolve_calibration
+from hfprune.workflows.streaming import prune_checkpoint, work_dir_for
 
 from conftest import load_sharded, tiny_model
 
@@ -28,7 +28,7 @@ def sharded(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_low_memory_matches_in_memory(sharded, tmp_path, method, monkeypatch):
-    from hfprune import streaming
+    from hfprune.workflows import streaming
 
     if method == "wanda":  # also put the (tiny) embeddings and final norm on disk, as for real models
         monkeypatch.setattr(streaming, "_SMALL", 0)

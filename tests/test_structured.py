@@ -20,7 +20,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from hfprune.architectures import get_blocks, get_spec, get_submodule, weight_matrix
+from hfprune.arch import get_blocks, get_spec, get_submodule, weight_matrix
 from hfprune.structured import (
     AutoPrunedModelForCausalLM,
     ChannelStats,

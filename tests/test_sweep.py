@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from hfprune import sweep as sweep_mod
-from hfprune.sweep import add_cli, format_table, read_jsonl, search, sweep
+from hfprune.workflows import sweep as sweep_mod
+from hfprune.cli.sweep import add_cli
+from hfprune.workflows.sweep import format_table, read_jsonl, search, sweep
 
 from conftest import VOCAB, tiny_model
 
@@ -86,7 +87,7 @@ def test_sweep_writes_files_runs_nm_once_and_resumes(loader, calib_ids, tmp_path
 
 
 def test_sweep_restores_dense_weights_and_draws_calibration_once(tiny_tokenizer, monkeypatch):
-    import hfprune.calibration as calibration
+    import hfprune.core.calibration as calibration
 
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

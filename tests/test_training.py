@@ -12,7 +12,7 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
                           TrainingArguments)
 from transformers.pytorch_utils import Conv1D
 
-from hfprune.masks import check_nm, select_mask
+from hfprune.solvers.masks import check_nm, select_mask
 from hfprune.training import (DistillationTrainer, GradualPruner, GradualPruningCallback, MaskPreservingCallback,
                               canonical_name, cubic_sparsity, distillation_loss, masks_from_zeros,
                               merge_lora_keep_sparsity, sparsity_report)
@@ -28,7 +28,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 def sparse_llama(seed: int = 0, sparsity: float = 0.5) -> LlamaForCausalLM:
-    """Tiny Llama whose decoder Linear layers are 50% pruned (per-row magnitude, hfprune.masks)."""
+    """Tiny Llama whose decoder Linear layers are 50% pruned (per-row magnitude, hfprune.solvers.masks)."""
     model = tiny_llama(seed)
     with torch.no_grad():
         for name, module in model.named_modules():

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfprune.zeroshot import (add_cli, build_cloze_task, generation_samples, lm_eval_accuracy, zeroshot_accuracy)
+from hfprune.cli.zeroshot import add_cli
+from hfprune.eval.zeroshot import (build_cloze_task, generation_samples, lm_eval_accuracy, zeroshot_accuracy)
 
 from conftest import tiny_model
 

@@ -17,13 +17,13 @@ sparse + int4 packed layout that vLLM reads for arbitrary sparsity. ``pruning_co
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from .sparse import _compress_targets, _quantize, _state_dict_untied, _write_shards
+from hfprune.formats.base import compress_targets, register_format, state_dict_untied, write_config, write_shards
+from hfprune.formats.codec import quantize
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ def save_compressed_tensors(model, save_directory, *, bits: int = 4, group_size:
         raise ValueError(f"compressed-tensors pack-quantized export supports bits=4 or 8, got {bits!r}.")
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    targets = _compress_targets(model)
+    targets = compress_targets(model)
     tensors, groups, quantized = {}, {}, []
-    for name, tensor in _state_dict_untied(model).items():
+    for name, tensor in state_dict_untied(model).items():
         if name not in targets:
             tensors[name] = tensor.detach()
             continue
@@ -82,7 +82,7 @@ def save_compressed_tensors(model, save_directory, *, bits: int = 4, group_size:
                 f"{name} has {cols} inputs, not a multiple of group_size={group_size}; "
                 f"use a group_size that divides every Linear input width, or group_size=None (per channel)."
             )
-        q, scale, _ = _quantize(tensor, bits, group_size)
+        q, scale, _ = quantize(tensor, bits, group_size)
         prefix = name[: -len("weight")]
         scale_dtype = tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16) else torch.float32
         tensors[prefix + "weight_packed"] = pack_int32(q, bits)
@@ -91,7 +91,7 @@ def save_compressed_tensors(model, save_directory, *, bits: int = 4, group_size:
         for key in ("weight_packed", "weight_scale", "weight_shape"):
             groups[prefix + key] = prefix
         quantized.append(prefix[:-1])
-    files = _write_shards(tensors, save_directory, max_shard_size, groups)
+    files = write_shards(tensors, save_directory, max_shard_size, groups)
 
     weights = {
         "num_bits": bits, "type": "int", "symmetric": True,
@@ -116,14 +116,26 @@ def save_compressed_tensors(model, save_directory, *, bits: int = 4, group_size:
         "sparsity_config": {},
         "transform_config": {},
     }
-    config_dict = model.config.to_dict()
-    config_dict["quantization_config"] = qcfg
-    (save_directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        try:
-            gen.save_pretrained(save_directory)
-        except Exception as exc:
-            logger.warning("Could not save generation_config.json: %s", exc)
+    write_config(model, save_directory, qcfg)
     logger.info("Saved compressed-tensors pack-quantized (int%d) checkpoint to %s", bits, save_directory)
     return {"files": files, "quantized": quantized}
+
+
+class CompressedTensorsFormat:
+    """``format="compressed-tensors"``: ``pack-quantized`` int4/int8 (vLLM); needs ``bits``."""
+
+    def validate(self, model, bits, group_size, record) -> None:
+        if bits is None:
+            raise ValueError("format='compressed-tensors' writes quantized weights: pass bits=4 or bits=8.")
+        targets = compress_targets(model)
+        for name, param in model.named_parameters():
+            if group_size is not None and name in targets and param.shape[1] % group_size:
+                raise ValueError(
+                    f"{name} has {param.shape[1]} inputs, not a multiple of group_size={group_size}: choose a "
+                    f"group_size that divides every Linear input width, or group_size=None (one scale per channel).")
+
+    def save(self, model, directory, *, record, bits, group_size, max_shard_size) -> None:
+        save_compressed_tensors(model, directory, bits=bits, group_size=group_size, max_shard_size=max_shard_size)
+
+
+register_format("compressed-tensors", CompressedTensorsFormat(), aliases=("ct",))

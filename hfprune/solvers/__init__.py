@@ -1,5 +1,5 @@
-"""Layer-wise reconstruction solvers (pure tensor functions, no model access)."""
+"""Pure math (tensors in, tensors out; no model access): mask selection, importance scores, the SparseGPT solver."""
 
-from hfprune.solvers.sparsegpt import HessianStats, quantize_weight, sparsegpt_prune
+from hfprune.solvers.sparsegpt import quantize_weight, sparsegpt_prune
 
-__all__ = ["HessianStats", "quantize_weight", "sparsegpt_prune"]
+__all__ = ["quantize_weight", "sparsegpt_prune"]

@@ -30,119 +30,14 @@ import math
 
 import torch
 
-from hfprune.masks import Pattern, lowest_k_indices, parse_pattern, prune_count
+from hfprune.solvers.masks import Pattern, lowest_k_mask, parse_pattern, prune_count
 
-__all__ = ["HessianStats", "sparsegpt_prune", "quantize_weight", "output_error"]
+__all__ = ["sparsegpt_prune", "quantize_weight", "output_error"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_DAMPING_RETRIES = 5
 _ZERO_DAMPING_FALLBACK = 1e-3
-
-
-# --------------------------------------------------------------------------------------------
-# Hessian accumulation
-# --------------------------------------------------------------------------------------------
-
-
-class HessianStats:
-    """Running sum of ``X X^T`` over calibration tokens, giving ``H = 2/n * X X^T`` (Sec. 3.1).
-
-    ``add_batch`` takes the layer input as it reaches the layer, shape ``[..., in_features]``
-    and any floating dtype. Every leading dimension counts as tokens.
-
-    Precision choice: each batch's ``X^T X`` is computed in float32 (a fast GEMM) and added to
-    a running sum kept in ``precision`` (float64 by default), which avoids drift when hundreds
-    of thousands of tokens are summed; the memory is ``8 * in_features^2`` bytes (about 1 GB
-    for ``in_features=11008``).
-    Pass ``precision=torch.float32`` to halve that or on GPUs with slow float64.
-    The normalisation ``2/n`` is applied only when :meth:`hessian` is asked for, so raw sums
-    from several processes can be all-reduced (``state()`` / ``load_state()`` or
-    :meth:`merge`) before normalising.
-
-    Args:
-        in_features: width of the layer input.
-        device: where the sum lives; ``None`` means the device of the first batch.
-        precision: dtype of the running sum.
-    """
-
-    def __init__(self, in_features: int, device: torch.device | str | None = None,
-                 precision: torch.dtype = torch.float64) -> None:
-        if in_features < 1:
-            raise ValueError(f"in_features must be positive, got {in_features}.")
-        if not precision.is_floating_point:
-            raise ValueError(f"precision must be a floating dtype, got {precision}.")
-        self.in_features = int(in_features)
-        self.precision = precision
-        self.count = 0
-        self.xtx: torch.Tensor | None = None
-        if device is not None:
-            self.xtx = torch.zeros(in_features, in_features, dtype=precision, device=device)
-
-    @property
-    def device(self) -> torch.device | None:
-        return None if self.xtx is None else self.xtx.device
-
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Add the tokens of one batch of layer inputs ``x`` (shape ``[..., in_features]``)."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"HessianStats expects inputs with last dimension {self.in_features}, got shape "
-                f"{tuple(x.shape)}; hook the input of the layer this accumulator was made for."
-            )
-        x = x.detach().reshape(-1, self.in_features)
-        if self.xtx is None:
-            self.xtx = torch.zeros(self.in_features, self.in_features, dtype=self.precision,
-                                   device=x.device)
-        # The product runs in float32 (fast GEMM); the running sum is kept in ``precision``.
-        x = x.to(device=self.xtx.device, dtype=torch.float32)
-        self.xtx += (x.T @ x).to(self.precision)
-        self.count += x.shape[0]
-
-    def merge(self, other: "HessianStats") -> "HessianStats":
-        """Add the sums of ``other`` (for example from another data-parallel rank) into this one."""
-        if other.in_features != self.in_features:
-            raise ValueError(
-                f"Cannot merge HessianStats of width {other.in_features} into width {self.in_features}."
-            )
-        if other.xtx is not None:
-            if self.xtx is None:
-                self.xtx = torch.zeros_like(other.xtx, dtype=self.precision)
-            self.xtx += other.xtx.to(device=self.xtx.device, dtype=self.precision)
-        self.count += other.count
-        return self
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """Raw sums as tensors, ready for ``torch.distributed.all_reduce`` (SUM) of each entry."""
-        xtx = self.xtx
-        if xtx is None:
-            xtx = torch.zeros(self.in_features, self.in_features, dtype=self.precision)
-        count = torch.tensor([float(self.count)], dtype=torch.float64, device=xtx.device)
-        return {"xtx": xtx, "count": count}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the sums with ``state`` (the output of :meth:`state`, possibly all-reduced)."""
-        xtx = state["xtx"]
-        if tuple(xtx.shape) != (self.in_features, self.in_features):
-            raise ValueError(
-                f"State of shape {tuple(xtx.shape)} does not fit width {self.in_features}."
-            )
-        self.xtx = xtx.to(self.precision).clone()
-        self.count = int(round(float(torch.as_tensor(state["count"]).reshape(-1)[0])))
-
-    def hessian(self) -> torch.Tensor:
-        """``H = 2/n * X X^T`` in float32 (Sec. 3.1), on the accumulator's device."""
-        if self.xtx is None or self.count == 0:
-            raise ValueError(
-                "HessianStats has seen no calibration tokens; run calibration batches through the "
-                "layer (add_batch) before asking for the Hessian."
-            )
-        return (self.xtx * (2.0 / self.count)).float()
-
-    @property
-    def H(self) -> torch.Tensor:  # noqa: N802 - the paper's name
-        """Shorthand for :meth:`hessian`."""
-        return self.hessian()
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,14 +168,6 @@ def _cumulative_count(sparsity: float, rows: int, cols: int) -> int:
     return prune_count(rows * cols, sparsity)
 
 
-def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly ``k`` lowest entries of ``score`` (selection, exact count)."""
-    pruned = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k > 0:
-        pruned[lowest_k_indices(score, k)] = True
-    return pruned.view_as(score)
-
-
 def _nm_lowest(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """For every row of ``score`` ([rows, m]) mark the ``m - n`` lowest entries."""
     pruned = torch.zeros_like(score, dtype=torch.bool)
@@ -334,7 +221,7 @@ def sparsegpt_prune(
       whole block (all rows together) are pruned. The paper takes a quantile per block; here
       the block gets exactly ``round(s*rows*c_end) - round(s*rows*c_start)`` prunes chosen by
       a stable sort, so counts telescope and the layer total is exactly
-      ``round(s * out * in)`` (:func:`hfprune.masks.prune_count`), ties and all.
+      ``round(s * out * in)`` (:func:`hfprune.solvers.masks.prune_count`), ties and all.
     * N:M (Sec. 3.5, "Semi-Structured"): when entering each group of M columns, the ``M - N``
       weights with the smallest OBS error in every row are pruned.
     * Column update (Eq. 2 / Alg. 1): column ``j`` becomes its pruned/quantized value ``q``,
@@ -424,7 +311,7 @@ def sparsegpt_prune(
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         else:
             k = _cumulative_count(sparsity, rows, i2) - _cumulative_count(sparsity, rows, i1)
-            mask1 = _lowest_k(w1.pow(2) / d1.pow(2)[:, None], k)
+            mask1 = lowest_k_mask(w1.pow(2) / d1.pow(2)[:, None], k)
         # Without quantization the error of column j is ``mask * w / d``: one fused multiply.
         err_scale = None if (bits is not None or pat.is_nm) else mask1 * inv_d1
 

@@ -1,0 +1,7 @@
+"""``python -m hfprune.cli``."""
+
+import sys
+
+from hfprune.cli.main import main
+
+sys.exit(main())

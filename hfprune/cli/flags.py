@@ -1,0 +1,64 @@
+"""One generator for command-line flags: every flag and its help come from a config dataclass's
+fields (``metadata["help"]``, and ``metadata["choices"]`` where the values are fixed), the same
+metadata :class:`transformers.HfArgumentParser` reads."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+__all__ = ["add_fields"]
+
+
+def _scalar(tp):
+    """The scalar type of an annotation (``Optional[int]`` -> ``int``) and whether it is a list."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = args[0] if len(args) == 1 else str
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is list:
+        return (args[0] if args else str), True
+    return (tp if tp in (int, float, str, bool) else str), False
+
+
+def _optional(tp):
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "null") else tp(text)
+
+    parse.__name__ = tp.__name__
+    return parse
+
+
+def add_fields(parser, cls, *, only=None, skip=(), flags=None, extra=None, default=None,
+               show_default=False) -> list[str]:
+    """Add one flag per field of dataclass ``cls`` (``--field-name``; ``flags`` renames, ``extra``
+    adds or overrides ``add_argument`` keywords per field). Flags default to ``default`` (``None``:
+    "not given", so recipe values and the dataclass defaults stay in charge); fields that already
+    have a flag in ``parser`` are skipped, so several configs can share one parser. Returns the
+    destinations added."""
+    hints = typing.get_type_hints(cls)
+    taken, added = {a.dest for a in parser._actions}, []
+    for f in dataclasses.fields(cls):
+        if (only is not None and f.name not in only) or f.name in skip or f.name in taken:
+            continue
+        tp, is_list = _scalar(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if show_default:
+            help_text += f" (default: {f.default})"
+        kw = {"dest": f.name, "help": help_text, "default": default}
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif is_list:
+            kw.update(nargs="+", type=tp)
+        else:
+            kw.update(type=_optional(tp) if tp is not hints[f.name] else tp, metavar=f.name.upper())
+        kw.update((extra or {}).get(f.name, {}))
+        if default is argparse.SUPPRESS:
+            kw.pop("default")
+        parser.add_argument(*(flags or {}).get(f.name, ["--" + f.name.replace("_", "-")]), **kw)
+        added.append(f.name)
+    return added

@@ -1,0 +1,263 @@
+"""The ``hfprune`` command line: ``prune``, ``eval`` and ``methods``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import shlex
+import signal
+import sys
+
+from hfprune.cli import push, recover, sweep, zeroshot
+from hfprune.cli.flags import add_fields
+
+logger = logging.getLogger("hfprune.cli")
+
+
+def _comma_floats(value: str) -> list[float]:
+    return [float(x) for x in value.split(",")]
+
+
+def _add_prune(sub) -> None:
+    from hfprune.config import CalibrationConfig, PruningConfig
+    from hfprune.formats import FORMATS
+    from hfprune.methods import SparseGPTConfig, StructuredConfig
+
+    p = sub.add_parser("prune", help="Prune a model and save it.",
+                       description="Prune a causal LM one decoder block at a time and save a standard checkpoint.")
+    p.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
+    p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); the flags below override its values.")
+    p.add_argument("--method", help="Pruning method (see `hfprune methods`).")
+    # Method and calibration flags come from the config dataclasses (help text in their field metadata).
+    method_keys = add_fields(p, PruningConfig, extra={"layer_sparsity": {"type": _comma_floats, "nargs": None}})
+    method_keys += add_fields(p, SparseGPTConfig, only=("block_size", "dampening", "act_order"))
+    p.add_argument("--bits", type=int, choices=[4, 8], help="Quantize kept weights: jointly with sparsegpt, and/or "
+                                                           "stored as int8/int4 by --format sparse.")
+    p.add_argument("--group-size", type=int, dest="group_size", help="Quantization group size (default: per channel).")
+    p.add_argument("--format", choices=list(FORMATS), default="dense",
+                   help="Checkpoint format: dense save_pretrained, hfprune's compressed sparse format (reloads "
+                        "after `import hfprune`), or compressed-tensors int4/int8 for vLLM.")
+    p.add_argument("--target", help="Structured pruning: heads, mlp or heads,mlp (physically removes them; "
+                                    "--method is then the importance: magnitude, wanda or fluctuation).")
+    method_keys += add_fields(p, StructuredConfig, only=("heads_ratio", "mlp_ratio", "gqa_mode", "bias_compensation"))
+    p.add_argument("--non-uniform", action="store_true", default=None, dest="non_uniform",
+                   help="Structured: per-block counts from a global ranking (reload with hfprune).")
+    calib_keys = add_fields(p, CalibrationConfig, skip=("config_name",), flags={"dataset": ["--calibration"]})
+    p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
+    p.add_argument("--output", required=True, help="Output folder for the pruned checkpoint.")
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    p.add_argument("--low-memory", action="store_true", dest="low_memory",
+                   help="Stream a local safetensors checkpoint: keep the decoder blocks on disk, prune one at a time "
+                        "and write the output shards block by block (peak RAM about one block + activations).")
+    p.add_argument("--resume", action="store_true",
+                   help="Continue an interrupted run into the same --output (same command otherwise).")
+    p.add_argument("--eval", action="store_true", help="Also measure WikiText-2 perplexity before and after pruning "
+                                                       "(recorded in eval_results.json and the model card).")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.set_defaults(func=_run_prune, method_keys=method_keys + ["method", "target", "non_uniform"], calib_keys=calib_keys)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="Measure perplexity with the pinned protocol.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, a text file, or a Hub data set name.")
+    p.add_argument("--split", default="test")
+    p.add_argument("--text-column", dest="text_column", default="text")
+    p.add_argument("--seqlen", type=positive_int, default=None,
+                   help="Tokens per window (default 2048, or the model's positions when fewer).")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="Evaluate only the first K windows.")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true", help="Print one JSON object.")
+    p.set_defaults(func=_run_eval)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--seqlen 0`` is a usage error, not a traceback later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_methods(sub) -> None:
+    p = sub.add_parser("methods", help="List the pruning methods.")
+    p.set_defaults(func=lambda args: print("\n".join(__import__("hfprune").available_methods())) or 0)
+
+
+def _save_args(args) -> tuple:
+    """(format, bits, group_size) as saved: with --format dense, --bits means SparseGPT's joint quantization."""
+    quantized = args.format != "dense"
+    return args.format, args.bits if quantized else None, args.group_size if quantized else None
+
+
+def _run_prune(args) -> int:
+    import torch  # noqa: F401
+
+    from hfprune.core.engine import resolve_calibration
+    from hfprune.io import check_output_dir, check_save_args, output_lock
+    from hfprune.recipes import build_configs, read_recipe
+
+    inputs = (args.model, args.dataset, args.recipe)  # never replaced by --output, even with --overwrite
+    check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
+    check_save_args(*_save_args(args))
+    data = read_recipe(args.recipe) if args.recipe else {}
+    overrides = {k: getattr(args, k) for k in args.method_keys}
+    method = args.method or data.get("method")
+    if method == "sparsegpt":
+        overrides.update(bits=args.bits, group_size=args.group_size)
+    elif args.bits and args.format == "dense":
+        raise ValueError("--bits quantizes weights when they are saved with --format sparse or compressed-tensors, "
+                         "or jointly with --method sparsegpt: add one of those.")
+    if args.pattern and args.pattern != "unstructured" and args.sparsity is None:
+        data.pop("sparsity", None)
+    calib_overrides = {k: getattr(args, k) for k in args.calib_keys}
+    config, calibration = build_configs(data, overrides, calib_overrides)
+    from hfprune.core.distributed import requested_cpu_processes, start_cpu_workers
+
+    start_cpu_workers(requested_cpu_processes())  # `accelerate launch --cpu --num_processes N` without mpirun
+    if args.low_memory or args.resume:
+        report = _run_streaming(args, config, resolve_calibration(calibration))
+        if report is not None:  # process 0
+            print(report)
+            print(f"saved to {args.output}")
+        return 0
+    from hfprune.core.distributed import get_context
+
+    is_main = get_context().is_main  # under `accelerate launch`, only process 0 evaluates and writes
+    with output_lock(args.output) if is_main else contextlib.nullcontext():
+        return _prune_in_memory(args, config, calibration, is_main)
+
+
+def _needs_tokenizer(args, config, calibration) -> bool:
+    """Text calibration and --eval need one; data-free methods and self-generated calibration do not."""
+    from hfprune.registry import get_pruner_cls
+
+    try:
+        calibrated = get_pruner_cls(config.method).requires_calibration or getattr(config, "owl", False)
+    except (ValueError, KeyError):
+        calibrated = True  # structured importances other than magnitude read activations
+    return bool(args.eval) or (calibrated and getattr(calibration, "dataset", None) != "self")
+
+
+def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
+    import hfprune
+    from hfprune.core.engine import resolve_calibration
+    from hfprune.io import check_save_args
+
+    model = hfprune.load_model(args.model, dtype=args.dtype)
+    check_save_args(*_save_args(args), model=model)  # e.g. a --group-size that does not fit: now, not after pruning
+    tokenizer = hfprune.load_tokenizer(args.model, required=_needs_tokenizer(args, config, calibration))
+    extra = {}
+    eval_kw = dict(seqlen=args.eval_seqlen, max_windows=args.max_windows, progress=sys.stderr.isatty())
+    if args.eval and is_main:
+        extra["before"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
+    report = hfprune.prune(model, tokenizer, config, resolve_calibration(calibration), progress=sys.stderr.isatty())
+    if not is_main:
+        return 0
+    if args.eval:
+        extra["after"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
+    report.command = "hfprune " + " ".join(shlex.quote(a) for a in args.argv)
+    report.base_model = str(args.model)
+    fmt, bits, group_size = _save_args(args)
+    hfprune.save_pretrained(model, args.output, format=fmt, bits=bits, group_size=group_size, tokenizer=tokenizer,
+                            report=report, eval_results=extra or None, overwrite=args.overwrite)
+    print(report)
+    if extra:
+        after = extra["after"]
+        print(f"perplexity (wikitext2, seqlen {after['seqlen']}, {after['windows']} windows): "
+              f"{extra['before']['perplexity']:.3f} -> {after['perplexity']:.3f}")
+    print(f"saved to {args.output}")
+    return 0
+
+
+def _run_streaming(args, config, calibration):
+    """``hfprune prune --low-memory / --resume``: returns the report on process 0, else ``None``."""
+    from hfprune.workflows.streaming import prune_checkpoint
+
+    if getattr(args, "format", "dense") != "dense":
+        raise ValueError("--low-memory / --resume write dense safetensors shards: drop --format, or convert the "
+                         "output afterwards with hfprune.save_pretrained(..., format=...).")
+    if getattr(args, "target", None):
+        raise ValueError("--low-memory / --resume support unstructured and N:M pruning, not structured --target.")
+    after = None
+    if getattr(args, "eval", False):
+        def after(model, tokenizer):
+            from hfprune.core.distributed import get_context
+            from hfprune.eval.perplexity import perplexity
+
+            if not get_context().is_main:
+                return {}
+            return {"eval_results.json": perplexity(model, tokenizer, "wikitext2", seqlen=args.eval_seqlen,
+                                                    max_windows=args.max_windows, progress=sys.stderr.isatty())}
+    from hfprune.core.distributed import get_context
+
+    report = prune_checkpoint(args.model, args.output, config, calibration, dtype=args.dtype,
+                              low_memory=args.low_memory, resume=args.resume, overwrite=args.overwrite,
+                              progress=sys.stderr.isatty(),
+                              command="hfprune " + " ".join(shlex.quote(a) for a in args.argv), after_prune=after)
+    return report if get_context().is_main else None
+
+
+def _run_eval(args) -> int:
+    import hfprune
+
+    model = hfprune.load_model(args.model, dtype=args.dtype)
+    tokenizer = hfprune.load_tokenizer(args.model)
+    result = hfprune.evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_windows=args.max_windows,
+                              split=args.split, text_column=args.text_column, progress=sys.stderr.isatty() and not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['windows']} windows x {result['seqlen']} tokens "
+              f"({result['dataset']}); linear-layer sparsity {result['linear_sparsity']:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfprune", description="Prune Hugging Face language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    _add_eval(sub)
+    _add_methods(sub)
+    for module in (push, recover, sweep, zeroshot):  # one file per further subcommand in hfprune/cli/
+        module.add_cli(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # clean up temporary folders on `kill` too
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError, ImportError) as err:
+        logger.error("%s", err)
+        return 2
+    except KeyboardInterrupt as err:
+        logger.error("%s: nothing was written to the output (it is replaced only when complete); a --low-memory "
+                     "run continues from its last finished block with --resume.",
+                     "Terminated" if isinstance(err, Terminated) else "Interrupted")
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (temporary folders, locks) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+

@@ -1,0 +1,85 @@
+"""``hfprune sweep`` and ``hfprune search``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from hfprune.workflows.sweep import format_probes, format_table, search, sweep
+
+
+def _add_common(p) -> None:
+    p.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
+    p.add_argument("--calibration", default="c4", help="c4, wikitext2, self, or a data file (drawn once, reused).")
+    p.add_argument("--nsamples", type=int, default=None, help="Calibration windows (default 128).")
+    p.add_argument("--seqlen", type=int, default=None, help="Tokens per calibration window (default 2048).")
+    p.add_argument("--seed", type=int, default=None, help="Calibration sampling seed (default 0).")
+    p.add_argument("--eval-dataset", default="wikitext2", help="wikitext2, c4, or a text file.")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="Evaluate only the first K windows (all by default; a few to fit CPU time).")
+    p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
+    p.add_argument("--output", required=True, help="Results folder (resumed unless --overwrite).")
+    p.add_argument("--overwrite", action="store_true", help="Discard results already in --output.")
+
+
+def add_cli(subparsers):
+    """Add the ``sweep`` and ``search`` subcommands; their ``func`` returns an exit code."""
+    p = subparsers.add_parser(
+        "sweep", help="Perplexity over methods x patterns x sparsities.",
+        description="Prune the same dense model at every grid point (N:M patterns once per method), measure "
+                    "perplexity, and write results.jsonl/csv/json and sweep.png to --output. An interrupted "
+                    "sweep resumes where it stopped.")
+    _add_common(p)
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="Comma-separated methods.")
+    p.add_argument("--sparsities", default="0.3,0.4,0.5,0.6,0.7", help="Comma-separated unstructured sparsities.")
+    p.add_argument("--patterns", default="unstructured", help="Comma-separated patterns, e.g. unstructured,2:4.")
+    p.add_argument("--no-plot", action="store_true", help="Skip sweep.png.")
+    p.set_defaults(func=_run_sweep)
+
+    s = subparsers.add_parser(
+        "search", help="Highest sparsity within a perplexity budget.",
+        description="Bisection over the unstructured sparsity of one method: probes 0 (dense), --lo and --hi, "
+                    "widens or narrows the range, then halves it until it is narrower than --tol.")
+    _add_common(s)
+    s.add_argument("--method", default="wanda")
+    budget = s.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-ppl-increase", type=float, help="Relative budget over dense, e.g. 0.1 for +10 %%.")
+    budget.add_argument("--max-ppl", type=float, help="Absolute perplexity budget.")
+    s.add_argument("--pattern", default="unstructured", help="Only unstructured can be searched.")
+    s.add_argument("--lo", type=float, default=0.3)
+    s.add_argument("--hi", type=float, default=0.7)
+    s.add_argument("--tol", type=float, default=0.02)
+    s.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
+    s.set_defaults(func=_run_search)
+    return p
+
+
+def _run_sweep(args) -> int:
+    rows = sweep(args.model, args.methods, args.sparsities, args.patterns, calibration=args.calibration,
+                 nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_dataset=args.eval_dataset,
+                 eval_seqlen=args.eval_seqlen, max_windows=args.max_windows, output_dir=args.output,
+                 overwrite=args.overwrite, progress=sys.stderr.isatty(), dtype=args.dtype, plot=not args.no_plot)
+    print(format_table(rows))
+    print(f"results in {args.output}")
+    return 0
+
+
+def _run_search(args) -> int:
+    result = search(args.model, method=args.method, max_ppl_increase=args.max_ppl_increase, max_ppl=args.max_ppl,
+                    pattern=args.pattern, lo=args.lo, hi=args.hi, tol=args.tol, calibration=args.calibration,
+                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_dataset=args.eval_dataset,
+                    eval_seqlen=args.eval_seqlen, max_windows=args.max_windows, output_dir=args.output,
+                    overwrite=args.overwrite, progress=sys.stderr.isatty() and not args.json, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(result, default=str))
+        return 0
+    print(format_probes(result))
+    if result["sparsity"] is None:
+        print(f"even the dense model (perplexity {result['dense_perplexity']:.3f}) is over the budget "
+              f"{result['budget_ppl']:.3f}")
+    else:
+        print(f"{args.method}: highest sparsity within budget {result['sparsity']:.4f} (perplexity "
+              f"{result['perplexity']:.3f}, budget {result['budget_ppl']:.3f}, dense {result['dense_perplexity']:.3f})")
+    print(f"probes in {args.output}")
+    return 0

@@ -1,0 +1,53 @@
+"""``hfprune zeroshot``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from hfprune.eval.zeroshot import cloze_task, load_task_file, zeroshot_accuracy
+
+
+def add_cli(subparsers):
+    """Add the ``zeroshot`` subcommand; its ``func`` returns an exit code."""
+    p = subparsers.add_parser(
+        "zeroshot", help="Zero-shot multiple-choice accuracy by log-likelihood.",
+        description="Score each choice by the log-likelihood of its tokens after the prompt; report acc and "
+                    "acc_norm (divided by the choice's length in characters). cloze-wikitext2 / cloze-c4 are "
+                    "synthetic offline tasks built from local text (see hfprune.eval.zeroshot.build_cloze_task).")
+    p.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
+    p.add_argument("--task", default="cloze-wikitext2",
+                   help="cloze-wikitext2, cloze-c4, or a local .json/.jsonl file of items.")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--choices-field", default="choices")
+    p.add_argument("--label-field", default="label", help="Index of the right choice, or its text.")
+    p.add_argument("--limit", type=int, default=None, help="Score the first N items (cloze tasks: build N items, default 500).")
+    p.add_argument("--n-choices", type=int, default=4, help="Choices per cloze item.")
+    p.add_argument("--seed", type=int, default=0, help="Cloze item sampling seed.")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object.")
+    p.set_defaults(func=_run_zeroshot)
+    return p
+
+
+def _run_zeroshot(args) -> int:
+    from hfprune.models import load_model, load_tokenizer
+
+    task = args.task
+    if task.startswith("cloze-"):
+        items = cloze_task(task[len("cloze-"):], n_items=args.limit or 500, n_choices=args.n_choices, seed=args.seed)
+    else:
+        items = load_task_file(task)
+    model = load_model(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    result = zeroshot_accuracy(model, tokenizer, items, prompt_field=args.prompt_field,
+                               choices_field=args.choices_field, label_field=args.label_field, limit=args.limit,
+                               batch_size=args.batch_size, progress=sys.stderr.isatty() and not args.json)
+    result["task"] = task
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{task}: acc {result['acc']:.4f} (+/- {result['acc_stderr']:.4f}), acc_norm {result['acc_norm']:.4f} "
+              f"over {result['n']} items, {result['seconds']:.1f} s")
+    return 0

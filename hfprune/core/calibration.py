@@ -1,0 +1,141 @@
+"""Calibration samples: ``nsamples`` windows of ``seqlen`` tokens, chosen reproducibly.
+
+The sampling follows Wanda/SparseGPT: pick a random document with more than ``seqlen`` tokens,
+then a random window of ``seqlen`` tokens inside it, with a fixed seed. When no document is long
+enough (line-per-document text files, short strings) the documents are joined with ``"\\n\\n"``
+and the windows are drawn from that stream instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from hfprune.config import CalibrationConfig
+from hfprune.data import load_texts
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["get_calibration_ids", "sample_windows", "self_generated_ids"]
+
+_TOKENIZE_ALL_LIMIT = 20_000  # documents; above this, tokenize lazily while sampling
+# Characters per needed token beyond which a document (or the joined text) is cut before tokenizing:
+# far more than any text needs (about 4 characters a token), so normal data sets are untouched, while
+# a 50 MB one-line file is not tokenized whole for a few windows.
+_CHARS_PER_TOKEN_CAP = 64
+_JOINED_CHARS_MIN = 8_000_000  # the joined text is cut only beyond this (WikiText-2 test is 1.3 M characters)
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+
+
+def _too_few(total: int, nsamples: int, seqlen: int) -> ValueError:
+    return ValueError(
+        f"The calibration data has {total} tokens, fewer than nsamples x seqlen = {nsamples} x {seqlen} = "
+        f"{nsamples * seqlen}: lower nsamples/seqlen (--nsamples/--seqlen) or give more text."
+    )
+
+
+def sample_windows(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token ids drawn from ``texts`` by the papers' protocol."""
+    if not texts:
+        raise ValueError("The calibration data is empty: give at least one non-empty document.")
+    cap = _CHARS_PER_TOKEN_CAP * nsamples * (seqlen + 1)
+    if any(len(t) > cap for t in texts):
+        logger.info("Reading at most the first %d characters of each calibration document.", cap)
+        texts = [t[:cap] for t in texts]
+    rng = random.Random(seed)
+    lengths: dict[int, list[int]] = {}
+    if len(texts) <= _TOKENIZE_ALL_LIMIT:
+        encoded = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+        lengths = dict(enumerate(encoded))
+        total = sum(len(ids) for ids in encoded)
+        if total < nsamples * seqlen:
+            raise _too_few(total, nsamples, seqlen)
+        long_docs = sum(1 for ids in encoded if len(ids) > seqlen)
+    else:
+        long_docs = None  # unknown: sample lazily
+
+    windows = []
+    if long_docs != 0:
+        max_tries = 100 * nsamples + len(texts)
+        tries = 0
+        while len(windows) < nsamples:
+            tries += 1
+            if tries > max_tries:
+                raise ValueError(
+                    f"Found too few documents longer than seqlen={seqlen} tokens after {max_tries} draws: "
+                    f"lower seqlen or use longer documents."
+                )
+            i = rng.randint(0, len(texts) - 1)
+            ids = lengths.get(i)
+            if ids is None:
+                ids = lengths[i] = _tokenize(tokenizer, texts[i])
+            if len(ids) <= seqlen:
+                continue
+            start = rng.randint(0, len(ids) - seqlen - 1)
+            windows.append(ids[start:start + seqlen])
+    else:
+        logger.info("No document is longer than %d tokens: sampling windows from the joined text.", seqlen)
+        joined = "\n\n".join(texts)
+        stream = _tokenize(tokenizer, joined[:max(16 * cap, _JOINED_CHARS_MIN)])
+        if len(stream) < nsamples * seqlen:
+            raise _too_few(len(stream), nsamples, seqlen)
+        for _ in range(nsamples):
+            start = rng.randint(0, len(stream) - seqlen)
+            windows.append(stream[start:start + seqlen])
+    return torch.tensor(windows, dtype=torch.long)
+
+
+@torch.no_grad()
+def self_generated_ids(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0,
+                       batch_size: int = 8) -> torch.Tensor:
+    """Calibration text sampled from the model itself (for when no data is at hand).
+
+    Each sample starts from the BOS token (or a random vocabulary token when the tokenizer has
+    none) and is sampled with temperature 1 and top-k 50.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    from hfprune.core.runner import module_device
+
+    device = module_device(model.get_input_embeddings())  # not a disk-offloaded (meta) weight's device
+    vocab = model.config.get_text_config().vocab_size
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    rows = []
+    try:
+        for start in range(0, nsamples, batch_size):
+            n = min(batch_size, nsamples - start)
+            first = torch.full((n, 1), bos, dtype=torch.long) if bos is not None else torch.randint(0, vocab, (n, 1))
+            out = model.generate(first.to(device), attention_mask=torch.ones_like(first).to(device),
+                                 do_sample=True, top_k=50, temperature=1.0, max_new_tokens=seqlen - 1,
+                                 min_new_tokens=seqlen - 1, pad_token_id=bos if bos is not None else 0)
+            rows.append(out[:, :seqlen].cpu())
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return torch.cat(rows)
+
+
+def get_calibration_ids(calibration: CalibrationConfig, tokenizer=None, model=None) -> torch.Tensor:
+    """Token ids ``[nsamples, seqlen]`` for ``calibration``."""
+    source = calibration.dataset
+    if isinstance(source, torch.Tensor):
+        ids = source.long()
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2:
+            raise ValueError(f"Calibration token ids must be [nsamples, seqlen], got shape {tuple(ids.shape)}.")
+        return ids
+    if isinstance(source, str) and source == "self":
+        if model is None:
+            raise ValueError("calibration='self' samples text from the model: pass the model.")
+        logger.info("Generating %d x %d calibration tokens from the model itself.", calibration.nsamples, calibration.seqlen)
+        return self_generated_ids(model, tokenizer, calibration.nsamples, calibration.seqlen, calibration.seed)
+    if tokenizer is None:
+        raise ValueError("Text calibration data needs a tokenizer: pass `tokenizer=` (or token ids as a tensor).")
+    texts = load_texts(source, split=calibration.split, text_column=calibration.text_column,
+                       config_name=calibration.config_name)
+    return sample_windows(tokenizer, texts, calibration.nsamples, calibration.seqlen, calibration.seed)

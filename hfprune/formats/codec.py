@@ -1,0 +1,374 @@
+"""The ``hfprune-sparse`` codec of one weight: bit packing, N:M position codes, symmetric int4/int8
+values (see :mod:`hfprune.formats.sparse` for the on-disk layout). Pure tensor functions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from hfprune.solvers.masks import check_nm, parse_pattern
+
+__all__ = ["SUFFIXES", "compress_weight", "decompress_weight", "quantize"]
+
+SUFFIXES = ("weight_values", "weight_bitmask", "weight_nm_index", "weight_nm_code", "weight_scale", "weight_shape")
+# Only compress when the compressed form is below this fraction of the dense bytes.
+_MIN_GAIN = 0.9
+
+
+# --------------------------------------------------------------------------------------------
+# bit packing
+# --------------------------------------------------------------------------------------------
+
+def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a flat tensor of small non-negative ints (< 2**bits) into uint8, LSB first."""
+    per_byte = 8 // bits
+    flat = values.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    flat = flat.view(-1, per_byte)
+    out = torch.zeros(flat.shape[0], dtype=torch.uint8, device=flat.device)
+    for i in range(per_byte):
+        out |= flat[:, i] << (i * bits)
+    return out
+
+
+def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    p = packed.reshape(-1).to(torch.uint8)
+    mask = (1 << bits) - 1
+    parts = [(p >> (i * bits)) & mask for i in range(per_byte)]
+    return torch.stack(parts, dim=1).reshape(-1)[:count]
+
+
+def _nm_code_layout(n: int, m: int) -> tuple[torch.Tensor, int] | None:
+    """``(combinations [C, n] in lexicographic order, codes per byte)`` for the N:M code, or
+    ``None`` when the combinatorial code does not apply (more than 256 patterns or M > 12)."""
+    count = math.comb(m, n)
+    if m > 12 or count > 256:
+        return None
+    per_byte = 1
+    while count ** (per_byte + 1) <= 256:
+        per_byte += 1
+    combos = torch.tensor(list(itertools.combinations(range(m), n)), dtype=torch.long)
+    return combos, per_byte
+
+
+def _encode_nm_code(order: torch.Tensor, m: int, combos: torch.Tensor, per_byte: int) -> torch.Tensor:
+    """Pack the ascending kept positions ``order`` ([..., n]) of every group as combination ranks."""
+    weights = (1 << torch.arange(m, dtype=torch.long))
+    lookup = torch.zeros(1 << m, dtype=torch.long)
+    lookup[(weights[combos]).sum(-1)] = torch.arange(combos.shape[0])
+    codes = lookup[(weights.to(order.device)[order]).sum(-1).reshape(-1).cpu()]
+    pad = (-codes.numel()) % per_byte
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    codes = codes.view(-1, per_byte)
+    base = combos.shape[0] ** torch.arange(per_byte, dtype=torch.long)
+    return (codes * base).sum(-1).to(torch.uint8).to(order.device)
+
+
+def _decode_nm_code(packed: torch.Tensor, groups: int, combos: torch.Tensor, per_byte: int) -> torch.Tensor:
+    """Inverse of :func:`_encode_nm_code`: ``[groups, n]`` kept positions."""
+    count = combos.shape[0]
+    p = packed.reshape(-1).long().cpu()
+    base = count ** torch.arange(per_byte, dtype=torch.long)
+    codes = ((p[:, None] // base) % count).reshape(-1)[:groups]
+    return combos[codes].to(packed.device)
+
+
+def _index_bits(m: int) -> int:
+    need = max(1, math.ceil(math.log2(m)))
+    for b in (2, 4, 8):
+        if need <= b:
+            return b
+    raise ValueError(f"N:M index for M={m} does not fit in 8 bits; use M <= 256.")
+
+
+# --------------------------------------------------------------------------------------------
+# quantization of kept values
+# --------------------------------------------------------------------------------------------
+
+def _group_view(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    rows, cols = w.shape
+    pad = (-cols) % group
+    wf = w.float()
+    if pad:
+        wf = torch.cat([wf, wf.new_zeros(rows, pad)], dim=1)
+    return wf.view(rows, -1, group), pad
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Symmetric quantization of a dense ``[rows, cols]`` weight.
+
+    Returns ``(q int32 [rows, cols], scale float32 [rows, groups], exact_groups)``. Groups whose
+    values already lie on a symmetric grid that fits ``bits`` are stored exactly (the scale is
+    chosen so that ``(q * scale).to(dtype) == w``); the rest use round-to-nearest with
+    ``scale = absmax / (2**(bits-1) - 1)``.
+    """
+    rows, cols = w.shape
+    group = group_size or cols
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    g, pad = _group_view(w, group)                        # [rows, G, group] float32
+    absmax = g.abs().amax(-1)                             # [rows, G]
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    target = w.dtype
+
+    def roundtrip_ok(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.round(g / scale[..., None])
+        fits = ((q >= qmin) & (q <= qmax)).all(-1)
+        back = (q * scale[..., None]).to(target).float()
+        return q, fits & (back == g).all(-1)
+
+    scale = safe / qmax
+    q, done = roundtrip_ok(scale)
+    # Grid detection for groups that RTN with absmax->qmax does not reproduce exactly: a group
+    # with at most 2**bits distinct values may come from a grid whose absmax sits on a lower level.
+    todo = ~done & (absmax > 0)
+    if bool(todo.any()):
+        # On a grid every magnitude is a multiple of the step, so the smallest gap between sorted
+        # magnitudes (0 included) is the step or a small multiple of it: absmax / gap gives the
+        # level k of the absmax (or a divisor of it). Random weights give a huge k and are skipped.
+        mags = torch.sort(torch.cat([g.abs(), g.new_zeros(g.shape[:-1] + (1,))], dim=-1), dim=-1).values
+        gaps = mags[..., 1:] - mags[..., :-1]
+        # Necessary condition (cheap, exact): on a grid the magnitudes are |q| * step with
+        # |q| <= qmax + 1, so a group has at most qmax + 2 distinct magnitudes (0 included).
+        # Skipping the rest keeps real (off-grid) weights from running the costly fit below.
+        todo &= (gaps > 0).sum(-1) + 1 <= qmax + 2
+        tol = absmax[..., None] * 2.0 ** -(_MANTISSA.get(target, 23) - 1)
+        min_gap = torch.where(gaps > tol, gaps, torch.full_like(gaps, float("inf"))).amin(-1)
+        k0 = torch.round(absmax / min_gap)
+        g64 = lo_gap = hi_gap = None
+        for mult in (1, 2, 3, 4):
+            k = k0 * mult
+            todo_k = todo & (k >= 1) & (k <= qmax + 1)
+            if not bool(todo_k.any()):
+                continue
+            if g64 is None:
+                g64 = g.double()
+                lo_gap, hi_gap = _rounding_gaps(g64, target)
+            guess = safe.double() / torch.where(todo_k, k, torch.ones_like(k)).double()
+            fit = _fit_scale(g64, torch.round(g64 / guess[..., None]), lo_gap, hi_gap, guess).float()
+            ok = torch.zeros_like(todo)
+            qk, fit_ok = q, fit
+            for step in (0, 1, -1, 2, -2):
+                cand = fit
+                for _ in range(abs(step)):
+                    cand = torch.nextafter(cand, torch.full_like(cand, float("inf") if step > 0 else 0.0))
+                q_c, ok_c = roundtrip_ok(cand)
+                new = ok_c & ~ok
+                qk = torch.where(new[..., None], q_c, qk)
+                fit_ok = torch.where(new, cand, fit_ok)
+                ok |= ok_c
+            ok &= todo_k
+            if bool(ok.any()):
+                scale = torch.where(ok, fit_ok, scale)
+                q = torch.where(ok[..., None], qk, q)
+                done |= ok
+                todo &= ~ok
+    zero_groups = absmax == 0
+    done |= zero_groups
+    q = q.clamp(qmin, qmax).reshape(rows, -1)[:, :cols].to(torch.int32)
+    return q, scale.contiguous(), int(done.sum())
+
+
+_MANTISSA = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}
+
+
+def _rounding_gaps(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half the distance from each value to its lower/upper neighbour in ``dtype`` (float32)."""
+    bits = _MANTISSA.get(dtype, 23)
+    mant, exp = torch.frexp(g)
+    ulp = torch.ldexp(torch.ones_like(g), exp - 1 - bits)
+    at_power = mant.abs() == 0.5
+    below = torch.where(at_power, ulp / 4, ulp / 2)
+    # toward zero the gap is the one below the magnitude
+    lo = torch.where(g > 0, below, ulp / 2)
+    hi = torch.where(g > 0, ulp / 2, below)
+    return lo * 0.999, hi * 0.999
+
+
+def _fit_scale(g: torch.Tensor, q: torch.Tensor, lo_gap: torch.Tensor, hi_gap: torch.Tensor,
+               fallback: torch.Tensor) -> torch.Tensor:
+    """Per group, the middle of the scales ``s`` for which every ``q*s`` rounds back to ``g``
+    (each value constrains ``s`` to ``[g-lo, g+hi]/q``); ``fallback`` where that set is empty."""
+    nz = q != 0
+    qs = torch.where(nz, q, torch.ones_like(q))
+    a = (g - lo_gap) / qs
+    b = (g + hi_gap) / qs
+    s_lo = torch.where(nz, torch.minimum(a, b), torch.full_like(a, -float("inf"))).amax(-1)
+    s_hi = torch.where(nz, torch.maximum(a, b), torch.full_like(a, float("inf"))).amin(-1)
+    ok = (s_lo <= s_hi) & torch.isfinite(s_lo) & torch.isfinite(s_hi) & (s_lo > 0)
+    return torch.where(ok, (s_lo + s_hi) / 2, fallback)
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, cols_idx: torch.Tensor | None, rows_idx: torch.Tensor | None,
+                shape: tuple[int, int], group_size: int | None = None) -> torch.Tensor:
+    """float32 values ``q * scale`` for entries at (rows_idx, cols_idx), or a full matrix.
+
+    ``group_size`` (the checkpoint's ``quantization_config.group_size``) is needed when it does not
+    divide ``cols`` (the last group is padded): ``ceil(cols / groups)`` is then not the group size.
+    """
+    rows, cols = shape
+    groups = scale.shape[1]
+    group = group_size if group_size and math.ceil(cols / group_size) == groups else math.ceil(cols / groups)
+    if rows_idx is None:
+        gidx = torch.arange(cols, device=q.device) // group
+        return q.float() * scale[:, gidx]
+    return q.float() * scale[rows_idx, cols_idx // group]
+
+
+def _store_q(q: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return q.to(torch.int8)
+    return _pack((q + 8).to(torch.uint8), 4)
+
+
+def _stored_count(stored: torch.Tensor, count: int, what: str) -> None:
+    """The checkpoint holds exactly the ``count`` values its mask or pattern keeps (int4: two a byte)."""
+    have = stored.numel() * (2 if stored.dtype == torch.uint8 else 1)
+    if not count <= have <= count + (1 if stored.dtype == torch.uint8 else 0):
+        raise ValueError(f"Damaged hfprune-sparse checkpoint: {what} keeps {count} values but {have} are stored; "
+                         f"the file was altered or truncated. Save the model again.")
+
+
+def _load_q(stored: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    _stored_count(stored, count, "a quantized weight")
+    if stored.dtype == torch.int8:
+        return stored.reshape(-1)[:count].to(torch.int32)
+    return _unpack(stored, 4, count).to(torch.int32) - 8
+
+
+# --------------------------------------------------------------------------------------------
+# one weight
+# --------------------------------------------------------------------------------------------
+
+def compress_weight(w: torch.Tensor, *, pattern=None, bits: int | None = None,
+                    group_size: int | None = None, force: bool = False) -> dict[str, torch.Tensor]:
+    """Encode one 2-D weight. Returns the tensors to store under ``<module>.<key>`` (keys are
+    ``weight`` for a weight kept as is, else some of ``weight_values``/``weight_bitmask``/
+    ``weight_nm_index``/``weight_scale``/``weight_shape``)."""
+    if bits not in (None, 4, 8):
+        raise ValueError(f"bits must be None, 4 or 8, got {bits!r}.")
+    w = w.detach().contiguous()
+    rows, cols = w.shape
+    pat = parse_pattern(pattern) if pattern is not None else None
+    dbits = w.element_size() * 8
+    vbits = bits or dbits
+    nonzero = w != 0
+    nnz = int(nonzero.sum())
+    numel = w.numel()
+    out: dict[str, torch.Tensor] = {"weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
+
+    if bits is not None:
+        q, scale, _ = quantize(w, bits, group_size)
+        out["weight_scale"] = scale
+
+    # N:M
+    if pat is not None and pat.is_nm and cols % pat.m == 0 and check_nm(w, pat.n, pat.m):
+        n, m = pat.n, pat.m
+        ib = _index_bits(m)
+        groups = nonzero.view(rows, cols // m, m)
+        # positions of N entries per group: non-zeros first (stable), then sorted ascending
+        order = torch.sort((~groups).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
+        order = torch.sort(order, dim=-1).values                      # [rows, G, n]
+        cols_idx = (order + torch.arange(0, cols, m, device=w.device).view(1, -1, 1)).reshape(rows, -1)
+        src = q if bits is not None else w
+        vals = torch.gather(src, 1, cols_idx)
+        layout = _nm_code_layout(n, m)
+        if layout is not None:
+            out["weight_nm_code"] = _encode_nm_code(order, m, *layout)
+        else:
+            out["weight_nm_index"] = _pack(order.reshape(-1), ib)
+        out["weight_values"] = _store_q(vals, bits) if bits is not None else vals.contiguous()
+        return out
+
+    # unstructured bitmask
+    bitmask_bits = numel + nnz * vbits
+    if force or bitmask_bits < _MIN_GAIN * numel * vbits:
+        out["weight_bitmask"] = _pack(nonzero.reshape(-1), 1)
+        src = q if bits is not None else w
+        vals = src.reshape(-1)[nonzero.reshape(-1)]
+        out["weight_values"] = _store_q(vals, bits) if bits is not None else vals.contiguous()
+        return out
+
+    if bits is not None:
+        out["weight_values"] = _store_q(q.reshape(-1), bits)
+        return out
+    return {"weight": w}
+
+
+def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: int | None = None,
+                      dtype: torch.dtype | None = None, group_size: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`compress_weight`."""
+    if "weight_values" not in tensors:
+        w = tensors["weight"]
+        return w if dtype is None else w.to(dtype)
+    rows, cols = (int(x) for x in tensors["weight_shape"].tolist())
+    vals = tensors["weight_values"]
+    scale = tensors.get("weight_scale")
+    quant = scale is not None
+    if quant:
+        bits = 8 if vals.dtype == torch.int8 else 4
+    out_dtype = dtype or (torch.float32 if quant else vals.dtype)
+    dev = vals.device
+
+    if "weight_nm_index" in tensors or "weight_nm_code" in tensors:
+        pat = parse_pattern(pattern)
+        n, m = pat.n, pat.m
+        kept = rows * cols // m * n
+        groups = rows * cols // m
+        if "weight_nm_code" in tensors:
+            layout = _nm_code_layout(n, m)
+            if layout is None:
+                raise ValueError(f"weight_nm_code cannot encode pattern {pat}: the checkpoint is inconsistent.")
+            packed = tensors["weight_nm_code"]
+            limit = layout[0].shape[0] ** layout[1]
+            if packed.numel() * layout[1] < groups or (packed.numel() and int(packed.long().max()) >= limit):
+                raise ValueError(f"Damaged hfprune-sparse checkpoint: an N:M code holds {packed.numel()} bytes for "
+                                 f"{groups} groups, or a byte out of range (>= {limit}). Save the model again.")
+            idx = _decode_nm_code(packed, groups, *layout).view(rows, cols // m, n)
+        else:
+            packed = tensors["weight_nm_index"]
+            if packed.numel() * (8 // _index_bits(m)) < kept:
+                raise ValueError(f"Damaged hfprune-sparse checkpoint: an N:M index is shorter than its {kept} "
+                                 f"positions. Save the model again.")
+            idx = _unpack(packed, _index_bits(m), kept).long().view(rows, cols // m, n)
+            ordered = idx.sort(-1).values
+            if int(idx.max()) >= m or (n > 1 and bool((ordered[..., 1:] == ordered[..., :-1]).any())):
+                raise ValueError(f"Damaged hfprune-sparse checkpoint: an N:M index names a position outside its "
+                                 f"group of {m} or the same one twice. Save the model again.")
+        cols_idx = (idx + torch.arange(0, cols, m, device=dev).view(1, -1, 1)).reshape(rows, -1)
+        if quant:
+            q = _load_q(vals, bits, kept).view(rows, -1)
+            rows_idx = torch.arange(rows, device=dev)[:, None].expand_as(cols_idx)
+            v = _dequantize(q, scale, cols_idx, rows_idx, (rows, cols), group_size).to(out_dtype)
+        else:
+            _stored_count(vals, kept, f"a {pat} weight")
+            v = vals.view(rows, -1).to(out_dtype)
+        dense = torch.zeros(rows, cols, dtype=out_dtype, device=dev)
+        dense.scatter_(1, cols_idx, v)
+        return dense
+
+    if "weight_bitmask" in tensors:
+        if tensors["weight_bitmask"].numel() * 8 < rows * cols:
+            raise ValueError(f"Damaged hfprune-sparse checkpoint: a bitmask holds {tensors['weight_bitmask'].numel() * 8} "
+                             f"bits for {rows * cols} weights. Save the model again.")
+        mask = _unpack(tensors["weight_bitmask"], 1, rows * cols).bool()
+        count = int(mask.sum())
+        dense = torch.zeros(rows * cols, dtype=out_dtype, device=dev)
+        if quant:
+            pos = mask.nonzero().squeeze(1)
+            q = _load_q(vals, bits, count)
+            v = _dequantize(q, scale, pos % cols, pos // cols, (rows, cols), group_size)
+        else:
+            _stored_count(vals, count, "a bitmask")
+            v = vals.reshape(-1)
+        dense[mask] = v.to(out_dtype)
+        return dense.view(rows, cols)
+
+    # dense quantized
+    q = _load_q(vals, bits, rows * cols).view(rows, cols)
+    return _dequantize(q, scale, None, None, (rows, cols), group_size).to(out_dtype)

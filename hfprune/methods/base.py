@@ -1,0 +1,81 @@
+"""Base class of the unstructured / N:M pruning methods.
+
+A pruner answers three questions for one linear layer, and never touches devices or hooks
+(the runner does that):
+
+* :meth:`Pruner.make_stats`: which calibration statistic to accumulate from the layer's inputs
+  (``None`` for data-free methods);
+* :meth:`Pruner.score`: the importance of every weight (used for masks and global budgets);
+* :meth:`Pruner.prune_weight`: the pruned-mask and, for methods that also update the kept
+  weights (SparseGPT), the new weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from hfprune.config import PruningConfig
+from hfprune.solvers.masks import parse_pattern, prune_count, select_mask
+
+__all__ = ["Pruner", "PruneResult"]
+
+ROW_CHUNK_ELEMENTS = 1 << 20
+"""Scores are computed for at most this many weights at a time when the mask is chosen row by row
+(N:M, or row scope with the same count in every row): the transient memory of pruning one layer
+is then a few MB plus its boolean mask, not several float32/int64 copies of the matrix."""
+
+
+@dataclass
+class PruneResult:
+    pruned: torch.Tensor
+    """Boolean ``[out, in]`` mask, True where the weight is removed."""
+    weight: torch.Tensor | None = None
+    """New ``[out, in]`` weight for methods that update kept weights; ``None`` keeps them."""
+    info: dict | None = None
+    """Per-layer numbers for the report (``report.layers[name]``), e.g. a reconstruction error."""
+
+
+class Pruner:
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[PruningConfig]] = PruningConfig
+    requires_calibration: ClassVar[bool] = False
+    structured: ClassVar[bool] = False
+    """True for methods that change layer shapes (heads, neurons) instead of masking weights."""
+
+    def __init__(self, config: PruningConfig):
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}.")
+        self.config = config
+
+    def make_stats(self, in_features: int, device: torch.device) -> Any | None:
+        """A fresh statistics accumulator for a layer with ``in_features`` inputs."""
+        return None
+
+    def score(self, W: torch.Tensor, stats: Any | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prune_weight(self, W: torch.Tensor, stats: Any | None, sparsity: float, scope: str) -> PruneResult:
+        """Default: mask the lowest scores with the configured pattern and scope.
+
+        When every row's choice is independent of the others (N:M; row scope with the same
+        count in every row) the score is computed and selected in chunks of rows, with the same
+        result as one call.
+        """
+        pattern = parse_pattern(self.config.pattern)
+        rows, cols = W.shape
+        step = max(1, ROW_CHUNK_ELEMENTS // max(1, cols))
+        chunk_sparsity = sparsity
+        separable = pattern.is_nm
+        if not separable and scope == "row":
+            k = prune_count(rows * cols, sparsity)
+            separable = k % rows == 0
+            chunk_sparsity = (k // rows) / cols
+        if not separable or rows <= step:
+            return PruneResult(pruned=select_mask(self.score(W, stats), sparsity, pattern, scope))
+        pruned = torch.empty(rows, cols, dtype=torch.bool, device=W.device)
+        for r in range(0, rows, step):
+            pruned[r:r + step] = select_mask(self.score(W[r:r + step], stats), chunk_sparsity, pattern, scope)
+        return PruneResult(pruned=pruned)

@@ -1,0 +1,331 @@
+"""Structured pruning: physically remove attention heads and MLP neurons.
+
+The pipeline has three parts, each usable on its own:
+
+1. **Importance** (pure functions on tensors): :func:`magnitude_neuron_scores`,
+   :func:`magnitude_head_scores`, :func:`channel_scores` (Wanda-style ``||W[:, j]||^2 * sum x_j^2``
+   or FLAP's fluctuation ``||W[:, j]||^2 * var(x_j)``) and :func:`heads_from_channels`.
+   Activation statistics of the inputs of ``o_proj`` / ``down_proj`` are gathered by
+   :class:`ChannelStats` (see :func:`attach_channel_stats` for a ready-made set of hooks).
+2. **Selection**: how many heads / neurons each block keeps (uniform or from a global ranking of
+   per-block standardized scores) and which ones (:func:`select_heads`, :func:`select_neurons`).
+3. **Surgery**: slicing q/k/v (or fused qkv) rows, ``o_proj`` columns, gate/up (or fused gate_up)
+   rows and ``down_proj`` columns, patching the attention attributes that the modeling code reads
+   at forward time, and rewriting ``model.config`` so the checkpoint reloads.
+
+GQA rule
+--------
+Query head ``h`` reads key/value head ``h // group_size`` (transformers' ``repeat_kv`` layout).
+
+* ``gqa_mode="per_group"`` (default): every KV group loses the same number of query heads, so
+  ``num_key_value_heads`` is unchanged and ``num_attention_heads`` shrinks by a multiple of the
+  number of KV groups. With ``uniform=True`` the ratio must remove a whole number of heads per
+  group (``heads_ratio * group_size`` an integer), otherwise a ``ValueError`` lists the valid
+  ratios. Which heads go is decided per group (lowest scores of that group).
+* ``gqa_mode="whole_group"``: whole KV groups are removed, together with their key/value heads
+  and all of their query heads (``heads_ratio * num_key_value_heads`` must be an integer in
+  uniform mode).
+* Multi-head attention (one query head per KV head: GPT-2, OPT, Llama without GQA) has groups of
+  one, so both modes remove individual heads together with their key/value heads and any ratio
+  is rounded to the nearest head count.
+
+``head_dim`` never changes.
+
+Saved checkpoints
+-----------------
+When every block ends up with the same shapes and the family's config can state them (it has a
+``head_dim`` field, or no heads were removed), ``num_attention_heads`` / ``num_key_value_heads`` /
+``intermediate_size`` (the family's names) and an explicit ``head_dim`` are written, and the
+checkpoint reloads with stock ``AutoModelForCausalLM.from_pretrained``. Otherwise (non-uniform
+shapes, or heads removed from GPT-2 / OPT / GPT-NeoX, whose modeling code derives
+``head_dim = hidden // num_heads``) the per-block shapes are stored in ``config.pruned_shapes``
+and the checkpoint must be loaded with :class:`AutoPrunedModelForCausalLM`; the global size
+fields then keep their larger values, so a stock load fails loudly on shape mismatch instead of
+silently loading a wrong model.
+"""
+
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from hfprune.methods.base import Pruner
+from hfprune.registry import register_pruner
+from hfprune.arch import get_blocks, get_spec, get_submodule, weight_matrix
+from hfprune.stats import ChannelStats
+from hfprune.structured.checkpoint import PRUNED_SHAPES_KEY, write_config
+from hfprune.structured.importance import channel_scores, heads_from_channels, magnitude_head_scores, magnitude_neuron_scores
+from hfprune.structured.selection import (global_removal_counts, head_units, removal_count, select_heads, select_neurons,
+                                          unit_scores)
+from hfprune.structured.surgery import (add_bias_delta, block_shapes, complement, count_params, ensure_output_bias,
+                                        head_rows, kv_sq_norms, mlp_in_weights, parent, q_weight, set_attention_attrs,
+                                        set_mlp_attrs, slice_attention, slice_mlp)
+
+logger = logging.getLogger(__name__)
+
+IMPORTANCES = ("magnitude", "wanda", "fluctuation")
+GQA_MODES = ("per_group", "whole_group")
+
+
+@dataclass
+class StructuredConfig:
+    """Options of :func:`prune_structured`, validated on construction.
+
+    ``heads_ratio`` / ``mlp_ratio`` are the fractions REMOVED. The optional ``num_heads``,
+    ``num_kv_heads`` and ``intermediate_size`` (filled by :meth:`for_model`) let validation check
+    that the ratios keep at least one head / neuron and respect GQA grouping.
+    """
+
+    method: ClassVar[str] = "structured"
+
+    heads_ratio: float = field(default=0.0, metadata={"help": "Fraction of attention heads removed."})
+    mlp_ratio: float = field(default=0.0, metadata={"help": "Fraction of MLP neurons removed."})
+    importance: str = field(default="magnitude", metadata={"help": "magnitude, wanda or fluctuation.",
+                                                           "choices": IMPORTANCES})
+    uniform: bool = field(default=True, metadata={"help": "Every block keeps the same counts (else a global ranking)."})
+    gqa_mode: str = field(default="per_group", metadata={
+        "help": "Structured heads with GQA: equal query heads per KV group, or whole KV groups.", "choices": GQA_MODES})
+    bias_compensation: bool = field(default=False, metadata={
+        "help": "Structured: FLAP bias compensation for removed channels."})
+    num_heads: int | None = field(default=None, repr=False)
+    num_kv_heads: int | None = field(default=None, repr=False)
+    intermediate_size: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("heads_ratio", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"{name} must be a number in [0, 1) (the fraction removed), got {value!r}.")
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value} is out of range: it is the fraction REMOVED and must be "
+                                 f"in [0, 1) (0 keeps everything; 1 would remove everything).")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance={self.importance!r} is unknown; use one of {', '.join(IMPORTANCES)}.")
+        if self.gqa_mode not in GQA_MODES:
+            raise ValueError(f"gqa_mode={self.gqa_mode!r} is unknown; use one of {', '.join(GQA_MODES)}.")
+        if self.num_heads is not None and self.heads_ratio > 0:
+            n_kv = self.num_kv_heads or self.num_heads
+            self.check_grouping(self.num_heads, n_kv)
+            if self.uniform:
+                self.head_removal(self.num_heads, n_kv, strict=True)
+        if self.intermediate_size is not None and self.mlp_ratio > 0 and self.uniform:
+            removal_count(self.intermediate_size, self.mlp_ratio, strict=False, what="mlp_ratio")
+
+    def check_grouping(self, num_heads: int, num_kv_heads: int) -> None:
+        """Structural checks that do not depend on the ratio's value."""
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} query heads cannot be split into {num_kv_heads} KV groups.")
+        if self.gqa_mode == "whole_group" and num_kv_heads == 1 and num_heads > 1:
+            raise ValueError("gqa_mode='whole_group' cannot prune a model with a single KV head (multi-query "
+                             "attention): removing its only group removes every head; use gqa_mode='per_group'.")
+
+    def head_removal(self, num_heads: int, num_kv_heads: int, strict: bool) -> int:
+        """Units to remove from a block with these head counts (see :func:`head_units`)."""
+        self.check_grouping(num_heads, num_kv_heads)
+        group_size = num_heads // num_kv_heads
+        kind, n_units = head_units(num_heads, num_kv_heads, self.gqa_mode)
+        if kind == "slice":
+            what = (f"heads_ratio with gqa_mode='per_group' removes the same number of query heads from each "
+                    f"of the {num_kv_heads} KV groups of {group_size} heads")
+            hint = ", or gqa_mode='whole_group', or uniform=False"
+        elif group_size > 1:
+            what = f"heads_ratio with gqa_mode='whole_group' removes whole KV groups ({num_kv_heads} groups)"
+            hint = ", or gqa_mode='per_group'"
+        else:
+            what, hint, strict = f"heads_ratio ({num_heads} heads)", "", False
+        return removal_count(n_units, self.heads_ratio, strict=strict, what=what, hint=hint)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kwargs) -> "StructuredConfig":
+        """Build and validate against the shapes of ``model``'s first block."""
+        spec = get_spec(model)
+        blocks = get_blocks(model, spec)
+        n_heads, n_kv, _, inter = block_shapes(blocks[0], spec, model.config)
+        return cls(**kwargs, num_heads=n_heads if n_heads else None, num_kv_heads=n_kv or None,
+                   intermediate_size=inter)
+
+
+def _check_stats(stats, n_blocks: int, key: str, block_index: int, in_features: int, why: str) -> ChannelStats:
+    if stats is None:
+        raise ValueError(f"{why} needs calibration statistics: pass stats={{block_index: {{'o': ChannelStats, "
+                         f"'down': ChannelStats}}}} (collect them with hfprune.structured.attach_channel_stats), "
+                         f"or use importance='magnitude' without bias_compensation.")
+    entry = stats.get(block_index) if isinstance(stats, Mapping) else None
+    acc = entry.get(key) if isinstance(entry, Mapping) else None
+    if not isinstance(acc, ChannelStats):
+        raise ValueError(f"{why}: stats[{block_index}][{key!r}] is missing; stats must hold a ChannelStats for "
+                         f"'o' and 'down' of each of the {n_blocks} blocks.")
+    if acc.in_features != in_features:
+        raise ValueError(f"{why}: stats[{block_index}][{key!r}] has {acc.in_features} channels but the layer has "
+                         f"{in_features} input features; collect statistics on the model as it is now.")
+    if acc.count == 0:
+        raise ValueError(f"{why}: stats[{block_index}][{key!r}] saw no tokens; run calibration data first.")
+    return acc
+
+
+@torch.no_grad()
+def prune_structured(
+    model: nn.Module,
+    *,
+    heads_ratio: float = 0.0,
+    mlp_ratio: float = 0.0,
+    importance: str = "magnitude",
+    stats: Mapping[int, Mapping[str, ChannelStats]] | None = None,
+    uniform: bool = True,
+    gqa_mode: str = "per_group",
+    bias_compensation: bool = False,
+) -> dict:
+    """Remove attention heads and MLP neurons from ``model`` in place.
+
+    Args:
+        heads_ratio: fraction of attention heads removed (see the GQA rule in the module doc).
+        mlp_ratio: fraction of MLP neurons (intermediate channels) removed.
+        importance: ``"magnitude"`` (data-free group L2 norm), ``"wanda"`` or ``"fluctuation"``
+            (activation-aware; need ``stats``).
+        stats: ``{block_index: {"o": ChannelStats, "down": ChannelStats}}`` of the inputs of
+            o_proj / down_proj over calibration data (:func:`attach_channel_stats`).
+        uniform: every block keeps the same counts; else per-block counts from a global ranking
+            of per-block standardized scores (each block keeps at least one head unit / neuron).
+        gqa_mode: ``"per_group"`` or ``"whole_group"``.
+        bias_compensation: FLAP's bias compensation (needs ``stats``); where o_proj / down_proj
+            have no bias it is created only if the config has a flag for it (Llama
+            ``attention_bias`` / ``mlp_bias``, then set to True), else skipped with a warning.
+
+    Returns:
+        A report: ``params_before``, ``params_after``, ``reload_with`` (``"transformers"`` or
+        ``"hfprune"``) and ``blocks`` (per block: heads/kv heads/neurons before and after, kept
+        query and KV head indices, number of neurons removed).
+    """
+    cfg = StructuredConfig(heads_ratio=heads_ratio, mlp_ratio=mlp_ratio, importance=importance, uniform=uniform,
+                           gqa_mode=gqa_mode, bias_compensation=bias_compensation)
+    spec = get_spec(model)
+    blocks = list(get_blocks(model, spec))
+    n_blocks = len(blocks)
+    shapes = [block_shapes(b, spec, model.config) for b in blocks]
+    do_heads = cfg.heads_ratio > 0
+    do_mlp = cfg.mlp_ratio > 0
+    if do_heads and (spec.o is None or not (spec.qkv or (spec.q and spec.k and spec.v))):
+        raise ValueError(f"{model.config.model_type!r} has no attention projections in its ArchSpec; set heads_ratio=0.")
+    if do_mlp and (spec.down is None or shapes[0][3] is None):
+        raise ValueError(f"{model.config.model_type!r} has no MLP down projection in its ArchSpec; set mlp_ratio=0.")
+    needs_stats = cfg.importance != "magnitude" or cfg.bias_compensation
+    why = f"importance={cfg.importance!r}" if cfg.importance != "magnitude" else "bias_compensation=True"
+    block_stats: list[dict[str, ChannelStats]] = [{} for _ in blocks]
+    if needs_stats:
+        for i, (n_heads, _, hd, inter) in enumerate(shapes):
+            if do_heads:
+                block_stats[i]["o"] = _check_stats(stats, n_blocks, "o", i, n_heads * hd, why)
+            if do_mlp:
+                block_stats[i]["down"] = _check_stats(stats, n_blocks, "down", i, inter, why)
+
+    params_before = count_params(model)
+
+    # ---- importance -------------------------------------------------------------------------
+    head_scores: list[torch.Tensor] = []
+    kv_scores: list[torch.Tensor | None] = []
+    neuron_scores: list[torch.Tensor] = []
+    for i, (block, (n_heads, n_kv, hd, inter)) in enumerate(zip(blocks, shapes)):
+        if do_heads:
+            o_w = weight_matrix(get_submodule(block, spec.o))
+            if cfg.importance == "magnitude":
+                head_scores.append(magnitude_head_scores(q_weight(block, spec, n_heads, n_kv, hd), o_w, n_heads, hd))
+                kv_scores.append(kv_sq_norms(block, spec, n_heads, n_kv, hd))
+            else:
+                ch = channel_scores(o_w, block_stats[i]["o"], cfg.importance)
+                head_scores.append(heads_from_channels(ch, n_heads, hd))
+                kv_scores.append(None)
+        if do_mlp:
+            down_w = weight_matrix(get_submodule(block, spec.down))
+            if cfg.importance == "magnitude":
+                neuron_scores.append(magnitude_neuron_scores(mlp_in_weights(block, spec, inter), [down_w]))
+            else:
+                neuron_scores.append(channel_scores(down_w, block_stats[i]["down"], cfg.importance))
+
+    # ---- counts -----------------------------------------------------------------------------
+    head_remove = [0] * n_blocks
+    mlp_remove = [0] * n_blocks
+    if do_heads:
+        if cfg.uniform:
+            head_remove = [cfg.head_removal(h, kv, strict=True) for h, kv, _, _ in shapes]
+        else:
+            for h, kv, _, _ in shapes:
+                cfg.check_grouping(h, kv)
+            units = [unit_scores(s, kv, cfg.gqa_mode, kvs) for s, kvs, (_, kv, _, _) in zip(head_scores, kv_scores, shapes)]
+            head_remove = global_removal_counts(units, cfg.heads_ratio, "heads_ratio")
+    if do_mlp:
+        if cfg.uniform:
+            mlp_remove = [removal_count(m, cfg.mlp_ratio, strict=False, what=f"mlp_ratio (block with {m} neurons)")
+                          for _, _, _, m in shapes]
+        else:
+            mlp_remove = global_removal_counts([s.sort(stable=True).values for s in neuron_scores],
+                                               cfg.mlp_ratio, "mlp_ratio")
+
+    # ---- bias compensation prerequisites ----------------------------------------------------
+    comp_attn = cfg.bias_compensation and do_heads and ensure_output_bias(model, spec, blocks, "attention")
+    comp_mlp = cfg.bias_compensation and do_mlp and ensure_output_bias(model, spec, blocks, "mlp")
+
+    # ---- surgery ----------------------------------------------------------------------------
+    report_blocks = []
+    for i, (block, (n_heads, n_kv, hd, inter)) in enumerate(zip(blocks, shapes)):
+        entry = {"index": i, "heads_before": n_heads, "kv_heads_before": n_kv, "neurons_before": inter}
+        keep_heads = torch.arange(n_heads)
+        keep_kv = torch.arange(n_kv)
+        if do_heads and head_remove[i] > 0:
+            keep_heads, keep_kv = select_heads(head_scores[i], n_kv, head_remove[i], cfg.gqa_mode, kv_scores[i])
+            keep_heads, keep_kv = keep_heads.cpu(), keep_kv.cpu()
+            o = get_submodule(block, spec.o)
+            if comp_attn:
+                removed = head_rows(complement(keep_heads, n_heads), hd)
+                add_bias_delta(o, removed, block_stats[i]["o"])
+            slice_attention(block, spec, n_heads, n_kv, hd, keep_heads, keep_kv)
+            set_attention_attrs(parent(block, spec.o), spec, len(keep_heads), len(keep_kv), hd,
+                                 per_block_config=False)
+        n_removed = 0
+        if do_mlp and mlp_remove[i] > 0:
+            keep = select_neurons(neuron_scores[i], mlp_remove[i]).cpu()
+            if comp_mlp:
+                add_bias_delta(get_submodule(block, spec.down), complement(keep, inter), block_stats[i]["down"])
+            slice_mlp(block, spec, inter, keep)
+            set_mlp_attrs(parent(block, spec.down), spec, len(keep), per_block_config=False)
+            n_removed = inter - len(keep)
+        entry.update(heads_after=len(keep_heads), kv_heads_after=len(keep_kv),
+                     neurons_after=None if inter is None else inter - n_removed,
+                     kept_heads=keep_heads.tolist(), kept_kv_heads=keep_kv.tolist(), neurons_removed=n_removed)
+        report_blocks.append(entry)
+
+    if do_heads or do_mlp:
+        reload_with = write_config(model, spec, blocks)
+    else:
+        reload_with = "hfprune" if hasattr(model.config, PRUNED_SHAPES_KEY) else "transformers"
+    if reload_with == "hfprune":
+        logger.info("Per-block shapes stored in config.%s; reload with "
+                    "hfprune.structured.AutoPrunedModelForCausalLM.from_pretrained.", PRUNED_SHAPES_KEY)
+    params_after = count_params(model)
+    logger.info("Structured pruning: %d -> %d parameters (%.1f%% removed).", params_before, params_after,
+                100.0 * (params_before - params_after) / max(params_before, 1))
+    return {
+        "importance": cfg.importance,
+        "uniform": cfg.uniform,
+        "gqa_mode": cfg.gqa_mode,
+        "heads_ratio": cfg.heads_ratio,
+        "mlp_ratio": cfg.mlp_ratio,
+        "bias_compensation": {"attention": bool(comp_attn), "mlp": bool(comp_mlp)},
+        "params_before": params_before,
+        "params_after": params_after,
+        "reload_with": reload_with,
+        "blocks": report_blocks,
+    }
+
+
+@register_pruner("structured", config_cls=StructuredConfig)
+class StructuredPruner(Pruner):
+    """Removes whole heads / neurons: the engine runs :func:`prune_structured` on the whole model
+    instead of its per-layer loop (the ``structured`` capability flag)."""
+
+    structured = True

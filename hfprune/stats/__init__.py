@@ -1,0 +1,8 @@
+"""Calibration statistics accumulated from a layer's inputs, all behind one protocol (:class:`Stats`)."""
+
+from hfprune.stats.base import Stats
+from hfprune.stats.channel import ChannelStats
+from hfprune.stats.hessian import HessianStats
+from hfprune.stats.rownorm import RowNormStats
+
+__all__ = ["Stats", "ChannelStats", "HessianStats", "RowNormStats"]
