@@ -17,7 +17,7 @@ from .engine import prune
 from .evaluation import evaluate, perplexity
 from .io import save_pretrained, save_pruned
 from .models import load_model, load_tokenizer
-from .pruners import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from .pruners import ADMMConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig
 from .recipes import load_recipe
 from .registry import available_methods, register_pruner
 from .report import PruneReport
@@ -31,6 +31,7 @@ __all__ = [
     "PruneReport",
     "PruningConfig",
     "SparseGPTConfig",
+    "ADMMConfig",
     "WandaConfig",
     "available_methods",
     "evaluate",

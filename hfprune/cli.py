@@ -32,7 +32,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--owl-m", type=float, dest="owl_m", help="OWL outlier threshold M (default 5).")
     p.add_argument("--owl-lambda", type=float, dest="owl_lambda", help="OWL sparsity range lambda (default 0.08).")
     p.add_argument("--block-size", type=int, dest="block_size", help="SparseGPT column block size (default 128).")
-    p.add_argument("--dampening", type=float, help="SparseGPT Hessian dampening fraction (default 0.01).")
+    p.add_argument("--dampening", type=float, help="SparseGPT Hessian dampening fraction (default 0.01; admm: 0.1 "
+                                                   "of the normalised diagonal).")
     p.add_argument("--act-order", action="store_true", dest="act_order", default=None,
                    help="SparseGPT: solve input columns by decreasing Hessian diagonal (N:M: whole groups).")
     p.add_argument("--bits", type=int, choices=[4, 8], help="Quantize kept weights: jointly with sparsegpt, and/or "
@@ -109,11 +110,11 @@ def _run_prune(args) -> int:
                  "owl_lambda": args.owl_lambda, "block_size": args.block_size, "dampening": args.dampening,
                  "act_order": args.act_order}
     method = args.method or data.get("method")
-    if method == "sparsegpt":
+    if method in ("sparsegpt", "admm"):
         overrides.update(bits=args.bits, group_size=args.group_size)
     elif args.bits and args.format == "dense":
         raise ValueError("--bits quantizes weights when they are saved with --format sparse or compressed-tensors, "
-                         "or jointly with --method sparsegpt: add one of those.")
+                         "or jointly with --method sparsegpt or admm: add one of those.")
     if args.pattern and args.pattern != "unstructured" and args.sparsity is None:
         data.pop("sparsity", None)
     calib_overrides = {"dataset": args.calibration, "nsamples": args.nsamples, "seqlen": args.seqlen,

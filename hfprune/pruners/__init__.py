@@ -4,6 +4,7 @@ from .base import Pruner, PruneResult
 from .magnitude import MagnitudeConfig, MagnitudePruner
 from .wanda import WandaConfig, WandaPruner
 from .sparsegpt import SparseGPTConfig, SparseGPTPruner
+from .admm import ADMMConfig, ADMMPruner
 
 __all__ = ["Pruner", "PruneResult", "MagnitudeConfig", "MagnitudePruner", "WandaConfig", "WandaPruner", "SparseGPTConfig",
-           "SparseGPTPruner"]
+           "SparseGPTPruner", "ADMMConfig", "ADMMPruner"]
