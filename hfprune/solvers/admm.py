@@ -143,7 +143,6 @@ def admm_prune(
     iterations: int = 20,
     prune_iterations: int = 15,
     rho: float = 1.0,
-    rho_growth: float = 1.0,
     dampening: float = 0.1,
     refine_iterations: int = 0,
     bits: int | None = None,
@@ -162,10 +161,8 @@ def admm_prune(
         scope: comparison group of the unstructured projection, ``"layer"`` or ``"row"``.
         iterations: ADMM iterations in all.
         prune_iterations: of these, how many grow the mask (cubic schedule); the mask is fixed after.
-        rho: ADMM penalty, relative to the unit diagonal of the normalised Hessian.
-        rho_growth: ``rho`` is multiplied by this after every iteration (1: constant). A rising
-            penalty forces ``B`` and ``Z`` together (ALPS); each change costs one extra matmul
-            of the Hessian's size (its eigenvectors are computed once).
+        rho: ADMM penalty, relative to the unit diagonal of the normalised Hessian (constant, as
+            in Boža's code; the proxy in docs/BENCHMARKS.md found 0.3 much worse at 10 iterations).
         dampening: ``lambda`` added to the normalised Hessian's diagonal (ridge towards ``W``).
         refine_iterations: conjugate-gradient iterations on the final support (0: keep ``Z``).
         bits, group_size, sym, act_order: joint quantization of the kept weights, done by
@@ -196,8 +193,8 @@ def admm_prune(
     if iterations < 1 or prune_iterations < 0 or prune_iterations > iterations:
         raise ValueError(f"need 1 <= iterations and 0 <= prune_iterations <= iterations, got {iterations} "
                          f"and {prune_iterations}.")
-    if not (rho > 0 and math.isfinite(rho)) or rho_growth < 1.0:
-        raise ValueError(f"rho must be positive and rho_growth >= 1, got {rho} and {rho_growth}.")
+    if not (rho > 0 and math.isfinite(rho)):
+        raise ValueError(f"rho must be a positive number, got {rho}.")
     if dampening < 0 or not math.isfinite(dampening):
         raise ValueError(f"dampening must be a non-negative number, got {dampening}.")
     if refine_iterations < 0:
@@ -215,23 +212,16 @@ def admm_prune(
     What = (Wf * d).masked_fill(dead[None, :], 0.0)   # inputs that never fire are pruned first
     C = What @ A
 
-    eye_add = torch.eye(cols, dtype=A.dtype, device=A.device)
-    if rho_growth > 1.0:
-        evals, evecs = torch.linalg.eigh(A.double())
-        evals, evecs = evals.float(), evecs.float()
-
-        def inverse(r: float) -> torch.Tensor:
-            return (evecs / (evals + r)) @ evecs.T
-    else:
-        def inverse(r: float) -> torch.Tensor:
-            L = torch.linalg.cholesky(A + r * eye_add)
-            return torch.cholesky_inverse(L)
+    # (H~ + lambda I + rho I)^-1, once: A is positive definite (lambda > 0, or H~ full rank), so Cholesky.
+    K = A.clone()
+    K.diagonal().add_(float(rho))
+    Kinv = torch.cholesky_inverse(torch.linalg.cholesky(K))
+    del K
 
     B = What.clone()
     U = torch.zeros_like(B)
     pruned = project(What, sparsity if prune_iterations == 0 else 0.0, pat, scope)
     r = float(rho)
-    Kinv = inverse(r)
     for t in range(1, iterations + 1):
         if t <= prune_iterations:
             pruned = project(B + U, gradual_sparsity(t, prune_iterations, sparsity), pat, scope,
@@ -239,10 +229,6 @@ def admm_prune(
         Z = (B + U).masked_fill_(pruned, 0.0)
         U += B - Z
         B = (C + r * (Z - U)) @ Kinv
-        if rho_growth > 1.0 and t < iterations:
-            U /= rho_growth          # scaled dual: U = Y / rho
-            r *= rho_growth
-            Kinv = inverse(r)
     Z = (B + U).masked_fill_(pruned, 0.0)
     if refine_iterations:
         Z = _masked_cg(Z, C, A, ~pruned, refine_iterations)
