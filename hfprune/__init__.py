@@ -15,7 +15,7 @@ from hfprune.core.engine import prune
 from hfprune.eval.perplexity import evaluate, perplexity
 from hfprune.io import save_pretrained, save_pruned
 from hfprune.models import load_model, load_tokenizer
-from hfprune.methods import MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig
+from hfprune.methods import ADMMConfig, MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig
 from hfprune.recipes import load_recipe
 from hfprune.registry import available_methods, register_pruner
 from hfprune.report import PruneReport
@@ -30,6 +30,7 @@ __all__ = [
     "PruningConfig",
     "SparseGPTConfig",
     "StructuredConfig",
+    "ADMMConfig",
     "WandaConfig",
     "available_methods",
     "evaluate",

@@ -36,7 +36,25 @@ RUNS = {
     "wanda-70": {"method": "wanda", "sparsity": 0.7},
     "wanda-owl-70": {"method": "wanda", "sparsity": 0.7, "owl": True},
     "sparsegpt-50-int4": {"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 128},
+    "sparsegpt-70": {"method": "sparsegpt", "sparsity": 0.7},
+    # ADMM with a gradual mask (hfprune.solvers.admm), beside SparseGPT in the same run.
+    "admm-50": {"method": "admm", "sparsity": 0.5},
+    "admm-2of4": {"method": "admm", "pattern": "2:4"},
+    "admm-70": {"method": "admm", "sparsity": 0.7},
+    "admm-50-int4": {"method": "admm", "sparsity": 0.5, "bits": 4, "group_size": 128},
+    # Ablations of the ADMM method (docs/BENCHMARKS.md): the mask fixed from the start (weight update
+    # only), the mask compared per row, and twice the iterations.
+    "admm-2of4-fixedmask": {"method": "admm", "pattern": "2:4", "prune_iterations": 0},
+    "admm-50-fixedmask": {"method": "admm", "sparsity": 0.5, "prune_iterations": 0},
+    "admm-50-row": {"method": "admm", "sparsity": 0.5, "scope": "row"},
+    "admm-2of4-i20": {"method": "admm", "pattern": "2:4", "iterations": 20, "prune_iterations": 15},
 }
+# Perplexity-vs-sparsity points for the plot: <method>-<percent> and <method>-4of8.
+for _method in ("magnitude", "wanda", "sparsegpt", "admm"):
+    for _pct in (30, 40, 50, 60, 70, 80):
+        RUNS.setdefault(f"{_method}-{_pct}", {"method": _method, "sparsity": _pct / 100})
+    RUNS.setdefault(f"{_method}-2of4", {"method": _method, "pattern": "2:4"})
+    RUNS.setdefault(f"{_method}-4of8", {"method": _method, "pattern": "4:8"})
 DEFAULT_RUNS = "forward,dense,magnitude-50,magnitude-2of4,wanda-50,wanda-2of4,sparsegpt-50,sparsegpt-2of4"
 
 

@@ -21,6 +21,8 @@ CASES = [
     ("wanda", {"sparsity": 0.5, "true_sequential": True}),
     ("sparsegpt", {"sparsity": 0.5}),
     ("sparsegpt", {"pattern": "2:4", "block_size": 16}),
+    ("admm", {"sparsity": 0.5}),
+    ("admm", {"pattern": "2:4", "iterations": 6, "prune_iterations": 4}),
 ]
 
 

@@ -57,7 +57,7 @@ def test_calibration_config_validation():
 
 
 ONE_SHOT_RECIPES = ["magnitude-50", "wanda-50", "wanda-2of4", "wanda-4of8", "magnitude-2of4",
-                    "sparsegpt-50", "sparsegpt-2of4", "sparsegpt-50-int4", "wanda-owl-70"]
+                    "sparsegpt-50", "sparsegpt-2of4", "sparsegpt-50-int4", "wanda-owl-70", "admm-50", "admm-2of4"]
 
 
 def test_every_one_shot_recipe_is_tested():

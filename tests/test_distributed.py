@@ -70,15 +70,15 @@ def test_chunked_sum_is_a_fixed_order():
 
 @pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
                     reason="accelerate CLI not installed")
-@pytest.mark.parametrize("launcher", ["--multi_gpu", "--cpu"])
-def test_two_processes_match_one(tmp_path, tiny_tokenizer, launcher):
+@pytest.mark.parametrize("launcher,method", [("--multi_gpu", "sparsegpt"), ("--cpu", "sparsegpt"), ("--cpu", "admm")])
+def test_two_processes_match_one(tmp_path, tiny_tokenizer, launcher, method):
     model_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(model_dir, max_shard_size="100KB")
     tiny_tokenizer.save_pretrained(model_dir)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join([TEXT] * 5))
     args = ["prune", "--model", str(model_dir), "--calibration", str(calib), "--nsamples", "8", "--seqlen", "32",
-            "--batch-size", "2", "--method", "sparsegpt", "--sparsity", "0.5", "--owl"]
+            "--batch-size", "2", "--method", method, "--sparsity", "0.5", "--owl"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

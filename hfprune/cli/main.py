@@ -23,7 +23,7 @@ def _comma_floats(value: str) -> list[float]:
 def _add_prune(sub) -> None:
     from hfprune.config import CalibrationConfig, PruningConfig
     from hfprune.formats import FORMATS
-    from hfprune.methods import SparseGPTConfig, StructuredConfig
+    from hfprune.methods import ADMMConfig, SparseGPTConfig, StructuredConfig
 
     p = sub.add_parser("prune", help="Prune a model and save it.",
                        description="Prune a causal LM one decoder block at a time and save a standard checkpoint.")
@@ -33,6 +33,7 @@ def _add_prune(sub) -> None:
     # Method and calibration flags come from the config dataclasses (help text in their field metadata).
     method_keys = add_fields(p, PruningConfig, extra={"layer_sparsity": {"type": _comma_floats, "nargs": None}})
     method_keys += add_fields(p, SparseGPTConfig, only=("block_size", "dampening", "act_order"))
+    method_keys += add_fields(p, ADMMConfig, only=("iterations", "prune_iterations", "rho"))
     p.add_argument("--bits", type=int, choices=[4, 8], help="Quantize kept weights: jointly with sparsegpt, and/or "
                                                            "stored as int8/int4 by --format sparse.")
     p.add_argument("--group-size", type=int, dest="group_size", help="Quantization group size (default: per channel).")
@@ -109,11 +110,11 @@ def _run_prune(args) -> int:
     data = read_recipe(args.recipe) if args.recipe else {}
     overrides = {k: getattr(args, k) for k in args.method_keys}
     method = args.method or data.get("method")
-    if method == "sparsegpt":
+    if method in ("sparsegpt", "admm"):
         overrides.update(bits=args.bits, group_size=args.group_size)
     elif args.bits and args.format == "dense":
         raise ValueError("--bits quantizes weights when they are saved with --format sparse or compressed-tensors, "
-                         "or jointly with --method sparsegpt: add one of those.")
+                         "or jointly with --method sparsegpt or admm: add one of those.")
     if args.pattern and args.pattern != "unstructured" and args.sparsity is None:
         data.pop("sparsity", None)
     calib_overrides = {k: getattr(args, k) for k in args.calib_keys}

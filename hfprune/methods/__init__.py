@@ -5,6 +5,7 @@ from hfprune.methods.magnitude import MagnitudeConfig, MagnitudePruner
 from hfprune.methods.wanda import WandaConfig, WandaPruner
 from hfprune.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
 from hfprune.methods.structured import StructuredConfig, StructuredPruner
+from hfprune.methods.admm import ADMMConfig, ADMMPruner
 
 __all__ = ["Pruner", "PruneResult", "MagnitudeConfig", "MagnitudePruner", "WandaConfig", "WandaPruner", "SparseGPTConfig",
-           "SparseGPTPruner", "StructuredConfig", "StructuredPruner"]
+           "SparseGPTPruner", "StructuredConfig", "StructuredPruner", "ADMMConfig", "ADMMPruner"]

@@ -186,6 +186,7 @@ def sparsegpt_prune(
     group_size: int | None = None,
     sym: bool = True,
     act_order: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune (and optionally quantize) one linear layer with SparseGPT (Algorithm 1).
 
@@ -207,6 +208,10 @@ def sparsegpt_prune(
             important ones absorb the compensation. N:M keeps its groups of M consecutive inputs
             and orders whole groups (by their summed diagonal). Meant for N:M (and per-channel
             joint quantization); for unstructured masks it is usually worse. Not with ``group_size``.
+        mask: a fixed boolean pruned-mask (``[out, in]``, True = remove) to use instead of
+            choosing one: the sweep then only compensates (and quantizes, GPTQ-style), and
+            ``sparsity``/``pattern`` only serve the checks. Used by solvers that choose the mask
+            themselves (:mod:`hfprune.solvers.admm`).
 
     Returns:
         ``(new_W, pruned)``: the pruned (fake-quantized) weight in ``W``'s dtype and shape, and
@@ -257,7 +262,9 @@ def sparsegpt_prune(
     if dampening < 0 or not math.isfinite(dampening):
         raise ValueError(f"dampening must be a non-negative number, got {dampening}.")
 
-    if not pat.is_nm and sparsity == 0 and bits is None:
+    if mask is not None and tuple(mask.shape) != (rows, cols):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the weight's {(rows, cols)}.")
+    if mask is None and not pat.is_nm and sparsity == 0 and bits is None:
         return W.clone(), torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
 
     if act_order:
@@ -272,7 +279,8 @@ def sparsegpt_prune(
             perm = torch.argsort(diag, descending=True, stable=True)
         perm = perm.to(W.device)
         new_w, pruned = sparsegpt_prune(W[:, perm], H[perm][:, perm], sparsity, pat, block_size, dampening,
-                                        bits, group_size, sym, act_order=False)
+                                        bits, group_size, sym, act_order=False,
+                                        mask=None if mask is None else mask[:, perm])
         inv = torch.argsort(perm)
         return new_w[:, inv], pruned[:, inv]
 
@@ -307,13 +315,16 @@ def sparsegpt_prune(
         d1 = torch.diagonal(hinv1)
         inv_d1 = (1.0 / d1)[:, None]
 
-        if pat.is_nm:
+        if mask is not None:
+            mask1 = mask[:, i1:i2].t().to(device=W.device, dtype=torch.bool).contiguous()
+        elif pat.is_nm:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         else:
             k = _cumulative_count(sparsity, rows, i2) - _cumulative_count(sparsity, rows, i1)
             mask1 = lowest_k_mask(w1.pow(2) / d1.pow(2)[:, None], k)
         # Without quantization the error of column j is ``mask * w / d``: one fused multiply.
-        err_scale = None if (bits is not None or pat.is_nm) else mask1 * inv_d1
+        nm_select = pat.is_nm and mask is None
+        err_scale = None if (bits is not None or nm_select) else mask1 * inv_d1
 
         # Per-column views made once per block (indexing in the loop costs more than the math).
         w_rows, err_rows, mask_rows = w1.unbind(0), err1.unbind(0), mask1.unbind(0)
@@ -321,7 +332,7 @@ def sparsegpt_prune(
         scale_rows = err_scale.unbind(0) if err_scale is not None else None
         for j in range(count):
             col = i1 + j
-            if pat.is_nm and col % pat.m == 0:
+            if nm_select and col % pat.m == 0:
                 g = slice(j, j + pat.m)
                 score = w1[g].pow(2) / d1[g].pow(2)[:, None]
                 mask1[g] = _nm_lowest(score.t(), pat.n, pat.m).t()
