@@ -1,6 +1,7 @@
 """Zero-shot tasks through lm-evaluation-harness on local files (hfprune.eval.harness)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,49 @@ def test_papers_mean_and_tables():
     rows = harness.markdown_rows(result, result)
     assert "| **mean paper-7** | acc | 0.5300 | 0.5300 |" in rows
     assert any(r.startswith("| boolq | acc | 0.5000 ± 0.0100 |") for r in rows)
+
+
+def test_search_with_a_zero_shot_accuracy_budget():
+    from hfprune.sweep import format_probes, search
+
+    def fn(s):  # accuracy falls with sparsity, perplexity rises
+        return {"perplexity": 10.0 + 10 * s, "zeroshot_acc": 0.60 - 0.2 * s * s}
+
+    result = search(method="wanda", max_acc_drop=0.02, evaluate_fn=fn, tol=0.01, progress=False)
+    edge = math.sqrt(0.02 / 0.2)  # 0.316
+    assert edge - 0.01 <= result["sparsity"] <= edge
+    assert result["budget_metric"] == "zeroshot_acc" and result["budget_acc"] == pytest.approx(0.58)
+    assert result["dense_zeroshot_acc"] == 0.60 and result["zeroshot_acc"] >= 0.58
+    assert all(p["within_budget"] == (p["zeroshot_acc"] >= 0.58) for p in result["probes"])
+    assert "| zero-shot acc |" in format_probes(result)
+    with pytest.raises(ValueError, match="max_acc_drop needs tasks"):
+        search("some-model", method="wanda", max_acc_drop=0.02)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        search(method="wanda", max_acc_drop=0.02, max_ppl=3, evaluate_fn=fn)
+
+
+def test_sweep_has_a_zero_shot_column(task_data, tiny_tokenizer, tmp_path):
+    from hfprune.sweep import format_table, sweep
+
+    text = ["The quick brown fox jumps over the lazy dog. " * 30] * 2
+    rows = sweep(lambda: (tiny_model("llama"), tiny_tokenizer), "magnitude", [0.5], calibration="c4",
+                 eval_dataset=text, eval_seqlen=32, max_windows=1, output_dir=tmp_path / "sw", progress=False,
+                 plot=False, tasks="arc_easy", task_limit=2, task_batch_size=4)
+    assert [r["method"] for r in rows] == ["dense", "magnitude"]
+    for r in rows:
+        assert r["zeroshot"]["arc_easy"]["n"] == 2 and r["zeroshot_acc"] == r["zeroshot"]["arc_easy"]["acc"]
+    assert rows[0]["settings"]["tasks"] == ["arc_easy"] and rows[0]["settings"]["task_limit"] == 2
+    assert "zeroshot_acc" in (tmp_path / "sw" / "results.csv").read_text().splitlines()[0]
+    assert "| zero-shot acc |" in format_table(rows)
+
+
+def test_model_card_reports_zero_shot_next_to_perplexity():
+    from hfprune.card import render_model_card
+
+    zs = {"tasks": {"boolq": {"acc": 0.61, "acc_stderr": 0.01}}, "means": {}, "limit": None,
+          "lm_eval_version": "0.4.13"}
+    text = render_model_card(base_model="x/y", pruning_config={"method": "wanda", "sparsity": 0.5},
+                             eval_results={"before": {"perplexity": 20.0}, "after": {"perplexity": 25.0},
+                                           "zeroshot": {"before": zs, "after": zs}})
+    assert "| perplexity | 20 | 25 |" in text and "### Zero-shot accuracy" in text
+    assert "| boolq | acc | 0.6100 ± 0.0100 | 0.6100 ± 0.0100 |" in text and "zeroshot" not in text.split("```json")[0]

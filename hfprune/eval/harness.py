@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 logger = logging.getLogger(__name__)
 
 __all__ = ["TASK_DIR", "SUITES", "MEAN_METRIC", "available_tasks", "expand_tasks", "task_files",
-           "check_task_files", "zeroshot_evaluate", "format_results", "markdown_rows"]
+           "check_task_files", "zeroshot_evaluate", "mean_accuracy", "format_results", "markdown_rows"]
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 LM_EVAL_VERSION = "0.4.13"
@@ -293,3 +293,10 @@ def markdown_rows(before: dict | None, after: dict | None) -> list[str]:
     lines.append(f"lm-evaluation-harness {(after or before).get('lm_eval_version')}, zero-shot, "
                  + (f"first {limit} documents per task." if limit else "full splits (HellaSwag: 1,000-item subset)."))
     return lines
+
+
+def mean_accuracy(result: dict) -> float | None:
+    """Mean ``acc`` over the evaluated tasks that report it (for a suite's tasks: the papers' mean);
+    the single number :func:`hfprune.sweep.sweep` tabulates and :func:`hfprune.sweep.search` budgets."""
+    values = [m[MEAN_METRIC] for m in (result.get("tasks") or {}).values() if MEAN_METRIC in m]
+    return sum(values) / len(values) if values else None
