@@ -134,7 +134,7 @@ def _require_lm_eval():
         import lm_eval
     except ImportError as err:
         raise ImportError("Zero-shot tasks run through lm-evaluation-harness: `pip install 'hfprune[eval]'` "
-                          f"(lm-eval=={LM_EVAL_VERSION}).") from err
+                          f"(or `pip install lm-eval=={LM_EVAL_VERSION}`).") from err
     if getattr(lm_eval, "__version__", LM_EVAL_VERSION) != LM_EVAL_VERSION:
         logger.warning("lm-eval %s is installed; the task configs were written for %s.", lm_eval.__version__,
                        LM_EVAL_VERSION)
