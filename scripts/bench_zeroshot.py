@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="First N documents per task (default: full splits).")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lm-eval-results", type=Path, help="results_*.json of the lm_eval CLI for the dense model.")
+    ap.add_argument("--lm-eval-command", help="The lm_eval command that wrote --lm-eval-results (recorded).")
+    ap.add_argument("--note", help="A note printed under the table (e.g. why rows use --limit).")
     args = ap.parse_args()
     for spec in args.run:
         name, _, model = spec.partition("=")
@@ -104,12 +106,14 @@ def main() -> None:
         "rows": {k: rows[k] for k in sorted(rows, key=lambda k: (ORDER.index(k) if k in ORDER else 99, k))},
         "missing": [k for k in ORDER if k not in rows],
         "lm_eval_cli_check": previous.get("lm_eval_cli_check"),
+        "note": args.note if args.note is not None else previous.get("note"),
     }
     if args.lm_eval_results:
         if "dense" not in rows:
             raise SystemExit("No dense row yet: run --run dense=DIR first.")
         result["lm_eval_cli_check"] = compare_with_lm_eval(rows["dense"], args.lm_eval_results.resolve())
         check = result["lm_eval_cli_check"]
+        check["lm_eval_command"] = args.lm_eval_command
         for key, c in check["checks"].items():
             print(f"{key:<32} hfprune {c['hfprune']!s:<22} lm_eval {c['lm_eval']!s:<22} "
                   f"{'equal' if c['printed_equal'] else 'DIFFERENT'}")
