@@ -240,3 +240,19 @@ def test_model_card_reports_zero_shot_next_to_perplexity():
                                            "zeroshot": {"before": zs, "after": zs}})
     assert "| perplexity | 20 | 25 |" in text and "### Zero-shot accuracy" in text
     assert "| boolq | acc | 0.6100 ± 0.0100 | 0.6100 ± 0.0100 |" in text and "zeroshot" not in text.split("```json")[0]
+
+
+def test_prune_eval_tasks_puts_zero_shot_in_the_card(task_data, model_dir, tmp_path):
+    from hfprune.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output",
+                 str(out), "--eval-tasks", "arc_easy", "--eval-limit", "2"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    before, after = results["zeroshot"]["before"], results["zeroshot"]["after"]
+    assert before["tasks"]["arc_easy"]["n"] == after["tasks"]["arc_easy"]["n"] == 2
+    card = (out / "README.md").read_text()
+    assert "### Zero-shot accuracy" in card and "| arc_easy | acc |" in card
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output",
+                 str(tmp_path / "other"), "--eval-tasks", "rte"]) == 2  # missing file: nothing written
+    assert not (tmp_path / "other").exists()
