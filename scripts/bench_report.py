@@ -267,7 +267,7 @@ def section_zeroshot_harness(lines):
         lines.append(data["note"] + "\n")
     check = data.get("lm_eval_cli_check")
     if check:
-        lines.append(f"### Same numbers as the `lm_eval` command line (dense, `--limit {check['lm_eval_limit']}`, "
+        lines.append(f"### Same numbers as the `lm_eval` command line (dense, `--limit {fmt(check['lm_eval_limit'], '.0f')}`, "
                      f"batch size {check['lm_eval_batch_size']})\n")
         lines.append(f"`{check.get('lm_eval_command', 'lm_eval --model hf ... --include_path hfprune/eval/tasks')}` "
                      f"({fmt(check['lm_eval_seconds'], '.0f')} s) against the dense row above; values at the 4 decimals "

@@ -214,7 +214,8 @@ def zeroshot_evaluate(model, tokenizer=None, tasks: str | Sequence[str] = "paper
     old_level = harness_logger.level
     if not logger.isEnabledFor(logging.DEBUG):
         harness_logger.setLevel(logging.WARNING)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    offline = os.environ.get("HF_DATASETS_OFFLINE")
+    os.environ["HF_DATASETS_OFFLINE"] = "1"  # the task data are local files: never look for Hub copies
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
@@ -223,6 +224,10 @@ def zeroshot_evaluate(model, tokenizer=None, tasks: str | Sequence[str] = "paper
                                       log_samples=log_samples, **simple_evaluate_kwargs)
     finally:
         harness_logger.setLevel(old_level)
+        if offline is None:
+            os.environ.pop("HF_DATASETS_OFFLINE", None)
+        else:
+            os.environ["HF_DATASETS_OFFLINE"] = offline
         model.train(was_training)
     if raw is None:  # only on non-zero ranks of a multi-process run
         return {}
