@@ -153,11 +153,20 @@ def render_model_card(*, base_model: str | None, pruning_config: dict, report: d
         lines += [str(calib), ""]
 
     if eval_results:
-        lines += ["## Evaluation", "", "| metric | before | after |", "|---|---:|---:|"]
-        for metric, before, after in _perplexity_rows(eval_results):
-            lines.append(f"| {metric} | {'' if before is None else _fmt(before)} | "
-                         f"{'' if after is None else _fmt(after)} |")
-        lines.append("")
+        lines += ["## Evaluation", ""]
+        rows = _perplexity_rows({k: v for k, v in eval_results.items() if k != "zeroshot"})
+        if rows:
+            lines += ["| metric | before | after |", "|---|---:|---:|"]
+            for metric, before, after in rows:
+                lines.append(f"| {metric} | {'' if before is None else _fmt(before)} | "
+                             f"{'' if after is None else _fmt(after)} |")
+            lines.append("")
+        zeroshot = eval_results.get("zeroshot")
+        if isinstance(zeroshot, dict):  # {"before": zeroshot_evaluate(...), "after": ...}
+            from hfprune.eval.harness import markdown_rows
+
+            lines += ["### Zero-shot accuracy", ""] + markdown_rows(zeroshot.get("before"), zeroshot.get("after"))
+            lines.append("")
 
     if command:
         lines += ["## Reproduce", "", "```bash", command.strip(), "```", ""]
@@ -191,7 +200,8 @@ def write_model_card(output_dir, *, base_model: str | None, pruning_config: dict
         report: optional pruning report; ``report["layers"]`` maps layer name to
             ``{"sparsity": float, "numel": int}`` and is aggregated by layer type.
         eval_results: optional ``{"before": {"perplexity": x}, "after": {...}}`` or flat
-            ``{"perplexity_before": x, "perplexity_after": y}``.
+            ``{"perplexity_before": x, "perplexity_after": y}``; a ``"zeroshot": {"before": r, "after": r}``
+            entry (``r`` from :func:`hfprune.eval.harness.zeroshot_evaluate`) adds a zero-shot table.
         command: the command line that produced the model.
         license: license id for the YAML header (defaults to ``pruning_config.get("license")``).
         repo_id: Hub repo the card is for (used in the title and loading snippet).

@@ -58,13 +58,31 @@ def _add_prune(sub) -> None:
                                                        "(recorded in eval_results.json and the model card).")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--eval-tasks", dest="eval_tasks",
+                   help="Also score zero-shot tasks / suites (e.g. paper-7) before and after pruning through "
+                        "lm-evaluation-harness (see `hfprune eval --tasks`); recorded like --eval.")
+    p.add_argument("--eval-limit", dest="eval_limit", type=int, default=None,
+                   help="With --eval-tasks: first N documents per task.")
     p.set_defaults(func=_run_prune, method_keys=method_keys + ["method", "target", "non_uniform"], calib_keys=calib_keys)
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="Measure perplexity with the pinned protocol.")
+    p = sub.add_parser("eval", help="Measure perplexity with the pinned protocol, or zero-shot benchmarks (--tasks).",
+                       description="Perplexity (papers' protocol) by default; with --tasks, lm-evaluation-harness "
+                                   "zero-shot tasks on local data ($HFPRUNE_DATA_DIR/tasks) instead, or as well "
+                                   "when --dataset is also given.")
     p.add_argument("--model", required=True)
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, a text file, or a Hub data set name.")
+    p.add_argument("--dataset", default=None, help="wikitext2 (default without --tasks), c4, a text file, or a Hub "
+                                                   "data set name.")
+    p.add_argument("--tasks", help="Comma-separated zero-shot tasks or suites: piqa, arc_easy, arc_challenge, "
+                                   "winogrande, boolq, openbookqa, rte, lambada_openai, hellaswag (1,000-item "
+                                   "subset), hellaswag_full_approx; paper-7, llm-pruner-7.")
+    p.add_argument("--limit", type=float, default=None, help="Zero-shot: first N documents per task (quick runs).")
+    p.add_argument("--batch-size", dest="batch_size", default="16", help="Zero-shot requests per forward pass, "
+                                                                         "or auto.")
+    p.add_argument("--num-fewshot", dest="num_fewshot", type=int, default=0)
+    p.add_argument("--output", help="Also write the JSON result to this file (not overwritten unless --overwrite).")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     p.add_argument("--split", default="test")
     p.add_argument("--text-column", dest="text_column", default="text")
     p.add_argument("--seqlen", type=positive_int, default=None,
@@ -107,6 +125,10 @@ def _run_prune(args) -> int:
     inputs = (args.model, args.dataset, args.recipe)  # never replaced by --output, even with --overwrite
     check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
     check_save_args(*_save_args(args))
+    if args.eval_tasks:
+        from hfprune.eval.harness import check_task_files
+
+        check_task_files(args.eval_tasks)
     data = read_recipe(args.recipe) if args.recipe else {}
     overrides = {k: getattr(args, k) for k in args.method_keys}
     method = args.method or data.get("method")
@@ -156,20 +178,27 @@ def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
     tokenizer = hfprune.load_tokenizer(args.model, required=_needs_tokenizer(args, config, calibration))
     extra = {}
     eval_kw = dict(seqlen=args.eval_seqlen, max_windows=args.max_windows, progress=sys.stderr.isatty())
+    zs_kw = dict(tasks=args.eval_tasks, limit=args.eval_limit)
     if args.eval and is_main:
         extra["before"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
+    if args.eval_tasks and is_main:
+        from hfprune.eval.harness import zeroshot_evaluate
+
+        extra["zeroshot"] = {"before": zeroshot_evaluate(model, tokenizer, **zs_kw)}
     report = hfprune.prune(model, tokenizer, config, resolve_calibration(calibration), progress=sys.stderr.isatty())
     if not is_main:
         return 0
     if args.eval:
         extra["after"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
+    if args.eval_tasks:
+        extra["zeroshot"]["after"] = zeroshot_evaluate(model, tokenizer, **zs_kw)
     report.command = "hfprune " + " ".join(shlex.quote(a) for a in args.argv)
     report.base_model = str(args.model)
     fmt, bits, group_size = _save_args(args)
     hfprune.save_pretrained(model, args.output, format=fmt, bits=bits, group_size=group_size, tokenizer=tokenizer,
                             report=report, eval_results=extra or None, overwrite=args.overwrite)
     print(report)
-    if extra:
+    if "after" in extra:
         after = extra["after"]
         print(f"perplexity (wikitext2, seqlen {after['seqlen']}, {after['windows']} windows): "
               f"{extra['before']['perplexity']:.3f} -> {after['perplexity']:.3f}")
@@ -208,15 +237,42 @@ def _run_streaming(args, config, calibration):
 def _run_eval(args) -> int:
     import hfprune
 
+    progress = sys.stderr.isatty() and not args.json
+    zeroshot = {}
+    if args.tasks:
+        from hfprune.eval.harness import check_task_files, expand_tasks
+
+        check_task_files(args.tasks)  # bad names and missing files fail before the model is loaded
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
+        zeroshot = dict(tasks=expand_tasks(args.tasks), limit=limit, batch_size=batch, num_fewshot=args.num_fewshot)
+    if args.output:
+        from pathlib import Path
+
+        if Path(args.output).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.output} exists: pass --overwrite to replace it, or another --output.")
     model = hfprune.load_model(args.model, dtype=args.dtype)
     tokenizer = hfprune.load_tokenizer(args.model)
     result = hfprune.evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_windows=args.max_windows,
-                              split=args.split, text_column=args.text_column, progress=sys.stderr.isatty() and not args.json)
+                              split=args.split, text_column=args.text_column, progress=progress, **zeroshot)
+    result["model"] = str(args.model)
+    if args.output:
+        from pathlib import Path
+
+        from hfprune.io import atomic_write  # temp file + rename: never a half-written result
+
+        atomic_write(Path(args.output), json.dumps(result, indent=2, default=str) + "\n")
     if args.json:
         print(json.dumps(result))
-    else:
+        return 0
+    if "perplexity" in result:
         print(f"perplexity {result['perplexity']:.4f} over {result['windows']} windows x {result['seqlen']} tokens "
               f"({result['dataset']}); linear-layer sparsity {result['linear_sparsity']:.4f}")
+    if "zeroshot" in result:
+        from hfprune.eval.harness import format_results
+
+        print(format_results(result["zeroshot"]))
+        print(f"linear-layer sparsity {result['linear_sparsity']:.4f}")
     return 0
 
 

@@ -21,6 +21,10 @@ def _add_common(p) -> None:
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--output", required=True, help="Results folder (resumed unless --overwrite).")
     p.add_argument("--overwrite", action="store_true", help="Discard results already in --output.")
+    p.add_argument("--tasks", help="Also score lm-evaluation-harness zero-shot tasks / suites at every point "
+                                   "(e.g. paper-7; see `hfprune eval --tasks`).")
+    p.add_argument("--task-limit", dest="task_limit", type=int, default=None,
+                   help="With --tasks: first N documents per task (CPU time).")
 
 
 def add_cli(subparsers):
@@ -46,6 +50,8 @@ def add_cli(subparsers):
     budget = s.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-ppl-increase", type=float, help="Relative budget over dense, e.g. 0.1 for +10 %%.")
     budget.add_argument("--max-ppl", type=float, help="Absolute perplexity budget.")
+    budget.add_argument("--max-acc-drop", dest="max_acc_drop", type=float,
+                        help="Zero-shot budget: mean acc over --tasks at most this far below dense (0.02 = 2 points).")
     s.add_argument("--pattern", default="unstructured", help="Only unstructured can be searched.")
     s.add_argument("--lo", type=float, default=0.3)
     s.add_argument("--hi", type=float, default=0.7)
@@ -59,7 +65,8 @@ def _run_sweep(args) -> int:
     rows = sweep(args.model, args.methods, args.sparsities, args.patterns, calibration=args.calibration,
                  nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_dataset=args.eval_dataset,
                  eval_seqlen=args.eval_seqlen, max_windows=args.max_windows, output_dir=args.output,
-                 overwrite=args.overwrite, progress=sys.stderr.isatty(), dtype=args.dtype, plot=not args.no_plot)
+                 overwrite=args.overwrite, progress=sys.stderr.isatty(), dtype=args.dtype, plot=not args.no_plot,
+                 tasks=args.tasks, task_limit=args.task_limit)
     print(format_table(rows))
     print(f"results in {args.output}")
     return 0
@@ -70,16 +77,20 @@ def _run_search(args) -> int:
                     pattern=args.pattern, lo=args.lo, hi=args.hi, tol=args.tol, calibration=args.calibration,
                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_dataset=args.eval_dataset,
                     eval_seqlen=args.eval_seqlen, max_windows=args.max_windows, output_dir=args.output,
-                    overwrite=args.overwrite, progress=sys.stderr.isatty() and not args.json, dtype=args.dtype)
+                    overwrite=args.overwrite, progress=sys.stderr.isatty() and not args.json, dtype=args.dtype,
+                    max_acc_drop=args.max_acc_drop, tasks=args.tasks, task_limit=args.task_limit)
     if args.json:
         print(json.dumps(result, default=str))
         return 0
     print(format_probes(result))
+    acc = result.get("budget_metric") == "zeroshot_acc"
+    name, key = ("zero-shot acc", "zeroshot_acc") if acc else ("perplexity", "perplexity")
+    budget = result["budget_acc"] if acc else result["budget_ppl"]
+    dense = result["dense_zeroshot_acc"] if acc else result["dense_perplexity"]
     if result["sparsity"] is None:
-        print(f"even the dense model (perplexity {result['dense_perplexity']:.3f}) is over the budget "
-              f"{result['budget_ppl']:.3f}")
+        print(f"even the dense model ({name} {dense:.3f}) is over the budget {budget:.3f}")
     else:
-        print(f"{args.method}: highest sparsity within budget {result['sparsity']:.4f} (perplexity "
-              f"{result['perplexity']:.3f}, budget {result['budget_ppl']:.3f}, dense {result['dense_perplexity']:.3f})")
+        print(f"{args.method}: highest sparsity within budget {result['sparsity']:.4f} ({name} "
+              f"{result[key]:.3f}, budget {budget:.3f}, dense {dense:.3f})")
     print(f"probes in {args.output}")
     return 0

@@ -92,14 +92,36 @@ def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int | None
     }
 
 
-def evaluate(model, tokenizer=None, dataset="wikitext2", **kwargs) -> dict:
-    """Perplexity plus the per-layer sparsity summary of ``model``.
+def evaluate(model, tokenizer=None, dataset=None, *, tasks=None, limit=None, batch_size=16, num_fewshot: int = 0,
+             **kwargs) -> dict:
+    """Perplexity and/or zero-shot benchmarks, plus the per-layer sparsity summary of ``model``.
 
-    Keyword arguments go to :func:`perplexity`.
+    Args:
+        dataset: perplexity text (``"wikitext2"``, ``"c4"``, a file...); default ``"wikitext2"`` when no
+            ``tasks`` are given, none otherwise.
+        tasks: lm-evaluation-harness tasks / suites (``"paper-7"``, ``"piqa,arc_easy"``...), scored on the
+            in-memory model from local files (:func:`hfprune.eval.harness.zeroshot_evaluate`); their
+            result is under ``"zeroshot"``.
+        limit, batch_size, num_fewshot: for the zero-shot tasks.
+        kwargs: go to :func:`perplexity` (``seqlen``, ``max_windows``, ``progress``...).
+
+    Example:
+        >>> # hfprune.evaluate(model, tokenizer, tasks="paper-7")["zeroshot"]["means"]["paper-7"]["acc"]
     """
     from hfprune.report import layer_sparsity_report
 
-    result = perplexity(model, tokenizer, dataset, **kwargs)
+    if tasks is not None:
+        from hfprune.eval.harness import check_task_files
+
+        check_task_files(tasks)  # a missing file fails before the perplexity pass
+    result = {}
+    if dataset is not None or tasks is None:
+        result = perplexity(model, tokenizer, "wikitext2" if dataset is None else dataset, **kwargs)
+    if tasks is not None:
+        from hfprune.eval.harness import zeroshot_evaluate
+
+        result["zeroshot"] = zeroshot_evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
+                                               num_fewshot=num_fewshot)
     layers = layer_sparsity_report(model)
     zeros = sum(v["zeros"] for k, v in layers.items() if not k.endswith("lm_head"))
     numel = sum(v["numel"] for k, v in layers.items() if not k.endswith("lm_head"))

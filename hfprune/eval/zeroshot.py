@@ -11,11 +11,13 @@ Items come from a :class:`datasets.Dataset` or a list of dicts: fields ``prompt`
 ``mapping(doc) -> (prompt, choices, label)``). The label is the index of the right choice or
 the right choice's text.
 
-Real benchmarks (HellaSwag, ARC, PIQA...) need their data from the Hub; :func:`lm_eval_accuracy`
-runs them through ``lm_eval`` when it is installed. Offline, :func:`build_cloze_task` makes a
-*synthetic* multiple-choice task from local text (WikiText-2, C4): the prompt is the first part
-of a sentence, the right choice its true ending, the distractors endings of other sentences. It
-is no published benchmark, so compare its numbers only with each other (dense vs pruned).
+Real benchmarks (HellaSwag, ARC, PIQA, BoolQ...) run through lm-evaluation-harness itself on local
+copies of their splits: :mod:`hfprune.eval.harness` (``hfprune eval --tasks paper-7``); use those for
+numbers comparable with papers. :func:`build_cloze_task` makes a *synthetic* multiple-choice task
+from any local text (WikiText-2, C4): the prompt is the first part of a sentence, the right choice
+its true ending, the distractors endings of other sentences. It is kept because it needs no task
+data and no extra package and runs in seconds, a quick dense-vs-pruned check; it is no published
+benchmark, so compare its numbers only with each other (dense vs pruned).
 
 Example:
     >>> items = build_cloze_task(["One two three four five six seven eight nine ten.",
@@ -460,28 +462,20 @@ def generation_samples(model, tokenizer, prompts: Sequence[str] | str, max_new_t
 # ------------------------------------------------------------------------------------ lm-eval
 def lm_eval_accuracy(model, tokenizer, tasks: Sequence[str] | str, *, num_fewshot: int = 0,
                      limit: int | float | None = None, batch_size: int | str = 1, **kwargs) -> dict:
-    """Accuracy on lm-evaluation-harness tasks (``"hellaswag"``, ``"arc_easy"``, ``"piqa"``...).
+    """Scores on lm-evaluation-harness tasks (``"hellaswag"``, ``"arc_easy"``, ``"paper-7"``...).
 
-    Wraps the in-memory ``model`` in ``lm_eval.models.huggingface.HFLM`` and runs
-    ``lm_eval.simple_evaluate``; the task data come from the Hub (or lm-eval's cache).
+    Kept for compatibility: the same as :func:`hfprune.eval.harness.zeroshot_evaluate` (the harness's
+    HFLM on the in-memory model, task data from the local files in ``$HFPRUNE_DATA_DIR/tasks``),
+    returning only its per-task metrics.
 
     Returns:
-        ``{task: {"acc": ..., "acc_norm": ..., ...}}`` (the metric names without lm-eval's ``,none`` filter suffix).
+        ``{task: {"acc": ..., "acc_norm": ..., "acc_stderr": ..., "n": ...}}``.
 
     Raises:
         ImportError: when ``lm_eval`` is not installed.
     """
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError as err:
-        raise ImportError("lm_eval_accuracy needs lm-evaluation-harness: `pip install lm-eval`. "
-                          "Offline, use zeroshot_accuracy with build_cloze_task instead.") from err
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, **kwargs)
-    out = {}
-    for task, metrics in (results or {}).get("results", {}).items():
-        out[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    return out
+    from hfprune.eval.harness import _require_lm_eval, zeroshot_evaluate
+
+    _require_lm_eval()
+    return zeroshot_evaluate(model, tokenizer, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                             **kwargs)["tasks"]

@@ -124,8 +124,16 @@ class _PointRunner:
 
     def __init__(self, model_or_loader, tokenizer=None, *, calibration="c4", nsamples=None, seqlen=None, seed=None,
                  eval_dataset="wikitext2", eval_seqlen=2048, max_windows=None, dtype=None,
-                 method_kwargs: dict[str, dict] | None = None):
+                 method_kwargs: dict[str, dict] | None = None, tasks=None, task_limit=None, task_batch_size=16):
         from hfprune.models import load_model, load_tokenizer
+
+        self.tasks = None
+        if tasks:  # zero-shot column: bad names / missing task files fail before the model is loaded
+            from hfprune.eval.harness import check_task_files, expand_tasks
+
+            self.tasks = expand_tasks(tasks)
+            check_task_files(self.tasks)
+        self.task_limit, self.task_batch_size = task_limit, task_batch_size
 
         self.model_label = None
         if isinstance(model_or_loader, (str, os.PathLike)):
@@ -189,6 +197,7 @@ class _PointRunner:
             "eval_seqlen": self.eval_seqlen,
             "max_windows": self.max_windows,
             "method_kwargs": _fingerprint(self.method_kwargs),
+            **({"tasks": self.tasks, "task_limit": self.task_limit} if self.tasks else {}),
         }
 
     def calibration_ids(self) -> torch.Tensor:
@@ -248,8 +257,14 @@ class _PointRunner:
         result = perplexity(self.model, self.tokenizer, seqlen=self.eval_seqlen, max_windows=self.max_windows,
                             token_ids=self.eval_ids(), progress=False)
         row.update(perplexity=result["perplexity"], nll=result["nll"], windows=result["windows"],
-                   tokens=result["tokens"], eval_seconds=result["seconds"],
-                   seconds=time.perf_counter() - start)
+                   tokens=result["tokens"], eval_seconds=result["seconds"])
+        if self.tasks:
+            from hfprune.eval.harness import mean_accuracy, zeroshot_evaluate
+
+            zs = zeroshot_evaluate(self.model, self.tokenizer, self.tasks, limit=self.task_limit,
+                                   batch_size=self.task_batch_size)
+            row.update(zeroshot_acc=mean_accuracy(zs), zeroshot=zs["tasks"], zeroshot_seconds=zs["seconds"])
+        row["seconds"] = time.perf_counter() - start
         return row
 
 
@@ -308,8 +323,9 @@ def _sort_rows(rows: list[dict], order: dict[str, int]) -> list[dict]:
     return sorted(rows, key=key)
 
 
-_CSV_COLUMNS = ["method", "pattern", "sparsity", "achieved_sparsity", "perplexity", "ppl_increase", "nll", "windows",
-                "tokens", "prune_seconds", "eval_seconds", "seconds", "peak_rss_mb", "finished_at", "key"]
+_CSV_COLUMNS = ["method", "pattern", "sparsity", "achieved_sparsity", "perplexity", "ppl_increase", "zeroshot_acc",
+                "nll", "windows", "tokens", "prune_seconds", "eval_seconds", "zeroshot_seconds", "seconds",
+                "peak_rss_mb", "finished_at", "key"]
 
 
 def _write_outputs(out: Path, rows: list[dict], settings: dict, plot: bool) -> None:
@@ -331,7 +347,8 @@ def sweep(model_name_or_loader, methods: Sequence[str] | str = ("magnitude", "wa
           nsamples: int | None = None, seqlen: int | None = None, seed: int | None = None,
           eval_dataset: Any = "wikitext2", eval_seqlen: int = 2048, max_windows: int | None = None,
           output_dir: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
-          dtype=None, method_kwargs: dict[str, dict] | None = None, plot: bool = True) -> list[dict]:
+          dtype=None, method_kwargs: dict[str, dict] | None = None, plot: bool = True, tasks=None,
+          task_limit: int | None = None, task_batch_size: int = 16) -> list[dict]:
     """Perplexity at every (method, pattern, sparsity) of a grid, dense baseline first.
 
     Args:
@@ -351,6 +368,9 @@ def sweep(model_name_or_loader, methods: Sequence[str] | str = ("magnitude", "wa
         overwrite: discard earlier results in ``output_dir`` instead of resuming from them.
         method_kwargs: extra config fields per method, e.g. ``{"sparsegpt": {"blocksize": 64}}``.
         plot: write ``sweep.png`` (needs matplotlib).
+        tasks, task_limit, task_batch_size: also score lm-evaluation-harness zero-shot tasks / suites
+            (``"paper-7"``) at every point (:func:`hfprune.eval.harness.zeroshot_evaluate`): the row gets
+            ``zeroshot`` (per-task metrics) and ``zeroshot_acc`` (mean ``acc`` over the tasks).
 
     Returns:
         One dict per point of the grid (``method``, ``pattern``, ``sparsity``, ``achieved_sparsity``,
@@ -372,7 +392,8 @@ def sweep(model_name_or_loader, methods: Sequence[str] | str = ("magnitude", "wa
 
     runner = _PointRunner(model_name_or_loader, tokenizer, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
                           seed=seed, eval_dataset=eval_dataset, eval_seqlen=eval_seqlen, max_windows=max_windows,
-                          dtype=dtype, method_kwargs=method_kwargs)
+                          dtype=dtype, method_kwargs=method_kwargs, tasks=tasks, task_limit=task_limit,
+                          task_batch_size=task_batch_size)
     for method, pattern, s in points:  # fail on a bad config before any slow work
         if method != DENSE:
             runner.config(method, pattern, s)
@@ -482,22 +503,28 @@ def _fmt(value, spec: str) -> str:
 
 def format_table(rows: Iterable[dict]) -> str:
     """A Markdown table of sweep rows."""
-    lines = ["| method | pattern | sparsity | achieved | perplexity | vs dense | prune s | eval s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = list(rows)
+    zs = any("zeroshot_acc" in r for r in rows)  # the zero-shot column, when the sweep scored tasks
+    lines = ["| method | pattern | sparsity | achieved | perplexity | vs dense |" + (" zero-shot acc |" if zs else "")
+             + " prune s | eval s |", "|---|---|---:|---:|---:|---:|" + ("---:|" if zs else "") + "---:|---:|"]
     for r in rows:
         inc = r.get("ppl_increase")
         lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.2f} | {_fmt(r.get('achieved_sparsity'), '.4f')} "
-                     f"| {_fmt(r.get('perplexity'), '.3f')} | {'-' if inc is None else f'{100 * inc:+.1f}%'} "
-                     f"| {_fmt(r.get('prune_seconds'), '.1f')} | {_fmt(r.get('eval_seconds'), '.1f')} |")
+                     f"| {_fmt(r.get('perplexity'), '.3f')} | {'-' if inc is None else f'{100 * inc:+.1f}%'} |"
+                     + (f" {_fmt(r.get('zeroshot_acc'), '.4f')} |" if zs else "")
+                     + f" {_fmt(r.get('prune_seconds'), '.1f')} | {_fmt(r.get('eval_seconds'), '.1f')} |")
     return "\n".join(lines)
 
 
 def format_probes(result: dict) -> str:
     """A Markdown table of a :func:`search` result's probes."""
-    lines = ["| step | phase | sparsity | perplexity | within budget |", "|---:|---|---:|---:|---|"]
+    zs = any("zeroshot_acc" in p for p in result["probes"])
+    lines = ["| step | phase | sparsity | perplexity |" + (" zero-shot acc |" if zs else "") + " within budget |",
+             "|---:|---|---:|---:|" + ("---:|" if zs else "") + "---|"]
     for p in result["probes"]:
-        lines.append(f"| {p['step']} | {p['phase']} | {p['sparsity']:.4f} | {_fmt(p.get('perplexity'), '.3f')} "
-                     f"| {'yes' if p['within_budget'] else 'no'} |")
+        lines.append(f"| {p['step']} | {p['phase']} | {p['sparsity']:.4f} | {_fmt(p.get('perplexity'), '.3f')} |"
+                     + (f" {_fmt(p.get('zeroshot_acc'), '.4f')} |" if zs else "")
+                     + f" {'yes' if p['within_budget'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -509,7 +536,8 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
            eval_dataset: Any = "wikitext2", eval_seqlen: int = 2048, max_windows: int | None = None,
            output_dir: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
            dtype=None, method_kwargs: dict | None = None,
-           evaluate_fn: Callable[[float], float | dict] | None = None) -> dict:
+           evaluate_fn: Callable[[float], float | dict] | None = None, max_acc_drop: float | None = None,
+           tasks=None, task_limit: int | None = None, task_batch_size: int = 16) -> dict:
     """The highest sparsity of ``method`` whose perplexity stays within a budget.
 
     The budget is ``dense_ppl * (1 + max_ppl_increase)`` (e.g. ``0.1`` = at most 10 % worse) or
@@ -518,9 +546,15 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
     ``hi - lo`` up to ``max_sparsity``; when ``lo`` is already over it the range becomes ``[0, lo]``.
     Then bisection until the bracket is narrower than ``tol``.
 
+    With ``max_acc_drop`` (and ``tasks``, e.g. ``"paper-7"``) the budget is zero-shot quality instead:
+    the mean ``acc`` over the tasks (lm-evaluation-harness, :func:`hfprune.eval.harness.zeroshot_evaluate`)
+    may fall at most ``max_acc_drop`` (absolute, e.g. ``0.02`` = two points) below dense.
+
     Args:
         model: a model name / path / alias, a loaded model, or a callable returning a model or
             ``(model, tokenizer)``; ``None`` only together with ``evaluate_fn``.
+        max_acc_drop, tasks, task_limit, task_batch_size: the zero-shot budget (see above); every probe
+            then also records ``zeroshot_acc`` and per-task ``zeroshot`` metrics.
         evaluate_fn: replaces prune + perplexity: ``evaluate_fn(sparsity) -> perplexity`` (or a dict
             with ``"perplexity"``); sparsity 0.0 means dense. For tests and custom metrics.
         output_dir: probes go to ``search.jsonl`` as they finish, the result to ``search.json``.
@@ -535,9 +569,12 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
     """
     from hfprune.solvers.masks import parse_pattern
 
-    if (max_ppl_increase is None) == (max_ppl is None):
-        raise ValueError("Give exactly one budget: max_ppl_increase (relative, e.g. 0.1 for +10 %) or "
-                         "max_ppl (absolute perplexity).")
+    if sum(b is not None for b in (max_ppl_increase, max_ppl, max_acc_drop)) != 1:
+        raise ValueError("Give exactly one budget: max_ppl_increase (relative, e.g. 0.1 for +10 %), "
+                         "max_ppl (absolute perplexity) or max_acc_drop (zero-shot accuracy points, with tasks=).")
+    if max_acc_drop is not None and (max_acc_drop < 0 or not tasks and evaluate_fn is None):
+        raise ValueError(f"max_acc_drop needs tasks= (e.g. 'paper-7', --tasks) and must be >= 0 (0.02 = two "
+                         f"points below dense), got {max_acc_drop} with tasks={tasks!r}.")
     if max_ppl_increase is not None and max_ppl_increase < 0:
         raise ValueError(f"max_ppl_increase must be >= 0 (0.1 means 10 % above dense), got {max_ppl_increase}.")
     if max_ppl is not None and max_ppl <= 0:
@@ -555,7 +592,8 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
             raise ValueError("Pass a model (name, path, model or loader), or evaluate_fn for a custom metric.")
         runner = _PointRunner(model, tokenizer, calibration=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
                               eval_dataset=eval_dataset, eval_seqlen=eval_seqlen, max_windows=max_windows,
-                              dtype=dtype, method_kwargs=method_kwargs)
+                              dtype=dtype, method_kwargs=method_kwargs, tasks=tasks, task_limit=task_limit,
+                              task_batch_size=task_batch_size)
         runner.config(method, pattern, lo)  # fail fast on an unknown method / bad kwargs
         settings = {"method": method, "pattern": "unstructured", **runner.settings()}
 
@@ -571,6 +609,8 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
             if "perplexity" not in row:
                 raise ValueError("evaluate_fn must return a perplexity, or a dict with a 'perplexity' key.")
             row["perplexity"] = float(row["perplexity"])
+            if max_acc_drop is not None and "zeroshot_acc" not in row:
+                raise ValueError("With max_acc_drop, evaluate_fn must return a dict with 'zeroshot_acc'.")
             return row
 
     out = Path(output_dir) if output_dir is not None else None
@@ -591,9 +631,12 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
 
     probes: list[dict] = []
     budget: list[float] = []  # set after the dense probe
+    metric = "zeroshot_acc" if max_acc_drop is not None else "perplexity"
 
-    def within(ppl) -> bool:
-        return ppl is not None and math.isfinite(ppl) and ppl <= budget[0]
+    def within(value) -> bool:  # value: the probe's perplexity (lower is better) or zero-shot accuracy
+        if value is None or not math.isfinite(value):
+            return False
+        return value >= budget[0] if metric == "zeroshot_acc" else value <= budget[0]
 
     def probe(s: float, phase: str) -> bool:
         s = round(float(s), 6)
@@ -614,7 +657,7 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
             row["reused"] = False
         row.update(step=len(probes), phase=phase)
         if budget:
-            row["within_budget"] = within(row["perplexity"])
+            row["within_budget"] = within(row.get(metric))
         probes.append(row)
         bar.update(1)
         bar.set_postfix(sparsity=f"{s:.4f}", ppl=f"{row['perplexity']:.3f}",
@@ -629,8 +672,11 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
     try:
         probe(0.0, "dense")
         dense_ppl = probes[0]["perplexity"]
-        budget.append(dense_ppl * (1.0 + max_ppl_increase) if max_ppl_increase is not None else float(max_ppl))
-        probes[0]["within_budget"] = within(dense_ppl)
+        if metric == "zeroshot_acc":
+            budget.append(probes[0]["zeroshot_acc"] - max_acc_drop)
+        else:
+            budget.append(dense_ppl * (1.0 + max_ppl_increase) if max_ppl_increase is not None else float(max_ppl))
+        probes[0]["within_budget"] = within(probes[0].get(metric))
         good, bad = 0.0, None
         if probes[0]["within_budget"]:
             if probe(lo, "lo"):
@@ -656,7 +702,8 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
             best = good
         else:
             best = None
-            logger.warning("Even the dense model (perplexity %.3f) is over the budget %.3f.", dense_ppl, budget[0])
+            logger.warning("Even the dense model (%s %.3f) is over the budget %.3f.", metric, probes[0].get(metric),
+                           budget[0])
     finally:
         bar.close()
         if runner is not None:
@@ -673,9 +720,13 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
         "sparsity": best,
         "perplexity": best_row["perplexity"] if best_row else None,
         "dense_perplexity": dense_ppl,
-        "budget_ppl": budget[0],
+        "budget_ppl": budget[0] if metric == "perplexity" else None,
         "max_ppl_increase": max_ppl_increase,
         "max_ppl": max_ppl,
+        "budget_metric": metric,
+        **({"zeroshot_acc": best_row.get("zeroshot_acc") if best_row else None,
+            "dense_zeroshot_acc": probes[0]["zeroshot_acc"], "budget_acc": budget[0], "max_acc_drop": max_acc_drop}
+           if metric == "zeroshot_acc" else {}),
         "first_over_budget": bad,
         "tol": tol,
         "lo": lo,
