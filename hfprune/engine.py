@@ -7,6 +7,7 @@ next block sees the *pruned* outputs (the sequential scheme of SparseGPT and Wan
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -17,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import get_blocks, get_spec, in_features, find_linears, weight_matrix
+from .arch import moe
 from .calibration import get_calibration_ids
 from .config import CalibrationConfig, PruningConfig
 from .masks import global_budgets, parse_pattern, prune_count
@@ -50,6 +52,8 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[dict[str, nn
         chosen = {}
         for rel, module in find_linears(block).items():
             full = f"{spec.layers}.{i}.{rel}"
+            if _is_router(spec, rel) and not _matches([t for t in config.targets if t != ".*"], full, rel):
+                continue  # MoE routers stay dense unless a target names them
             if _matches(config.targets, full, rel) and not _matches(config.ignore, full, rel):
                 chosen[full] = module
         out.append(chosen)
@@ -59,6 +63,10 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[dict[str, nn
             f"layer names look like {spec.layers}.0.<name>, e.g. {list(find_linears(blocks[0]))[:3]}."
         )
     return out
+
+
+def _is_router(spec, rel: str) -> bool:
+    return any(rel == r or rel.startswith(r + ".") for r in spec.routers)
 
 
 def _layer_sparsities(config: PruningConfig, targets: list[dict[str, nn.Module]]) -> dict[str, float]:
@@ -221,6 +229,11 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         raise ValueError("Pass a pruning config, e.g. hfprune.WandaConfig(sparsity=0.5).")
     from .structured import StructuredConfig
 
+    from .expert_pruning import ExpertPruningConfig, run_expert_pruning
+
+    if isinstance(config, ExpertPruningConfig):
+        return run_expert_pruning(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                  progress=progress)
     if isinstance(config, StructuredConfig):
         return _prune_structured(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                  batch_size=batch_size, progress=progress)
@@ -229,10 +242,17 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     pruner = get_pruner_cls(config.method)(config)
     spec = get_spec(model)
     blocks = get_blocks(model, spec)
-    targets = select_targets(model, config)
-    _validate_pattern(config, targets)
-    sparsities = _layer_sparsities(config, targets)
-    calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    # Fused MoE experts are pruned through per-expert [out, in] views (hfprune.arch.moe).
+    expert_views = contextlib.ExitStack()
+    expert_views.enter_context(moe.linearized(blocks, spec.experts, all_tokens=config.expert_calibration == "all"))
+    try:
+        targets = select_targets(model, config)
+        _validate_pattern(config, targets)
+        sparsities = _layer_sparsities(config, targets)
+        calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    except BaseException:
+        expert_views.close()
+        raise
 
     was_training = model.training
     model.eval()
@@ -318,6 +338,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
                 if session is not None:
                     session.block_done(i, None, sparsities=sparsities, layers=layers, block_counts=counts)
     finally:
+        expert_views.close()
         if use_cache is not None:
             model.config.use_cache = use_cache
         model.train(was_training)
@@ -348,6 +369,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         model_sparsity=(_unique_param_sparsity(model) if not offloaded and not resume
                         else _sparsity_from_counts(runner, counts)),
         blocks=block_rows,
+        experts=_expert_summary(layers, config),
     )
     model.config.pruning_config = {
         **config.to_dict(),
@@ -438,10 +460,36 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
 
     def prune_one(name, module, stats):
         W = weight_matrix(module)
-        result = pruner.prune_weight(W, stats, sparsities[name], scope)
+        tokens = _stat_tokens(stats)
+        if stats is None or tokens == 0:
+            # An expert the router sent no calibration token to (or one without statistics).
+            result = _data_free_result(pruner, W, sparsities[name], scope)
+        else:
+            result = pruner.prune_weight(W, stats, sparsities[name], scope)
         _apply(W, result.pruned, result.weight)
-        if infos is not None and result.info:
-            infos[name] = result.info
+        info = dict(result.info or {})
+        if isinstance(module, moe.ExpertLinear) or _is_expert(runner.spec, name):
+            info["tokens"] = tokens if stats is not None else 0
+        if stats is None or tokens == 0:
+            info["statistics"] = "none (magnitude)"
+        if infos is not None and info:
+            infos[name] = info
+
+    def prune_unseen(members, seen):
+        """Layers without calibration statistics are pruned by magnitude: data-free experts, experts
+        the router never called, and layers the calibration input never reaches (the cross-attention
+        of a decoder run without encoder states, weights a block reads without calling the layer)."""
+        unseen = [n for n in members if n not in seen and n not in seen_extra]
+        quiet = [n for n in unseen if getattr(members[n], "data_free", False) or _is_expert(runner.spec, n)]
+        loud = [n for n in unseen if n not in quiet]
+        if loud:
+            logger.warning("Layer(s) %s never ran during calibration; they are pruned by magnitude. Add them to "
+                           "`ignore` to keep them dense.", loud)
+        for name in unseen:
+            prune_one(name, members[name], None)
+            seen_extra.add(name)
+
+    seen_extra: set[str] = set()
 
     if true_sequential and runner.num_batches == 1 and not ctx.enabled:
         # One pass: each layer is pruned right before its first use, from inputs that already
@@ -456,21 +504,66 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
 
         with runner.shared_input_hooks(i, block_targets, plain_stats, on_input):
             runner.run(i, update=True)
-        _check_called(block_targets, done)
+        prune_unseen(block_targets, done)
+        _check_called(block_targets, done | seen_extra)
         return
 
     groups = runner.call_order(i, block_targets) if true_sequential else [list(block_targets)]
     for group in groups:
         members = {name: block_targets[name] for name in group}
+        members = {n: m for n, m in members.items() if not getattr(m, "data_free", False)}
         with runner.shared_input_hooks(i, members, make_stats, stop_when_seen=True) as stats:
             runner.run(i, update=False)
-        _check_called(members, stats)
+        prune_unseen(members, stats)
+        _check_called(members, set(stats) | seen_extra)
         stats = finalize_stats(stats)
-        for name in group:
-            prune_one(name, members[name], stats[name])
+        for name in members:
+            if name not in seen_extra:
+                prune_one(name, members[name], stats[name])
         del stats
+    prune_unseen(block_targets, set(block_targets) - {n for n, m in block_targets.items()
+                                                      if getattr(m, "data_free", False)})
     if not last:
         runner.run(i, update=True)
+
+
+def _stat_tokens(stats) -> int | None:
+    """Calibration tokens a statistics accumulator saw (``None`` when it does not count them)."""
+    for attr in ("tokens", "count"):
+        value = getattr(stats, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _is_expert(spec, name: str) -> bool:
+    """True when the full layer name lies inside one of the block's expert containers."""
+    return any(f".{c}." in f".{name}." for c in spec.experts)
+
+
+def _data_free_result(pruner, W: torch.Tensor, sparsity: float, scope: str):
+    from .pruners.base import PruneResult
+    from .masks import select_mask
+
+    return PruneResult(pruned=select_mask(scores.magnitude(W), sparsity, parse_pattern(pruner.config.pattern), scope))
+
+
+def _expert_summary(layers: dict[str, dict], config: PruningConfig) -> dict | None:
+    """Calibration tokens per expert weight and the experts with too few (see ``min_expert_tokens``)."""
+    rows = {n: v for n, v in layers.items() if "tokens" in v}
+    if not rows:
+        return None
+    few = []
+    for name, v in rows.items():
+        need = config.min_expert_tokens if config.min_expert_tokens is not None else v["shape"][1]
+        if v["tokens"] < need:
+            few.append(name)
+    if few:
+        logger.warning("%d of %d expert weights saw fewer calibration tokens than %s (e.g. %s: %d tokens); their "
+                       "statistics are poor. Use more calibration data or expert_calibration='all'.", len(few),
+                       len(rows), config.min_expert_tokens or "their input width", few[0], rows[few[0]]["tokens"])
+    return {"calibration": config.expert_calibration, "tokens": {n: v["tokens"] for n, v in rows.items()},
+            "few_tokens": few}
 
 
 def _check_called(modules: dict[str, nn.Module], seen) -> None:

@@ -62,6 +62,9 @@ class PruneReport:
     """Per decoder block: its index and sparsity over its pruned layers (structured: kept shapes)."""
     structured: dict[str, Any] | None = None
     """Structured pruning only: parameters before/after and what each block kept."""
+    experts: dict[str, Any] | None = None
+    """MoE models: calibration tokens per expert weight (``tokens``) and the expert weights that saw
+    fewer than their input width or ``min_expert_tokens`` (``few_tokens``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

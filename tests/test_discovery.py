@@ -1,0 +1,236 @@
+"""Layout discovery and MoE experts: models without a table entry, fused 3-D experts, image-text wrappers."""
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import hfprune
+from hfprune.arch import moe
+from hfprune.arch.conformance import check_model_type
+from hfprune.arch.discovery import discover_spec
+from hfprune.arch.tiny import tiny_config
+from hfprune.architectures import ARCHITECTURES, get_spec
+from hfprune.masks import check_nm, prune_count
+
+transformers.logging.set_verbosity_error()
+
+# A dozen types the hand-written table does not know: dense decoders of several layouts, three MoE
+# layouts (Qwen3-MoE: fused gate_up; gpt-oss: transposed, with biases and its own gating; DeepSeek-V3:
+# dense first block, shared experts, MLA), an image-text wrapper (Gemma-3) and a BERT-style decoder.
+SUBSET = ["olmo2", "granite", "starcoder2", "bloom", "gpt_neo", "falcon", "qwen3_moe", "gpt_oss", "deepseek_v3",
+          "mixtral", "gemma3", "bert"]
+
+
+@pytest.mark.parametrize("model_type", SUBSET)
+def test_conformance_subset(model_type):
+    assert model_type not in ARCHITECTURES
+    result = check_model_type(model_type)
+    assert result["status"] == "pass", {k: {kk: vv for kk, vv in v.items() if kk != "traceback"}
+                                        for k, v in result.get("runs", {}).items()} or result
+    for run in result["runs"].values():
+        assert run["checked"] > 0 and run["n_off_target"] == 0 and run["reload_equal"]
+        if model_type in ("qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral"):
+            assert run["expert_matrices"] >= 16  # every expert's slices are checked
+
+
+def _tiny(model_type, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
+
+
+def _experts_modules(model):
+    return [(n, m) for n, m in model.named_modules() if moe.is_fused_experts(m)]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("method,kwargs", [("wanda", {"sparsity": 0.5}), ("wanda", {"pattern": "2:4"}),
+                                           ("sparsegpt", {"sparsity": 0.5}),
+                                           ("sparsegpt", {"pattern": "2:4", "block_size": 16})])
+def test_per_expert_sparsity_exact(model_type, method, kwargs):
+    model = _tiny(model_type)
+    ids = torch.randint(3, 300, (4, 32))
+    config = hfprune.PruningConfig.from_dict({"method": method, **kwargs})
+    report = hfprune.prune(model, config=config, calibration=ids, progress=False)
+    mods = _experts_modules(model)
+    assert len(mods) == 2
+    for _, module in mods:
+        fused = moe.FusedExperts(module)
+        assert fused.transposed("down_proj") == (model_type == "gpt_oss")
+        for pname in fused.params:
+            for e in range(fused.num_experts):
+                W = fused.matrix(pname, e)  # [out, in] view of expert e
+                if config.pattern == "2:4":
+                    assert check_nm(W, 2, 4)
+                else:
+                    assert int((W == 0).sum()) == prune_count(W.numel(), config.sparsity)
+    # routers stay dense; the report lists tokens per expert
+    for name, p in model.named_parameters():
+        if "router" in name or name.endswith("mlp.gate.weight"):
+            assert (p != 0).all(), name
+    assert report.experts is not None and len(report.experts["tokens"]) == 2 * 8 * 2
+    assert sum(v for k, v in report.experts["tokens"].items() if k.startswith("model.layers.0.") and
+               k.endswith(("gate_up_proj",))) == 4 * 32 * 2  # every token is routed to top-2 experts
+
+
+def _layer0_experts_error(model_type, method):
+    """Output error of layer 0's experts (on the routed calibration inputs) after pruning only experts."""
+    model = _tiny(model_type, seed=1)
+    # Random models have nearly isotropic features; give the experts' inputs per-feature scales (as
+    # trained LLMs have), which is what activation-aware methods exploit.
+    g = torch.Generator().manual_seed(0)
+    for block in model.model.layers:
+        block.post_attention_layernorm.weight.data = torch.exp(torch.randn(64, generator=g))
+    ids = torch.randint(3, 300, (8, 32), generator=g)
+    (_, experts), = [x for x in _experts_modules(model) if x[0].startswith("model.layers.0.")]
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda m, a: seen.append(tuple(t.clone() for t in a)))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    with torch.no_grad():
+        dense = [experts(*a) for a in seen]
+    config = hfprune.PruningConfig.from_dict({"method": method, "sparsity": 0.5, "targets": [r".*experts.*"]})
+    hfprune.prune(model, config=config, calibration=ids, progress=False)
+    with torch.no_grad():
+        return sum(float((experts(*a) - d).pow(2).sum()) for a, d in zip(seen, dense))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_activation_aware_experts_beat_magnitude(model_type):
+    errors = {m: _layer0_experts_error(model_type, m) for m in ("magnitude", "wanda", "sparsegpt")}
+    assert errors["wanda"] < errors["magnitude"], errors
+    assert errors["sparsegpt"] < errors["magnitude"], errors
+
+
+def test_expert_calibration_all_tokens():
+    model = _tiny("qwen3_moe")
+    ids = torch.randint(3, 300, (2, 16))
+    report = hfprune.prune(model, config=hfprune.WandaConfig(sparsity=0.5, expert_calibration="all"),
+                           calibration=ids, progress=False)
+    assert set(report.experts["tokens"].values()) == {2 * 16}
+    assert report.experts["calibration"] == "all"
+    with pytest.raises(ValueError, match="expert_calibration"):
+        hfprune.WandaConfig(expert_calibration="some")
+
+
+def test_experts_with_few_tokens_are_flagged():
+    model = _tiny("qwen3_moe")
+    report = hfprune.prune(model, config=hfprune.WandaConfig(sparsity=0.5, min_expert_tokens=10**6),
+                           calibration=torch.randint(3, 300, (1, 8)), progress=False)
+    assert report.experts["few_tokens"] == list(report.experts["tokens"])
+
+
+def test_linearized_loop_matches_the_module_forward():
+    """The per-expert loop the engine runs during calibration reproduces each experts module."""
+    for model_type in ("qwen3_moe", "gpt_oss", "mixtral"):
+        model = _tiny(model_type)
+        ids = torch.randint(3, 300, (2, 16))
+        with torch.no_grad():
+            ref = model(ids).logits
+            spec = get_spec(model)
+            with moe.linearized(model.model.layers, spec.experts, check=False):
+                got = model(ids).logits
+        assert torch.allclose(got, ref, atol=1e-5), model_type
+
+
+def test_image_text_model_prunes_the_language_model_only(tmp_path):
+    model = _tiny("gemma3")
+    vision_before = {n: p.clone() for n, p in model.named_parameters() if "vision" in n or "projector" in n}
+    assert vision_before
+    spec = get_spec(model)
+    assert spec.layers == "model.language_model.layers"
+    ids = torch.randint(3, 300, (2, 16))
+    report = hfprune.prune(model, config=hfprune.WandaConfig(pattern="2:4"), calibration=ids, progress=False)
+    assert report.layers and all(n.startswith("model.language_model.layers.") for n in report.layers)
+    for n, p in model.named_parameters():
+        if n in vision_before:
+            assert torch.equal(p, vision_before[n]), n
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_vision_tower_can_be_targeted_by_name():
+    from hfprune.architectures import ArchSpec
+
+    model = _tiny("gemma3")
+    model.config.model_type = "gemma3_vision_test"
+    path = "model.vision_tower.encoder.layers"
+    hfprune.register_architecture("gemma3_vision_test", ArchSpec(layers=path))
+    try:
+        report = hfprune.prune(model, config=hfprune.MagnitudeConfig(sparsity=0.5), progress=False)
+    finally:
+        ARCHITECTURES.pop("gemma3_vision_test")
+    assert report.layers and all(n.startswith(path) for n in report.layers)
+    assert report.sparsity == pytest.approx(0.5)
+
+
+def test_undiscoverable_layout_names_the_candidates():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = transformers.PretrainedConfig(num_hidden_layers=3)
+            self.config.model_type = "mystery"
+            self.a = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+            self.b = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+
+    with pytest.raises(ValueError, match=r"register_architecture\('mystery', ArchSpec\(layers="):
+        discover_spec(Net())
+    # two candidate stacks of the configured depth: the error lists both paths
+    net = Net()
+    net.a = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
+    net.b = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
+    with pytest.raises(ValueError, match=r"candidate module lists: a \(3 x Sequential\), b \(3 x Sequential\)"):
+        discover_spec(net)
+    assert discover_spec(net, layers="b").layers == "b"
+
+
+def test_discovered_roles_and_sizes():
+    spec = get_spec(_tiny("olmo2"))
+    assert spec.discovered and spec.layers == "model.layers"
+    assert (spec.q, spec.k, spec.v, spec.o) == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                "self_attn.o_proj")
+    assert (spec.gate, spec.up, spec.down) == ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert spec.heads_attr == "num_attention_heads" and spec.kv_heads_attr == "num_key_value_heads"
+    moe_spec = get_spec(_tiny("deepseek_v3"))
+    assert moe_spec.experts == ("mlp.experts",)  # found in block 1 (block 0 is dense)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_expert_pruning_8_to_6_reloads(model_type, tmp_path):
+    from hfprune.expert_pruning import ExpertPruningConfig, expert_importance
+
+    model = _tiny(model_type)
+    ids = torch.randint(3, 300, (4, 32))
+    scores = expert_importance(model, ids)
+    report = hfprune.prune(model, config=ExpertPruningConfig(num_experts=6), calibration=ids, progress=False)
+    assert report.structured["experts_before"] == 8 and report.structured["experts_after"] == 6
+    for key, layer in report.structured["layers"].items():
+        top = torch.argsort(scores[key]["score"], descending=True, stable=True)[:6]
+        assert layer["kept"] == sorted(top.tolist())  # the six most important experts by REAP score
+    for _, module in _experts_modules(model):
+        assert all(p.shape[0] == 6 for p in moe.FusedExperts(module).params.values())
+    assert report.model_sparsity > 0
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert moe.FusedExperts(_experts_modules(reloaded)[0][1]).num_experts == 6
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+
+
+def test_expert_pruning_config_errors():
+    from hfprune.expert_pruning import ExpertPruningConfig
+
+    with pytest.raises(ValueError, match="exactly one"):
+        ExpertPruningConfig()
+    model = _tiny("qwen3_moe")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        hfprune.prune(model, config=ExpertPruningConfig(num_experts=1), calibration=torch.randint(3, 300, (1, 8)))
+    with pytest.raises(ValueError, match="no fused MoE experts"):
+        hfprune.prune(_tiny("olmo2"), config=ExpertPruningConfig(num_experts=1), calibration=torch.randint(3, 300, (1, 8)))
