@@ -76,6 +76,9 @@ class ArchSpec:
     ModuleLists), see :mod:`hfprune.arch.moe`."""
     routers: tuple[str, ...] = ()
     """Block-relative paths of linear MoE routers; they stay dense unless named in ``targets``."""
+    stacks: tuple[str, ...] = ()
+    """Further block lists pruned after ``layers``, in turn (an encoder-decoder's decoder stack:
+    ``layers`` is the encoder, so the decoder is calibrated on the pruned encoder's outputs)."""
     discovered: bool = False
     """True when :mod:`hfprune.arch.discovery` found this layout (no table entry)."""
 

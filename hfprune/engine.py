@@ -241,6 +241,9 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         config = PruningConfig.from_dict(config)
     pruner = get_pruner_cls(config.method)(config)
     spec = get_spec(model)
+    if spec.stacks:
+        return _prune_stacks(model, tokenizer, config, calibration, spec, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                             batch_size=batch_size, progress=progress, session=session)
     blocks = get_blocks(model, spec)
     # Fused MoE experts are pruned through per-expert [out, in] views (hfprune.arch.moe).
     expert_views = contextlib.ExitStack()
@@ -278,7 +281,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     try:
         if pruner.requires_calibration or config.owl:
             ids = get_calibration_ids(calib, tokenizer, model)
-            logger.info("Calibrating on %d x %d tokens.", ids.shape[0], ids.shape[1])
+            logger.info("Calibrating on %d x %d %s.", ids.shape[0], ids.shape[1],
+                        "tokens" if isinstance(ids, torch.Tensor) else "input batches")
             one_pass = config.true_sequential and not ctx.enabled
             bs = resume["batch_size"] if resume else ctx.min_int(
                 _batch_size(calib, ids, model, low_memory=session is not None, one_pass=one_pass))
@@ -406,6 +410,8 @@ def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module, l
     true-sequential group instead of one pass."""
     if calib.batch_size:
         return calib.batch_size
+    if not isinstance(ids, torch.Tensor):
+        return 1  # model-input dicts: each one is a batch
     cfg = model.config.get_text_config()
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
@@ -525,6 +531,37 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
                                                       if getattr(m, "data_free", False)})
     if not last:
         runner.run(i, update=True)
+
+
+def _prune_stacks(model, tokenizer, config, calibration, spec, *, session=None, **kwargs) -> PruneReport:
+    """Prune each block stack in turn (an encoder-decoder: encoder, then decoder from the pruned encoder)."""
+    import dataclasses
+
+    if session is not None:
+        raise ValueError("Streaming/resumable pruning handles one block stack; encoder-decoders are pruned in memory.")
+    model_type = getattr(model.config, "model_type", None)
+    saved = model.__dict__.get("_hfprune_spec")
+    reports = []
+    try:
+        for layers in (spec.layers, *spec.stacks):
+            model.__dict__["_hfprune_spec"] = (model_type, dataclasses.replace(spec, layers=layers, stacks=()))
+            reports.append(prune(model, tokenizer, config, calibration, **kwargs))
+    finally:
+        if saved is None:
+            model.__dict__.pop("_hfprune_spec", None)
+        else:
+            model.__dict__["_hfprune_spec"] = saved
+    first, layers = reports[0], {n: v for r in reports for n, v in r.layers.items()}
+    zeros = sum(v["zeros"] for v in layers.values())
+    numel = sum(v["numel"] for v in layers.values())
+    report = dataclasses.replace(first, layers=layers, prune_seconds=sum(r.prune_seconds for r in reports),
+                                 peak_rss_mb=max(r.peak_rss_mb for r in reports), sparsity=zeros / max(1, numel),
+                                 model_sparsity=reports[-1].model_sparsity,
+                                 blocks=[{**b, "stack": s} for s, r in zip((spec.layers, *spec.stacks), reports)
+                                         for b in r.blocks])
+    model.config.pruning_config = {**model.config.pruning_config, "achieved_sparsity": report.sparsity,
+                                   "layer_sparsity": {n: round(v["sparsity"], 6) for n, v in layers.items()}}
+    return report
 
 
 def _stat_tokens(stats) -> int | None:
@@ -650,6 +687,10 @@ def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamp
     from .structured import attach_channel_stats, prune_structured
 
     spec = get_spec(model)
+    if spec.discovered:
+        from .arch.discovery import check_structured
+
+        check_structured(model, spec, heads=config.heads_ratio > 0, mlp=config.mlp_ratio > 0)
     if is_offloaded(model):
         raise ValueError("Structured pruning changes layer shapes and needs the model in memory: load it without "
                          "offloading (no device_map offload / --low-memory).")

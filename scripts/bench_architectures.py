@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench_out" / "architectures.json"))
     parser.add_argument("--timeout", type=int, default=180, help="seconds per model type")
     parser.add_argument("--resume", action="store_true", help="keep the types already in --out")
+    parser.add_argument("--retry-failed", action="store_true", help="with --resume: run the failed types again")
     args = parser.parse_args()
 
     import torch
@@ -101,7 +102,8 @@ def main() -> None:
     out = Path(args.out)
     results = {}
     if args.resume and out.exists():
-        results = {k: v for k, v in json.loads(out.read_text())["results"].items() if k in types}
+        results = {k: v for k, v in json.loads(out.read_text())["results"].items() if k in types
+                   and not (args.retry_failed and v["status"] == "fail")}
     for i, model_type in enumerate(types):
         if model_type in results:
             continue

@@ -234,3 +234,108 @@ def test_expert_pruning_config_errors():
         hfprune.prune(model, config=ExpertPruningConfig(num_experts=1), calibration=torch.randint(3, 300, (1, 8)))
     with pytest.raises(ValueError, match="no fused MoE experts"):
         hfprune.prune(_tiny("olmo2"), config=ExpertPruningConfig(num_experts=1), calibration=torch.randint(3, 300, (1, 8)))
+
+
+def _bert_like(cls_name="BertForMaskedLM"):
+    cfg = transformers.BertConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def test_encoder_with_input_dict_calibration(tmp_path):
+    model = _bert_like("BertForSequenceClassification")
+    batches = [{"input_ids": torch.randint(3, 300, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+               for _ in range(3)]
+    report = hfprune.prune(model, config=hfprune.SparseGPTConfig(pattern="2:4"), calibration=batches, progress=False)
+    assert get_spec(model).layers == "bert.encoder.layer"
+    assert len(report.layers) == 2 * 6 and all(check_nm(model.get_submodule(n).weight, 2, 4) for n in report.layers)
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**batches[0]).logits, model(**batches[0]).logits)
+
+
+def test_vision_encoder_with_a_data_loader():
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    images = torch.utils.data.TensorDataset(torch.randn(6, 3, 32, 32))
+    loader = torch.utils.data.DataLoader(images, batch_size=2, collate_fn=lambda rows: {
+        "pixel_values": torch.stack([r[0] for r in rows])})
+    report = hfprune.prune(model, config=hfprune.WandaConfig(sparsity=0.5), calibration=loader, progress=False)
+    assert get_spec(model).layers == "vit.layers"
+    assert report.sparsity == pytest.approx(0.5) and len(report.layers) == 2 * 6
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=torch.randn(1, 3, 32, 32)).logits).all()
+
+
+def test_encoder_decoder_prunes_both_stacks_in_turn(tmp_path):
+    cfg = transformers.T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    spec = get_spec(model)
+    assert (spec.layers, spec.stacks) == ("encoder.block", ("decoder.block",))
+    ids = torch.randint(3, 300, (4, 16))
+    report = hfprune.prune(model, config=hfprune.WandaConfig(sparsity=0.5), calibration=ids, progress=False)
+    names = list(report.layers)
+    assert any(n.startswith("encoder.block.") for n in names) and any(n.startswith("decoder.block.") for n in names)
+    assert any(".EncDecAttention." in n for n in names)  # cross-attention is calibrated on the encoder output
+    assert all(v["sparsity"] == pytest.approx(0.5) and "statistics" not in v for v in report.layers.values())
+    assert report.sparsity == pytest.approx(0.5)
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, decoder_input_ids=ids).logits,
+                           model(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_capture_keeps_state_blocks_pass_on():
+    """T5 blocks pass their relative position bias on: the captured inputs of block 1 must carry it."""
+    from hfprune.runner import LayerRunner
+
+    cfg = transformers.T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(cfg).eval()
+    ids = torch.randint(3, 300, (1, 12))
+    runner = LayerRunner(model)
+    runner.capture(ids)
+    for i in range(len(runner)):
+        runner.run(i, update=True)
+    with torch.no_grad():
+        ref = model.encoder.final_layer_norm(runner.hidden[0])
+        assert torch.allclose(ref, model(ids).last_hidden_state, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["granite", "starcoder2", "cohere", "glm4", "falcon"])
+def test_structured_heads_and_mlp_on_discovered_decoders(model_type, tmp_path):
+    from hfprune.structured import AutoPrunedModelForCausalLM, StructuredConfig
+
+    model = _tiny(model_type)
+    ids = torch.randint(3, 300, (2, 16))
+    before = sum(p.numel() for p in model.parameters())
+    report = hfprune.prune(model, config=StructuredConfig(heads_ratio=0.5, mlp_ratio=0.5), progress=False)
+    assert sum(p.numel() for p in model.parameters()) < before
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path)
+    loader = transformers.AutoModelForCausalLM if report.structured["reload_with"] == "transformers" \
+        else AutoPrunedModelForCausalLM
+    again = loader.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+
+
+def test_structured_refuses_layouts_it_cannot_shrink():
+    from hfprune.structured import StructuredConfig
+
+    model = _tiny("olmo2")  # q_norm / k_norm span all heads
+    with pytest.raises(ValueError, match=r"q_norm\.weight \(64,\) .* heads_ratio=0"):
+        hfprune.prune(model, config=StructuredConfig(heads_ratio=0.5), progress=False)
+    report = hfprune.prune(model, config=StructuredConfig(mlp_ratio=0.5), progress=False)  # MLP neurons are fine
+    assert report.structured["params_after"] < report.structured["params_before"]
+    with pytest.raises(ValueError, match="down projection|mlp_ratio=0"):
+        hfprune.prune(_tiny("qwen3_moe"), config=StructuredConfig(mlp_ratio=0.5), progress=False)

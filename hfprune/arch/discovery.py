@@ -134,10 +134,14 @@ def _num_layers(config) -> int | None:
 _TOWERS = ("vision", "visual", "image", "audio", "speech", "vqmodel", "vq_model")
 
 
+def _tower(path: str) -> bool:
+    return any(t in path.lower() for t in _TOWERS)
+
+
 def _choose(model: nn.Module, candidates: list[tuple[str, nn.ModuleList]]) -> str | None:
     if len(candidates) == 1:
         return candidates[0][0]
-    text = [c for c in candidates if not any(t in c[0].lower() for t in _TOWERS)]
+    text = [c for c in candidates if not _tower(c[0])]
     if len(text) == 1:
         return text[0][0]
     candidates = text or candidates
@@ -185,11 +189,52 @@ def find_roles(block: nn.Module) -> dict[str, str | None]:
     return roles
 
 
+def _is_field(config, name: str) -> bool:
+    """A config value that can be set (a read-only property such as Falcon's ``head_dim`` is derived)."""
+    prop = getattr(type(config), name, None)
+    return hasattr(config, name) and not (isinstance(prop, property) and prop.fset is None)
+
+
 def _size_attrs(config) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for attr, names in _SIZE_FIELDS.items():
-        out[attr] = next((n for n in names if hasattr(config, n)), None)
+        out[attr] = next((n for n in names if _is_field(config, n)), None)
     return out
+
+
+def check_structured(model: nn.Module, spec, heads: bool, mlp: bool) -> None:
+    """Raise a clear error before structured pruning of a *discovered* layout that it cannot handle:
+    missing projections, or other tensors sized by the heads / MLP width (e.g. OLMo-2's ``q_norm``
+    over all heads), which head or neuron removal would leave inconsistent."""
+    from ..architectures import get_blocks, head_dim_of, num_heads_of, num_kv_heads_of
+
+    cfg = text_config(model)
+    model_type = getattr(model.config, "model_type", None)
+    hint = (f"prune it unstructured, or describe it with hfprune.register_architecture({model_type!r}, "
+            f"ArchSpec(...)) if the layout is known to work")
+    block = get_blocks(model, spec)[0]
+    if heads:
+        if not spec.o or not (spec.qkv or (spec.q and spec.k and spec.v)):
+            raise ValueError(f"Structured head pruning needs the q/k/v (or fused qkv) and output projections; the "
+                             f"discovered layout of {model_type!r} has q={spec.q}, k={spec.k}, v={spec.v}, "
+                             f"qkv={spec.qkv}, o={spec.o}: set heads_ratio=0, or {hint}.")
+        hd = head_dim_of(cfg, spec)
+        sizes = {num_heads_of(cfg, spec) * hd, num_kv_heads_of(cfg, spec) * hd}
+        attn = block.get_submodule(spec.o.rsplit(".", 1)[0]) if "." in spec.o else block
+        known = {id(block.get_submodule(p)) for p in (spec.q, spec.k, spec.v, spec.qkv, spec.o) if p}
+        for name, sub in attn.named_modules():
+            if id(sub) in known:
+                continue
+            for pname, p in sub.named_parameters(recurse=False):
+                if any(d in sizes for d in p.shape):
+                    raise ValueError(f"Structured head pruning of {model_type!r} would leave "
+                                     f"{(name + '.' if name else '')}{pname} {tuple(p.shape)} (sized by the heads) "
+                                     f"inconsistent: set heads_ratio=0, or {hint}.")
+    if mlp:
+        if not spec.down or not (spec.up or spec.gate_up):
+            raise ValueError(f"Structured MLP pruning needs the up and down projections; the discovered layout of "
+                             f"{model_type!r} has up={spec.up}, gate_up={spec.gate_up}, down={spec.down}: set "
+                             f"mlp_ratio=0, or {hint}.")
 
 
 def discover_spec(model: nn.Module, layers: str | None = None):
@@ -201,6 +246,14 @@ def discover_spec(model: nn.Module, layers: str | None = None):
     from . import moe
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    stacks: tuple[str, ...] = ()
+    if layers is None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        # Encoder-decoder (T5, BART): the encoder stack first, then the decoder stack.
+        found = find_block_lists(model)
+        enc = [n for n, _ in found if "encoder" in n.rsplit(".", 2)[0].lower() and not _tower(n)]
+        dec = [n for n, _ in found if "decoder" in n.rsplit(".", 2)[0].lower() and not _tower(n)]
+        if len(enc) == 1 and len(dec) == 1:
+            layers, stacks = enc[0], (dec[0],)
     if layers is None:
         decoder = find_decoder_path(model)
         candidates = find_block_lists(model, decoder) or (find_block_lists(model) if decoder else [])
@@ -233,7 +286,7 @@ def discover_spec(model: nn.Module, layers: str | None = None):
                     head_dim_attr=sizes["head_dim_attr"], hidden_attr=sizes["hidden_attr"] or "hidden_size",
                     attention_bias_attr="attention_bias" if hasattr(cfg, "attention_bias") else None,
                     mlp_bias_attr="mlp_bias" if hasattr(cfg, "mlp_bias") else None,
-                    experts=experts, routers=routers, discovered=True)
+                    experts=experts, routers=routers, stacks=stacks, discovered=True)
     logger.info("Discovered the layout of %s: %d blocks at %s%s.", type(model).__name__, len(blocks), layers,
                 f", experts at {', '.join(experts)}" if experts else "")
     return spec
