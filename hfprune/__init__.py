@@ -15,6 +15,7 @@ from .architectures import ArchSpec, register_architecture
 from .config import CalibrationConfig, PruningConfig
 from .engine import prune
 from .evaluation import evaluate, perplexity
+from .expert_pruning import ExpertPruningConfig
 from .io import save_pretrained, save_pruned
 from .models import load_model, load_tokenizer
 from .pruners import MagnitudeConfig, SparseGPTConfig, WandaConfig
@@ -27,6 +28,7 @@ _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 __all__ = [
     "ArchSpec",
     "CalibrationConfig",
+    "ExpertPruningConfig",
     "MagnitudeConfig",
     "PruneReport",
     "PruningConfig",

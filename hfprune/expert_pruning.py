@@ -36,7 +36,7 @@ class ExpertPruningConfig:
     """Remove whole experts from every MoE layer.
 
     Example:
-        >>> from hfprune.expert_pruning import ExpertPruningConfig
+        >>> from hfprune import ExpertPruningConfig
         >>> ExpertPruningConfig(num_experts=6).importance
         'reap'
     """

@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=180, help="seconds per model type")
     parser.add_argument("--resume", action="store_true", help="keep the types already in --out")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: run the failed types again")
+    parser.add_argument("--rerun", nargs="*", help="with --resume: run these types again")
     args = parser.parse_args()
 
     import torch
@@ -103,7 +104,7 @@ def main() -> None:
     results = {}
     if args.resume and out.exists():
         results = {k: v for k, v in json.loads(out.read_text())["results"].items() if k in types
-                   and not (args.retry_failed and v["status"] == "fail")}
+                   and not (args.retry_failed and v["status"] == "fail") and k not in (args.rerun or [])}
     for i, model_type in enumerate(types):
         if model_type in results:
             continue

@@ -339,3 +339,52 @@ def test_structured_refuses_layouts_it_cannot_shrink():
     assert report.structured["params_after"] < report.structured["params_before"]
     with pytest.raises(ValueError, match="down projection|mlp_ratio=0"):
         hfprune.prune(_tiny("qwen3_moe"), config=StructuredConfig(mlp_ratio=0.5), progress=False)
+
+
+class _ExpertMLP(nn.Module):
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(hidden, inter, bias=False), nn.Linear(hidden, inter, bias=False), \
+            nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class _ExpertList(nn.ModuleList):
+    """The per-expert nn.Linear layout of older transformers MoE models (Mixtral v4): only routed tokens
+    reach an expert."""
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for e, expert in enumerate(self):
+            token_idx, k_pos = torch.where(top_k_index == e)
+            if token_idx.numel():
+                out.index_add_(0, token_idx, expert(hidden[token_idx]) * top_k_weights[token_idx, k_pos, None])
+        return out
+
+
+def test_per_expert_linear_lists():
+    model = _tiny("mixtral")
+    for block in model.model.layers:
+        block.mlp.experts = _ExpertList([_ExpertMLP(64, 32) for _ in range(8)])
+    for block in model.model.layers:  # the router never picks expert 7
+        def route(h, gate=block.mlp.gate):
+            logits = nn.functional.linear(h.reshape(-1, gate.hidden_dim), gate.weight)
+            logits[:, 7] = float("-inf")
+            top, idx = torch.topk(torch.softmax(logits.float(), dim=-1), gate.top_k, dim=-1)
+            return logits, (top / top.sum(dim=-1, keepdim=True)).to(h.dtype), idx
+        block.mlp.gate.forward = route
+    spec = get_spec(model)
+    assert spec.experts == ("mlp.experts",)
+    report = hfprune.prune(model, config=hfprune.WandaConfig(sparsity=0.5), calibration=torch.randint(3, 300, (4, 32)),
+                           progress=False)
+    names = [n for n in report.layers if ".experts." in n]
+    assert len(names) == 2 * 8 * 3
+    for n in names:
+        W = model.get_submodule(n).weight
+        assert int((W == 0).sum()) == prune_count(W.numel(), 0.5), n
+    tokens = report.experts["tokens"]
+    assert tokens["model.layers.0.mlp.experts.7.w1"] == 0
+    assert report.layers["model.layers.0.mlp.experts.7.w1"]["statistics"] == "none (magnitude)"
+    assert sum(v for k, v in tokens.items() if k.startswith("model.layers.0.") and k.endswith(".w1")) == 4 * 32 * 2

@@ -77,6 +77,7 @@ def _block_weights(model, spec):
     from . import moe
 
     checked, dense = {}, []
+    slices = set()
     for i, block in enumerate(get_blocks(model, spec)):
         prefix = f"{spec.layers}.{i}"
         covered = set()
@@ -92,10 +93,11 @@ def _block_weights(model, spec):
                     covered.add(id(p))
                     for e in range(fused.num_experts):
                         checked[f"{prefix}.{rel}.{e}.{pname}"] = fused.matrix(pname, e)
+                        slices.add(f"{prefix}.{rel}.{e}.{pname}")
         for name, p in block.named_parameters():
             if p.dim() >= 2 and id(p) not in covered and sum(s > 1 for s in p.shape) >= 2:
                 dense.append(f"{prefix}.{name}")
-    return checked, dense
+    return checked, dense, slices
 
 
 def _at_target(W: torch.Tensor, before_zeros: int, case: dict) -> str | None:
@@ -165,9 +167,9 @@ def check_model_type(model_type: str, cases: dict[str, dict] | None = None, *, s
             before = {n: int((w == 0).sum()) for n, w in _block_weights(model, spec)[0].items()}
             report = hfprune.prune(model, config=hfprune.PruningConfig.from_dict(dict(case)), calibration=ids,
                                    progress=False)
-            checked, left_dense = _block_weights(model, spec)
+            checked, left_dense, slices = _block_weights(model, spec)
             bad = {n: why for n, w in checked.items() if (why := _at_target(w, before.get(n, 0), case))}
-            run.update(checked=len(checked), expert_matrices=sum(".experts." in n for n in checked),
+            run.update(checked=len(checked), expert_matrices=len(slices),
                        off_target=dict(list(bad.items())[:5]), n_off_target=len(bad), left_dense=left_dense,
                        sparsity=report.sparsity)
             logits = _logits(model, ids[:1])

@@ -58,7 +58,16 @@ class ExpertLinear(nn.Linear):
 
 def is_fused_experts(module: nn.Module) -> bool:
     """True for a module that holds expert weights as 3-D parameters (``[E, ., .]``)."""
-    return any(p.dim() == 3 and name in _PROJ_NAMES for name, p in module.named_parameters(recurse=False))
+    return _is_parallel(module) or \
+        any(p.dim() == 3 and name in _PROJ_NAMES for name, p in module.named_parameters(recurse=False))
+
+
+def _is_parallel(module: nn.Module) -> bool:
+    """JetMoE-style parallel experts: one ``weight [E, out, in]``, ``forward(inputs, expert_size)`` on
+    tokens already sorted by expert."""
+    w = module._parameters.get("weight")
+    return (w is not None and w.dim() == 3 and getattr(module, "num_experts", None) == w.shape[0]
+            and getattr(module, "output_size", None) == w.shape[1] and getattr(module, "input_size", None) == w.shape[2])
 
 
 def _is_decorated(module: nn.Module) -> bool:
@@ -88,13 +97,17 @@ def find_routers(block: nn.Module, containers: tuple[str, ...] | list[str]) -> l
     for path in containers:
         parent = path.rsplit(".", 1)[0] if "." in path else ""
         n_experts = _num_experts(modules[path])
-        for name in _ROUTER_NAMES:
+        owner = modules[parent] if parent else block
+        names = [n for n in _ROUTER_NAMES if n in owner._modules]
+        # gates of a shared expert (Qwen2-MoE's shared_expert_gate, one output) are routers too
+        names += [n for n in owner._modules if "gate" in n and not n.endswith("_proj") and n not in names]
+        for name in names:
             cand = f"{parent}.{name}" if parent else name
             sub = modules.get(cand)
             if sub is None:
                 continue
             for rel, m in sub.named_modules():
-                if is_linear(m) and m.weight.shape[0] in (n_experts, n_experts + 1):
+                if is_linear(m) and m.weight.shape[0] in (1, n_experts, n_experts + 1):
                     out.append(f"{cand}.{rel}" if rel else cand)
     return sorted(set(out))
 
@@ -124,12 +137,16 @@ class FusedExperts:
         self.module = module
         self.decorated = _is_decorated(module)
         self.num_experts = _num_experts(module)
-        self.params = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and n in _PROJ_NAMES}
+        self.parallel = _is_parallel(module)
+        self.params = {n: p for n, p in module.named_parameters(recurse=False)
+                       if p.dim() == 3 and (n in _PROJ_NAMES or (self.parallel and n == "weight"))}
 
     def transposed(self, name: str) -> bool:
         """Whether ``name`` is stored ``[E, in, out]``."""
         if self.decorated:
             return bool(self.module.is_transposed)
+        if self.parallel:
+            return False
         shape = self.params[name].shape
         hidden = _hidden_size(self.module)
         if hidden is None or shape[1] == shape[2]:
@@ -213,10 +230,13 @@ def linearized(blocks: nn.ModuleList, containers: tuple[str, ...], *, all_tokens
                                      "model in memory (no device_map offload / --low-memory).")
                 decorated = _is_decorated(module) and ("down_proj" in module._parameters) and \
                     ("gate_up_proj" in module._parameters or "up_proj" in module._parameters)
-                lins = expert_linears(module, data_free=not decorated)
+                parallel = _is_parallel(module)
+                lins = expert_linears(module, data_free=not (decorated or parallel))
                 module.__dict__[_ACTIVE] = lins
                 touched.append(module)
-                if decorated:
+                if parallel:
+                    module.forward = _parallel_forward(module, lins, all_tokens)
+                elif decorated:
                     module.forward = _checked(module, _loop_forward(module, lins, all_tokens), lins, check)
                 else:
                     logger.warning("%s is not a transformers experts module with a known layout: its experts are "
@@ -226,6 +246,22 @@ def linearized(blocks: nn.ModuleList, containers: tuple[str, ...], *, all_tokens
         for module in touched:
             module.__dict__.pop(_ACTIVE, None)
             module.__dict__.pop("forward", None)
+
+
+def _parallel_forward(module: nn.Module, lins: dict[str, ExpertLinear], all_tokens: bool):
+    """JetMoE's ``ParallelExperts.forward`` over the per-expert views (tokens arrive sorted by expert)."""
+    views = [lins[f"{e}.weight"] for e in range(module.num_experts)]
+
+    def forward(inputs, expert_size, *args, **kwargs):
+        sizes = expert_size.tolist() if isinstance(expert_size, torch.Tensor) else list(expert_size)
+        if all_tokens:
+            starts = [sum(sizes[:e]) for e in range(len(sizes))]
+            outs = [view(inputs)[s:s + n] for view, s, n in zip(views, starts, sizes)]
+        else:
+            outs = [view(x) for view, x in zip(views, inputs.split(sizes, dim=0))]
+        return torch.cat(outs, dim=0)
+
+    return forward
 
 
 def _checked(module: nn.Module, loop, lins: dict[str, ExpertLinear], check: bool):
