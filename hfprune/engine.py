@@ -474,8 +474,9 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
             result = pruner.prune_weight(W, stats, sparsities[name], scope)
         _apply(W, result.pruned, result.weight)
         info = dict(result.info or {})
-        if isinstance(module, moe.ExpertLinear) or _is_expert(runner.spec, name):
-            info["tokens"] = tokens if stats is not None else 0
+        if (isinstance(module, moe.ExpertLinear) or _is_expert(runner.spec, name)) and \
+                (stats is None or tokens is not None):
+            info["tokens"] = tokens or 0
         if stats is None or tokens == 0:
             info["statistics"] = "none (magnitude)"
         if infos is not None and info:

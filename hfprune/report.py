@@ -106,4 +106,9 @@ class PruneReport:
         ]
         if self.blocks and "sparsity" in self.blocks[0]:
             lines.append("  by block: " + " ".join(f"{b['index']}:{b['sparsity']:.3f}" for b in self.blocks))
+        if self.experts:
+            tokens = list(self.experts["tokens"].values())
+            lines.append(f"  experts ({self.experts['calibration']} tokens): {len(tokens)} expert weights, calibration "
+                         f"tokens min {min(tokens)} / mean {sum(tokens) / len(tokens):.0f} / max {max(tokens)}, "
+                         f"{len(self.experts['few_tokens'])} with too few")
         return "\n".join(lines)

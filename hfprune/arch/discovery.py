@@ -192,7 +192,11 @@ def find_roles(block: nn.Module) -> dict[str, str | None]:
 def _is_field(config, name: str) -> bool:
     """A config value that can be set (a read-only property such as Falcon's ``head_dim`` is derived)."""
     prop = getattr(type(config), name, None)
-    return hasattr(config, name) and not (isinstance(prop, property) and prop.fset is None)
+    try:
+        present = hasattr(config, name)
+    except Exception:  # noqa: BLE001 - e.g. a per-layer value of a heterogeneous config (Gemma-4)
+        return False
+    return present and not (isinstance(prop, property) and prop.fset is None)
 
 
 def _size_attrs(config) -> dict[str, str | None]:

@@ -78,6 +78,10 @@ def _shrink(d: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
             d[key] = min(value, _CAPS[key])
         elif isinstance(value, list) and depth and len(value) == depth and depth > LAYERS:
             d[key] = _shrink_layer_list(value, LAYERS)
+        elif key == "per_layer_config" and isinstance(value, dict) and value:
+            # {layer index: overrides}: keep one overridden layer, the last one of the tiny stack
+            first = value[sorted(value, key=int)[0]]
+            d[key] = {str(LAYERS - 1) if isinstance(next(iter(value)), str) else LAYERS - 1: first}
     if isinstance(d.get("qk_rope_head_dim"), int):
         # Multi-head latent attention: the rotary part is the "head_dim" the rotary embedding reads.
         if "head_dim" in d:
