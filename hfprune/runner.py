@@ -258,6 +258,7 @@ class LayerRunner:
         self.calls = [[] for _ in range(n_blocks)]
         self._out_tuple_len = None
         stateful = []  # set when a block returns state later blocks read (T5's position bias)
+        as_list: list[bool] = []
         originals = {}
 
         def make_passthrough(index: int, block: nn.Module, original: Callable):
@@ -281,7 +282,8 @@ class LayerRunner:
                 if self._out_tuple_len is None:
                     # Learn the block's output structure once, so the pass-through returns the same.
                     out = original(hidden, *rest, **kwargs)
-                    self._out_tuple_len = len(out) if isinstance(out, tuple) else 0
+                    self._out_tuple_len = len(out) if isinstance(out, (tuple, list)) else 0
+                    as_list.append(isinstance(out, list))  # OpenAI-GPT blocks return lists
                     if self._out_tuple_len and any(isinstance(o, torch.Tensor) for o in out[1:]):
                         stateful.append(True)
                 if index == n_blocks - 1:
@@ -289,10 +291,12 @@ class LayerRunner:
                 if stateful:
                     # The extra outputs (e.g. a relative position bias) are inputs of the next blocks.
                     out = out if out is not None else original(hidden, *rest, **kwargs)
-                    return (hidden,) + tuple(out[1:])
-                if self._out_tuple_len:
-                    return (hidden,) + (None,) * (self._out_tuple_len - 1)
-                return hidden
+                    result = (hidden,) + tuple(out[1:])
+                elif self._out_tuple_len:
+                    result = (hidden,) + (None,) * (self._out_tuple_len - 1)
+                else:
+                    return hidden
+                return list(result) if as_list[0] else result
 
             return passthrough
 
@@ -465,7 +469,7 @@ class LayerRunner:
                 if update:
                     raise RuntimeError("run(update=True) needs the whole block; a hook stopped it early.") from None
                 continue
-            if isinstance(out, tuple):
+            if isinstance(out, (tuple, list)):
                 out = out[0]
             if update:
                 self.hidden[b] = out.to(hidden.device)

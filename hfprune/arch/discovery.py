@@ -117,10 +117,12 @@ def find_block_lists(model: nn.Module, under: str = "") -> list[tuple[str, nn.Mo
     if hits:
         # Nested lists (a block list inside a block) are part of a block, not the stack.
         return [(n, m) for n, m in hits if not any(n.startswith(o + ".") for o, _ in hits if o != n)]
+    from ..architectures import is_linear
+
     depth = _num_layers(text_config(model))
     return [(n, m) for n, m in lists
             if len({type(c) for c in m}) == 1 and (depth is None or len(m) == depth)
-            and any(isinstance(x, nn.Linear) for x in m[0].modules())]
+            and any(is_linear(x) for x in m[0].modules())]
 
 
 def _num_layers(config) -> int | None:

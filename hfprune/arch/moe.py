@@ -140,6 +140,8 @@ class FusedExperts:
         self.parallel = _is_parallel(module)
         self.params = {n: p for n, p in module.named_parameters(recurse=False)
                        if p.dim() == 3 and (n in _PROJ_NAMES or (self.parallel and n == "weight"))}
+        # the stored experts (LongCat's num_experts also counts its parameter-free "zero experts")
+        self.num_experts = min(p.shape[0] for p in self.params.values())
 
     def transposed(self, name: str) -> bool:
         """Whether ``name`` is stored ``[E, in, out]``."""
