@@ -19,12 +19,14 @@ from hfprune.methods import ADMMConfig, MagnitudeConfig, SparseGPTConfig, Struct
 from hfprune.recipes import load_recipe
 from hfprune.registry import available_methods, register_pruner
 from hfprune.report import PruneReport
+from hfprune.structured.experts import ExpertPruningConfig
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "ArchSpec",
     "CalibrationConfig",
+    "ExpertPruningConfig",
     "MagnitudeConfig",
     "PruneReport",
     "PruningConfig",

@@ -91,6 +91,16 @@ class PruningConfig:
     )
     owl_m: float = field(default=5.0, metadata={"help": "OWL outlier threshold: |W|*||X|| above owl_m x its layer mean."})
     owl_lambda: float = field(default=0.08, metadata={"help": "OWL: block sparsities lie in [sparsity - owl_lambda, sparsity + owl_lambda]."})
+    expert_calibration: str = field(
+        default="routed",
+        metadata={"help": "MoE experts: 'routed' (each expert's statistics from the tokens its router sent it) or 'all' "
+                          "(every expert calibrated on every token; the block output still uses the routed tokens)."},
+    )
+    min_expert_tokens: int | None = field(
+        default=None,
+        metadata={"help": "MoE report: flag expert weights that saw fewer calibration tokens than this (default: "
+                          "their input width, below which a SparseGPT Hessian is rank-deficient)."},
+    )
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -130,6 +140,8 @@ class PruningConfig:
             )
         if self.scope not in SCOPES:
             raise ValueError(f"Unknown scope {self.scope!r}: use one of {', '.join(SCOPES)}.")
+        if self.expert_calibration not in ("routed", "all"):
+            raise ValueError(f"expert_calibration must be 'routed' or 'all', got {self.expert_calibration!r}.")
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         if isinstance(self.ignore, str):

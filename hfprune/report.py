@@ -87,6 +87,10 @@ class PruneReport:
     command: str | None = None
     """The command line that produced the model (for the card)."""
 
+    experts: dict[str, Any] | None = None
+    """MoE models: calibration tokens per expert weight (``tokens``) and the expert weights that saw
+    fewer than their input width or ``min_expert_tokens`` (``few_tokens``)."""
+
     def pruning_config(self) -> dict[str, Any]:
         """The ``config.pruning_config`` entry written to ``config.json`` (serialisation only)."""
         if self.structured is not None:
@@ -155,4 +159,9 @@ class PruneReport:
         ]
         if self.blocks and "sparsity" in self.blocks[0]:
             lines.append("  by block: " + " ".join(f"{b['index']}:{b['sparsity']:.3f}" for b in self.blocks))
+        if self.experts:
+            tokens = list(self.experts["tokens"].values())
+            lines.append(f"  experts ({self.experts['calibration']} tokens): {len(tokens)} expert weights, calibration "
+                         f"tokens min {min(tokens)} / mean {sum(tokens) / len(tokens):.0f} / max {max(tokens)}, "
+                         f"{len(self.experts['few_tokens'])} with too few")
         return "\n".join(lines)

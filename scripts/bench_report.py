@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_report.py          # also copies the JSON to docs/results/
     .venv/bin/python scripts/bench_report.py --only-admm   # only the admm section, spliced in place
+    .venv/bin/python scripts/bench_report.py --section architectures   # re-render one section only
 
 Every table names the script and command that produced it; sections whose JSON is missing say so.
 """
@@ -450,9 +451,106 @@ def section_zeroshot_harness(lines):
         for key, c in check["checks"].items():
             lines.append(f"| {key} | {fmt(c['hfprune'], '.4f')} | {fmt(c['lm_eval'], '.4f')} | {fmt(c['printed_equal'])} |")
         lines.append("")
+def _cell(run: dict | None) -> str:
+    if not run:
+        return "-"
+    if run.get("ok"):
+        return "pass"
+    if run.get("error"):
+        return "error"
+    why = []
+    if run.get("n_off_target"):
+        why.append(f"{run['n_off_target']} off target")
+    if run.get("finite") is False:
+        why.append("non-finite")
+    if run.get("reload_equal") is False:
+        why.append("reload differs")
+    return "fail (" + ", ".join(why) + ")" if why else "fail"
+
+
+def section_architectures(lines):
+    """Conformance over every causal-LM model type (scripts/bench_architectures.py)."""
+    data = _section(lines, "architectures", "Model types: conformance over every causal-LM type of transformers",
+                    "scripts/bench_architectures.py")
+    if not data:
+        return
+    s, results = data["summary"], data["results"]
+    m = data.get("machine", {})
+    lines.append(f"Command: `.venv/bin/python scripts/bench_architectures.py` (transformers {m.get('transformers')}, "
+                 f"torch {m.get('torch')}). Every type in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` gets a tiny random model "
+                 "from its default config (`hfprune/arch/tiny.py`: 2 blocks, hidden 64, 8 experts of width 32, ...), "
+                 "pruned with Wanda 50 % and Wanda 2:4 from 4 x 32 random tokens by `hfprune.prune` (layout discovered "
+                 "unless the type has a table entry). A run passes when every >= 2-D weight hfprune prunes in the "
+                 "blocks (linear layers and every expert's slice of fused 3-D expert tensors; routers and norms "
+                 "excluded) is at its target (exact count / 2:4 in every group of its input dimension), the logits "
+                 "are finite, and `save_pretrained` -> `AutoModelForCausalLM.from_pretrained` gives the same class "
+                 "and equal logits. Other >= 2-D tensors in the blocks (convolutions, 3-D attention parameters, "
+                 "routers) stay dense; the JSON lists them per type (`left_dense`). On the shared 2-core machine the "
+                 "types were run over several resumed invocations (`--resume`, `--rerun TYPE ...` after fixes); the "
+                 f"JSON's `command` is the last one: `{data.get('command', '')}`.\n")
+    lines.append(f"**{s['passed']} of {s['built']} types that build pass ({100 * s['pass_rate_of_built']:.1f} %)**; "
+                 f"{s.get('run', s['types']) - s['built']} of {s['types']} types cannot build a tiny model (list below)"
+                 + (f"; {s['types'] - s['run']} not run yet" if s.get("run", s["types"]) < s["types"] else "") + ".\n")
+    lines.append("| type | class | blocks | experts | weights checked (expert slices) | other >= 2-D left dense | "
+                 "Wanda 50 % | Wanda 2:4 | s |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    built = {k: v for k, v in results.items() if v["status"] in ("pass", "fail")}
+    for name, r in sorted(built.items()):
+        runs = r.get("runs", {})
+        first = next(iter(runs.values()), {})
+        checked = f"{first.get('checked', '-')} ({first.get('expert_matrices', 0)})" if "checked" in first else "-"
+        lines.append(f"| {name} | {r.get('class', '-')} | `{first.get('layers', '-')}` | "
+                     f"{', '.join(first.get('experts', [])) or '-'} | {checked} | {len(first.get('left_dense', []))} | "
+                     f"{_cell(runs.get('wanda-50'))} | "
+                     f"{_cell(runs.get('wanda-2of4'))} | {fmt(r.get('seconds'), '.0f')} |")
+    failed = {k: v for k, v in built.items() if v["status"] == "fail"}
+    if failed:
+        lines.append("\n### Types that build but fail\n")
+        for name, r in sorted(failed.items()):
+            reasons = r.get("reason") or "; ".join(
+                f"{case}: {run.get('error') or run.get('off_target') or _cell(run)}"
+                for case, run in r.get("runs", {}).items() if not run.get("ok"))
+            lines.append(f"- `{name}`: {str(reasons)[:300]}")
+    unbuilt = {k: v for k, v in results.items() if v["status"] not in ("pass", "fail")}
+    if unbuilt:
+        lines.append("\n### Types that cannot build a tiny model (not counted)\n")
+        kinds = {"no_config": "config", "no_model": "model", "no_forward": "stock dense forward"}
+        for name, r in sorted(unbuilt.items()):
+            lines.append(f"- `{name}` ({kinds.get(r['status'], r['status'])}): {str(r.get('reason'))[:250]}")
+    lines.append("")
+
+
+SECTIONS = {"architectures": section_architectures}
+
+
+def update_section(name: str) -> None:
+    """Re-render one section in place in docs/BENCHMARKS.md (the others stay as they are)."""
+    lines: list[str] = []
+    SECTIONS[name](lines)
+    text = "\n".join(lines)
+    path = ROOT / "docs" / "BENCHMARKS.md"
+    doc = path.read_text()
+    head = text.split("\n", 1)[0]
+    if head in doc:
+        start = doc.index(head)
+        nxt = doc.find("\n## ", start + len(head))
+        doc = doc[:start] + text.rstrip("\n") + "\n" + (doc[nxt:] if nxt >= 0 else "")
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    path.write_text(doc)
+    src = BENCH / f"{name}.json"
+    if src.exists():
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, RESULTS / src.name)
+    print(f"updated the {name} section of docs/BENCHMARKS.md")
 
 
 def main() -> None:
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "--section":
+        update_section(sys.argv[2])
+        return
     lines = ["# Benchmarks\n", "Generated by `scripts/bench_report.py` from the JSON of the benchmark scripts "
              "(copies in `docs/results/`). All numbers were measured on the project's 2-core CPU machine.\n"]
     section_oneshot(lines)
@@ -471,6 +569,7 @@ def main() -> None:
     section_sweep(lines)
     section_memory(lines)
     section_zeroshot_harness(lines)
+    section_architectures(lines)
     (ROOT / "docs" / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for path in BENCH.glob("*.json"):

@@ -13,3 +13,4 @@ $PY scripts/bench_oneshot.py --append --forward-ref --output bench_out/oneshot.j
     --runs wanda-70,wanda-owl-70,sparsegpt-50-int4
 $PY scripts/bench_structured.py --max-windows 16 --variants magnitude,wanda,fluctuation-bias,wanda-nonuniform
 $PY scripts/bench_size.py
+$PY scripts/bench_architectures.py   # every causal-LM model type (tiny random models)

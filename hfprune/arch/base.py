@@ -69,6 +69,16 @@ class ArchSpec:
     the family has no such flag (then a missing bias cannot be added in a reloadable way)."""
     mlp_bias_attr: str | None = None
     """Config flag that gives gate/up/down a bias (Llama ``mlp_bias``); ``None`` when absent."""
+    experts: tuple[str, ...] = ()
+    """Block-relative paths of MoE expert containers (fused 3-D experts modules or ``experts``
+    ModuleLists), see :mod:`hfprune.arch.moe`."""
+    routers: tuple[str, ...] = ()
+    """Block-relative paths of linear MoE routers; they stay dense unless named in ``targets``."""
+    stacks: tuple[str, ...] = ()
+    """Further block lists pruned after ``layers``, in turn (an encoder-decoder's decoder stack:
+    ``layers`` is the encoder, so the decoder is calibrated on the pruned encoder's outputs)."""
+    discovered: bool = False
+    """True when :mod:`hfprune.arch.discovery` found this layout (no table entry)."""
 
     def attention_paths(self) -> list[str]:
         return [p for p in (self.q, self.k, self.v, self.qkv, self.o) if p]
@@ -117,18 +127,24 @@ def register_architecture(model_type: str, spec: ArchSpec, *, overwrite: bool = 
 
 
 def get_spec(model: nn.Module) -> ArchSpec:
-    """The :class:`ArchSpec` of ``model`` (looked up by ``model.config.model_type``)."""
+    """The :class:`ArchSpec` of ``model``: the table entry for ``model.config.model_type`` when
+    there is one (overrides for odd layouts), else the layout discovered from transformers'
+    metadata (:func:`hfprune.arch.discovery.discover_spec`)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise ValueError(
-            f"hfprune does not know the layout of model type {model_type!r} (known: {known}). "
-            f"Add it with `hfprune.register_architecture({model_type!r}, "
-            f"ArchSpec(layers='<path to the decoder block ModuleList, e.g. model.layers>'))`, "
-            f"or add an entry to ARCHITECTURES in hfprune/arch/base.py."
-        )
-    return ARCHITECTURES[model_type]
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    if config is None or not isinstance(model, nn.Module) or not hasattr(model, "named_modules"):
+        raise ValueError(f"hfprune needs a transformers model with a `config`; got {type(model).__name__}. "
+                         f"Describe its layout with `hfprune.register_architecture(...)`.")
+    from hfprune.arch.discovery import discover_spec
+
+    cached = model.__dict__.get("_hfprune_spec")
+    if cached is not None and cached[0] == model_type:
+        return cached[1]
+    spec = discover_spec(model)
+    model.__dict__["_hfprune_spec"] = (model_type, spec)
+    return spec
 
 
 def _get_path(root: nn.Module, path: str) -> nn.Module:
@@ -167,8 +183,20 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """All prunable linear layers inside ``block``, by their name relative to the block."""
-    return {name: mod for name, mod in block.named_modules() if name and is_linear(mod)}
+    """All prunable linear layers inside ``block``, by their name relative to the block.
+
+    While :func:`hfprune.arch.moe.linearized` is active, fused 3-D expert parameters are listed
+    too, one ``[out, in]`` view per expert (``mlp.experts.3.down_proj``)."""
+    from hfprune.arch.moe import active_expert_linears
+
+    out = {}
+    for name, mod in block.named_modules():
+        if name and is_linear(mod):
+            out[name] = mod
+        views = active_expert_linears(mod) if name else None
+        if views:
+            out.update({f"{name}.{rel}": lin for rel, lin in views.items()})
+    return out
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

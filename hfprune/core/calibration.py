@@ -119,9 +119,49 @@ def self_generated_ids(model, tokenizer, nsamples: int, seqlen: int, seed: int =
     return torch.cat(rows)
 
 
+class InputBatches(list):
+    """Calibration given as model inputs: a list of dicts, each one batch of keyword arguments of the
+    model's forward (``{"pixel_values": ...}``, ``{"input_ids": ..., "labels": ...}``). ``shape[0]`` is
+    the number of batches, so the engine runs them one call at a time."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), 1)
+
+    def __getitem__(self, index):
+        if isinstance(index, (list, tuple, torch.Tensor)):
+            return InputBatches(list.__getitem__(self, int(i)) for i in index)
+        item = list.__getitem__(self, index)
+        return InputBatches(item) if isinstance(index, slice) else item
+
+    def numel(self) -> int:
+        return sum(int(v.numel()) for batch in self for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+def input_batches(source) -> InputBatches | None:
+    """``source`` as :class:`InputBatches` when it is a list of dicts or a data loader (any iterable
+    that is not a string or a tensor) of dicts; ``None`` for every other calibration source."""
+    from collections.abc import Iterable, Mapping
+
+    if isinstance(source, (str, bytes, torch.Tensor, Mapping)) or not isinstance(source, Iterable):
+        return None
+    if isinstance(source, (list, tuple)) and (not source or not isinstance(source[0], Mapping)):
+        return None
+    batches = InputBatches(dict(b) for b in source)
+    bad = [type(b).__name__ for b in batches if not all(isinstance(k, str) for k in b)]
+    if not batches or bad:
+        raise ValueError("Calibration batches must be dicts of model inputs (e.g. {'pixel_values': tensor}); got "
+                         f"{'nothing' if not batches else bad[0]}.")
+    return batches
+
+
 def get_calibration_ids(calibration: CalibrationConfig, tokenizer=None, model=None) -> torch.Tensor:
-    """Token ids ``[nsamples, seqlen]`` for ``calibration``."""
+    """Token ids ``[nsamples, seqlen]`` for ``calibration`` (or its :class:`InputBatches`, when it is
+    a list or data loader of model-input dicts)."""
     source = calibration.dataset
+    batches = input_batches(source)
+    if batches is not None:
+        return batches
     if isinstance(source, torch.Tensor):
         ids = source.long()
         if ids.dim() == 1:

@@ -7,6 +7,7 @@ next block sees the *pruned* outputs (the sequential scheme of SparseGPT and Wan
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -16,10 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfprune.arch import moe
 from hfprune.arch import check_seqlen, get_blocks, get_spec, in_features, find_linears, weight_matrix
 from hfprune.core.calibration import get_calibration_ids
 from hfprune.config import CalibrationConfig, PruningConfig
-from hfprune.solvers.masks import global_budgets, parse_pattern
+from hfprune.solvers.masks import global_budgets, parse_pattern, prune_count
 from hfprune.registry import get_pruner_cls
 from hfprune.core.distributed import ChunkedStats, DistContext, finalize_stats, get_context, shard_windows
 from hfprune.report import PruneReport, count_zeros, peak_rss_mb, zero_counts
@@ -50,6 +52,8 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[dict[str, nn
         chosen = {}
         for rel, module in find_linears(block).items():
             full = f"{spec.layers}.{i}.{rel}"
+            if _is_router(spec, rel) and not _matches([t for t in config.targets if t != ".*"], full, rel):
+                continue  # MoE routers stay dense unless a target names them
             if _matches(config.targets, full, rel) and not _matches(config.ignore, full, rel):
                 chosen[full] = module
         out.append(chosen)
@@ -59,6 +63,10 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[dict[str, nn
             f"layer names look like {spec.layers}.0.<name>, e.g. {list(find_linears(blocks[0]))[:3]}."
         )
     return out
+
+
+def _is_router(spec, rel: str) -> bool:
+    return any(rel == r or rel.startswith(r + ".") for r in spec.routers)
 
 
 def _layer_sparsities(config: PruningConfig, targets: list[dict[str, nn.Module]]) -> dict[str, float]:
@@ -217,6 +225,11 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     """
     if config is None:
         raise ValueError("Pass a pruning config, e.g. hfprune.WandaConfig(sparsity=0.5).")
+    from hfprune.structured.experts import ExpertPruningConfig, run_expert_pruning
+
+    if isinstance(config, ExpertPruningConfig):  # whole experts removed: its own flow (router-weighted importance)
+        return run_expert_pruning(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                  progress=progress)
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
     pruner = get_pruner_cls(config.method)(config)
@@ -224,16 +237,26 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         return _prune_structured(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                  batch_size=batch_size, progress=progress)
     spec = get_spec(model)
+    if spec.stacks:
+        return _prune_stacks(model, tokenizer, config, calibration, spec, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                             batch_size=batch_size, progress=progress, session=session)
     blocks = get_blocks(model, spec)
-    targets = select_targets(model, config)
-    _validate_pattern(config, targets)
-    sparsities = _layer_sparsities(config, targets)
-    calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
-    if pruner.requires_calibration or config.owl:
-        width = calib.dataset.shape[-1] if isinstance(calib.dataset, torch.Tensor) else calib.seqlen
-        check_seqlen(model.config, int(width), "The calibration seqlen (--seqlen)")
-    if not is_offloaded(model):  # offloaded blocks are checked as they are onloaded
-        _check_finite(targets)
+    # Fused MoE experts are pruned through per-expert [out, in] views (hfprune.arch.moe).
+    expert_views = contextlib.ExitStack()
+    expert_views.enter_context(moe.linearized(blocks, spec.experts, all_tokens=config.expert_calibration == "all"))
+    try:
+        targets = select_targets(model, config)
+        _validate_pattern(config, targets)
+        sparsities = _layer_sparsities(config, targets)
+        calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+        if pruner.requires_calibration or config.owl:
+            width = calib.dataset.shape[-1] if isinstance(calib.dataset, torch.Tensor) else calib.seqlen
+            check_seqlen(model.config, int(width), "The calibration seqlen (--seqlen)")
+        if not is_offloaded(model):  # offloaded blocks are checked as they are onloaded
+            _check_finite(targets)
+    except BaseException:
+        expert_views.close()
+        raise
 
     was_training = model.training
     model.eval()
@@ -259,7 +282,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     try:
         if pruner.requires_calibration or config.owl:
             ids = get_calibration_ids(calib, tokenizer, model)
-            logger.info("Calibrating on %d x %d tokens.", ids.shape[0], ids.shape[1])
+            logger.info("Calibrating on %d x %d %s.", ids.shape[0], ids.shape[1],
+                        "tokens" if isinstance(ids, torch.Tensor) else "input batches")
             one_pass = config.true_sequential and not ctx.enabled
             bs = resume["batch_size"] if resume else ctx.min_int(
                 _batch_size(calib, ids, model, low_memory=session is not None, one_pass=one_pass))
@@ -299,6 +323,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
                                    layers=layers, block_counts=counts)
         runner.release()
     finally:
+        expert_views.close()
         if use_cache is not None:
             model.config.use_cache = use_cache
         model.train(was_training)
@@ -329,6 +354,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         model_sparsity=_sparsity_from_counts(runner, counts),
         blocks=block_rows,
         pattern=config.pattern,
+        experts=_expert_summary(layers, config),
     )
     model.config.pruning_config = report.pruning_config()  # serialised into config.json; nothing reads it back
     logger.info("%s", report)
@@ -360,6 +386,8 @@ def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module, l
     true-sequential group instead of one pass."""
     if calib.batch_size:
         return calib.batch_size
+    if not isinstance(ids, torch.Tensor):
+        return 1  # model-input dicts: each one is a batch
     cfg = model.config.get_text_config()
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
@@ -397,16 +425,13 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
     pruned in separate passes (statistics must be reduced before each group is pruned), never in
     the one-pass mode.
     """
-    def prune_one(name, module, stats):
-        W = weight_matrix(module)
-        result = pruner.prune_weight(W, stats, sparsities[name], scope)
-        _apply(W, result.pruned, result.weight)
-        if infos is not None and result.info:
-            infos[name] = result.info
-
     if not pruner.requires_calibration:  # data-free: nothing to run
         for name, module in block_targets.items():
-            prune_one(name, module, None)
+            W = weight_matrix(module)
+            result = pruner.prune_weight(W, None, sparsities[name], scope)
+            _apply(W, result.pruned, result.weight)
+            if infos is not None and result.info:
+                infos[name] = result.info
         return
     if not block_targets:
         if not last:
@@ -423,6 +448,40 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
         n_chunks, size, _ = chunking
         return ChunkedStats(lambda: plain_stats(module), runner, n_chunks, size, ctx)
 
+    def prune_one(name, module, stats):
+        W = weight_matrix(module)
+        tokens = _stat_tokens(stats)
+        if stats is None or tokens == 0:
+            # An expert the router sent no calibration token to (or one without statistics).
+            result = _data_free_result(pruner, W, sparsities[name], scope)
+        else:
+            result = pruner.prune_weight(W, stats, sparsities[name], scope)
+        _apply(W, result.pruned, result.weight)
+        info = dict(result.info or {})
+        if (isinstance(module, moe.ExpertLinear) or _is_expert(runner.spec, name)) and \
+                (stats is None or tokens is not None):
+            info["tokens"] = tokens or 0
+        if stats is None or tokens == 0:
+            info["statistics"] = "none (magnitude)"
+        if infos is not None and info:
+            infos[name] = info
+
+    def prune_unseen(members, seen):
+        """Layers without calibration statistics are pruned by magnitude: data-free experts, experts
+        the router never called, and layers the calibration input never reaches (the cross-attention
+        of a decoder run without encoder states, weights a block reads without calling the layer)."""
+        unseen = [n for n in members if n not in seen and n not in seen_extra]
+        quiet = [n for n in unseen if getattr(members[n], "data_free", False) or _is_expert(runner.spec, n)]
+        loud = [n for n in unseen if n not in quiet]
+        if loud:
+            logger.warning("Layer(s) %s never ran during calibration; they are pruned by magnitude. Add them to "
+                           "`ignore` to keep them dense.", loud)
+        for name in unseen:
+            prune_one(name, members[name], None)
+            seen_extra.add(name)
+
+    seen_extra: set[str] = set()
+
     if true_sequential and runner.num_batches == 1 and not ctx.enabled:
         # One pass: each layer is pruned right before its first use, from inputs that already
         # went through the pruned layers before it; the block output is the pruned output.
@@ -436,21 +495,97 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
 
         with runner.shared_input_hooks(i, block_targets, plain_stats, on_input):
             runner.run(i, update=True)
-        _check_called(block_targets, done)
+        prune_unseen(block_targets, done)
+        _check_called(block_targets, done | seen_extra)
         return
 
     groups = runner.call_order(i, block_targets) if true_sequential else [list(block_targets)]
     for group in groups:
         members = {name: block_targets[name] for name in group}
+        members = {n: m for n, m in members.items() if not getattr(m, "data_free", False)}
         with runner.shared_input_hooks(i, members, make_stats, stop_when_seen=True) as stats:
             runner.run(i, update=False)
-        _check_called(members, stats)
+        prune_unseen(members, stats)
+        _check_called(members, set(stats) | seen_extra)
         stats = finalize_stats(stats)
-        for name in group:
-            prune_one(name, members[name], stats[name])
+        for name in members:
+            if name not in seen_extra:
+                prune_one(name, members[name], stats[name])
         del stats
+    prune_unseen(block_targets, set(block_targets) - {n for n, m in block_targets.items()
+                                                      if getattr(m, "data_free", False)})
     if not last:
         runner.run(i, update=True)
+
+
+def _prune_stacks(model, tokenizer, config, calibration, spec, *, session=None, **kwargs) -> PruneReport:
+    """Prune each block stack in turn (an encoder-decoder: encoder, then decoder from the pruned encoder)."""
+    import dataclasses
+
+    if session is not None:
+        raise ValueError("Streaming/resumable pruning handles one block stack; encoder-decoders are pruned in memory.")
+    model_type = getattr(model.config, "model_type", None)
+    saved = model.__dict__.get("_hfprune_spec")
+    reports = []
+    try:
+        for layers in (spec.layers, *spec.stacks):
+            model.__dict__["_hfprune_spec"] = (model_type, dataclasses.replace(spec, layers=layers, stacks=()))
+            reports.append(prune(model, tokenizer, config, calibration, **kwargs))
+    finally:
+        if saved is None:
+            model.__dict__.pop("_hfprune_spec", None)
+        else:
+            model.__dict__["_hfprune_spec"] = saved
+    first, layers = reports[0], {n: v for r in reports for n, v in r.layers.items()}
+    zeros = sum(v["zeros"] for v in layers.values())
+    numel = sum(v["numel"] for v in layers.values())
+    report = dataclasses.replace(first, layers=layers, prune_seconds=sum(r.prune_seconds for r in reports),
+                                 peak_rss_mb=max(r.peak_rss_mb for r in reports), sparsity=zeros / max(1, numel),
+                                 model_sparsity=reports[-1].model_sparsity,
+                                 blocks=[{**b, "stack": s} for s, r in zip((spec.layers, *spec.stacks), reports)
+                                         for b in r.blocks])
+    model.config.pruning_config = {**model.config.pruning_config, "achieved_sparsity": report.sparsity,
+                                   "layer_sparsity": {n: round(v["sparsity"], 6) for n, v in layers.items()}}
+    return report
+
+
+def _stat_tokens(stats) -> int | None:
+    """Calibration tokens a statistics accumulator saw (``None`` when it does not count them)."""
+    for attr in ("tokens", "count"):
+        value = getattr(stats, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _is_expert(spec, name: str) -> bool:
+    """True when the full layer name lies inside one of the block's expert containers."""
+    return any(f".{c}." in f".{name}." for c in spec.experts)
+
+
+def _data_free_result(pruner, W: torch.Tensor, sparsity: float, scope: str):
+    from hfprune.methods.base import PruneResult
+    from hfprune.solvers.masks import select_mask
+
+    return PruneResult(pruned=select_mask(scores.magnitude(W), sparsity, parse_pattern(pruner.config.pattern), scope))
+
+
+def _expert_summary(layers: dict[str, dict], config: PruningConfig) -> dict | None:
+    """Calibration tokens per expert weight and the experts with too few (see ``min_expert_tokens``)."""
+    rows = {n: v for n, v in layers.items() if "tokens" in v}
+    if not rows:
+        return None
+    few = []
+    for name, v in rows.items():
+        need = config.min_expert_tokens if config.min_expert_tokens is not None else v["shape"][1]
+        if v["tokens"] < need:
+            few.append(name)
+    if few:
+        logger.warning("%d of %d expert weights saw fewer calibration tokens than %s (e.g. %s: %d tokens); their "
+                       "statistics are poor. Use more calibration data or expert_calibration='all'.", len(few),
+                       len(rows), config.min_expert_tokens or "their input width", few[0], rows[few[0]]["tokens"])
+    return {"calibration": config.expert_calibration, "tokens": {n: v["tokens"] for n, v in rows.items()},
+            "few_tokens": few}
 
 
 def _check_called(modules: dict[str, nn.Module], seen) -> None:
@@ -553,6 +688,10 @@ def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamp
     from hfprune.structured import attach_channel_stats
 
     spec = get_spec(model)
+    if spec.discovered:
+        from hfprune.arch.discovery import check_structured
+
+        check_structured(model, spec, heads=config.heads_ratio > 0, mlp=config.mlp_ratio > 0)
     if is_offloaded(model):
         raise ValueError("Structured pruning changes layer shapes and needs the model in memory: load it without "
                          "offloading (no device_map offload / --low-memory).")

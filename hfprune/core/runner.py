@@ -190,6 +190,28 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _model_inputs(model: nn.Module, inputs: torch.Tensor | list[dict], batch_size: int,
+                  device: torch.device) -> Iterator[dict]:
+    """Keyword arguments of the model call for each calibration batch (see :meth:`LayerRunner.capture`)."""
+    import inspect
+
+    try:
+        accepted = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    extra = {"use_cache": False} if "use_cache" in accepted or takes_any else {}
+    if isinstance(inputs, torch.Tensor):
+        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        for start in range(0, inputs.shape[0], batch_size):
+            batch = inputs[start:start + batch_size].to(device)
+            # An encoder-decoder reads the window on both sides (the decoder stack needs its own inputs).
+            yield {"input_ids": batch, **({"decoder_input_ids": batch} if encoder_decoder else {}), **extra}
+        return
+    for batch in inputs:
+        yield {**extra, **_to(dict(batch), device)}
+
+
 class LayerRunner:
     """Runs calibration activations through the decoder blocks of ``model`` one at a time.
 
@@ -223,12 +245,17 @@ class LayerRunner:
 
     # ------------------------------------------------------------------ capture
     @torch.no_grad()
-    def capture(self, input_ids: torch.Tensor) -> None:
-        """Record what every block receives for each calibration batch of ``input_ids``."""
+    def capture(self, input_ids: torch.Tensor | list[dict]) -> None:
+        """Record what every block receives for each calibration batch of ``input_ids``: a
+        ``[n, seqlen]`` token tensor (run in batches of ``batch_size``), or a list of model-input
+        dicts, each one batch (``pixel_values`` for a vision model, ``input_ids`` and ``labels``
+        for an encoder-decoder, ...)."""
         n_blocks = len(self.blocks)
         self.hidden = []
         self.calls = [[] for _ in range(n_blocks)]
         self._out_tuple_len = None
+        stateful = []  # set when a block returns state later blocks read (T5's position bias)
+        as_list: list[bool] = []
         originals = {}
 
         def make_passthrough(index: int, block: nn.Module, original: Callable):
@@ -248,15 +275,25 @@ class LayerRunner:
                     store = self.storage_device or hidden.device
                     self.hidden.append(hidden.detach().to(store))
                 self.calls[index].append((rest, kwargs))
+                out = None
                 if self._out_tuple_len is None:
                     # Learn the block's output structure once, so the pass-through returns the same.
                     out = original(hidden, *rest, **kwargs)
-                    self._out_tuple_len = len(out) if isinstance(out, tuple) else 0
+                    self._out_tuple_len = len(out) if isinstance(out, (tuple, list)) else 0
+                    as_list.append(isinstance(out, list))  # OpenAI-GPT blocks return lists
+                    if self._out_tuple_len and any(isinstance(o, torch.Tensor) for o in out[1:]):
+                        stateful.append(True)
                 if index == n_blocks - 1:
                     raise _StopForward
-                if self._out_tuple_len:
-                    return (hidden,) + (None,) * (self._out_tuple_len - 1)
-                return hidden
+                if stateful:
+                    # The extra outputs (e.g. a relative position bias) are inputs of the next blocks.
+                    out = out if out is not None else original(hidden, *rest, **kwargs)
+                    result = (hidden,) + tuple(out[1:])
+                elif self._out_tuple_len:
+                    result = (hidden,) + (None,) * (self._out_tuple_len - 1)
+                else:
+                    return hidden
+                return list(result) if as_list[0] else result
 
             return passthrough
 
@@ -265,10 +302,9 @@ class LayerRunner:
             block.forward = make_passthrough(index, block, block.forward)
         device = module_device(self.model.get_input_embeddings())
         try:
-            for start in range(0, input_ids.shape[0], self.batch_size):
-                batch = input_ids[start:start + self.batch_size].to(device)
+            for kwargs in _model_inputs(self.model, input_ids, self.batch_size, device):
                 try:
-                    self.model(input_ids=batch, use_cache=False)
+                    self.model(**kwargs)
                 except _StopForward:
                     pass
         finally:
@@ -430,7 +466,7 @@ class LayerRunner:
                 if update:
                     raise RuntimeError("run(update=True) needs the whole block; a hook stopped it early.") from None
                 continue
-            if isinstance(out, tuple):
+            if isinstance(out, (tuple, list)):
                 out = out[0]
             if update:
                 self.hidden[b] = out.to(hidden.device)
