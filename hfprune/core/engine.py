@@ -250,8 +250,11 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         sparsities = _layer_sparsities(config, targets)
         calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
         if pruner.requires_calibration or config.owl:
-            width = calib.dataset.shape[-1] if isinstance(calib.dataset, torch.Tensor) else calib.seqlen
-            check_seqlen(model.config, int(width), "The calibration seqlen (--seqlen)")
+            data = calib.dataset  # token windows are checked; model-input dicts / loaders carry their own shapes
+            text = isinstance(data, str) or (isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data))
+            width = data.shape[-1] if isinstance(data, torch.Tensor) else calib.seqlen if text else None
+            if width is not None:
+                check_seqlen(model.config, int(width), "The calibration seqlen (--seqlen)")
         if not is_offloaded(model):  # offloaded blocks are checked as they are onloaded
             _check_finite(targets)
     except BaseException:
