@@ -382,7 +382,7 @@ def test_eval_and_recover_load_non_uniform_structured_outputs(model_dir, calib_f
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("\n".join(["Other text for evaluation, not seen in training. " * 30] * 3))
     assert main(["recover", "--model", str(out), "--dataset", str(calib_file), "--max-steps", "1", "--seqlen",
-                 "32", "--eval-dataset", str(held_out), "--output", str(tmp_path / "rec")]) == 0
+                 "32", "--eval-dataset", str(held_out), "--eval-seqlen", "32", "--output", str(tmp_path / "rec")]) == 0
 
 
 # --- item 3: resume checks what it resumes ------------------------------------------------------

@@ -42,8 +42,6 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from hfprune.core.runner import module_device
-
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -113,6 +111,13 @@ def _items(dataset: Iterable, prompt_field: str, choices_field: str, label_field
 
 
 # --------------------------------------------------------------------------------------- scoring
+def _model_device(model) -> torch.device:
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
 def _prefix_ids(tokenizer) -> list[int]:
     """Tokens the tokenizer puts before any text (BOS for Llama-style tokenizers, nothing for GPT-2 style)."""
     ids = tokenizer("", add_special_tokens=True)["input_ids"]
@@ -145,7 +150,7 @@ def _loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_si
     """Sum of log p(continuation | context) for every ``(context_ids, continuation_ids)``."""
     from tqdm.auto import tqdm
 
-    device = module_device(model.get_input_embeddings())
+    device = _model_device(model)
     results = [0.0] * len(requests)
     # Longest first: batches of similar length waste less on padding.
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
@@ -434,7 +439,7 @@ def generation_samples(model, tokenizer, prompts: Sequence[str] | str, max_new_t
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    device = module_device(model.get_input_embeddings())
+    device = _model_device(model)
     pad = _pad_id(tokenizer)
     was_training = model.training
     model.eval()
