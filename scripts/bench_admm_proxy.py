@@ -36,7 +36,7 @@ def dump(args) -> None:
     import torch
 
     import hfprune
-    from hfprune.calibration import get_calibration_ids
+    from hfprune.core.calibration import get_calibration_ids
     from hfprune.config import CalibrationConfig
     from hfprune.methods.base import PruneResult
     from hfprune.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
