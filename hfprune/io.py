@@ -133,12 +133,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
         finally:
             _HELD_LOCKS[lock][1] -= 1
         return
-    created = []
-    parent = lock.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(lock)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -214,12 +209,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, inputs=(
 @contextlib.contextmanager
 def _atomic_output_dir(path, overwrite: bool, inputs) -> Iterator[Path]:
     final = check_output_dir(path, overwrite, inputs).resolve()
-    created = []
-    parent = final.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    final.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(final)
     _clean_debris(final)
     # A mount point (an empty container volume) cannot be renamed: stage inside it, on its own disk.
     in_place = final.is_dir() and _is_mount_point(final)
@@ -325,6 +315,17 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], A
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing parent folders of ``path``; returns them deepest first (for :func:`_remove_empty`)."""
+    created = []
+    parent = path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def _remove_empty(folders: list[Path]) -> None:
