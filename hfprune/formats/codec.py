@@ -3,6 +3,7 @@ values (see :mod:`hfprune.formats.sparse` for the on-disk layout). Pure tensor f
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -68,15 +69,6 @@ def _encode_nm_code(order: torch.Tensor, m: int, combos: torch.Tensor, per_byte:
     codes = codes.view(-1, per_byte)
     base = combos.shape[0] ** torch.arange(per_byte, dtype=torch.long)
     return (codes * base).sum(-1).to(torch.uint8).to(order.device)
-
-
-def _decode_nm_code(packed: torch.Tensor, groups: int, combos: torch.Tensor, per_byte: int) -> torch.Tensor:
-    """Inverse of :func:`_encode_nm_code`: ``[groups, n]`` kept positions."""
-    count = combos.shape[0]
-    p = packed.reshape(-1).long().cpu()
-    base = count ** torch.arange(per_byte, dtype=torch.long)
-    codes = ((p[:, None] // base) % count).reshape(-1)[:groups]
-    return combos[codes].to(packed.device)
 
 
 def _index_bits(m: int) -> int:
@@ -204,9 +196,9 @@ def _fit_scale(g: torch.Tensor, q: torch.Tensor, lo_gap: torch.Tensor, hi_gap: t
     return torch.where(ok, (s_lo + s_hi) / 2, fallback)
 
 
-def _dequantize(q: torch.Tensor, scale: torch.Tensor, cols_idx: torch.Tensor | None, rows_idx: torch.Tensor | None,
-                shape: tuple[int, int], group_size: int | None = None) -> torch.Tensor:
-    """float32 values ``q * scale`` for entries at (rows_idx, cols_idx), or a full matrix.
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
+                group_size: int | None = None) -> torch.Tensor:
+    """float32 ``q * scale`` of a full ``[rows, cols]`` integer matrix.
 
     ``group_size`` (the checkpoint's ``quantization_config.group_size``) is needed when it does not
     divide ``cols`` (the last group is padded): ``ceil(cols / groups)`` is then not the group size.
@@ -214,10 +206,9 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor, cols_idx: torch.Tensor | N
     rows, cols = shape
     groups = scale.shape[1]
     group = group_size if group_size and math.ceil(cols / group_size) == groups else math.ceil(cols / groups)
-    if rows_idx is None:
-        gidx = torch.arange(cols, device=q.device) // group
-        return q.float() * scale[:, gidx]
-    return q.float() * scale[rows_idx, cols_idx // group]
+    if groups == 1:
+        return q.float() * scale
+    return q.float() * scale[:, torch.arange(cols, device=q.device) // group]
 
 
 def _store_q(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -302,73 +293,157 @@ def compress_weight(w: torch.Tensor, *, pattern=None, bits: int | None = None,
 
 def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: int | None = None,
                       dtype: torch.dtype | None = None, group_size: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`compress_weight`."""
+    """Inverse of :func:`compress_weight`.
+
+    Whole-tensor operations (this runs once per weight while ``from_pretrained`` loads): the kept
+    mask of each slice comes from a 256-entry byte table (the bits of a bitmask byte, or the kept
+    positions of the N:M groups a code byte names) and the stored values land in the dense weight
+    with one ``masked_scatter_`` per slice, in the row-major order they were stored in. Slices of
+    :data:`_CHUNK_BYTES` packed bytes reuse one small mask buffer, so the only full-size
+    allocation is the returned weight. Quantized values are scattered as integers and scaled
+    afterwards on the whole matrix.
+    """
     if "weight_values" not in tensors:
         w = tensors["weight"]
         return w if dtype is None else w.to(dtype)
     rows, cols = (int(x) for x in tensors["weight_shape"].tolist())
+    numel = rows * cols
     vals = tensors["weight_values"]
     scale = tensors.get("weight_scale")
     quant = scale is not None
     if quant:
         bits = 8 if vals.dtype == torch.int8 else 4
     out_dtype = dtype or (torch.float32 if quant else vals.dtype)
-    dev = vals.device
 
     if "weight_nm_index" in tensors or "weight_nm_code" in tensors:
         pat = parse_pattern(pattern)
         n, m = pat.n, pat.m
-        kept = rows * cols // m * n
-        groups = rows * cols // m
+        kept = numel // m * n
+        groups = numel // m
         if "weight_nm_code" in tensors:
             layout = _nm_code_layout(n, m)
             if layout is None:
                 raise ValueError(f"weight_nm_code cannot encode pattern {pat}: the checkpoint is inconsistent.")
-            packed = tensors["weight_nm_code"]
+            packed = tensors["weight_nm_code"].reshape(-1)
             limit = layout[0].shape[0] ** layout[1]
-            if packed.numel() * layout[1] < groups or (packed.numel() and int(packed.long().max()) >= limit):
+            if packed.numel() * layout[1] < groups or (packed.numel() and int(packed.max()) >= limit):
                 raise ValueError(f"Damaged hfprune-sparse checkpoint: an N:M code holds {packed.numel()} bytes for "
                                  f"{groups} groups, or a byte out of range (>= {limit}). Save the model again.")
-            idx = _decode_nm_code(packed, groups, *layout).view(rows, cols // m, n)
+            table, mask = _nm_code_table(n, m), None
         else:
             packed = tensors["weight_nm_index"]
             if packed.numel() * (8 // _index_bits(m)) < kept:
                 raise ValueError(f"Damaged hfprune-sparse checkpoint: an N:M index is shorter than its {kept} "
                                  f"positions. Save the model again.")
-            idx = _unpack(packed, _index_bits(m), kept).long().view(rows, cols // m, n)
-            ordered = idx.sort(-1).values
-            if int(idx.max()) >= m or (n > 1 and bool((ordered[..., 1:] == ordered[..., :-1]).any())):
+            idx = _unpack(packed, _index_bits(m), kept).long().view(groups, n)
+            if int(idx.max()) >= m:
                 raise ValueError(f"Damaged hfprune-sparse checkpoint: an N:M index names a position outside its "
-                                 f"group of {m} or the same one twice. Save the model again.")
-        cols_idx = (idx + torch.arange(0, cols, m, device=dev).view(1, -1, 1)).reshape(rows, -1)
-        if quant:
-            q = _load_q(vals, bits, kept).view(rows, -1)
-            rows_idx = torch.arange(rows, device=dev)[:, None].expand_as(cols_idx)
-            v = _dequantize(q, scale, cols_idx, rows_idx, (rows, cols), group_size).to(out_dtype)
-        else:
-            _stored_count(vals, kept, f"a {pat} weight")
-            v = vals.view(rows, -1).to(out_dtype)
-        dense = torch.zeros(rows, cols, dtype=out_dtype, device=dev)
-        dense.scatter_(1, cols_idx, v)
-        return dense
+                                 f"group of {m}. Save the model again.")
+            mask = torch.zeros(groups, m, dtype=torch.bool, device=packed.device).scatter_(1, idx, True).view(-1)
+            if int(mask.sum()) != kept:
+                raise ValueError(f"Damaged hfprune-sparse checkpoint: an N:M index names the same position twice "
+                                 f"in a group of {m}. Save the model again.")
+            table = None
+        _stored_count(vals, kept, "a quantized weight" if quant else f"a {pat} weight")
+        what = f"a {pat} weight"
+    elif "weight_bitmask" in tensors:
+        packed = tensors["weight_bitmask"].reshape(-1)
+        if packed.numel() * 8 < numel:
+            raise ValueError(f"Damaged hfprune-sparse checkpoint: a bitmask holds {packed.numel() * 8} "
+                             f"bits for {numel} weights. Save the model again.")
+        table, mask, what = _BIT_TABLE, None, "a bitmask"
+    else:  # dense quantized
+        q = _load_q(vals, bits, numel).view(rows, cols)
+        return _dequantize(q, scale, (rows, cols), group_size).to(out_dtype)
 
-    if "weight_bitmask" in tensors:
-        if tensors["weight_bitmask"].numel() * 8 < rows * cols:
-            raise ValueError(f"Damaged hfprune-sparse checkpoint: a bitmask holds {tensors['weight_bitmask'].numel() * 8} "
-                             f"bits for {rows * cols} weights. Save the model again.")
-        mask = _unpack(tensors["weight_bitmask"], 1, rows * cols).bool()
-        count = int(mask.sum())
-        dense = torch.zeros(rows * cols, dtype=out_dtype, device=dev)
-        if quant:
-            pos = mask.nonzero().squeeze(1)
-            q = _load_q(vals, bits, count)
-            v = _dequantize(q, scale, pos % cols, pos // cols, (rows, cols), group_size)
-        else:
-            _stored_count(vals, count, "a bitmask")
-            v = vals.reshape(-1)
-        dense[mask] = v.to(out_dtype)
-        return dense.view(rows, cols)
+    if quant:   # every stored integer (an int4 byte holds two), placed first, scaled on the whole matrix
+        src = vals.reshape(-1).to(torch.int32) if bits == 8 else _unpack(vals, 4, 2 * vals.numel()).to(torch.int32) - 8
+    else:
+        src = vals.reshape(-1)
+    dense = torch.empty(numel, dtype=torch.int32 if quant else out_dtype, device=vals.device)
+    if mask is not None:   # N:M index (M > 12)
+        dense.zero_().masked_scatter_(mask, src[:kept] if src.dtype == dense.dtype else src[:kept].to(dense.dtype))
+    else:
+        used = _scatter_kept(dense, table, packed, src)
+        _stored_count(vals, used, "a quantized weight" if quant else what)
+    if quant:
+        return _dequantize(dense.view(rows, cols), scale, (rows, cols), group_size).to(out_dtype)
+    return dense.view(rows, cols)
 
-    # dense quantized
-    q = _load_q(vals, bits, rows * cols).view(rows, cols)
-    return _dequantize(q, scale, None, None, (rows, cols), group_size).to(out_dtype)
+
+# Packed bytes decoded per slice by decompress_weight (16 KiB: 128 Ki bitmask weights, 192 Ki 2:4 weights;
+# the slice's buffers stay in cache).
+_CHUNK_BYTES = 1 << 14
+
+# Per byte value: for each of the positions the byte describes (8 bitmask bits, or the groups of an
+# N:M code byte), 1 + its rank among the byte's kept positions, or _NOT_KEPT; and the byte's kept count.
+_NOT_KEPT = -(1 << 30)
+
+
+def _rank_table(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kept`` [256, E] bool -> (int32 [256, E] ranks as above, int32 [256] kept counts)."""
+    rank = kept.to(torch.int32).cumsum(1, dtype=torch.int32)
+    return torch.where(kept, rank, _NOT_KEPT).to(torch.int32).contiguous(), kept.sum(1, dtype=torch.int32)
+
+
+# bit i of byte b (least significant first)
+_BIT_TABLE = _rank_table(((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool())
+
+
+@functools.lru_cache(maxsize=None)
+def _nm_code_table(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank table of the N:M code bytes: the kept positions of the ``per_byte`` groups one byte
+    names (bytes past the last code give meaningless rows; :func:`decompress_weight` refuses them first)."""
+    combos, per_byte = _nm_code_layout(n, m)
+    count = combos.shape[0]
+    masks = torch.zeros(count, m, dtype=torch.bool)
+    masks.scatter_(1, combos, True)                                       # [C, m]
+    digits = (torch.arange(256)[:, None] // count ** torch.arange(per_byte)) % count
+    return _rank_table(masks[digits].reshape(256, per_byte * m))
+
+
+def _scatter_kept(dense: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor], packed: torch.Tensor,
+                  src: torch.Tensor) -> int:
+    """Write the stored values ``src`` (row-major kept order) into every entry of the flat ``dense``
+    (zeros elsewhere); returns how many values the packed bytes keep.
+
+    Branch-free: per slice of :data:`_CHUNK_BYTES` bytes, each position's index into ``[0, *values]``
+    is its byte's table rank plus the values kept by the bytes before it (a cumulative sum over
+    bytes, not weights), clamped at 0 for the positions not kept; one gather then fills the slice.
+    Buffers are reused across slices. Stops (returning more than ``src`` holds) when the bytes keep
+    more values than are stored, so the caller's count check refuses the file.
+    """
+    numel = dense.numel()
+    rank, pop = (t.to(packed.device) for t in table)
+    per_byte = rank.shape[1]
+    nbytes = min(-(-numel // per_byte), packed.numel())
+    chunk = min(_CHUNK_BYTES, nbytes)
+    if chunk == 0:
+        return 0
+    dev = packed.device
+    idx = torch.empty(chunk, dtype=torch.int32, device=dev)
+    pos = torch.empty(chunk, per_byte, dtype=torch.int32, device=dev)
+    before = torch.empty(chunk + 1, dtype=torch.int32, device=dev)
+    before[0] = 0
+    pad = torch.empty(chunk * per_byte + 1, dtype=dense.dtype, device=dev)
+    pad[0] = 0
+    used = 0
+    for start in range(0, nbytes, chunk):
+        stop = min(start + chunk, nbytes)
+        lo, hi = start * per_byte, min(numel, stop * per_byte)
+        i = idx[: stop - start]
+        i.copy_(packed[start:stop])
+        p = pos[: stop - start]
+        torch.index_select(rank, 0, i, out=p)
+        torch.index_select(pop, 0, i, out=before[1: stop - start + 1])
+        before[1: stop - start + 1].cumsum_(0)
+        p.add_(before[: stop - start, None]).clamp_(min=0)
+        flat = p.view(-1)[: hi - lo]
+        k = int(flat.max())
+        if used + k > src.numel():
+            return used + k
+        part = pad[: k + 1]
+        part[1:].copy_(src[used:used + k])
+        torch.index_select(part, 0, flat, out=dense[lo:hi])
+        used += k
+    return used

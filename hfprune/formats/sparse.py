@@ -107,6 +107,11 @@ class _SparseDecompress(ConversionOps):
     def __init__(self, hf_quantizer):
         self.hf_quantizer = hf_quantizer
 
+    def __deepcopy__(self, memo):
+        # transformers deep-copies the WeightConverter holding this op once per checkpoint key; the op
+        # is stateless, so the copy shares the quantizer (copying it cost ~6 ms a key, most of the load).
+        return type(self)(self.hf_quantizer)
+
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None,
                 model=None, **kwargs):
         tensors = {}
