@@ -168,3 +168,54 @@ def test_cli_round_trip_and_output_safety(tmp_path, text_files, tiny_tokenizer):
     with pytest.raises(FileExistsError, match="--overwrite"):
         _cli(argv)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == snapshot
+
+
+def _structured_student():
+    from hfprune.structured import prune_structured
+
+    student = tiny_model("llama", seed=1)   # another init than the teacher's: far from it to begin with
+    report = prune_structured(student, heads_ratio=0.5, mlp_ratio=0.5)
+    student.config.pruning_config = {"method": "structured-magnitude",
+                                     **{k: v for k, v in report.items() if k != "blocks"}}
+    return student
+
+
+@pytest.mark.parametrize("hidden_weight", [0.0, 1.0])
+def test_distill_a_structured_student_from_the_dense_teacher(text_files, tiny_tokenizer, hidden_weight):
+    """A physically smaller student (half the heads and neurons) learns from the dense teacher's logits
+    (and hidden states): its KL to the teacher on the training text falls, every weight may train, the shapes stay."""
+    from hfprune.training import distillation_loss
+
+    teacher = tiny_model("llama")
+    student = _structured_student()
+    shapes = {n: p.shape for n, p in student.named_parameters()}
+    assert student.model.layers[0].mlp.down_proj.weight.shape[1] < teacher.model.layers[0].mlp.down_proj.weight.shape[1]
+    ids = token_windows(tiny_tokenizer, text_files[0].read_text().splitlines(), 16, max_windows=8)
+
+    def kl():
+        with torch.no_grad():
+            return float(distillation_loss(student.eval()(ids).logits, teacher.eval()(ids).logits))
+
+    before = kl()
+    result = recover(student, tiny_tokenizer, small_args(text_files, distill=True, alpha=1.0, max_steps=15,
+                                                         learning_rate=1e-3, hidden_weight=hidden_weight,
+                                                         eval_dataset="none"), teacher=teacher)
+    assert result["steps"] == 15 and result["layers_checked"] == 0   # structured: no zero pattern held
+    assert {n: p.shape for n, p in student.named_parameters()} == shapes
+    after = kl()
+    assert after < 0.8 * before
+
+
+def test_hidden_state_loss_matches_blocks_by_depth():
+    from hfprune.training import hidden_state_loss
+
+    t = [torch.randn(2, 5, 8) for _ in range(5)]          # embeddings + 4 blocks
+    assert float(hidden_state_loss(t, t)) == 0.0
+    s = [t[0], t[2], t[4]]                                  # 2 blocks: matched with teacher blocks 2 and 4
+    assert float(hidden_state_loss(s, t)) == 0.0
+    off = [t[0], t[1], t[4]]
+    assert float(hidden_state_loss(off, t)) > 0
+    with pytest.raises(ValueError, match="same hidden size"):
+        hidden_state_loss([torch.randn(2, 5, 4)] * 2, t)
+    with pytest.raises(ValueError, match="--distill"):
+        RecoveryArguments(hidden_weight=1.0)

@@ -1,4 +1,6 @@
-"""KL distillation from a dense teacher (:class:`DistillationTrainer`, :func:`distillation_loss`)."""
+"""Distillation from a dense teacher: KL on logits (:func:`distillation_loss`), optionally hidden
+states (:func:`hidden_state_loss`), in a ``Trainer`` (:class:`DistillationTrainer`). Students may be
+smaller than the teacher (structured pruning: fewer heads / neurons, or fewer blocks)."""
 
 from __future__ import annotations
 
@@ -39,6 +41,33 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return kl.mean() * temperature ** 2
 
 
+def hidden_state_loss(student_hidden, teacher_hidden, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the student's blocks of ``||h_s - h_t||^2 / ||h_t||^2`` (normalised MSE).
+
+    ``student_hidden`` / ``teacher_hidden`` are the ``output_hidden_states`` tuples (embeddings
+    first, ``L + 1`` entries, each ``[batch, seq, hidden]``). Student block ``i`` of ``L_s`` is
+    matched with teacher block ``round(i * L_t / L_s)``: the same block when the depths agree, the
+    block at the same relative depth when blocks were removed. The embedding outputs are skipped.
+    ``mask`` (``[batch, seq]`` bool) selects the positions that count.
+    """
+    ls, lt = len(student_hidden) - 1, len(teacher_hidden) - 1
+    if ls < 1 or lt < 1:
+        raise ValueError("hidden_state_loss needs the hidden states of at least one block of each model.")
+    if student_hidden[-1].shape[-1] != teacher_hidden[-1].shape[-1]:
+        raise ValueError(f"Hidden-state distillation needs the same hidden size (student "
+                         f"{student_hidden[-1].shape[-1]}, teacher {teacher_hidden[-1].shape[-1]}): distil the "
+                         f"logits only (hidden_weight=0).")
+    total = 0.0
+    for i in range(1, ls + 1):
+        s = student_hidden[i].float()
+        t = teacher_hidden[round(i * lt / ls)].float().to(s.device)
+        if mask is not None:
+            keep = mask.to(s.device, torch.bool)
+            s, t = s[keep], t[keep]
+        total = total + ((s - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean().clamp_min(1e-12)
+    return total / ls
+
+
 def _is_causal_lm(model: nn.Module) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -64,13 +93,18 @@ class DistillationTrainer(Trainer):
         temperature: ``T`` (> 0). alpha: weight of the KL term in ``[0, 1]``; ``alpha < 1``
             needs labels so that the model returns its task loss.
         shift_labels: treat logits as next-token predictions; ``None`` detects causal-LM classes.
+        hidden_weight: weight of :func:`hidden_state_loss` added to the loss (0: logits only);
+            needs equal hidden sizes (width-pruned or depth-pruned students, not hidden-size pruned).
     """
 
     def __init__(self, *args, teacher_model: nn.Module, temperature: float = 2.0, alpha: float = 0.5,
-                 shift_labels: bool | None = None, **kwargs):
+                 shift_labels: bool | None = None, hidden_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        if not hidden_weight >= 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight}.")
+        self.hidden_weight = float(hidden_weight)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.temperature = float(temperature)
@@ -99,10 +133,12 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # num_items_in_batch is deliberately not forwarded: both terms are per-batch means.
-        outputs = model(**inputs)
+        hidden = {"output_hidden_states": True} if self.hidden_weight > 0 else {}
+        outputs = model(**inputs, **hidden)
         teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         with torch.no_grad():
-            teacher_logits = self.teacher_model(**teacher_inputs).logits
+            teacher_out = self.teacher_model(**teacher_inputs, **hidden)
+        teacher_logits = teacher_out.logits
         student_logits = outputs.logits
         mask, drop_last = self._kl_mask(student_logits, inputs)
         s_logits, t_logits = student_logits, teacher_logits.to(student_logits.device)
@@ -117,4 +153,8 @@ class DistillationTrainer(Trainer):
             loss = self.alpha * kl + (1.0 - self.alpha) * task
         else:
             loss = kl
+        if self.hidden_weight > 0:
+            attention = inputs.get("attention_mask")
+            loss = loss + self.hidden_weight * hidden_state_loss(outputs.hidden_states, teacher_out.hidden_states,
+                                                                 attention.bool() if attention is not None else None)
         return (loss, outputs) if return_outputs else loss

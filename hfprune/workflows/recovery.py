@@ -82,6 +82,9 @@ class RecoveryArguments:
     temperature: float = field(default=2.0, metadata=_help("Distillation temperature."))
     alpha: float = field(default=0.5, metadata=_help(
         "Weight of the distillation KL term in [0, 1]; 1 - alpha weighs the language-model loss."))
+    hidden_weight: float = field(default=0.0, metadata=_help(
+        "With --distill: weight of a hidden-state term (normalised MSE between student and teacher hidden states, "
+        "blocks matched by relative depth) added to the loss; needs equal hidden sizes. 0: logits only."))
     eval_dataset: str = field(default="wikitext2", metadata=_help(
         "Perplexity text evaluated during training (none disables evaluation)."))
     eval_seqlen: int = field(default=2048, metadata=_help("Evaluation window length (pinned protocol)."))
@@ -121,6 +124,10 @@ class RecoveryArguments:
             raise ValueError(f"eval_max_windows must be >= 0, got {self.eval_max_windows}.")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}: change --alpha.")
+        if not self.hidden_weight >= 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}: change --hidden-weight.")
+        if self.hidden_weight > 0 and not self.distill:
+            raise ValueError("hidden_weight > 0 distils hidden states from the teacher: add --distill (and --teacher).")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}: change --temperature.")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -323,6 +330,16 @@ def _is_output_head(model, param_name: str, out_ids: set[int]) -> bool:
     return id(weight) in out_ids
 
 
+def _is_structured(model) -> bool:
+    """Whether the model's pruning record says heads / neurons / blocks were removed (structured
+    pruning), so there is no zero pattern to preserve."""
+    pc = getattr(getattr(model, "config", None), "pruning_config", None)
+    if not isinstance(pc, dict):
+        return False
+    # structured records carry the parameter counts before/after (PruneReport.pruning_config)
+    return "params_after" in pc or str(pc.get("method", "")).startswith("structured")
+
+
 def _sparsity(model) -> dict:
     """Exact zeros of the prunable weights, the output head excluded (it is never pruned; tied to the
     embeddings it may hold zeros of its own, e.g. from a quantized source)."""
@@ -442,12 +459,20 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
                          "(CLI: --teacher DIR).")
     if teacher is not None and not args.distill:
         logger.info("A teacher was given but distill=False: training without distillation.")
+    if args.distill and args.hidden_weight > 0:
+        hs, ht = (getattr(m.config.get_text_config(), "hidden_size", None) for m in (model, teacher))
+        if hs != ht:
+            raise ValueError(f"hidden_weight > 0 needs the same hidden size in student and teacher (student {hs}, "
+                             f"teacher {ht}, e.g. after hidden-size pruning): use hidden_weight=0 (logits only).")
 
     before = _sparsity(model)
     out_ids = _output_weight_ids(model)
-    masks = {canonical_name(n): m.cpu() for n, m in masks_from_zeros(model).items()
-             if not _is_output_head(model, n, out_ids)}
-    if not masks:
+    structured = _is_structured(model)
+    masks = {} if structured else {canonical_name(n): m.cpu() for n, m in masks_from_zeros(model).items()
+                                   if not _is_output_head(model, n, out_ids)}
+    if structured:
+        logger.info("Structured (physically smaller) model: no pruned zeros to hold; every weight trains.")
+    elif not masks:
         logger.warning("The model has no exactly-zero weights: recovery will train it like a dense model.")
     logger.info("Recovery: sparsity %.4f over %d layers; %s, %d steps max%s.", before["sparsity"],
                 len(before["layers"]),
@@ -483,7 +508,7 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
         kwargs = dict(model=train_model, args=targs, train_dataset=_WindowDataset(windows), callbacks=callbacks)
         if args.distill:
             trainer = DistillationTrainer(**kwargs, teacher_model=teacher, temperature=args.temperature,
-                                          alpha=args.alpha)
+                                          alpha=args.alpha, hidden_weight=args.hidden_weight)
         else:
             trainer = Trainer(**kwargs)
         trainer.remove_callback(PrinterCallback)  # it print()s every log; RecoveryLogCallback logs instead
