@@ -10,7 +10,7 @@ import shlex
 import signal
 import sys
 
-from hfprune.cli import bench, push, recover, sweep, zeroshot
+from hfprune.cli import bench, flow, push, recover, sweep, zeroshot
 from hfprune.cli.flags import add_fields
 
 logger = logging.getLogger("hfprune.cli")
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_eval(sub)
     _add_methods(sub)
-    for module in (bench, push, recover, sweep, zeroshot):  # one file per further subcommand in hfprune/cli/
+    for module in (bench, flow, push, recover, sweep, zeroshot):  # one file per further subcommand in hfprune/cli/
         module.add_cli(sub)
     return parser
 

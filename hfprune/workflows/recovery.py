@@ -34,8 +34,8 @@ from hfprune.training.masks import MaskPreservingCallback, _prunable_weights, ca
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RecoveryArguments", "recover", "token_windows", "TimeBudgetCallback", "RecoveryLogCallback",
-           "check_masks"]
+__all__ = ["RecoveryArguments", "recover", "recovery_record", "token_windows", "TimeBudgetCallback",
+           "RecoveryLogCallback", "check_masks"]
 
 _NO_EVAL = ("", "none", "null", "off")
 
@@ -562,16 +562,19 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
     if args.output is not None:
         report = {**result, "args": args.to_dict()}
         if not (args.lora and not args.merge_lora):
-            final.config.recovery_config = {
-                "method": "lora" if args.lora else "full", "steps": steps, "dataset": str(args.dataset),
-                "seqlen": args.seqlen, "learning_rate": args.learning_rate, "distill": bool(args.distill),
-                "sparsity": after["sparsity"],
-            }
+            final.config.recovery_config = recovery_record(args, result)
         save_pretrained(final, args.output, tokenizer=tokenizer, overwrite=args.overwrite, model_card=False,
                         extra_files={"recovery_report.json": report}, inputs=(args.model, args.teacher))
         logger.info("Saved the recovered %s to %s.", "adapter" if args.lora and not args.merge_lora else "model",
                     args.output)
     return result
+
+
+def recovery_record(args: RecoveryArguments, result: dict) -> dict:
+    """The ``config.recovery_config`` entry of a recovered checkpoint (what :func:`recover` returned)."""
+    return {"method": "lora" if args.lora else "full", "steps": result["steps"], "dataset": str(args.dataset),
+            "seqlen": args.seqlen, "learning_rate": args.learning_rate, "distill": bool(args.distill),
+            "hidden_weight": args.hidden_weight, "sparsity": result["sparsity_after"]}
 
 
 def arguments_from(recipe: dict | None = None, overrides: dict | None = None) -> RecoveryArguments:
