@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     import transformers
 
     import hfprune
-    from hfprune.formats.sparse import _compress_targets
+    from hfprune.formats.base import compress_targets
 
     transformers.utils.logging.disable_progress_bar()
     from hfprune.io import save_pretrained
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     tok = hfprune.load_tokenizer("smollm2-135m")
     ids = tok(TEXT * 8, return_tensors="pt").input_ids[:, :128]
     assert ids.shape[1] == 128, ids.shape
-    linear_modules = {n[: -len(".weight")] for n in _compress_targets(base)}
+    linear_modules = {n[: -len(".weight")] for n in compress_targets(base)}
     assert len(linear_modules) == 210, len(linear_modules)
     dense_linear_bytes = sum(base.get_submodule(m).weight.numel() * 2 for m in linear_modules)
 
