@@ -10,7 +10,7 @@ decode steps of one token each; ``latency_s`` is prefill + decode.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the run (weights included). On CPU
 the process holds every model at once, so the figure is the model's parameter and buffer bytes
-plus the growth of the resident set (``/proc/self/statm``, sampled every 2 ms by a thread) during
+plus the growth of the resident set (``/proc/self/statm``, sampled every 5 ms by a thread) during
 the run, after ``malloc_trim(0)`` returned freed memory to the system (glibc; elsewhere the growth
 may read low when freed memory is reused). ``memory_method`` in the result says which one was used.
 
@@ -140,7 +140,7 @@ def _malloc_trim() -> None:
 class _PeakRSS:
     """Highest resident set size seen while the ``with`` body runs (a sampling thread)."""
 
-    def __init__(self, interval: float = 0.002):
+    def __init__(self, interval: float = 0.005):
         self.interval = interval
         self.start = self.peak = 0
         self._stop = threading.Event()
@@ -314,7 +314,7 @@ def benchmark_speed(config: SpeedConfig, *, models: list | None = None, progress
         "torch": torch.__version__,
         "memory_method": ("cuda: torch.cuda.max_memory_allocated over the run (weights included)" if device.type == "cuda"
                           else "cpu: parameter+buffer bytes + peak resident-set growth during the run "
-                               "(/proc/self/statm sampled every 2 ms, after malloc_trim)"),
+                               "(/proc/self/statm sampled every 5 ms, after malloc_trim)"),
         "order": "round-robin over repetitions x models x batch sizes, after warm-up; medians",
         "seconds": round(time.perf_counter() - start, 2),
         "models": entries,
