@@ -22,7 +22,8 @@ def setup(tmp_path, tiny_tokenizer):
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     g = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[i] for i in row) + "." for row in torch.randint(0, len(WORDS), (80, 12), generator=g).tolist()]
+    rows = torch.randint(0, len(WORDS), (80, 12), generator=g).tolist()
+    lines = [" ".join(WORDS[i] for i in row) + "." for row in rows]
     text = tmp_path / "train.txt"
     text.write_text("\n".join(lines) + "\n")
     recipe = {
@@ -50,10 +51,12 @@ def test_flow_prunes_recovers_saves_and_pushes(setup, tmp_path, fake_hub):  # no
     hub, _ = fake_hub
     model_dir, recipe = setup
     out = tmp_path / "out"
-    assert main(["flow", "--recipe", str(_write(tmp_path, recipe)), "--model", str(model_dir), "--output", str(out)]) == 0
+    argv = ["flow", "--recipe", str(_write(tmp_path, recipe)), "--model", str(model_dir), "--output", str(out)]
+    assert main(argv) == 0
     dense = AutoModelForCausalLM.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(out)       # stock reload of the smaller model
-    assert model.model.layers[0].mlp.down_proj.weight.shape[1] == dense.model.layers[0].mlp.down_proj.weight.shape[1] // 2
+    width = dense.model.layers[0].mlp.down_proj.weight.shape[1]
+    assert model.model.layers[0].mlp.down_proj.weight.shape[1] == width // 2
     report = json.loads((out / "recovery_report.json").read_text())
     assert report["steps"] == 2 and report["args"]["distill"] is True
     assert model.config.recovery_config["distill"] is True

@@ -55,7 +55,8 @@ class SpeedConfig:
     warmup: int = field(default=1, metadata={"help": "Untimed runs per model and batch size before timing."})
     dtype: str | None = field(default=None, metadata={
         "help": "auto (each checkpoint's), float32, bfloat16 or float16."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1 ..."})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda when available, else cpu), cpu, cuda, cuda:1 ..."})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random prompt token ids."})
 
@@ -104,8 +105,9 @@ def check_models(config: SpeedConfig) -> list[Any]:
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         limit = getattr(text, "max_position_embeddings", None)
         if limit is not None and config.prompt_tokens + config.new_tokens > limit:
-            raise ValueError(f"--model {name}: prompt_tokens + new_tokens = {config.prompt_tokens + config.new_tokens} "
-                             f"exceeds its max_position_embeddings ({limit}); use a shorter prompt or fewer new tokens.")
+            raise ValueError(f"--model {name}: prompt_tokens + new_tokens = "
+                             f"{config.prompt_tokens + config.new_tokens} exceeds its max_position_embeddings "
+                             f"({limit}); use a shorter prompt or fewer new tokens.")
         configs.append(cfg)
     return configs
 
@@ -236,6 +238,11 @@ def _describe(model) -> dict[str, Any]:
     return {"parameters": params, "parameter_bytes": _model_bytes(model), "linear_zero_fraction": round(zeros, 4)}
 
 
+_CUDA_MEMORY = "cuda: torch.cuda.max_memory_allocated over the run (weights included)"
+_CPU_MEMORY = ("cpu: parameter+buffer bytes + peak resident-set growth during the run (/proc/self/statm sampled "
+               "every 5 ms, after malloc_trim)")
+
+
 def benchmark_speed(config: SpeedConfig, *, models: list | None = None, progress: bool = True) -> dict[str, Any]:
     """Measure every model of ``config.models`` (or the already loaded ``models``, named by
     ``config.models``) round-robin; returns a JSON-ready dict (see the module docstring).
@@ -312,9 +319,7 @@ def benchmark_speed(config: SpeedConfig, *, models: list | None = None, progress
         "device": str(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "torch": torch.__version__,
-        "memory_method": ("cuda: torch.cuda.max_memory_allocated over the run (weights included)" if device.type == "cuda"
-                          else "cpu: parameter+buffer bytes + peak resident-set growth during the run "
-                               "(/proc/self/statm sampled every 5 ms, after malloc_trim)"),
+        "memory_method": _CUDA_MEMORY if device.type == "cuda" else _CPU_MEMORY,
         "order": "round-robin over repetitions x models x batch sizes, after warm-up; medians",
         "seconds": round(time.perf_counter() - start, 2),
         "models": entries,

@@ -315,11 +315,12 @@ def _decompress(tensors: dict[str, torch.Tensor], *, pattern=None, bits: int | N
     """The work of :func:`decompress_weight` (it runs once per weight while ``from_pretrained`` loads).
 
     The stored sizes and codes are checked first (a bitmask's value count while its slices are
-    decoded; the half-built weight is dropped when it does not match). Then :func:`_scatter_kept` fills the dense weight slice by slice from a
-    256-entry byte table (the bits of a bitmask byte, or the kept positions of the N:M groups a code
-    byte names) and one gather from the stored values, in the row-major order they were stored in;
-    its buffers are slice-sized, so the only full-size allocation is the returned weight. Quantized
-    values are placed as integers and scaled afterwards on the whole matrix.
+    decoded; the half-built weight is dropped when it does not match). Then :func:`_scatter_kept`
+    fills the dense weight slice by slice from a 256-entry byte table (the bits of a bitmask byte,
+    or the kept positions of the N:M groups a code byte names) and one gather from the stored
+    values, in the row-major order they were stored in; its buffers are slice-sized, so the only
+    full-size allocation is the returned weight. Quantized values are placed as integers and scaled
+    afterwards on the whole matrix.
     """
     if "weight_values" not in tensors:
         w = tensors["weight"]
