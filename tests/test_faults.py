@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -593,3 +594,85 @@ def test_tampered_sparse_checkpoint_is_refused(tmp_path, pattern, suffix):
     with pytest.raises(ValueError, match="Damaged hfprune-sparse checkpoint"):
         decompress_weight(stored, pattern=pattern)
     assert name.startswith("model.layers.")
+
+
+# --- item 17: a pickle that holds more than tensors is refused with a message -------------------
+
+def test_pickle_with_code_is_refused_with_a_message(tmp_path, caplog, capsys):
+    path = tmp_path / "pickled"
+    model = tiny_model("llama")
+    model.config.save_pretrained(path)
+    state = dict(model.state_dict())
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    state["extra"] = Payload()
+    torch.save(state, path / "pytorch_model.bin")
+    rc = main(["prune", "--model", str(path), "--method", "magnitude", "--output", str(tmp_path / "out")])
+    assert rc == 2 and "is refused (Unsupported global: GLOBAL print)" in caplog.text
+    assert "weights_only=False" in caplog.text and "Traceback" not in caplog.text
+    assert "this must never run" not in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_internal_errors_say_they_are_bugs(model_dir, calib_file, tmp_path, caplog, monkeypatch):
+    import hfprune.core.engine as engine
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("an internal bug")
+
+    monkeypatch.setattr(engine, "_block_report", broken)  # a bug inside the library, not an input error
+    assert _prune(model_dir, calib_file, tmp_path / "out") == 1
+    assert "This is a bug, not a problem with your input: please report it" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+# --- item 18: a label that is not an index or a choice says what to give ------------------------
+
+@pytest.mark.parametrize("label,needle", [("true", "is a boolean"), ("1.5", "is not a whole number")])
+def test_task_file_label_of_the_wrong_kind(model_dir, tmp_path, caplog, label, needle):
+    task = tmp_path / "task.jsonl"
+    task.write_text(f'{{"prompt": "2 + 2 =", "choices": [" 4", " 5"], "label": 0}}\n'
+                    f'{{"prompt": "3 + 3 =", "choices": [" 6", " 7"], "label": {label}}}\n')
+    rc = main(["zeroshot", "--model", str(tmp_path / "not-loaded"), "--task", str(task)])
+    assert rc == 2 and needle in caplog.text and "0-based index of the right choice" in caplog.text
+    assert "Could not load a model" not in caplog.text  # checked before the model is loaded
+
+
+# --- item 14: several processes with the default batch size -------------------------------------
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "accelerate").exists(), reason="accelerate CLI not installed")
+def test_two_processes_with_the_default_batch(model_dir, calib_file, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    res = subprocess.run([str(bin_dir / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines",
+                          "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend",
+                          "no", "--main_process_port", str(port), str(bin_dir / "hfprune"), "prune", "--model",
+                          str(model_dir), "--calibration", str(calib_file), "--nsamples", "8", "--seqlen", "128",
+                          "--method", "sparsegpt", "--sparsity", "0.5", "--output", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Process 1 of 2 calibrates on 4 of 8 windows" in res.stderr
+    report = json.loads((tmp_path / "two" / "pruning_report.json").read_text())
+    assert abs(report["sparsity"] - 0.5) < 1e-6
+
+
+# --- recover evaluates within the model's positions by default ----------------------------------
+
+def test_recover_default_eval_window_fits_a_short_context_model(gpt2_dir, calib_file, tmp_path, caplog):
+    import logging
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(["Other text for evaluation, not seen in training. " * 60] * 10))
+    with caplog.at_level(logging.INFO):
+        assert main(["recover", "--model", str(gpt2_dir), "--dataset", str(calib_file), "--max-steps", "1",
+                     "--seqlen", "32", "--eval-dataset", str(held_out), "--eval-max-windows", "1",
+                     "--output", str(tmp_path / "rec")]) == 0
+    assert "x 256 tokens" in caplog.text  # the protocol's 2048, lowered to GPT-2's 256 positions

@@ -290,6 +290,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
             one_pass = config.true_sequential and not ctx.enabled
             bs = resume["batch_size"] if resume else ctx.min_int(
                 _batch_size(calib, ids, model, low_memory=session is not None, one_pass=one_pass))
+            if ctx.enabled and not calib.batch_size and not resume:  # automatic: every process gets a batch
+                bs = min(bs, max(1, ids.shape[0] // ctx.world_size))
             windows, batch_ids, n_chunks, chunk_size = shard_windows(ids.shape[0], bs, ctx)
             if ctx.enabled:
                 logger.info("Process %d of %d calibrates on %d of %d windows.", ctx.rank, ctx.world_size,
