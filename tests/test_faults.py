@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,25 +16,7 @@ import torch
 from hfprune.cli import main
 from hfprune.io import OutputLockedError, output_lock, save_pretrained
 
-from conftest import REPO, tiny_model
-
-TEXT = "Pruning removes weights from a neural network to make it smaller. " * 40
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "base"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("\n".join([TEXT] * 5))
-    return path
-
+from conftest import REPO, TEXT, accelerate_launch, tiny_model
 
 def _prune(model_dir, calib_file, out, *extra):
     return main(["prune", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "4",
@@ -642,22 +623,10 @@ def test_task_file_label_of_the_wrong_kind(model_dir, tmp_path, caplog, label, n
 
 # --- item 14: several processes with the default batch size -------------------------------------
 
-@pytest.mark.skipif(not (Path(sys.executable).parent / "accelerate").exists(), reason="accelerate CLI not installed")
 def test_two_processes_with_the_default_batch(model_dir, calib_file, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("WORLD_SIZE", None)
-    res = subprocess.run([str(bin_dir / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines",
-                          "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend",
-                          "no", "--main_process_port", str(port), str(bin_dir / "hfprune"), "prune", "--model",
-                          str(model_dir), "--calibration", str(calib_file), "--nsamples", "8", "--seqlen", "128",
-                          "--method", "sparsegpt", "--sparsity", "0.5", "--output", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = accelerate_launch("--cpu", ["prune", "--model", str(model_dir), "--calibration", str(calib_file),
+                                      "--nsamples", "8", "--seqlen", "128", "--method", "sparsegpt", "--sparsity",
+                                      "0.5", "--output", str(tmp_path / "two")])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Process 1 of 2 calibrates on 4 of 8 windows" in res.stderr
     report = json.loads((tmp_path / "two" / "pruning_report.json").read_text())
