@@ -1,6 +1,6 @@
 """How much do masks and perplexity depend on the process and thread count? (issue 15, item 14)
 
-SparseGPT 50 % on SmolLM2-135M (calibration c4 64 x 512 seed 0, ``--batch-size 4``), pruned
+SparseGPT 50 % on SmolLM2-135M (calibration c4 ``--nsamples`` x 512 seed 0, ``--batch-size 4``), pruned
 four ways, each in fresh processes:
 
 * ``1p-2t``: one process, 2 threads;      * ``1p-1t``: one process, 1 thread;
@@ -38,9 +38,10 @@ RUNS = {  # name: (processes, threads, batch size or None for the automatic one)
 }
 
 
-def prune(name: str, out: Path, processes: int, threads: int, batch: int | None, sparsity: float) -> float:
+def prune(name: str, out: Path, processes: int, threads: int, batch: int | None, sparsity: float,
+          nsamples: int) -> float:
     args = ["prune", "--model", PROTOCOL["model"], "--method", "sparsegpt", "--sparsity", str(sparsity),
-            "--calibration", PROTOCOL["calibration"], "--nsamples", str(PROTOCOL["nsamples"]), "--seqlen",
+            "--calibration", PROTOCOL["calibration"], "--nsamples", str(nsamples), "--seqlen",
             str(PROTOCOL["seqlen"]), "--seed", str(PROTOCOL["seed"]), "--dtype", PROTOCOL["dtype"],
             "--output", str(out), "--overwrite"]
     if batch:
@@ -80,6 +81,7 @@ def tensors(folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--nsamples", type=int, default=PROTOCOL["nsamples"])
     parser.add_argument("--max-windows", type=int, default=PROTOCOL["max_windows"])
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--workdir", default=None, help="Keep the pruned checkpoints here (default: a temp folder).")
@@ -91,7 +93,7 @@ def main() -> None:
     for name in names:
         processes, threads, batch = RUNS[name]
         out = work / name
-        seconds = prune(name, out, processes, threads, batch, args.sparsity)
+        seconds = prune(name, out, processes, threads, batch, args.sparsity, args.nsamples)
         ppl = evaluate(out, args.max_windows)
         rows[name] = {"processes": processes, "threads_per_process": threads, "batch_size": batch or "auto",
                       "prune_s": round(seconds, 1), "perplexity": ppl}
@@ -109,7 +111,8 @@ def main() -> None:
         print(f"{a} vs {b}: masks differ at {differ:,} of {total:,}; bit-identical: {identical}", flush=True)
     ppls = [r["perplexity"] for r in rows.values()]
     write_json(Path(args.output), {
-        "protocol": {**PROTOCOL, "method": "sparsegpt", "sparsity": args.sparsity, "max_windows": args.max_windows},
+        "protocol": {**PROTOCOL, "method": "sparsegpt", "sparsity": args.sparsity, "nsamples": args.nsamples,
+                     "max_windows": args.max_windows},
         "machine": machine(), "runs": rows, "pairs": pairs,
         "perplexity_spread": {"min": min(ppls), "max": max(ppls), "relative": (max(ppls) - min(ppls)) / min(ppls)},
         "command": "python scripts/bench_determinism.py " + " ".join(sys.argv[1:]),
