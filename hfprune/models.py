@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -97,6 +98,15 @@ def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs
             f"Could not load a model from {name!r}: {err}\nPass a local checkpoint folder, a Hub id that is reachable, "
             f"or one of the aliases: {', '.join(ALIASES)}."
         ) from err
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met more than tensors in a .bin file
+        why = next((ln.strip() for ln in str(err).splitlines() if "WeightsUnpickler" in ln), "")
+        why = why.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+        raise ValueError(
+            f"The weights of {name!r} are a pickle (pytorch_model.bin) that holds objects other than tensors, and "
+            f"loading it could run code, so it is refused ({why or 'not a plain tensor file'}). If you trust "
+            f"the file, convert it once to safetensors yourself, in a separate Python session: "
+            f"`AutoModelForCausalLM.from_pretrained(path, weights_only=False).save_pretrained(new_path)`, "
+            f"and pass the new folder.") from None
     except Exception as err:  # a damaged file (truncated safetensors, bad header) is an input error, not a bug
         if type(err).__name__ in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeaderDeserialization") \
                 or "safetensors" in str(err).lower() or "header" in str(err).lower():

@@ -485,9 +485,8 @@ def section_architectures(lines):
                  "excluded) is at its target (exact count / 2:4 in every group of its input dimension), the logits "
                  "are finite, and `save_pretrained` -> `AutoModelForCausalLM.from_pretrained` gives the same class "
                  "and equal logits. Other >= 2-D tensors in the blocks (convolutions, 3-D attention parameters, "
-                 "routers) stay dense; the JSON lists them per type (`left_dense`). On the shared 2-core machine the "
-                 "types were run over several resumed invocations (`--resume`, `--rerun TYPE ...` after fixes); the "
-                 f"JSON's `command` is the last one: `{data.get('command', '')}`.\n")
+                 "routers) stay dense; the JSON lists them per type (`left_dense`). The run: "
+                 f"`{data.get('command', '')}`{' (commit ' + data['commit'] + ')' if data.get('commit') else ''}.\n")
     lines.append(f"**{s['passed']} of {s['built']} types that build pass ({100 * s['pass_rate_of_built']:.1f} %)**; "
                  f"{s.get('run', s['types']) - s['built']} of {s['types']} types cannot build a tiny model (list below)"
                  + (f"; {s['types'] - s['run']} not run yet" if s.get("run", s["types"]) < s["types"] else "") + ".\n")

@@ -80,6 +80,62 @@ def tiny_model(model_type: str, seed: int = 0, **extra):
     return model.eval()
 
 
+TEXT = "Pruning removes weights from a neural network to make it smaller. " * 40
+"""Calibration text of the CLI tests."""
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer):
+    """A tiny Llama checkpoint with its tokenizer, saved in ``tmp_path / "base"``."""
+    path = tmp_path / "base"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    """A small calibration text file."""
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join([TEXT] * 5))
+    return path
+
+
+def solver_layer(seed: int = 0, out: int = 64, inputs: int = 128, tokens: int = 512):
+    """``(W, X, H)``: a random layer with correlated, unevenly scaled inputs ``X = Z @ A`` and its Hessian."""
+    from hfprune.stats import HessianStats
+
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, inputs, generator=g)
+    mix = torch.randn(inputs, inputs, generator=g) / inputs**0.5 + 0.3 * torch.eye(inputs)
+    x = (z @ mix) * (0.2 + 3 * torch.rand(inputs, generator=g))
+    w = torch.randn(out, inputs, generator=g)
+    stats = HessianStats(inputs)
+    stats.add_batch(x)
+    return w, x, stats.hessian()
+
+
+def accelerate_launch(launcher: str, hfprune_args: list[str], processes: int = 2, timeout: int = 300):
+    """``accelerate launch <launcher> --num_processes N hfprune ...`` (one thread per process), completed."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    if shutil.which("accelerate", path=str(bin_dir)) is None:
+        pytest.skip("accelerate CLI not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([str(bin_dir / "accelerate"), "launch", launcher, "--num_processes", str(processes),
+                           "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "--main_process_port", str(port), str(bin_dir / "hfprune"),
+                           *hfprune_args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer with ``VOCAB`` entries, trained on local text in a second."""

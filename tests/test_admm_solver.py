@@ -12,25 +12,15 @@ from hfprune.stats import HessianStats
 from hfprune.solvers.admm import gradual_sparsity, project
 from hfprune.solvers.sparsegpt import output_error
 
+from conftest import solver_layer
+
 OUT, IN, TOKENS = 64, 128, 512
-
-
-def _layer(seed: int = 0):
-    """A random layer with correlated, unevenly scaled inputs X = Z @ A (as in the SparseGPT tests)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(TOKENS, IN, generator=g)
-    mix = torch.randn(IN, IN, generator=g) / IN**0.5 + 0.3 * torch.eye(IN)
-    x = (z @ mix) * (0.2 + 3 * torch.rand(IN, generator=g))
-    w = torch.randn(OUT, IN, generator=g)
-    stats = HessianStats(IN)
-    stats.add_batch(x)
-    return w, x, stats.hessian()
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.37, 0.5, 0.777, 0.9])
 @pytest.mark.parametrize("scope", ["layer", "row"])
 def test_unstructured_count_exact(sparsity, scope):
-    w, _, h = _layer()
+    w, _, h = solver_layer()
     new_w, pruned = admm_prune(w, h, sparsity, scope=scope, iterations=6, prune_iterations=4)
     k = prune_count(w.numel(), sparsity)
     assert int(pruned.sum()) == k
@@ -42,7 +32,7 @@ def test_unstructured_count_exact(sparsity, scope):
 
 def test_count_exact_with_ties():
     # Weights on a coarse grid (as SmolLM2's): many equal magnitudes at the cut.
-    w, _, h = _layer(1)
+    w, _, h = solver_layer(1)
     w = torch.round(w * 2) / 2
     for s in (0.3, 0.5, 0.7):
         _, pruned = admm_prune(w, h, s, iterations=4, prune_iterations=2)
@@ -51,7 +41,7 @@ def test_count_exact_with_ties():
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
 def test_nm_valid_and_exact(pattern):
-    w, _, h = _layer()
+    w, _, h = solver_layer()
     pat = parse_pattern(pattern)
     new_w, pruned = admm_prune(w, h, 0.0, pattern)  # sparsity is implied by the pattern
     assert check_nm(new_w, pat.n, pat.m)
@@ -63,21 +53,21 @@ def test_nm_valid_and_exact(pattern):
 def test_error_below_sparsegpt(setting):
     pattern, sparsity = setting
     for seed in (0, 1, 2):
-        w, x, h = _layer(seed)
+        w, x, h = solver_layer(seed)
         ours, _ = admm_prune(w, h, sparsity, pattern)
         theirs, _ = sparsegpt_prune(w, h, sparsity, pattern)
         assert output_error(w, ours, h) < output_error(w, theirs, h), seed
 
 
 def test_more_iterations_do_not_hurt_much_and_help_over_weight_only():
-    w, _, h = _layer(3)
+    w, _, h = solver_layer(3)
     fixed, _ = admm_prune(w, h, 0.6, iterations=10, prune_iterations=0)  # Wanda-like mask, weights re-solved
     gradual, _ = admm_prune(w, h, 0.6, iterations=10, prune_iterations=7)
     assert output_error(w, gradual, h) < output_error(w, fixed, h)
 
 
 def test_deterministic_and_input_untouched():
-    w, _, h = _layer()
+    w, _, h = solver_layer()
     w0, h0 = w.clone(), h.clone()
     a = admm_prune(w.to(torch.bfloat16), h, 0.5)
     b = admm_prune(w.to(torch.bfloat16), h, 0.5)
@@ -86,7 +76,7 @@ def test_deterministic_and_input_untouched():
 
 
 def test_dead_inputs_are_pruned_first():
-    w, x, _ = _layer()
+    w, x, _ = solver_layer()
     x[:, :8] = 0
     stats = HessianStats(IN)
     stats.add_batch(x)
@@ -96,7 +86,7 @@ def test_dead_inputs_are_pruned_first():
 
 @pytest.mark.parametrize("bits,group_size", [(4, None), (4, 32), (8, None)])
 def test_joint_quantization_grid(bits, group_size):
-    w, _, h = _layer()
+    w, _, h = solver_layer()
     new_w, pruned = admm_prune(w, h, 0.5, "2:4", bits=bits, group_size=group_size)
     assert check_nm(new_w, 2, 4) and torch.equal(new_w == 0, pruned) or bool((new_w[pruned] == 0).all())
     step = group_size or IN
@@ -124,7 +114,7 @@ def test_schedule_and_projection():
 
 
 def test_invalid_arguments():
-    w, _, h = _layer()
+    w, _, h = solver_layer()
     with pytest.raises(ValueError, match="sparsity"):
         admm_prune(w, h, 1.0)
     with pytest.raises(ValueError, match="multiple of 4"):

@@ -11,25 +11,7 @@ from transformers import AutoModelForCausalLM
 from hfprune.cli import main
 from hfprune.solvers.masks import check_nm
 
-from conftest import REPO, tiny_model
-
-TEXT = "Pruning removes weights from a neural network to make it smaller. " * 40
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "base"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("\n".join([TEXT] * 5))
-    return path
-
+from conftest import REPO
 
 def _prune_args(model_dir, calib_file, out, *extra):
     return ["prune", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "4",

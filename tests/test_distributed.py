@@ -7,11 +7,6 @@ calibration processes itself (:func:`hfprune.core.distributed.start_cpu_workers`
 """
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +17,7 @@ from hfprune.cli import main
 from hfprune.core.distributed import ChunkedStats, DistContext, finalize_stats, shard_windows
 from hfprune.stats import RowNormStats
 
-from conftest import REPO, tiny_model
-
-TEXT = "Pruning removes weights from a neural network to make it smaller. " * 40
+from conftest import TEXT, accelerate_launch, tiny_model
 
 
 def _tensors(folder: Path) -> dict:
@@ -68,8 +61,6 @@ def test_chunked_sum_is_a_fixed_order():
     assert torch.equal(total.sq_norm, (chunks[0] + chunks[1]) + chunks[2]) and total.tokens == 30
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
-                    reason="accelerate CLI not installed")
 @pytest.mark.parametrize("launcher,method", [("--multi_gpu", "sparsegpt"), ("--cpu", "sparsegpt"), ("--cpu", "admm")])
 def test_two_processes_match_one(tmp_path, tiny_tokenizer, launcher, method):
     model_dir = tmp_path / "base"
@@ -79,17 +70,7 @@ def test_two_processes_match_one(tmp_path, tiny_tokenizer, launcher, method):
     calib.write_text("\n".join([TEXT] * 5))
     args = ["prune", "--model", str(model_dir), "--calibration", str(calib), "--nsamples", "8", "--seqlen", "32",
             "--batch-size", "2", "--method", method, "--sparsity", "0.5", "--owl"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("WORLD_SIZE", None)
-    res = subprocess.run([str(bin_dir / "accelerate"), "launch", launcher, "--num_processes", "2",
-                          "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", str(port), str(bin_dir / "hfprune")]
-                         + args + ["--low-memory", "--output", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = accelerate_launch(launcher, args + ["--low-memory", "--output", str(tmp_path / "two")])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Process 1 of 2 calibrates on 4 of 8 windows" in res.stderr
     if launcher == "--cpu":

@@ -16,25 +16,7 @@ import torch
 from hfprune.cli import main
 from hfprune.io import OutputLockedError, output_lock, save_pretrained
 
-from conftest import REPO, tiny_model
-
-TEXT = "Pruning removes weights from a neural network to make it smaller. " * 40
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    path = tmp_path / "base"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("\n".join([TEXT] * 5))
-    return path
-
+from conftest import REPO, TEXT, accelerate_launch, tiny_model
 
 def _prune(model_dir, calib_file, out, *extra):
     return main(["prune", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "4",
@@ -593,3 +575,73 @@ def test_tampered_sparse_checkpoint_is_refused(tmp_path, pattern, suffix):
     with pytest.raises(ValueError, match="Damaged hfprune-sparse checkpoint"):
         decompress_weight(stored, pattern=pattern)
     assert name.startswith("model.layers.")
+
+
+# --- item 17: a pickle that holds more than tensors is refused with a message -------------------
+
+def test_pickle_with_code_is_refused_with_a_message(tmp_path, caplog, capsys):
+    path = tmp_path / "pickled"
+    model = tiny_model("llama")
+    model.config.save_pretrained(path)
+    state = dict(model.state_dict())
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    state["extra"] = Payload()
+    torch.save(state, path / "pytorch_model.bin")
+    rc = main(["prune", "--model", str(path), "--method", "magnitude", "--output", str(tmp_path / "out")])
+    assert rc == 2 and "is refused (Unsupported global: GLOBAL print)" in caplog.text
+    assert "weights_only=False" in caplog.text and "Traceback" not in caplog.text
+    assert "this must never run" not in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_internal_errors_say_they_are_bugs(model_dir, calib_file, tmp_path, caplog, monkeypatch):
+    import hfprune.core.engine as engine
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("an internal bug")
+
+    monkeypatch.setattr(engine, "_block_report", broken)  # a bug inside the library, not an input error
+    assert _prune(model_dir, calib_file, tmp_path / "out") == 1
+    assert "This is a bug, not a problem with your input: please report it" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+# --- item 18: a label that is not an index or a choice says what to give ------------------------
+
+@pytest.mark.parametrize("label,needle", [("true", "is a boolean"), ("1.5", "is not a whole number")])
+def test_task_file_label_of_the_wrong_kind(model_dir, tmp_path, caplog, label, needle):
+    task = tmp_path / "task.jsonl"
+    task.write_text(f'{{"prompt": "2 + 2 =", "choices": [" 4", " 5"], "label": 0}}\n'
+                    f'{{"prompt": "3 + 3 =", "choices": [" 6", " 7"], "label": {label}}}\n')
+    rc = main(["zeroshot", "--model", str(tmp_path / "not-loaded"), "--task", str(task)])
+    assert rc == 2 and needle in caplog.text and "0-based index of the right choice" in caplog.text
+    assert "Could not load a model" not in caplog.text  # checked before the model is loaded
+
+
+# --- item 14: several processes with the default batch size -------------------------------------
+
+def test_two_processes_with_the_default_batch(model_dir, calib_file, tmp_path):
+    res = accelerate_launch("--cpu", ["prune", "--model", str(model_dir), "--calibration", str(calib_file),
+                                      "--nsamples", "8", "--seqlen", "128", "--method", "sparsegpt", "--sparsity",
+                                      "0.5", "--output", str(tmp_path / "two")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Process 1 of 2 calibrates on 4 of 8 windows" in res.stderr
+    report = json.loads((tmp_path / "two" / "pruning_report.json").read_text())
+    assert abs(report["sparsity"] - 0.5) < 1e-6
+
+
+# --- recover evaluates within the model's positions by default ----------------------------------
+
+def test_recover_default_eval_window_fits_a_short_context_model(gpt2_dir, calib_file, tmp_path, caplog):
+    import logging
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(["Other text for evaluation, not seen in training. " * 60] * 10))
+    with caplog.at_level(logging.INFO):
+        assert main(["recover", "--model", str(gpt2_dir), "--dataset", str(calib_file), "--max-steps", "1",
+                     "--seqlen", "32", "--eval-dataset", str(held_out), "--eval-max-windows", "1",
+                     "--output", str(tmp_path / "rec")]) == 0
+    assert "x 256 tokens" in caplog.text  # the protocol's 2048, lowered to GPT-2's 256 positions

@@ -11,19 +11,9 @@ from hfprune.solvers.masks import check_nm, layer_mask, nm_mask, prune_count, ro
 from hfprune.solvers import quantize_weight, sparsegpt_prune
 from hfprune.stats import HessianStats
 
+from conftest import solver_layer
+
 OUT, IN, TOKENS = 64, 128, 512
-
-
-def _layer(seed: int = 0):
-    """A random layer with correlated, unevenly scaled inputs X = Z @ A."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(TOKENS, IN, generator=g)
-    mix = torch.randn(IN, IN, generator=g) / IN**0.5 + 0.3 * torch.eye(IN)
-    x = (z @ mix) * (0.2 + 3 * torch.rand(IN, generator=g))
-    w = torch.randn(OUT, IN, generator=g)
-    stats = HessianStats(IN)
-    stats.add_batch(x)
-    return w, x, stats.hessian()
 
 
 def _rel_err(w, w2, x):
@@ -32,7 +22,7 @@ def _rel_err(w, w2, x):
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 def test_beats_magnitude_and_wanda(pattern):
-    w, x, h = _layer()
+    w, x, h = solver_layer()
     new_w, pruned = sparsegpt_prune(w, h, 0.5, pattern, block_size=32)
     wanda_score = w.abs() * x.norm(dim=0)
     if pattern == "unstructured":
@@ -61,7 +51,7 @@ def test_beats_magnitude_and_wanda(pattern):
 @pytest.mark.parametrize("sparsity", [0.1, 0.37, 0.5, 0.777, 0.9])
 @pytest.mark.parametrize("block_size", [32, 50, 128])
 def test_unstructured_count_exact(sparsity, block_size):
-    w, _, h = _layer(1)
+    w, _, h = solver_layer(1)
     new_w, pruned = sparsegpt_prune(w, h, sparsity, block_size=block_size)
     assert int(pruned.sum()) == prune_count(w.numel(), sparsity)
     assert int((new_w == 0).sum()) == prune_count(w.numel(), sparsity)
@@ -78,7 +68,7 @@ def test_count_exact_with_ties():
 
 
 def test_zero_sparsity_is_identity():
-    w, _, h = _layer()
+    w, _, h = solver_layer()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         wd = w.to(dtype)
         new_w, pruned = sparsegpt_prune(wd, h, 0.0)
@@ -88,7 +78,7 @@ def test_zero_sparsity_is_identity():
 
 
 def test_dtype_and_input_untouched():
-    w, _, h = _layer()
+    w, _, h = solver_layer()
     wb = w.to(torch.bfloat16)
     before = wb.clone()
     new_w, pruned = sparsegpt_prune(wb, h, 0.5, "2:4")
@@ -100,7 +90,7 @@ def test_dtype_and_input_untouched():
 def test_nm_independent_of_block_size():
     # N:M masks are chosen per group of M columns, so the lazy batch update must give the
     # same result for every block size (up to float32 round-off).
-    w, _, h = _layer(3)
+    w, _, h = solver_layer(3)
     a, ma = sparsegpt_prune(w, h, 0.5, "2:4", block_size=8)
     b, mb = sparsegpt_prune(w, h, 0.5, "2:4", block_size=128)
     assert torch.equal(ma, mb)
@@ -108,7 +98,7 @@ def test_nm_independent_of_block_size():
 
 
 def test_dead_columns():
-    w, x, _ = _layer(4)
+    w, x, _ = solver_layer(4)
     dead = torch.zeros(IN, dtype=torch.bool)
     dead[[0, 5, 77, 127]] = True
     x = x.clone()
@@ -128,7 +118,7 @@ def test_dead_columns():
 
 
 def test_cholesky_failure_falls_back(caplog):
-    w, _, _ = _layer()
+    w, _, _ = solver_layer()
     singular = torch.ones(IN, IN)  # rank 1 with a non-zero diagonal: Cholesky fails undamped
     with caplog.at_level(logging.WARNING, logger="hfprune.solvers.sparsegpt"):
         new_w, pruned = sparsegpt_prune(w, singular, 0.5, dampening=0.0)
@@ -138,7 +128,7 @@ def test_cholesky_failure_falls_back(caplog):
 
 
 def test_invalid_arguments():
-    w, _, h = _layer()
+    w, _, h = solver_layer()
     with pytest.raises(ValueError, match="sparsity"):
         sparsegpt_prune(w, h, 1.0)
     with pytest.raises(ValueError, match="multiple of 8"):
@@ -152,7 +142,7 @@ def test_invalid_arguments():
 @pytest.mark.parametrize("group_size", [None, 32])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_joint_int4(group_size, pattern):
-    w, x, h = _layer(5)
+    w, x, h = solver_layer(5)
     joint, pruned = sparsegpt_prune(w, h, 0.5, pattern, block_size=48, bits=4, group_size=group_size)
     step = group_size or IN
     for start in range(0, IN, step):
@@ -167,7 +157,7 @@ def test_joint_int4(group_size, pattern):
 
 def test_quantization_only_beats_rtn():
     # sparsity 0 with bits set is GPTQ: better than round-to-nearest.
-    w, x, h = _layer(6)
+    w, x, h = solver_layer(6)
     gptq, pruned = sparsegpt_prune(w, h, 0.0, bits=4, group_size=32)
     assert not pruned.any()
     assert _rel_err(w, gptq, x) < 0.9 * _rel_err(w, quantize_weight(w, 4, 32), x)
@@ -232,7 +222,7 @@ def test_hessian_stats():
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_act_order_keeps_pattern_and_maps_columns_back(pattern):
-    w, x, h = _layer()
+    w, x, h = solver_layer()
     new_w, pruned = sparsegpt_prune(w, h, 0.5, pattern, block_size=32, act_order=True)
     assert int(pruned.sum()) == OUT * IN // 2
     assert torch.equal(new_w == 0, pruned)
@@ -253,7 +243,7 @@ def test_act_order_keeps_pattern_and_maps_columns_back(pattern):
 
 
 def test_act_order_refuses_quantization_groups():
-    w, _x, h = _layer()
+    w, _x, h = solver_layer()
     with pytest.raises(ValueError, match="act_order"):
         sparsegpt_prune(w, h, 0.5, bits=4, group_size=32, act_order=True)
 
@@ -261,7 +251,7 @@ def test_act_order_refuses_quantization_groups():
 def test_output_error_matches_direct_computation():
     from hfprune.solvers.sparsegpt import output_error
 
-    w, x, h = _layer()
+    w, x, h = solver_layer()
     new_w, _ = sparsegpt_prune(w, h, 0.5, "2:4", block_size=32)
     assert output_error(w, new_w, h) == pytest.approx(_rel_err(w, new_w, x), rel=1e-4)
     assert output_error(w, w, h) == 0.0

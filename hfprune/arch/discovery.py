@@ -28,7 +28,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["discover_spec", "text_config", "find_decoder_path", "find_block_lists", "find_roles"]
+__all__ = ["discover_spec", "activation_sizes", "text_config", "find_decoder_path", "find_block_lists", "find_roles"]
 
 # Names of projections, per role, as transformers' modeling files spell them (first match wins).
 _ATTN = ("self_attn", "attn", "attention", "self_attention", "mixer")
@@ -206,6 +206,18 @@ def _size_attrs(config) -> dict[str, str | None]:
     for attr, names in _SIZE_FIELDS.items():
         out[attr] = next((n for n in names if _is_field(config, n)), None)
     return out
+
+
+def activation_sizes(config) -> tuple[int, int, int]:
+    """``(hidden, intermediate, heads)`` of a (text) config under whichever names its family uses,
+    for sizing activation memory; 1024 / ``4 * hidden`` / 16 where the config does not say."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(names):
+        return next((v for v in (getattr(cfg, n, None) for n in names) if isinstance(v, int) and v > 0), None)
+
+    hidden = first(_SIZE_FIELDS["hidden_attr"]) or 1024
+    return hidden, first(_SIZE_FIELDS["intermediate_attr"]) or 4 * hidden, first(_SIZE_FIELDS["heads_attr"]) or 16
 
 
 def check_structured(model: nn.Module, spec, heads: bool, mlp: bool) -> None:

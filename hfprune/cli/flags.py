@@ -9,7 +9,7 @@ import dataclasses
 import types
 import typing
 
-__all__ = ["add_fields"]
+__all__ = ["add_fields", "positive_int"]
 
 
 def _scalar(tp):
@@ -62,3 +62,14 @@ def add_fields(parser, cls, *, only=None, skip=(), flags=None, extra=None, defau
         parser.add_argument(*(flags or {}).get(f.name, ["--" + f.name.replace("_", "-")]), **kw)
         added.append(f.name)
     return added
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--seqlen 0`` is a usage error, not a traceback later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value

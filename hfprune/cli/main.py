@@ -11,7 +11,7 @@ import signal
 import sys
 
 from hfprune.cli import bench, flow, push, recover, sweep, zeroshot
-from hfprune.cli.flags import add_fields
+from hfprune.cli.flags import add_fields, positive_int
 
 logger = logging.getLogger("hfprune.cli")
 
@@ -56,7 +56,8 @@ def _add_prune(sub) -> None:
                    help="Continue an interrupted run into the same --output (same command otherwise).")
     p.add_argument("--eval", action="store_true", help="Also measure WikiText-2 perplexity before and after pruning "
                                                        "(recorded in eval_results.json and the model card).")
-    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-seqlen", type=positive_int, default=None,
+                   help="Evaluation window length (default 2048, or the model's positions when fewer).")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--eval-tasks", dest="eval_tasks",
                    help="Also score zero-shot tasks / suites (e.g. paper-7) before and after pruning through "
@@ -91,17 +92,6 @@ def _add_eval(sub) -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true", help="Print one JSON object.")
     p.set_defaults(func=_run_eval)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (``--seqlen 0`` is a usage error, not a traceback later)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _add_methods(sub) -> None:
@@ -306,6 +296,12 @@ def main(argv=None) -> int:
                      "run continues from its last finished block with --resume.",
                      "Terminated" if isinstance(err, Terminated) else "Interrupted")
         return 143 if isinstance(err, Terminated) else 130
+    except Exception:  # noqa: BLE001 - not an input error: a bug; show where, and ask for a report
+        from hfprune.config import __version__
+
+        logger.exception("Internal error in hfprune %s. This is a bug, not a problem with your input: please report "
+                         "it to the hfprune maintainers with the command and this traceback.", __version__)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from hfprune.cli.flags import positive_int
 from hfprune.workflows.sweep import format_probes, format_table, search, sweep
 
 
@@ -15,7 +16,8 @@ def _add_common(p) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="Tokens per calibration window (default 2048).")
     p.add_argument("--seed", type=int, default=None, help="Calibration sampling seed (default 0).")
     p.add_argument("--eval-dataset", default="wikitext2", help="wikitext2, c4, or a text file.")
-    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-seqlen", type=positive_int, default=None,
+                   help="Evaluation window length (default 2048, or the model's positions when fewer).")
     p.add_argument("--max-windows", type=int, default=None,
                    help="Evaluate only the first K windows (all by default; a few to fit CPU time).")
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")

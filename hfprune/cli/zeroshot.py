@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from hfprune.eval.zeroshot import cloze_task, load_task_file, zeroshot_accuracy
+from hfprune.eval.zeroshot import cloze_task, load_task_file, task_items, zeroshot_accuracy
 
 
 def add_cli(subparsers):
@@ -39,6 +39,8 @@ def _run_zeroshot(args) -> int:
         items = cloze_task(task[len("cloze-"):], n_items=args.limit or 500, n_choices=args.n_choices, seed=args.seed)
     else:
         items = load_task_file(task)
+        # bad fields or labels fail here, before the model is loaded
+        task_items(items, args.prompt_field, args.choices_field, args.label_field, None, args.limit)
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     result = zeroshot_accuracy(model, tokenizer, items, prompt_field=args.prompt_field,

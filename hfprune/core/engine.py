@@ -290,6 +290,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
             one_pass = config.true_sequential and not ctx.enabled
             bs = resume["batch_size"] if resume else ctx.min_int(
                 _batch_size(calib, ids, model, low_memory=session is not None, one_pass=one_pass))
+            if ctx.enabled and not calib.batch_size and not resume:  # automatic: every process gets a batch
+                bs = min(bs, max(1, ids.shape[0] // ctx.world_size))
             windows, batch_ids, n_chunks, chunk_size = shard_windows(ids.shape[0], bs, ctx)
             if ctx.enabled:
                 logger.info("Process %d of %d calibrates on %d of %d windows.", ctx.rank, ctx.world_size,
@@ -391,10 +393,9 @@ def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module, l
         return calib.batch_size
     if not isinstance(ids, torch.Tensor):
         return 1  # model-input dicts: each one is a batch
-    cfg = model.config.get_text_config()
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
-    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 16)
+    from hfprune.arch.discovery import activation_sizes
+
+    hidden, inter, heads = activation_sizes(model.config)
     seqlen = ids.shape[1]
     bytes_per_token = 4 * (6 * hidden + 4 * inter + 2 * heads * seqlen)
     device = module_device(model.get_input_embeddings())

@@ -33,6 +33,19 @@ def eval_token_ids(tokenizer, dataset="wikitext2", *, split: str = "test", text_
 
 
 @torch.no_grad()
+def resolve_eval_seqlen(config, seqlen: int | None = None) -> int | None:
+    """``seqlen``, or for ``None`` the protocol's 2048 tokens or the model's positions when fewer."""
+    from hfprune.arch import max_positions
+
+    if seqlen is not None:
+        return seqlen
+    limit = max_positions(config)
+    if limit is not None and limit < 2048:
+        logger.info("Evaluating in windows of %d tokens, the model's positions (the protocol's 2048 is longer).", limit)
+        return limit
+    return 2048
+
+
 def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int | None = 2048, max_windows: int | None = None,
                split: str = "test", text_column: str = "text", config_name: str | None = None,
                progress: bool = True, token_ids: torch.Tensor | None = None) -> dict:
@@ -44,14 +57,9 @@ def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int | None
     Returns:
         ``{"perplexity", "nll", "windows", "tokens", "seqlen", "dataset", "seconds"}``.
     """
-    from hfprune.arch import check_seqlen, max_positions
+    from hfprune.arch import check_seqlen
 
-    if seqlen is None:
-        limit = max_positions(model.config)
-        seqlen = 2048 if limit is None else min(2048, limit)
-        if seqlen < 2048:
-            logger.info("Evaluating in windows of %d tokens, the model's positions (the protocol's 2048 is longer).",
-                        seqlen)
+    seqlen = resolve_eval_seqlen(model.config, seqlen)
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise ValueError(f"seqlen must be an integer >= 2 (tokens per window), got {seqlen!r}.")
     if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)

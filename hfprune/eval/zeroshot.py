@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "zeroshot_accuracy",
+    "task_items",
     "score_choices",
     "build_cloze_task",
     "cloze_task",
@@ -59,6 +60,11 @@ Item = tuple[str, list[str], int]
 
 # ----------------------------------------------------------------------------------------- items
 def _label_index(label: Any, choices: list[str], where: str) -> int:
+    if isinstance(label, bool) or (isinstance(label, float) and not label.is_integer()):
+        kind = "a boolean" if isinstance(label, bool) else "not a whole number"
+        raise ValueError(f"{where}: label {label!r} is {kind}: give the 0-based index of the right choice "
+                         f"(0..{len(choices) - 1}) or its text, one of {choices} (for yes/no tasks map true/false "
+                         f"to the index of the matching choice, e.g. with a mapping callable).")
     if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
         if label not in choices:
             raise ValueError(f"{where}: label {label!r} is not one of the choices {choices}; give the index "
@@ -73,7 +79,7 @@ def _label_index(label: Any, choices: list[str], where: str) -> int:
     return index
 
 
-def _items(dataset: Iterable, prompt_field: str, choices_field: str, label_field: str,
+def task_items(dataset: Iterable, prompt_field: str, choices_field: str, label_field: str,
            mapping: Callable | dict | None, limit: int | None) -> list[Item]:
     """``(prompt, choices, label_index)`` for every document of ``dataset`` (the first ``limit``)."""
     if isinstance(mapping, dict):
@@ -248,7 +254,7 @@ def zeroshot_accuracy(model, tokenizer, dataset: Iterable, *, prompt_field: str 
     Example:
         >>> # zeroshot_accuracy(model, tok, [{"prompt": "2 + 2 =", "choices": [" 4", " 5"], "label": 0}])["acc"]
     """
-    items = _items(dataset, prompt_field, choices_field, label_field, mapping, limit)
+    items = task_items(dataset, prompt_field, choices_field, label_field, mapping, limit)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     start = time.perf_counter()

@@ -87,7 +87,8 @@ class RecoveryArguments:
         "blocks matched by relative depth) added to the loss; needs equal hidden sizes. 0: logits only."))
     eval_dataset: str = field(default="wikitext2", metadata=_help(
         "Perplexity text evaluated during training (none disables evaluation)."))
-    eval_seqlen: int = field(default=2048, metadata=_help("Evaluation window length (pinned protocol)."))
+    eval_seqlen: Optional[int] = field(default=None, metadata=_help(
+        "Evaluation window length (default 2048, the papers' protocol, or the model's positions when fewer)."))
     eval_max_windows: Optional[int] = field(default=8, metadata=_help(
         "Evaluation windows per evaluation (None: the whole text)."))
     eval_steps: int = field(default=0, metadata=_help(
@@ -110,6 +111,8 @@ class RecoveryArguments:
                     "gradient_accumulation_steps": self.gradient_accumulation_steps, "lora_r": self.lora_r,
                     "eval_seqlen": self.eval_seqlen, "logging_steps": self.logging_steps}
         for name, value in positive.items():
+            if value is None and name == "eval_seqlen":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}: change --{name.replace('_', '-')}.")
         if not self.learning_rate > 0:
@@ -256,11 +259,11 @@ class RecoveryLogCallback(TrainerCallback):
     """
 
     def __init__(self, tokenizer=None, eval_ids: torch.Tensor | None = None, *, eval_steps: int = 0,
-                 eval_seqlen: int = 2048, eval_max_windows: int | None = None):
+                 eval_seqlen: int | None = None, eval_max_windows: int | None = None):
         self.tokenizer = tokenizer
         self.eval_ids = eval_ids
         self.eval_steps = int(eval_steps)
-        self.eval_seqlen = int(eval_seqlen)
+        self.eval_seqlen = eval_seqlen  # None: 2048 or the model's positions (see perplexity)
         self.eval_max_windows = eval_max_windows
         self.losses: list[dict] = []
         self.evals: list[dict] = []
@@ -284,7 +287,7 @@ class RecoveryLogCallback(TrainerCallback):
                            "windows": res["windows"], "seconds": self._elapsed()})
         self.eval_seconds += time.perf_counter() - t0
         logger.info("step %d: eval perplexity %.4f (%d windows x %d tokens, %.1fs)", step, res["perplexity"],
-                    res["windows"], self.eval_seqlen, res["seconds"])
+                    res["windows"], res["seqlen"], res["seconds"])
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start = time.perf_counter()

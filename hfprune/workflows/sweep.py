@@ -123,7 +123,7 @@ class _PointRunner:
     """Holds the model, its dense weights and the shared token ids; prunes + evaluates one point."""
 
     def __init__(self, model_or_loader, tokenizer=None, *, calibration="c4", nsamples=None, seqlen=None, seed=None,
-                 eval_dataset="wikitext2", eval_seqlen=2048, max_windows=None, dtype=None,
+                 eval_dataset="wikitext2", eval_seqlen=None, max_windows=None, dtype=None,
                  method_kwargs: dict[str, dict] | None = None, tasks=None, task_limit=None, task_batch_size=16):
         from hfprune.models import load_model, load_tokenizer
 
@@ -160,7 +160,9 @@ class _PointRunner:
         self.calibration = calibration
         self.calib_overrides = {"nsamples": nsamples, "seqlen": seqlen, "seed": seed}
         self.eval_dataset = eval_dataset
-        self.eval_seqlen = eval_seqlen
+        from hfprune.eval.perplexity import resolve_eval_seqlen
+
+        self.eval_seqlen = resolve_eval_seqlen(model.config, eval_seqlen)
         self.max_windows = max_windows
         self.method_kwargs = dict(method_kwargs or {})
         self._calib_ids: torch.Tensor | None = None
@@ -345,7 +347,7 @@ def sweep(model_name_or_loader, methods: Sequence[str] | str = ("magnitude", "wa
           sparsities: Sequence[float] | str = (0.3, 0.4, 0.5, 0.6, 0.7),
           patterns: Sequence[str] | str = ("unstructured",), *, tokenizer=None, calibration: Any = "c4",
           nsamples: int | None = None, seqlen: int | None = None, seed: int | None = None,
-          eval_dataset: Any = "wikitext2", eval_seqlen: int = 2048, max_windows: int | None = None,
+          eval_dataset: Any = "wikitext2", eval_seqlen: int | None = None, max_windows: int | None = None,
           output_dir: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
           dtype=None, method_kwargs: dict[str, dict] | None = None, plot: bool = True, tasks=None,
           task_limit: int | None = None, task_batch_size: int = 16) -> list[dict]:
@@ -533,7 +535,7 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
            max_ppl: float | None = None, pattern: str = "unstructured", lo: float = 0.3, hi: float = 0.7,
            tol: float = 0.02, max_sparsity: float = 0.95, max_probes: int = 25, calibration: Any = "c4",
            nsamples: int | None = None, seqlen: int | None = None, seed: int | None = None,
-           eval_dataset: Any = "wikitext2", eval_seqlen: int = 2048, max_windows: int | None = None,
+           eval_dataset: Any = "wikitext2", eval_seqlen: int | None = None, max_windows: int | None = None,
            output_dir: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
            dtype=None, method_kwargs: dict | None = None,
            evaluate_fn: Callable[[float], float | dict] | None = None, max_acc_drop: float | None = None,
