@@ -46,7 +46,9 @@ def add_fields(parser, cls, *, only=None, skip=(), flags=None, extra=None, defau
         tp, is_list = _scalar(hints[f.name])
         help_text = f.metadata.get("help", "")
         if show_default:
-            help_text += f" (default: {f.default})"
+            shown = f.default_factory() if f.default is dataclasses.MISSING and \
+                f.default_factory is not dataclasses.MISSING else f.default
+            help_text += f" (default: {shown})"
         kw = {"dest": f.name, "help": help_text, "default": default}
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
