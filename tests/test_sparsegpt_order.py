@@ -58,14 +58,20 @@ def test_default_order_is_llm_compressors(model_type):
     assert config.true_sequential is False  # the default
     hfprune.prune(model, config=config, calibration=ids, progress=False)
     got, want = _weights(model), _weights(ref)
-    for name in want:
-        assert torch.equal(got[name] == 0, want[name] == 0), name
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
-    # The other order is a real option and gives other weights in the later layers of a block.
+    for name in want:  # the same masks (a handful of flips allowed for float summation order) and weights
+        assert _mask_agreement(got[name], want[name]) >= 0.999, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4)
+    # The other order is a real option: the same first layers (they read the block's input either way),
+    # clearly other masks after them.
     other = tiny_model(model_type, seed=1)
     hfprune.prune(other, config=hfprune.SparseGPTConfig(sparsity=0.5, true_sequential=True), calibration=ids,
                   progress=False)
-    moved = {n for n, w in _weights(other).items() if not torch.allclose(w, want[n], rtol=1e-4, atol=1e-5)}
-    first = {n for n in want if ".0." in n and n.endswith(("q_proj", "k_proj", "v_proj", "c_attn"))}
-    assert first and not first & moved  # the block's first layers read the same inputs in both orders
-    assert moved
+    ts = _weights(other)
+    first = [n for n in want if ".0." in n and n.endswith(("q_proj", "k_proj", "v_proj", "c_attn"))]
+    assert first and all(_mask_agreement(ts[n], want[n]) >= 0.999 for n in first)
+    flips = lambda a: sum(int(((a[n] == 0) != (want[n] == 0)).sum()) for n in want)  # noqa: E731
+    assert flips(ts) > 10 * max(1, flips(got))
+
+
+def _mask_agreement(a, b) -> float:
+    return float(((a == 0) == (b == 0)).float().mean())
