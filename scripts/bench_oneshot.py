@@ -33,6 +33,9 @@ RUNS = {
     "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4"},
     "sparsegpt-2of4-ao": {"method": "sparsegpt", "pattern": "2:4", "act_order": True},
+    # SparseGPT's default order is llm-compressor's and its paper's (true_sequential=False); "-ts" the other.
+    "sparsegpt-50-ts": {"method": "sparsegpt", "sparsity": 0.5, "true_sequential": True},
+    "sparsegpt-2of4-ts": {"method": "sparsegpt", "pattern": "2:4", "true_sequential": True},
     "wanda-70": {"method": "wanda", "sparsity": 0.7},
     "wanda-owl-70": {"method": "wanda", "sparsity": 0.7, "owl": True},
     "sparsegpt-50-int4": {"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 128},
@@ -117,6 +120,14 @@ def child(name: str, args) -> dict:
                 exact &= check_nm(W, n, m)
         row["every_layer_exact"] = bool(exact)
         row["layers_checked"] = len(report.layers)
+        # sha256 over the pruned layers' zero masks (bool bytes of W == 0, layers in report order): a changed
+        # default shows up here without comparing checkpoints.
+        import hashlib
+
+        digest = hashlib.sha256()
+        for lname in report.layers:
+            digest.update((weight_matrix(modules[lname]) == 0).cpu().numpy().tobytes())
+        row["mask_sha256"] = digest.hexdigest()
         # Weight reconstruction: ||W - W'||_F / ||W||_F per layer (pruned + quantized weights vs dense),
         # and for SparseGPT the relative layer-output error on the calibration inputs.
         werr = [float((weight_matrix(modules[n]).float() - dense[n].float()).norm() / dense[n].float().norm())

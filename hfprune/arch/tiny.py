@@ -69,6 +69,7 @@ def _shrink_layer_list(values: list, depth: int) -> list:
 def _shrink(d: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
     d = copy.deepcopy(d)
     depth = next((d[k] for k in _DEPTH_KEYS if isinstance(d.get(k), int)), None)
+    new_depth = next((sizes[k] for k in _DEPTH_KEYS if k in d and k in sizes), LAYERS)  # per-layer lists follow it
     for key, value in list(d.items()):
         if isinstance(value, dict) and ("model_type" in value or any(k in value for k in sizes)):
             d[key] = _shrink(value, sizes)
@@ -76,12 +77,12 @@ def _shrink(d: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
             d[key] = min(value, sizes[key]) if key in ("first_k_dense_replace",) else sizes[key]
         elif key in _CAPS and isinstance(value, int) and not isinstance(value, bool):
             d[key] = min(value, _CAPS[key])
-        elif isinstance(value, list) and depth and len(value) == depth and depth > LAYERS:
-            d[key] = _shrink_layer_list(value, LAYERS)
+        elif isinstance(value, list) and depth and len(value) == depth and depth > new_depth:
+            d[key] = _shrink_layer_list(value, new_depth)
         elif key == "per_layer_config" and isinstance(value, dict) and value:
             # {layer index: overrides}: keep one overridden layer, the last one of the tiny stack
             first = value[sorted(value, key=int)[0]]
-            d[key] = {str(LAYERS - 1) if isinstance(next(iter(value)), str) else LAYERS - 1: first}
+            d[key] = {str(new_depth - 1) if isinstance(next(iter(value)), str) else new_depth - 1: first}
     if isinstance(d.get("qk_rope_head_dim"), int):
         # Multi-head latent attention: the rotary part is the "head_dim" the rotary embedding reads.
         if "head_dim" in d:

@@ -34,6 +34,14 @@ class SparseGPTConfig(PruningConfig):
     group_size: int | None = field(default=None, metadata={"help": "Quantization group size along the input (None: per output channel)."})
     sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
     act_order: bool = field(default=False, metadata={"help": "Solve the input columns in order of decreasing Hessian diagonal (N:M: whole groups)."})
+    true_sequential: bool = field(
+        default=False,
+        metadata={"help": "Default False, as in the SparseGPT paper's code and llm-compressor: every layer of a block gets "
+                          "its Hessian from the block's inputs before any of its layers is pruned (one statistics pass, "
+                          "then one pass for the pruned outputs). True prunes the layers in call order, each from "
+                          "inputs through the already pruned layers (GPTQ's true-sequential; docs/BENCHMARKS.md "
+                          "compares the two per family)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
