@@ -327,3 +327,46 @@ def test_report_json_and_save_pretrained_roundtrip(tmp_path):
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["num_hidden_layers"] == 4 and len(saved["layer_types"]) == 4
     assert saved["pruning_config"]["removed_blocks"] == report.depth.removed
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("flags, check", [
+    (["--method", "depth", "--num-blocks", "2", "--criterion", "angular"],
+     lambda cfg: cfg["num_hidden_layers"] == LAYERS - 2 and cfg["pruning_config"]["criterion"] == "angular"),
+    (["--method", "hidden", "--keep-hidden", "48"],
+     lambda cfg: cfg["hidden_size"] == 48 and cfg["head_dim"] == 16),
+])
+def test_cli_depth_and_hidden(flags, check, tmp_path, tiny_tokenizer):
+    import json
+
+    from hfprune.cli import main
+
+    base = tmp_path / "base"
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", **{**_BASE, **FAMILIES["llama"], "vocab_size": len(tiny_tokenizer)}))
+    model.save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    (tmp_path / "calib.txt").write_text("Pruning removes whole blocks and channels from a network. " * 200)
+    out = tmp_path / "out"
+    rc = main(["prune", "--model", str(base), "--calibration", str(tmp_path / "calib.txt"), "--nsamples", "4",
+               "--seqlen", "32", "--output", str(out), *flags])
+    assert rc == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert check(saved)
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert (report["depth"] or report["hidden"]) is not None
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_cli_help_lists_the_generated_flags(capsys):
+    from hfprune.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--num-blocks", "--depth-ratio", "--criterion", "--hidden-ratio", "--keep-hidden",
+                 "--channel-importance"):
+        assert flag in text
