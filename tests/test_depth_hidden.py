@@ -206,10 +206,12 @@ def test_depth_other_criteria(criterion, tmp_path):
     reload_stock(model, tmp_path)
 
 
-def test_depth_perplexity_scores_are_the_loss_without_each_block():
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_depth_perplexity_scores_are_the_loss_without_each_block(family):
     from hfprune.structured.depth import _loss, depth_scores
 
-    model = make("llama")
+    model = make(family)
+    layer_types = getattr(model.config, "layer_types", None)
     x = ids()
     measured = depth_scores(model, x, DepthPruningConfig(num_blocks=1, criterion="perplexity"))
     import copy
@@ -218,6 +220,7 @@ def test_depth_perplexity_scores_are_the_loss_without_each_block():
     remove_blocks(other, [2])
     assert math.isclose(_loss(other, x, 4) - measured["base_loss"], measured["loss_increase"][2], rel_tol=1e-4,
                         abs_tol=1e-6)
+    assert getattr(model.config, "layer_types", None) == layer_types and model.config.num_hidden_layers == LAYERS
 
 
 # ---------------------------------------------------------------------------------------------- hidden

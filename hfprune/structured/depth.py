@@ -184,19 +184,24 @@ def _boundary_scores(model: nn.Module, ids: torch.Tensor, n: int, max_tokens: in
 
 @contextlib.contextmanager
 def _without_block(model: nn.Module, index: int):
-    """The model with block ``index`` left out of its block list, for the duration."""
+    """The model with block ``index`` left out of its block list and its per-layer config fields
+    (Gemma-3 picks each block's mask by ``config.layer_types[i]``), for the duration."""
     from hfprune.arch import get_blocks, get_spec
     from hfprune.arch.base import _get_path
+    from hfprune.arch.resize import remove_layers_from_config
 
     spec = get_spec(model)
     blocks = get_blocks(model, spec)
     owner_path, _, attr = spec.layers.rpartition(".")
     owner = _get_path(model, owner_path) if owner_path else model
+    changes = remove_layers_from_config(model.config, [j for j in range(len(blocks)) if j != index])
     setattr(owner, attr, nn.ModuleList([b for j, b in enumerate(blocks) if j != index]))
     try:
         yield
     finally:
         setattr(owner, attr, blocks)
+        for name, (before, _after) in changes.items():
+            setattr(model.config, name, before)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from torch import nn
 __all__ = ["build_empty", "stock_mismatch", "check_stock_reload"]
 
 _SIMPLE = (int, float, str, bool, type(None))
-_IGNORED_ATTRS = {"training", "config"}
+_IGNORED_ATTRS = {"training", "config", "gradient_checkpointing"}
 
 
 def build_empty(model: nn.Module, config=None) -> nn.Module:
