@@ -91,6 +91,8 @@ class HiddenRemoval:
     resized: list[str] = field(default_factory=list)
     """Parameters that lost hidden channels (``name: old shape -> new shape``)."""
     config_changes: dict[str, Any] = field(default_factory=dict)
+    norm_scale: dict[str, float] | None = None
+    """Norm weight corrections applied (``norm_correction``): module name -> factor."""
 
 
 @dataclass

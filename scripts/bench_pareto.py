@@ -146,7 +146,13 @@ def main() -> None:
     parser.add_argument("--speed-fn", default=None, help="module:function timing decode tokens/s (see the doc)")
     parser.add_argument("--output", default="docs/results/pareto.json")
     parser.add_argument("--plot", default="docs/img/pareto.png")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of --output and exit")
     args = parser.parse_args()
+    if args.table:
+        import json
+
+        print(markdown(json.loads(Path(args.output).read_text())))
+        return
     logging.basicConfig(level=logging.WARNING)
 
     import hfprune
@@ -266,6 +272,22 @@ def main() -> None:
     write_json(Path(args.output), result)
     plot(result, Path(args.plot))
     print(f"wrote {args.output} and {args.plot}")
+
+
+def markdown(result: dict) -> str:
+    dense = result["dense"]
+    best = {(v["variant"], k.split("@")[0], float(k.split("@")[1])) for k, v in result.get("best", {}).items()}
+    lines = ["| target | kind | variant | params | x dense | ppl | decode tok/s | x dense (re-check) | stock reload |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|",
+             f"| 1.0 | dense | - | {dense['params']:,} | 1.000 | {dense['perplexity']:.2f} | "
+             f"{dense['decode_tokens_per_s']:.2f} | - | - |"]
+    for p in sorted(result["points"], key=lambda p: (-p["target"], list(KINDS).index(p["kind"]), p["perplexity"])):
+        mark = "**" if (p["variant"], p["kind"], p["target"]) in best else ""
+        lines.append(f"| {p['target']:.1f} | {p['kind']} | {p['variant']} | {p['params']:,} | {p['ratio']:.3f} | "
+                     f"{mark}{p['perplexity']:.2f}{mark} | {p['decode_tokens_per_s']:.2f} | "
+                     f"{p['decode_speedup']:.2f} ({p['dense_decode_tokens_per_s_recheck']:.2f}) | "
+                     f"{'yes' if p['stock_reload'] else 'NO'} |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:

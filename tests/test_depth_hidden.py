@@ -373,3 +373,43 @@ def test_cli_help_lists_the_generated_flags(capsys):
     for flag in ("--num-blocks", "--depth-ratio", "--criterion", "--hidden-ratio", "--keep-hidden",
                  "--channel-importance"):
         assert flag in text
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3_moe"])
+def test_hidden_pruning_of_silent_channels_keeps_the_logits(family):
+    """Channels that are zero in the residual stream everywhere (embedding columns and every writer's
+    rows zero) carry nothing: removing them, with the norm correction (an RMS over 48 instead of 64
+    channels), leaves the logits unchanged. Checks the surgery end to end, Gemma's sqrt(hidden)
+    embedding scale and fused experts included."""
+    from hfprune.structured.hidden import hidden_plan as plan_of
+
+    model = make(family, rms_norm_eps=1e-12)  # eps would make an RMS over fewer channels not a pure ratio
+    silent = list(range(48, 64))
+    plan = plan_of(model, HiddenPruningConfig(keep_hidden=48))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, dims in plan.dims.items():
+            p = params.get(name)
+            if p is None or p.dim() < 2:
+                continue
+            writes = any(k in name for k in ("o_proj", "down_proj", "embed_tokens"))  # experts.down_proj too
+            for d in dims:
+                if writes:  # rows (or embedding columns) that write the silent channels
+                    p.index_fill_(d, torch.tensor(silent), 0.0)
+    x = ids(2, 16, seed=7)
+    with torch.no_grad():
+        dense = model(input_ids=x).logits
+    report = hfprune.prune(model, config=HiddenPruningConfig(keep_hidden=48), calibration=ids(), progress=False)
+    assert sorted(report.hidden.removed_channels) == silent
+    assert report.hidden.norm_scale and all(math.isclose(v, math.sqrt(64 / 48), rel_tol=1e-6)
+                                            for v in report.hidden.norm_scale.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, dense, atol=2e-4, rtol=2e-4)
+
+
+def test_norm_corrections_are_rms_ratios():
+    from hfprune.structured.hidden import norm_corrections
+
+    sq = {"a": torch.tensor([4.0, 1.0, 1.0, 2.0], dtype=torch.float64)}
+    r = norm_corrections(sq, torch.tensor([0, 3]))
+    assert math.isclose(r["a"], math.sqrt(3.0 / 2.0))

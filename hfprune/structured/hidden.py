@@ -9,7 +9,10 @@ which are all in the residual basis,
 over the calibration tokens (L2 over tokens, summed over every norm of the model), or, data-free,
 the summed relative squared norms of channel ``i``'s slices of every residual weight
 (``importance="magnitude"``). The ``hidden_size`` highest-scoring channels are kept, the same set
-everywhere, so the residual stream stays one basis.
+everywhere, so the residual stream stays one basis. Every norm then divides by an RMS over fewer
+channels; with calibration data its weight is multiplied by the measured ratio
+``r = sqrt(mean_kept E[x_i^2] / mean_all E[x_i^2])`` of its input (``norm_correction``), which is
+exact when the removed channels are silent.
 
 Which tensors hold hidden channels is not listed by hand: the model class is built (empty) from
 the config with the new ``hidden_size`` and every parameter dimension that changes is a residual
@@ -40,7 +43,8 @@ from hfprune.config import check_field_types
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HiddenPruningConfig", "CHANNEL_IMPORTANCES", "hidden_plan", "channel_importance", "prune_hidden",
+__all__ = ["HiddenPruningConfig", "CHANNEL_IMPORTANCES", "hidden_plan", "channel_importance", "norm_corrections",
+           "prune_hidden",
            "run_hidden_pruning"]
 
 CHANNEL_IMPORTANCES = ("activation", "magnitude")
@@ -67,6 +71,9 @@ class HiddenPruningConfig:
         "choices": CHANNEL_IMPORTANCES})
     multiple_of: int = field(default=1, metadata={
         "help": "Hidden: round the kept channels down to a multiple of this (e.g. 8 or 64 for fast kernels)."})
+    norm_correction: bool = field(default=True, metadata={
+        "help": "Hidden, activation importance: rescale every norm weight by the measured ratio of the kept "
+                "channels' RMS to all channels' RMS of its input (the norm divides by an RMS over fewer channels)."})
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -203,8 +210,11 @@ def _norm_modules(model: nn.Module, plan: HiddenPlan) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def channel_importance(model: nn.Module, plan: HiddenPlan, ids: torch.Tensor | None, importance: str, *,
-                       batch_size: int = 4, progress: bool = False) -> torch.Tensor:
-    """Score of every hidden channel (``[hidden]``, float64; higher is kept)."""
+                       batch_size: int = 4, progress: bool = False,
+                       norm_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Score of every hidden channel (``[hidden]``, float64; higher is kept). With
+    ``importance="activation"``, ``norm_inputs`` (a dict) receives every norm's mean squared input
+    per channel (``E_t[x_t,i^2]``, for :func:`norm_corrections`)."""
     from tqdm.auto import tqdm
 
     from hfprune.arch import get_blocks
@@ -229,13 +239,16 @@ def channel_importance(model: nn.Module, plan: HiddenPlan, ids: torch.Tensor | N
         raise ValueError(f"{type(model).__name__} has no norm with a per-channel weight to measure; use "
                          f"channel_importance='magnitude'.")
     sums = {name: torch.zeros(hidden, dtype=torch.float64) for name in norms}
+    in_sums = {name: torch.zeros(hidden, dtype=torch.float64) for name in norms}
     counts = dict.fromkeys(norms, 0)
 
     def make_hook(name):
-        def hook(_mod, _inp, out):
+        def hook(_mod, inp, out):
             out = out[0] if isinstance(out, (tuple, list)) else out
             flat = out.detach().reshape(-1, out.shape[-1]).double()
             sums[name] += flat.pow(2).sum(0).cpu()
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+            in_sums[name] += x.pow(2).sum(0).cpu()
             counts[name] += flat.shape[0]
         return hook
 
@@ -263,7 +276,21 @@ def channel_importance(model: nn.Module, plan: HiddenPlan, ids: torch.Tensor | N
     for name in norms:
         if counts[name]:
             score += (sums[name] / counts[name]).sqrt()
+            if norm_inputs is not None:
+                norm_inputs[name] = in_sums[name] / counts[name]
     return score
+
+
+def norm_corrections(norm_inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, float]:
+    """Per norm, ``r = sqrt(mean_{i kept} E[x_i^2] / mean_i E[x_i^2])``: an RMS norm over the kept
+    channels divides by about ``r`` times the RMS it divided by before, so its weight is multiplied
+    by ``r`` to keep its outputs' scale."""
+    out = {}
+    for name, sq in norm_inputs.items():
+        total = float(sq.mean())
+        if total > 0:
+            out[name] = math.sqrt(float(sq[keep.to(sq.device)].mean()) / total)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,9 +299,11 @@ def channel_importance(model: nn.Module, plan: HiddenPlan, ids: torch.Tensor | N
 
 
 @torch.no_grad()
-def prune_hidden(model: nn.Module, plan: HiddenPlan, keep: torch.Tensor) -> list[str]:
+def prune_hidden(model: nn.Module, plan: HiddenPlan, keep: torch.Tensor,
+                 norm_scale: dict[str, float] | None = None) -> list[str]:
     """Keep the hidden channels ``keep`` (sorted) in every residual tensor of ``model`` in place and
-    write the new config; returns ``"name: old -> new"`` of every tensor resized."""
+    write the new config; returns ``"name: old -> new"`` of every tensor resized. ``norm_scale``
+    multiplies norm modules' effective weights (``offset + weight``; :func:`norm_corrections`)."""
     from hfprune.arch import get_spec, get_submodule
     from hfprune.arch.resize import NORM_WEIGHT_OFFSET, SQRT_HIDDEN_EMBED_SCALE
     from hfprune.structured.stock import derived_buffers
@@ -298,6 +327,10 @@ def prune_hidden(model: nn.Module, plan: HiddenPlan, keep: torch.Tensor) -> list
             offset = NORM_WEIGHT_OFFSET.get(model_type, 0.0)
             norm.weight.data.copy_(((offset + norm.weight.data.float()) / c - offset).to(norm.weight.dtype))
 
+    offset = NORM_WEIGHT_OFFSET.get(model_type, 0.0)
+    for name, r in (norm_scale or {}).items():
+        w = get_submodule(model, name).weight
+        w.data.copy_(((offset + w.data.double()) * r - offset).to(w.dtype))
     new_params: dict[int, nn.Parameter] = {}
     resized = []
     modules = dict(model.named_modules())
@@ -374,13 +407,15 @@ def run_hidden_pruning(model: nn.Module, tokenizer, config: HiddenPruningConfig,
             ids = get_calibration_ids(calib, tokenizer, model)
             if not isinstance(ids, torch.Tensor):
                 raise ValueError("Hidden-size pruning calibrates on token windows; pass text or a token tensor.")
+        norm_inputs: dict[str, torch.Tensor] = {}
         scores = channel_importance(model, plan, ids, config.channel_importance,
-                                    batch_size=calib.batch_size or 4, progress=progress)
+                                    batch_size=calib.batch_size or 4, progress=progress, norm_inputs=norm_inputs)
         keep = scores.argsort(descending=True, stable=True)[:plan.keep_count].sort().values
+        norm_scale = norm_corrections(norm_inputs, keep) if config.norm_correction and norm_inputs else None
         removed = sorted(set(range(plan.hidden)) - set(keep.tolist()))
         spec = get_spec(model)
         head_dim_before = getattr(model.config, spec.head_dim_attr, None) if spec.head_dim_attr else None
-        resized = prune_hidden(model, plan, keep)
+        resized = prune_hidden(model, plan, keep, norm_scale)
     finally:
         model.train(was_training)
     check_stock_reload(model, "Hidden-size pruning")
@@ -389,7 +424,8 @@ def run_hidden_pruning(model: nn.Module, tokenizer, config: HiddenPruningConfig,
     if spec.o is not None and head_dim_before != getattr(model.config, spec.head_dim_attr):
         changes[spec.head_dim_attr] = {"before": head_dim_before, "after": getattr(model.config, spec.head_dim_attr)}
     record = HiddenRemoval(hidden_before=plan.hidden, hidden_after=plan.keep_count, removed_channels=removed,
-                           resized=resized, config_changes=changes)
+                           resized=resized, config_changes=changes,
+                           norm_scale={k: round(v, 6) for k, v in (norm_scale or {}).items()} or None)
     report = _resize_report(config, calib, params_before, params_after, time.perf_counter() - start, hidden=record)
     if not config.needs_data:
         report.calibration = None
