@@ -413,3 +413,17 @@ def test_norm_corrections_are_rms_ratios():
     sq = {"a": torch.tensor([4.0, 1.0, 1.0, 2.0], dtype=torch.float64)}
     r = norm_corrections(sq, torch.tensor([0, 3]))
     assert math.isclose(r["a"], math.sqrt(3.0 / 2.0))
+
+
+@pytest.mark.parametrize("name, cls", [("structured-depth-8", DepthPruningConfig),
+                                       ("structured-hidden-20", HiddenPruningConfig)])
+def test_shipped_depth_and_hidden_recipes_load_and_round_trip(name, cls):
+    from pathlib import Path
+
+    from hfprune import load_recipe
+
+    cfg, calib = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
+    assert isinstance(cfg, cls) and calib.nsamples == 64 and calib.seqlen == 512 and calib.seed == 0
+    assert cls.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="Unknown key"):
+        cls.from_dict({**cfg.to_dict(), "typo": 1})

@@ -103,6 +103,15 @@ class DepthPruningConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DepthPruningConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        data = {k: v for k, v in data.items() if k not in ("method", "hfprune_version")}
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"Unknown key(s) {unknown} for method {cls.method!r}; allowed: {cls.field_names()}.")
+        return cls(**data)
+
 
 # --------------------------------------------------------------------------------------------
 # Pure math
