@@ -131,11 +131,11 @@ def stock_reload_ok(model, x) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=PROTOCOL["model"])
-    parser.add_argument("--targets", default="0.9,0.8,0.7")
+    parser.add_argument("--targets", default="0.8,0.9,0.7", help="in the order run (partial results are kept)")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--grid", choices=("full", "reduced"), default="full",
                         help="reduced: width with a KV group removed, the angular criterion and the width+hidden / "
-                             "depth+hidden combinations only at the middle target (for a busy CPU)")
+                             "depth+hidden combinations only at the first target (for a busy CPU)")
     parser.add_argument("--width-importance", default="wanda")
     parser.add_argument("--depth-criteria", default="block_influence,angular")
     parser.add_argument("--nsamples", type=int, default=64)
@@ -216,16 +216,16 @@ def main() -> None:
                            "num_key_value_heads": model.config.num_key_value_heads,
                            "intermediate_size": model.config.intermediate_size}
         result["points"].append(point)
+        finish(result, args)  # partial results (JSON and plot) survive an interruption
         print(f"{kind:6s} {target:.1f} {name:34s} ratio {point['ratio']:.3f} ppl {point['perplexity']:10.2f} "
               f"decode {point['decode_tokens_per_s']:.1f} tok/s (dense {dense_again:.1f}) "
               f"reload {point['stock_reload']} [{seconds:.0f} s]", flush=True)
-        write_json(Path(args.output), result)  # partial results survive an interruption
         del model
 
     def width_cfg(plan):
         return StructuredConfig(importance=args.width_importance, **plan)
 
-    middle = targets[len(targets) // 2]
+    middle = targets[0]
     for target in targets:
         full = args.grid == "full" or target == middle
         if "width" in kinds:
@@ -261,6 +261,11 @@ def main() -> None:
             run("combo", target, f"depth {n} + hidden {h_after_depth}",
                 [DepthPruningConfig(num_blocks=n), HiddenPruningConfig(keep_hidden=h_after_depth)])
     result["seconds"] = time.perf_counter() - start
+    finish(result, args)
+    print(f"wrote {args.output} and {args.plot}")
+
+
+def finish(result: dict, args) -> None:
     best = {}
     for p in result["points"]:
         key = f"{p['kind']}@{p['target']}"
@@ -271,7 +276,6 @@ def main() -> None:
                       for k, v in best.items()}
     write_json(Path(args.output), result)
     plot(result, Path(args.plot))
-    print(f"wrote {args.output} and {args.plot}")
 
 
 def markdown(result: dict) -> str:
