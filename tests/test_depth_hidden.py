@@ -427,3 +427,12 @@ def test_shipped_depth_and_hidden_recipes_load_and_round_trip(name, cls):
     assert cls.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="Unknown key"):
         cls.from_dict({**cfg.to_dict(), "typo": 1})
+
+
+def test_cli_depth_refuses_low_memory(tmp_path, caplog):
+    from hfprune.cli import main
+
+    rc = main(["prune", "--model", str(tmp_path / "nowhere"), "--method", "depth", "--num-blocks", "1",
+               "--low-memory", "--output", str(tmp_path / "out")])
+    assert rc == 2 and "--method depth" in caplog.text
+    assert not (tmp_path / "out").exists()

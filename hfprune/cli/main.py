@@ -218,8 +218,9 @@ def _run_streaming(args, config, calibration):
     if getattr(args, "format", "dense") != "dense":
         raise ValueError("--low-memory / --resume write dense safetensors shards: drop --format, or convert the "
                          "output afterwards with hfprune.save_pretrained(..., format=...).")
-    if getattr(args, "target", None):
-        raise ValueError("--low-memory / --resume support unstructured and N:M pruning, not structured --target.")
+    if getattr(args, "target", None) or config.method in ("depth", "hidden"):
+        raise ValueError("--low-memory / --resume support unstructured and N:M pruning, not structured --target or "
+                         "--method depth / hidden (they change the model's structure in memory).")
     after = None
     if getattr(args, "eval", False):
         def after(model, tokenizer):
