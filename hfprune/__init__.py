@@ -20,13 +20,17 @@ from hfprune.recipes import load_recipe
 from hfprune.registry import available_methods, register_pruner
 from hfprune.report import PruneReport
 from hfprune.structured.experts import ExpertPruningConfig
+from hfprune.structured.depth import DepthPruningConfig
+from hfprune.structured.hidden import HiddenPruningConfig
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "ArchSpec",
     "CalibrationConfig",
+    "DepthPruningConfig",
     "ExpertPruningConfig",
+    "HiddenPruningConfig",
     "MagnitudeConfig",
     "PruneReport",
     "PruningConfig",

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["PruneReport", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report"]
+__all__ = ["PruneReport", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report"]
 
 
 def peak_rss_mb() -> float:
@@ -64,6 +64,38 @@ def layer_sparsity_report(model: torch.nn.Module, names: list[str] | None = None
 
 
 @dataclass
+class DepthRemoval:
+    """What depth pruning removed (:mod:`hfprune.structured.depth`)."""
+
+    criterion: str
+    blocks_before: int
+    blocks_after: int
+    removed: list[int]
+    """Indices (in the model before pruning) of the decoder blocks removed."""
+    scores: list[float]
+    """The criterion's score of every candidate (per block; ``angular``: per start of a run)."""
+    config_changes: dict[str, Any] = field(default_factory=dict)
+    """``{field: {"before", "after"}}`` of every config field rewritten (layer count, per-layer lists)."""
+    block_influence: list[float] | None = None
+    angular_distance: list[float] | None = None
+
+
+@dataclass
+class HiddenRemoval:
+    """What hidden-size (embedding-channel) pruning removed (:mod:`hfprune.structured.hidden`)."""
+
+    hidden_before: int
+    hidden_after: int
+    removed_channels: list[int]
+    """Indices of the residual-stream channels removed."""
+    resized: list[str] = field(default_factory=list)
+    """Parameters that lost hidden channels (``name: old shape -> new shape``)."""
+    config_changes: dict[str, Any] = field(default_factory=dict)
+    norm_scale: dict[str, float] | None = None
+    """Norm weight corrections applied (``norm_correction``): module name -> factor."""
+
+
+@dataclass
 class PruneReport:
     method: str
     config: dict[str, Any]
@@ -91,12 +123,30 @@ class PruneReport:
     """MoE models: calibration tokens per expert weight (``tokens``) and the expert weights that saw
     fewer than their input width or ``min_expert_tokens`` (``few_tokens``)."""
 
+    depth: DepthRemoval | None = None
+    """Depth pruning: the blocks removed and the criterion's scores."""
+    hidden: HiddenRemoval | None = None
+    """Hidden-size pruning: the residual channels removed."""
+
+    def save_to_model(self, model) -> None:
+        """Set ``model.config.pruning_config`` to this run's entry; an earlier run's entry (a model
+        pruned in several steps, e.g. width then depth) is kept under ``"previous"``."""
+        earlier = getattr(model.config, "pruning_config", None)
+        entry = self.pruning_config()
+        if isinstance(earlier, dict) and earlier:
+            entry["previous"] = earlier
+        model.config.pruning_config = entry
+
     def pruning_config(self) -> dict[str, Any]:
         """The ``config.pruning_config`` entry written to ``config.json`` (serialisation only)."""
         if self.structured is not None:
             s = self.structured
             out = {**self.config, "params_before": s["params_before"], "params_after": s["params_after"],
                    "reload_with": s["reload_with"], "calibration": self.calibration}
+            if self.depth is not None:
+                out["removed_blocks"] = list(self.depth.removed)
+            if self.hidden is not None:
+                out.update(hidden_before=self.hidden.hidden_before, hidden_after=self.hidden.hidden_after)
         else:
             out = {**self.config, "achieved_sparsity": self.sparsity,
                    "layer_sparsity": {n: round(v["sparsity"], 6) for n, v in self.layers.items()},
@@ -145,6 +195,12 @@ class PruneReport:
             lines = [f"hfprune {self.method}: parameters {s['params_before']:,} -> {s['params_after']:,} "
                      f"({100 * self.sparsity:.1f}% removed), {self.prune_seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MiB, "
                      f"reload with {s['reload_with']}"]
+            if self.depth is not None:
+                d = self.depth
+                lines.append(f"  blocks {d.blocks_before} -> {d.blocks_after} ({d.criterion}), removed {d.removed}")
+            if self.hidden is not None:
+                h = self.hidden
+                lines.append(f"  hidden size {h.hidden_before} -> {h.hidden_after}")
             for b in self.blocks[:3]:
                 lines.append("  block %d: %s" % (b["index"], ", ".join(f"{k}={v}" for k, v in b.items() if k != "index")))
             if len(self.blocks) > 3:

@@ -24,6 +24,8 @@ def _add_prune(sub) -> None:
     from hfprune.config import CalibrationConfig, PruningConfig
     from hfprune.formats import FORMATS
     from hfprune.methods import ADMMConfig, SparseGPTConfig, StructuredConfig
+    from hfprune.structured.depth import DepthPruningConfig
+    from hfprune.structured.hidden import HiddenPruningConfig
 
     p = sub.add_parser("prune", help="Prune a model and save it.",
                        description="Prune a causal LM one decoder block at a time and save a standard checkpoint.")
@@ -45,6 +47,9 @@ def _add_prune(sub) -> None:
     method_keys += add_fields(p, StructuredConfig, only=("heads_ratio", "mlp_ratio", "gqa_mode", "bias_compensation"))
     p.add_argument("--non-uniform", action="store_true", default=None, dest="non_uniform",
                    help="Structured: per-block counts from a global ranking (reload with hfprune).")
+    # --method depth / --method hidden: whole decoder blocks / residual channels (stock reload).
+    method_keys += add_fields(p, DepthPruningConfig)
+    method_keys += add_fields(p, HiddenPruningConfig)
     calib_keys = add_fields(p, CalibrationConfig, skip=("config_name",), flags={"dataset": ["--calibration"]})
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--output", required=True, help="Output folder for the pruned checkpoint.")
@@ -203,8 +208,9 @@ def _run_streaming(args, config, calibration):
     if getattr(args, "format", "dense") != "dense":
         raise ValueError("--low-memory / --resume write dense safetensors shards: drop --format, or convert the "
                          "output afterwards with hfprune.save_pretrained(..., format=...).")
-    if getattr(args, "target", None):
-        raise ValueError("--low-memory / --resume support unstructured and N:M pruning, not structured --target.")
+    if getattr(args, "target", None) or config.method in ("depth", "hidden"):
+        raise ValueError("--low-memory / --resume support unstructured and N:M pruning, not structured --target or "
+                         "--method depth / hidden (they change the model's structure in memory).")
     after = None
     if getattr(args, "eval", False):
         def after(model, tokenizer):

@@ -232,6 +232,13 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
                                   progress=progress)
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
+    from hfprune.structured.depth import DepthPruningConfig, run_depth_pruning
+    from hfprune.structured.hidden import HiddenPruningConfig, run_hidden_pruning
+
+    if isinstance(config, (DepthPruningConfig, HiddenPruningConfig)):  # whole blocks / residual channels: own flows
+        run = run_depth_pruning if isinstance(config, DepthPruningConfig) else run_hidden_pruning
+        return run(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                   batch_size=batch_size, progress=progress)
     pruner = get_pruner_cls(config.method)(config)
     if pruner.structured:
         return _prune_structured(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
