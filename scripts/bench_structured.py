@@ -12,8 +12,9 @@ The default variants sit at about 0.77x parameters (the setting of issue 19): 1 
 heads per KV group (``per_group``) and 30 % of the MLP neurons, plus two other head/MLP splits of
 the same budget (whole KV groups; MLP only).
 
-    .venv/bin/python scripts/bench_structured.py --max-windows 8 --output docs/results/structured.json
-    .venv/bin/python scripts/bench_structured.py --max-windows 8 --variants obs,wanda --generate
+    .venv/bin/python scripts/bench_structured.py --max-windows 8            # -> bench_out/structured_compensation.json
+    .venv/bin/python scripts/bench_structured.py --max-windows 8 --variants obs-bias --append --generate
+    .venv/bin/python scripts/bench_report.py --section structured_compensation   # table in docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ VARIANTS = {
     "flap": dict(MAIN, importance="fluctuation", bias_compensation=True, compensation="none"),  # FLAP
     "fluctuation-lstsq": dict(MAIN, importance="fluctuation", compensation="lstsq"),
     "obs-bias": dict(MAIN, importance="obs", bias_compensation=True),  # bias re-fitted with the weights
+    "obs-dense": dict(MAIN, importance="obs", compensation_target="dense"),  # re-fit to the dense model's outputs
     "magnitude": dict(MAIN, importance="magnitude", compensation="none"),
     # other splits of the same parameter budget between attention and MLP
     "obs-whole-group": dict(heads_ratio=1 / 3, mlp_ratio=0.27, gqa_mode="whole_group", importance="obs"),
@@ -48,7 +50,7 @@ VARIANTS = {
     # non-uniform widths (global ranking of Wanda scores; reload with hfprune)
     "obs-nonuniform": dict(MAIN, importance="obs", uniform=False),
 }
-DEFAULT = "obs,wanda,wanda-lstsq,flap,obs-mlp-only,obs-whole-group"
+DEFAULT = "obs,wanda,obs-dense,wanda-lstsq,flap,obs-mlp-only,obs-whole-group"
 
 
 def unique_params(model) -> int:
@@ -89,7 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--generate", action="store_true", help="also time generation of 64 new tokens")
     parser.add_argument("--append", action="store_true", help="keep the runs already in --output (same dense row)")
-    parser.add_argument("--output", default="bench_out/structured.json")
+    parser.add_argument("--output", default="bench_out/structured_compensation.json")
     args = parser.parse_args()
 
     import hfprune

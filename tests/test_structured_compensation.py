@@ -13,7 +13,8 @@ import hfprune
 from hfprune.arch import get_blocks, get_spec, get_submodule
 from hfprune.cli.main import build_parser
 from hfprune.recipes import build_configs
-from hfprune.solvers.structured import augment_bias, compensate, greedy_remove, group_errors, output_error
+from hfprune.solvers.structured import (augment_bias, compensate, fit_to_target, greedy_remove, group_errors,
+                                       output_error, target_error)
 from hfprune.stats import ChannelStats, MomentStats
 from hfprune.structured import StructuredConfig
 
@@ -273,3 +274,36 @@ def test_compensated_engine_errors_before_calibration():
         hfprune.prune(model, config=StructuredConfig(heads_ratio=0.1), calibration="c4", progress=False)
     with pytest.raises(ValueError, match="tokenizer"):
         hfprune.prune(model, config=StructuredConfig(mlp_ratio=0.5), calibration="c4", progress=False)
+
+
+def test_fit_to_target_reduces_to_compensate_and_fits_another_layer():
+    W, X = _layer(4)
+    keep = torch.tensor([0, 1, 2, 4, 6, 8, 11, 13])
+    H = X.T @ X / X.shape[0]
+    same = fit_to_target(W, H, H @ W.T, keep, damp=0.01)
+    assert torch.allclose(same, compensate(W, H, keep, damp=0.01), atol=1e-9)
+    # Targets from a different ("dense") layer on different ("dense") inputs.
+    Xd = X + 0.1 * torch.randn(X.shape, generator=torch.Generator().manual_seed(5), dtype=X.dtype)
+    T = Xd @ (W + 0.05).T
+    fitted = fit_to_target(W, H, X.T @ T / X.shape[0], keep, damp=0.0)
+    ref = torch.linalg.lstsq(X[:, keep], T).solution.T
+    assert torch.allclose(fitted, ref, atol=1e-8)
+    err = target_error(fitted, H[keep][:, keep], (X.T @ T / X.shape[0])[keep], float(T.pow(2).sum()) / X.shape[0])
+    assert err == pytest.approx(float((T - X[:, keep] @ fitted.T).pow(2).sum()) / X.shape[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("arch,extra", [("llama", dict(num_attention_heads=8, num_key_value_heads=2)), ("gpt2", {})])
+def test_dense_target_compensation_through_engine(arch, extra):
+    ids = _ids()
+    model = tiny_model(arch, **extra)
+    dense_logits = model(ids).logits.detach()
+    cfg = StructuredConfig(heads_ratio=0.5 if arch == "llama" else 0.25, mlp_ratio=0.25,
+                           compensation_target="dense")
+    report = hfprune.prune(model, config=cfg, calibration=ids, progress=False)
+    for b in report.structured["blocks"]:
+        assert b["down_error"] < b["down_error_dropped"] and b["o_error"] <= b["o_error_dropped"] + 1e-9
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all() and model(ids).logits.shape == dense_logits.shape
+    assert StructuredConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
+    with pytest.raises(ValueError, match="compensation_target"):
+        StructuredConfig(compensation_target="teacher")

@@ -43,7 +43,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--target", help="Structured pruning: heads, mlp or heads,mlp (physically removes them; "
                                     "--method is then the importance: obs, magnitude, wanda or fluctuation).")
     method_keys += add_fields(p, StructuredConfig, only=("heads_ratio", "mlp_ratio", "gqa_mode", "bias_compensation",
-                                                                 "compensation", "damp"))
+                                                                 "compensation", "compensation_target", "damp"))
     p.add_argument("--non-uniform", action="store_true", default=None, dest="non_uniform",
                    help="Structured: per-block counts from a global ranking (reload with hfprune).")
     calib_keys = add_fields(p, CalibrationConfig, skip=("config_name",), flags={"dataset": ["--calibration"]})

@@ -797,8 +797,15 @@ def _prune_structured_sequential(model: nn.Module, tokenizer, config, calibratio
             ensure_output_bias(model, spec, blocks, "attention")
         comp_mlp = config.bias_compensation and config.mlp_ratio > 0 and ensure_output_bias(model, spec, blocks, "mlp")
         runner.capture(ids)
-        entries = prune_sequential(runner, spec, config, head_remove, mlp_remove, progress=progress)
+        dense_runner = None
+        if config.compensation_target == "dense":
+            dense_runner = LayerRunner(model, spec, batch_size=runner.batch_size)
+            dense_runner.capture(ids)
+        entries = prune_sequential(runner, spec, config, head_remove, mlp_remove, progress=progress,
+                                   dense_runner=dense_runner)
         runner.release()
+        if dense_runner is not None:
+            dense_runner.release()
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache

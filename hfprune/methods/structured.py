@@ -84,6 +84,7 @@ logger = logging.getLogger(__name__)
 IMPORTANCES = ("obs", "magnitude", "wanda", "fluctuation")
 GQA_MODES = ("per_group", "whole_group")
 COMPENSATIONS = ("auto", "lstsq", "none")
+COMPENSATION_TARGETS = ("pruned", "dense")
 
 
 @dataclass
@@ -112,6 +113,11 @@ class StructuredConfig:
         "help": "Structured: after removing heads/neurons, re-fit the kept o_proj/down_proj columns by least squares "
                 "on the calibration inputs, block by block (lstsq), or not (none); auto = lstsq unless "
                 "importance=magnitude (data-free).", "choices": COMPENSATIONS})
+    compensation_target: str = field(default="pruned", metadata={
+        "help": "Structured compensation: re-fit each layer to its own outputs on the pruned model's inputs "
+                "(pruned, SparseGPT's scheme) or to the dense model's outputs (dense: also corrects the drift of "
+                "earlier blocks; runs the dense blocks alongside, about twice the time).",
+        "choices": COMPENSATION_TARGETS})
     damp: float = field(default=0.01, metadata={
         "help": "Structured compensation / obs: ridge on the input Hessian, as a fraction of its mean diagonal."})
     num_heads: int | None = field(default=None, repr=False)
@@ -130,6 +136,9 @@ class StructuredConfig:
             raise ValueError(f"importance={self.importance!r} is unknown; use one of {', '.join(IMPORTANCES)}.")
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"compensation={self.compensation!r} is unknown; use one of {', '.join(COMPENSATIONS)}.")
+        if self.compensation_target not in COMPENSATION_TARGETS:
+            raise ValueError(f"compensation_target={self.compensation_target!r} is unknown; use one of "
+                             f"{', '.join(COMPENSATION_TARGETS)}.")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 10:
             raise ValueError(f"damp={self.damp!r} must be a number in [0, 10) (a fraction of the mean Hessian "
                              f"diagonal; 0.01 is the usual value).")

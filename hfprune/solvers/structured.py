@@ -41,7 +41,8 @@ import logging
 
 import torch
 
-__all__ = ["damped_hessian", "augment_bias", "compensate", "group_errors", "greedy_remove", "output_error"]
+__all__ = ["damped_hessian", "augment_bias", "compensate", "fit_to_target", "target_error", "group_errors",
+           "greedy_remove", "output_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,36 @@ def compensate(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, damp: float
         raise ValueError("The kept-column Hessian is not positive definite even after damping; raise damp.")
     delta = torch.cholesky_solve((Wd[:, removed] @ H_SK).T, L).T
     return (Wd[:, keep] + delta).to(W.dtype)
+
+
+def fit_to_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, keep: torch.Tensor,
+                  damp: float = 0.01) -> torch.Tensor:
+    """Re-fit the kept columns to another layer's outputs ``T`` (the dense model's, on its own
+    inputs): ``argmin ||T - W'_K X_K||^2 + lambda ||W'_K - W_K||^2``, i.e.
+
+        W'_K^T = (H_KK + lambda I)^{-1} (C_K + lambda W_K^T),   C = X T^T   ([in, out])
+
+    With ``T = W X`` (``C = H W^T``) this is :func:`compensate`. ``H`` and ``C`` must share their
+    scale (both divided by the token count, say).
+    """
+    n = W.shape[1]
+    if H.shape != (n, n) or C.shape != (n, W.shape[0]):
+        raise ValueError(f"H {tuple(H.shape)} / C {tuple(C.shape)} do not fit W {tuple(W.shape)}.")
+    keep = keep.to(W.device)
+    Hd = damped_hessian(H.to(W.device), damp)
+    lam = (Hd.diagonal() - H.to(W.device).double().diagonal()).clamp_min(0)  # the ridge added per column
+    H_KK = Hd[keep][:, keep]
+    rhs = C.to(W.device).double()[keep] + lam[keep, None] * W.detach().double()[:, keep].T
+    L, info = torch.linalg.cholesky_ex(H_KK)
+    if int(info) != 0:
+        raise ValueError("The kept-column Hessian is not positive definite even after damping; raise damp.")
+    return torch.cholesky_solve(rhs, L).T.to(W.dtype)
+
+
+def target_error(W_K: torch.Tensor, H_KK: torch.Tensor, C_K: torch.Tensor, target_energy: float) -> float:
+    """``||T - W_K X_K||^2 = tr(T T^T) - 2 tr(W_K C_K) + tr(W_K H_KK W_K^T)`` (same scale as ``H``)."""
+    W_K = W_K.double()
+    return float(target_energy - 2 * (W_K * C_K.double().T).sum() + ((W_K @ H_KK.double()) * W_K).sum())
 
 
 def output_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:

@@ -17,6 +17,7 @@ Only the layer runner moves tensors; the math lives in :mod:`hfprune.solvers.str
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable
 
@@ -25,8 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hfprune.arch import get_blocks, get_submodule, in_features, weight_matrix
-from hfprune.solvers.structured import augment_bias, compensate, greedy_remove, output_error
-from hfprune.stats import MomentStats
+from hfprune.solvers.structured import (augment_bias, compensate, fit_to_target, greedy_remove, output_error,
+                                       target_error)
+from hfprune.stats import CrossMomentStats, MomentStats
 from hfprune.structured.importance import channel_scores, heads_from_channels, magnitude_head_scores, magnitude_neuron_scores
 from hfprune.structured.selection import head_units, select_heads, select_neurons
 from hfprune.structured.surgery import (add_bias_delta, block_shapes, complement, head_rows, kv_sq_norms,
@@ -50,6 +52,35 @@ def _moments(runner, i: int, module: nn.Module) -> MomentStats:
     return stats["m"]
 
 
+class _Last:
+    """Holds the last input a hook saw (one calibration batch)."""
+
+    def __init__(self):
+        self.x = None
+
+    def add_batch(self, x):
+        self.x = x
+
+
+def _input_of(runner, i: int, module: nn.Module, b: int) -> torch.Tensor:
+    """The input ``module`` gets in block ``i`` for calibration batch ``b`` (the block stops there)."""
+    with runner.shared_input_hooks(i, {"m": module}, lambda m: _Last(), stop_when_seen=True) as seen:
+        runner.run(i, update=False, batches=[b])
+    if "m" not in seen:
+        raise RuntimeError(f"Block {i} never called the layer being pruned during calibration.")
+    return seen["m"].x
+
+
+def _paired_moments(runner, dense_runner, i: int, module: nn.Module, dense_module: nn.Module) -> CrossMomentStats:
+    """Moments of ``module``'s inputs on the pruned model's activations, crossed with the outputs
+    the dense model's layer gives on the dense model's activations, batch by batch."""
+    acc = CrossMomentStats(in_features(module), weight_matrix(module).shape[0])
+    for b in range(runner.num_batches):
+        target = dense_module(_input_of(dense_runner, i, dense_module, b))
+        acc.add_pair(_input_of(runner, i, module, b), target)
+    return acc
+
+
 def _system(module: nn.Module, stats: MomentStats) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(W, H, has_bias)``: the weights and input Hessian the solver works on; with a bias, the
     bias is the last column of ``W`` and ``H`` is that of ``[X; 1]`` (both divided by ``n``)."""
@@ -71,15 +102,27 @@ def _refit(module: nn.Module, keep_cols: torch.Tensor, stats: MomentStats, cfg, 
     keep = keep_cols.to(W.device)
     if has_bias:
         keep = torch.cat([keep, torch.tensor([n], device=W.device)])
-    ref = float(((W @ H) * W).sum())
-    dropped = torch.zeros_like(W)
-    dropped[:, keep] = W[:, keep]
-    before = output_error(W, dropped, H) / max(ref, 1e-300)
+    if isinstance(stats, CrossMomentStats):  # fit to the dense model's outputs
+        C = stats.xty.to(W.device) / stats.count
+        if has_bias:
+            C = torch.cat([C, stats.tsum.to(W.device)[None] / stats.count], dim=0)
+        energy = stats.tt / stats.count
+        H_KK, C_K = H[keep][:, keep], C[keep]
+        before = target_error(W[:, keep], H_KK, C_K, energy) / max(energy, 1e-300)
+    else:
+        ref = float(((W @ H) * W).sum())
+        dropped = torch.zeros_like(W)
+        dropped[:, keep] = W[:, keep]
+        before = output_error(W, dropped, H) / max(ref, 1e-300)
     if cfg.resolved_compensation == "lstsq":
-        fitted = compensate(W, H, keep, damp=cfg.damp)
-        full = torch.zeros_like(W)
-        full[:, keep] = fitted
-        after = output_error(W, full, H) / max(ref, 1e-300)
+        if isinstance(stats, CrossMomentStats):
+            fitted = fit_to_target(W, H, C, keep, damp=cfg.damp)
+            after = target_error(fitted, H_KK, C_K, energy) / max(energy, 1e-300)
+        else:
+            fitted = compensate(W, H, keep, damp=cfg.damp)
+            full = torch.zeros_like(W)
+            full[:, keep] = fitted
+            after = output_error(W, full, H) / max(ref, 1e-300)
         weight = weight_matrix(module)
         weight[:, keep_cols.to(weight.device)] = fitted[:, :len(keep_cols)].to(weight.device, weight.dtype)
         if has_bias:
@@ -136,21 +179,37 @@ def _choose_neurons(block, spec, cfg, stats: MomentStats, inter: int, n_remove: 
 
 @torch.no_grad()
 def prune_sequential(runner, spec, cfg, head_remove: list[int], mlp_remove: list[int],
-                     progress: bool = True, on_block: Callable[[int], None] | None = None) -> list[dict]:
+                     progress: bool = True, on_block: Callable[[int], None] | None = None,
+                     dense_runner=None) -> list[dict]:
     """Prune every block of ``runner.model`` in order (see the module doc); ``runner`` holds the
     captured calibration activations. ``head_remove`` / ``mlp_remove`` are per-block unit counts
-    (:meth:`StructuredConfig.head_removal` units). Returns the per-block report entries."""
+    (:meth:`StructuredConfig.head_removal` units). With ``dense_runner`` (a second runner that
+    captured the same calibration batches; ``compensation_target="dense"``) the kept columns are
+    re-fitted to the outputs of the *dense* model's layer on the dense model's activations, which
+    also corrects the drift that the earlier pruned blocks left. Returns the per-block report entries."""
     model = runner.model
     blocks = list(get_blocks(model, spec))
+    if dense_runner is not None:
+        dense_runner.blocks = list(dense_runner.blocks)  # its block i is swapped for a dense copy below
     entries = []
     for i in tqdm(range(len(blocks)), desc="hfprune structured", disable=not progress, unit="block"):
         block = blocks[i]
+        dense = None
+        if dense_runner is not None:
+            dense = copy.deepcopy(block)
+            dense_runner.blocks[i] = dense
+
+        def moments(path):
+            if dense is None:
+                return _moments(runner, i, get_submodule(block, path))
+            return _paired_moments(runner, dense_runner, i, get_submodule(block, path), get_submodule(dense, path))
+
         n_heads, n_kv, hd, inter = block_shapes(block, spec, model.config)
         entry = {"index": i, "heads_before": n_heads, "kv_heads_before": n_kv, "neurons_before": inter}
         keep_heads, keep_kv = torch.arange(n_heads), torch.arange(n_kv)
         if head_remove[i] > 0:
             o = get_submodule(block, spec.o)
-            stats = _moments(runner, i, o)
+            stats = moments(spec.o)
             keep_heads, keep_kv = _choose_heads(block, spec, cfg, stats, n_heads, n_kv, hd, head_remove[i])
             keep_heads, keep_kv = keep_heads.cpu(), keep_kv.cpu()
             _refit(o, head_rows(keep_heads, hd), stats, cfg, entry, "o")
@@ -160,7 +219,7 @@ def prune_sequential(runner, spec, cfg, head_remove: list[int], mlp_remove: list
         n_removed = 0
         if inter is not None and mlp_remove[i] > 0:
             down = get_submodule(block, spec.down)
-            stats = _moments(runner, i, down)
+            stats = moments(spec.down)
             keep = _choose_neurons(block, spec, cfg, stats, inter, mlp_remove[i]).cpu()
             _refit(down, keep, stats, cfg, entry, "down")
             del stats
@@ -173,6 +232,10 @@ def prune_sequential(runner, spec, cfg, head_remove: list[int], mlp_remove: list
         entries.append(entry)
         if i < len(blocks) - 1:
             runner.run(i, update=True)
+            if dense_runner is not None:
+                dense_runner.run(i, update=True)
+        if dense_runner is not None:
+            dense_runner.blocks[i] = None  # the dense copy is no longer needed
         if on_block is not None:
             on_block(i)
     return entries
