@@ -154,6 +154,11 @@ def group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor) -> t
     ``groups`` is ``[n_groups, group_size]`` column indices; returns ``[n_groups]`` (float64).
     """
     Wd = W.detach().double()
+    if groups.shape[1] == 1:  # single columns: OBS's w^2 / [H^-1]_mm summed over the rows
+        cols = groups[:, 0]
+        d = Hinv.diagonal()[cols]
+        err = Wd[:, cols].pow(2).sum(0) / d
+        return torch.where(d > 0, err, torch.full_like(err, float("inf")))
     blocks = Hinv[groups[:, :, None], groups[:, None, :]]  # [G, s, s]
     Wg = Wd[:, groups].permute(1, 0, 2)  # [G, out, s]
     L, info = torch.linalg.cholesky_ex(blocks)
@@ -166,7 +171,8 @@ def group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor) -> t
 
 
 def greedy_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, n_remove: int, *, damp: float = 0.01,
-                  buckets: torch.Tensor | None = None, per_bucket: int | None = None) -> tuple[torch.Tensor, list[float]]:
+                  buckets: torch.Tensor | None = None, per_bucket: int | None = None,
+                  steps: int | None = None) -> tuple[torch.Tensor, list[float]]:
     """ZipLM / SlimGPT greedy structured OBS: remove ``n_remove`` of ``groups`` one at a time,
     each time the one whose removal (with the OBS update of the rest) raises the output error
     least.
@@ -180,6 +186,10 @@ def greedy_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, n_remo
         damp: relative dampening of ``H``.
         buckets, per_bucket: optional constraint: at most ``per_bucket`` groups removed from each
             bucket (``buckets[g]`` is group ``g``'s bucket; GQA: the KV group of a query head).
+        steps: greedy rounds (default: one per removed group). Fewer rounds remove the
+            ``n_remove / steps`` cheapest groups of a round together, with one joint OBS update
+            (SlimGPT's batched greedy pruning): much faster for hundreds of neurons, nearly the
+            same choice. Not combined with ``buckets``.
 
     Returns:
         ``(removed, errors)``: removed group indices in removal order, and the output-error
@@ -197,17 +207,21 @@ def greedy_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, n_remo
     if buckets is not None:
         buckets = buckets.to(device)
         taken = torch.zeros(int(buckets.max()) + 1, dtype=torch.long, device=device)
+    steps = n_remove if steps is None else max(1, min(int(steps), n_remove))
+    if steps < n_remove and buckets is not None:
+        raise ValueError("greedy_remove: steps < n_remove (batched rounds) cannot be combined with buckets.")
     removed: list[int] = []
     errors: list[float] = []
-    for _ in range(n_remove):
+    for step in range(steps):
         err = group_errors(Wd, Hinv, groups)
         err[~alive] = float("inf")
         if taken is not None and per_bucket is not None:
             err[taken[buckets] >= per_bucket] = float("inf")
-        g = int(torch.argmin(err))
-        if not torch.isfinite(err[g]):
+        k = (n_remove * (step + 1)) // steps - (n_remove * step) // steps  # groups this round
+        chosen = torch.topk(err, k, largest=False).indices
+        if not bool(torch.isfinite(err[chosen]).all()):
             raise ValueError("No group can be removed under the per-bucket limit; check per_bucket.")
-        cols = groups[g]
+        cols = groups[chosen].reshape(-1)
         B = Hinv[cols][:, cols]
         rows = Hinv[cols]  # [s, in]
         Binv_rows = torch.linalg.solve(B, rows)  # [(H^-1)_gg]^-1 (H^-1)_{g,:}
@@ -219,9 +233,9 @@ def greedy_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, n_remo
         Hinv[cols, :] = 0
         Hinv[:, cols] = 0
         Hinv[cols, cols] = 1
-        alive[g] = False
+        alive[chosen] = False
         if taken is not None:
-            taken[buckets[g]] += 1
-        removed.append(g)
-        errors.append(float(err[g]))
+            taken.index_add_(0, buckets[chosen], torch.ones_like(chosen))
+        removed.extend(int(g) for g in chosen)
+        errors.extend(float(err[g]) for g in chosen)
     return torch.tensor(removed, dtype=torch.long), errors
