@@ -166,6 +166,8 @@ def section_structured_compensation(lines):
             continue
         c = r["config"]
         comp = r.get("compensation", "-") + (" + bias" if c.get("bias_compensation") else "")
+        if r.get("compensation") == "lstsq" and c.get("compensation_target") == "dense":
+            comp += ", dense target"
         neurons = r["neurons_after"]
         kept = f"{r['heads_after']} / {r['kv_heads_after']} / " + (
             str(neurons[0]) if len(set(neurons)) == 1 else f"{min(neurons)}-{max(neurons)}")
@@ -173,8 +175,10 @@ def section_structured_compensation(lines):
                 if f"mean_{k}_error" in r else "-" for k in ("o", "down")]
         reload = r.get("reload_with", "-")
         stock = r.get("stock_reload_fresh_process")
-        if stock:
-            reload += " (fresh process: ok)" if stock.startswith("False") else f" ({stock[:60]})"
+        if stock:  # "<hfprune imported> <heads> <kv heads> <intermediate> <max abs logit diff>"
+            parts = stock.split()
+            ok = len(parts) == 5 and parts[0] == "False" and float(parts[-1]) < 1e-3
+            reload += f" (fresh process, max logit diff {float(parts[-1]):.1e})" if ok else f" ({stock[:60]})"
         lines.append(f"| {name} | {c['importance']}{'' if c.get('uniform', True) else ', non-uniform'} | {comp} | "
                      f"{kept} | {r['params']:,} | {fmt(r.get('params_ratio'), '.3f')} | {fmt(r.get('perplexity'))} | "
                      f"{errs[0]} | {errs[1]} | {fmt(r.get('forward_speedup'))} | "
