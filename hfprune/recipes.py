@@ -66,13 +66,15 @@ def build_configs(data: dict[str, Any], overrides: dict[str, Any] | None = None,
     return PruningConfig.from_dict(data), CalibrationConfig.from_dict(calibration)
 
 
-_STRUCTURED_KEYS = ("heads_ratio", "mlp_ratio", "non_uniform", "gqa_mode", "bias_compensation")
+_STRUCTURED_KEYS = ("heads_ratio", "mlp_ratio", "non_uniform", "gqa_mode", "bias_compensation", "compensation",
+                    "compensation_target", "damp")
 
 
 def structured_config(data: dict[str, Any]):
     """A :class:`~hfprune.methods.structured.StructuredConfig` from recipe/CLI keys: ``method`` (the
-    importance: magnitude, wanda or fluctuation), ``target`` (heads, mlp or both), ``heads_ratio``,
-    ``mlp_ratio``, ``non_uniform``, ``gqa_mode``, ``bias_compensation``."""
+    importance: obs, magnitude, wanda or fluctuation), ``target`` (heads, mlp or both), ``heads_ratio``,
+    ``mlp_ratio``, ``non_uniform``, ``gqa_mode``, ``bias_compensation``, ``compensation``, ``compensation_target``,
+    ``damp``."""
     from hfprune.methods.structured import StructuredConfig
 
     data = dict(data)
@@ -94,6 +96,10 @@ def structured_config(data: dict[str, Any]):
     kwargs = {"importance": data.pop("method"), "heads_ratio": heads_ratio, "mlp_ratio": mlp_ratio,
               "uniform": not bool(data.pop("non_uniform", False)), "gqa_mode": data.pop("gqa_mode", None) or "per_group",
               "bias_compensation": bool(data.pop("bias_compensation", False))}
+    for key in ("compensation", "compensation_target", "damp"):
+        if data.get(key) is not None:
+            kwargs[key] = data.pop(key)
+        data.pop(key, None)
     leftover = {k: v for k, v in data.items() if v is not None and k not in ("sparsity", "pattern", "scope", "targets", "ignore")}
     if leftover:
         raise ValueError(f"Unknown key(s) {sorted(leftover)} for structured pruning; allowed: method, target, "

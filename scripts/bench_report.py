@@ -189,6 +189,55 @@ def section_structured(lines):
     lines.append("")
 
 
+def section_structured_compensation(lines):
+    data = _section(lines, "structured_compensation", "Compensated structured pruning (heads and MLP neurons, issue 19)",
+                    "scripts/bench_structured.py --output bench_out/structured_compensation.json")
+    if not data:
+        return
+    dense = data["runs"]["dense"]
+    commands = data.get("commands") or [data["command"]]
+    lines.append("Commands: " + " ; ".join(f"`{c}`" for c in commands) + f". SmolLM2-135M float32, calibration c4 "
+                 f"{data['protocol']['nsamples']} x {data['protocol']['seqlen']} seed {data['protocol']['seed']}, "
+                 f"WikiText-2 seqlen 2048, first {data['protocol']['max_windows']} windows (dense "
+                 f"{fmt(dense['perplexity'])}); no recovery. Forward: batch 1, 512 tokens, median of repeats; the "
+                 f"speedup divides the dense time re-measured right after each variant by the variant's (shared "
+                 f"machine); ideal = dense / pruned parameters. Output error: the layer's squared output error on "
+                 f"the calibration inputs relative to its output energy, mean over blocks, with the removed "
+                 f"columns dropped / after the least-squares re-fit.\n")
+    lines.append("| variant | importance | compensation | heads / KV / neurons kept | params | x dense | ppl | "
+                 "o_proj error dropped -> fitted | down_proj error dropped -> fitted | forward speedup | of ideal "
+                 "| reload | prune s |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in data["runs"].items():
+        if name == "dense":
+            continue
+        c = r["config"]
+        comp = r.get("compensation", "-") + (" + bias" if c.get("bias_compensation") else "")
+        if r.get("compensation") == "lstsq" and c.get("compensation_target") == "dense":
+            comp += ", dense target"
+        neurons = r["neurons_after"]
+        kept = f"{r['heads_after']} / {r['kv_heads_after']} / " + (
+            str(neurons[0]) if len(set(neurons)) == 1 else f"{min(neurons)}-{max(neurons)}")
+        errs = [f"{fmt(r.get(f'mean_{k}_error_dropped'), '.3f')} -> {fmt(r.get(f'mean_{k}_error'), '.3f')}"
+                if f"mean_{k}_error" in r else "-" for k in ("o", "down")]
+        reload = r.get("reload_with", "-")
+        stock = r.get("stock_reload_fresh_process")
+        if stock:  # "<hfprune imported> <heads> <kv heads> <intermediate> <max abs logit diff>"
+            parts = stock.split()
+            ok = len(parts) == 5 and parts[0] == "False" and float(parts[-1]) < 1e-3
+            reload += f" (fresh process, max logit diff {float(parts[-1]):.1e})" if ok else f" ({stock[:60]})"
+        lines.append(f"| {name} | {c['importance']}{'' if c.get('uniform', True) else ', non-uniform'} | {comp} | "
+                     f"{kept} | {r['params']:,} | {fmt(r.get('params_ratio'), '.3f')} | {fmt(r.get('perplexity'))} | "
+                     f"{errs[0]} | {errs[1]} | {fmt(r.get('forward_speedup'))} | "
+                     f"{fmt(r.get('forward_speedup_over_ideal'))} | {reload} | {fmt(r.get('prune_seconds'), '.0f')} |")
+    lines.append("")
+    md = BENCH / "structured_compensation.md"
+    if not md.exists():
+        md = RESULTS / "structured_compensation.md"
+    if md.exists():
+        lines.append(md.read_text())
+
+
 def section_generic(lines, name, title, script):
     data = _section(lines, name, title, script)
     if not data:
@@ -604,7 +653,8 @@ def section_sparsegpt_parity(lines):
     lines.extend(SPARSEGPT_PARITY_FINDINGS)
 
 
-SECTIONS = {"architectures": section_architectures, "sparsegpt_parity": section_sparsegpt_parity}
+SECTIONS = {"architectures": section_architectures, "sparsegpt_parity": section_sparsegpt_parity,
+            "structured_compensation": section_structured_compensation}
 
 
 def update_section(name: str) -> None:
@@ -641,6 +691,7 @@ def main() -> None:
     section_sparsegpt_parity(lines)
     section_admm(lines)
     section_structured(lines)
+    section_structured_compensation(lines)
     section_generic(lines, "size", "Checkpoint size (first run: 2:4 stored with 2-bit indices)", "scripts/bench_size.py")
     new_md = BENCH / "size_new" / "size.md"
     if new_md.exists():

@@ -316,7 +316,8 @@ def test_structured_heads_and_mlp_on_discovered_decoders(model_type, tmp_path):
     model = _tiny(model_type)
     ids = torch.randint(3, 300, (2, 16))
     before = sum(p.numel() for p in model.parameters())
-    report = hfprune.prune(model, config=StructuredConfig(heads_ratio=0.5, mlp_ratio=0.5), progress=False)
+    report = hfprune.prune(model, config=StructuredConfig(heads_ratio=0.5, mlp_ratio=0.5, importance="magnitude"),
+                           progress=False)
     assert sum(p.numel() for p in model.parameters()) < before
     with torch.no_grad():
         logits = model(ids).logits
@@ -334,11 +335,12 @@ def test_structured_refuses_layouts_it_cannot_shrink():
 
     model = _tiny("olmo2")  # q_norm / k_norm span all heads
     with pytest.raises(ValueError, match=r"q_norm\.weight \(64,\) .* heads_ratio=0"):
-        hfprune.prune(model, config=StructuredConfig(heads_ratio=0.5), progress=False)
-    report = hfprune.prune(model, config=StructuredConfig(mlp_ratio=0.5), progress=False)  # MLP neurons are fine
+        hfprune.prune(model, config=StructuredConfig(heads_ratio=0.5, importance="magnitude"), progress=False)
+    report = hfprune.prune(model, config=StructuredConfig(mlp_ratio=0.5, importance="magnitude"),
+                           progress=False)  # MLP neurons are fine
     assert report.structured["params_after"] < report.structured["params_before"]
     with pytest.raises(ValueError, match="down projection|mlp_ratio=0"):
-        hfprune.prune(_tiny("qwen3_moe"), config=StructuredConfig(mlp_ratio=0.5), progress=False)
+        hfprune.prune(_tiny("qwen3_moe"), config=StructuredConfig(mlp_ratio=0.5, importance="magnitude"), progress=False)
 
 
 class _ExpertMLP(nn.Module):

@@ -43,8 +43,9 @@ def _add_prune(sub) -> None:
                    help="Checkpoint format: dense save_pretrained, hfprune's compressed sparse format (reloads "
                         "after `import hfprune`), or compressed-tensors int4/int8 for vLLM.")
     p.add_argument("--target", help="Structured pruning: heads, mlp or heads,mlp (physically removes them; "
-                                    "--method is then the importance: magnitude, wanda or fluctuation).")
-    method_keys += add_fields(p, StructuredConfig, only=("heads_ratio", "mlp_ratio", "gqa_mode", "bias_compensation"))
+                                    "--method is then the importance: obs, magnitude, wanda or fluctuation).")
+    method_keys += add_fields(p, StructuredConfig, only=("heads_ratio", "mlp_ratio", "gqa_mode", "bias_compensation",
+                                                                 "compensation", "compensation_target", "damp"))
     p.add_argument("--non-uniform", action="store_true", default=None, dest="non_uniform",
                    help="Structured: per-block counts from a global ranking (reload with hfprune).")
     # --method depth / --method hidden: whole decoder blocks / residual channels (stock reload).

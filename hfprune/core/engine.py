@@ -691,10 +691,9 @@ def _allocation_pass(pruner, runner: LayerRunner, ids: torch.Tensor, targets, co
 @torch.no_grad()
 def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamples=None, seqlen=None, seed=None,
                       batch_size=None, progress=True) -> PruneReport:
-    """Structured pruning: channel statistics from one dense calibration pass (when the importance
-    or bias compensation needs data), then :func:`hfprune.structured.prune_structured`."""
-    import dataclasses
-
+    """Structured pruning: with compensation, block by block (:func:`_prune_structured_sequential`);
+    otherwise channel statistics from one dense calibration pass (when the importance or bias
+    compensation needs data), then :func:`hfprune.structured.prune_structured`."""
     from hfprune.methods.structured import prune_structured
     from hfprune.structured import attach_channel_stats
 
@@ -706,7 +705,10 @@ def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamp
     if is_offloaded(model):
         raise ValueError("Structured pruning changes layer shapes and needs the model in memory: load it without "
                          "offloading (no device_map offload / --low-memory).")
-    needs_data = config.importance != "magnitude" or config.bias_compensation
+    needs_data = config.importance != "magnitude" or config.bias_compensation or config.sequential
+    if config.sequential:
+        return _prune_structured_sequential(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen,
+                                            seed=seed, batch_size=batch_size, progress=progress)
     calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
     was_training = model.training
     model.eval()
@@ -730,11 +732,17 @@ def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamp
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - start
+    return _structured_report(model, config, result, calib if needs_data else None, elapsed)
+
+
+def _structured_report(model: nn.Module, config, result: dict, calib, elapsed: float) -> PruneReport:
+    import dataclasses
+
     cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_heads", "num_kv_heads", "intermediate_size")}
     cfg["method"] = f"structured-{config.importance}"
     removed = 1.0 - result["params_after"] / result["params_before"]
     report = PruneReport(
-        method=cfg["method"], config=cfg, calibration=calib.to_dict() if needs_data else None, layers={},
+        method=cfg["method"], config=cfg, calibration=calib.to_dict() if calib is not None else None, layers={},
         prune_seconds=elapsed, peak_rss_mb=peak_rss_mb(),
         peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         sparsity=removed, model_sparsity=removed,
@@ -746,3 +754,78 @@ def _prune_structured(model: nn.Module, tokenizer, config, calibration, *, nsamp
     logger.info("Structured pruning removed %.1f%% of the parameters (%d -> %d) in %.1f s.", 100 * removed,
                 result["params_before"], result["params_after"], elapsed)
     return report
+
+
+@torch.no_grad()
+def _prune_structured_sequential(model: nn.Module, tokenizer, config, calibration, *, nsamples=None, seqlen=None,
+                                 seed=None, batch_size=None, progress=True) -> PruneReport:
+    """Structured pruning block by block with least-squares compensation
+    (:mod:`hfprune.structured.sequential`); with ``uniform=False`` the per-block counts come from one
+    dense statistics pass first."""
+    from hfprune.methods.structured import check_prunable, removal_counts
+    from hfprune.structured import attach_channel_stats
+    from hfprune.structured.checkpoint import PRUNED_SHAPES_KEY, write_config
+    from hfprune.structured.sequential import prune_sequential
+    from hfprune.structured.surgery import block_shapes, count_params, ensure_output_bias
+
+    spec = get_spec(model)
+    blocks = list(get_blocks(model, spec))
+    check_prunable(model, spec, config, [block_shapes(b, spec, model.config) for b in blocks])
+    if config.heads_ratio > 0 and config.uniform:
+        for b in blocks:  # ratio / GQA grouping problems surface now, before calibration
+            n_heads, n_kv, _, _ = block_shapes(b, spec, model.config)
+            config.head_removal(n_heads, n_kv, strict=True)
+    calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    data = calib.dataset
+    if isinstance(data, torch.Tensor):
+        check_seqlen(model.config, int(data.shape[-1]), "The calibration seqlen (--seqlen)")
+    was_training = model.training
+    model.eval()
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    start = time.perf_counter()
+    params_before = count_params(model)
+    try:
+        ids = get_calibration_ids(calib, tokenizer, model)
+        runner = LayerRunner(model, spec, batch_size=_batch_size(calib, ids, model, one_pass=False))
+        stats = None
+        if not config.uniform and config.importance != "magnitude":
+            runner.capture(ids)
+            stats, remove = attach_channel_stats(model)
+            try:
+                for i in tqdm(range(len(runner)), desc="hfprune structured allocation", disable=not progress,
+                              unit="block"):
+                    runner.run(i, update=i < len(runner) - 1)
+            finally:
+                remove()
+        head_remove, mlp_remove = removal_counts(model, config, stats)
+        del stats
+        comp_attn = config.bias_compensation and config.heads_ratio > 0 and \
+            ensure_output_bias(model, spec, blocks, "attention")
+        comp_mlp = config.bias_compensation and config.mlp_ratio > 0 and ensure_output_bias(model, spec, blocks, "mlp")
+        runner.capture(ids)
+        dense_runner = None
+        if config.compensation_target == "dense":
+            dense_runner = LayerRunner(model, spec, batch_size=runner.batch_size)
+            dense_runner.capture(ids)
+        entries = prune_sequential(runner, spec, config, head_remove, mlp_remove, progress=progress,
+                                   dense_runner=dense_runner)
+        runner.release()
+        if dense_runner is not None:
+            dense_runner.release()
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        model.train(was_training)
+    reload_with = write_config(model, spec, blocks)
+    if reload_with == "hfprune":
+        logger.info("Per-block shapes stored in config.%s; reload with "
+                    "hfprune.structured.AutoPrunedModelForCausalLM.from_pretrained.", PRUNED_SHAPES_KEY)
+    result = {"importance": config.importance, "uniform": config.uniform, "gqa_mode": config.gqa_mode,
+              "heads_ratio": config.heads_ratio, "mlp_ratio": config.mlp_ratio,
+              "compensation": config.resolved_compensation,
+              "bias_compensation": {"attention": bool(comp_attn), "mlp": bool(comp_mlp)},
+              "params_before": params_before, "params_after": count_params(model), "reload_with": reload_with,
+              "blocks": entries}
+    return _structured_report(model, config, result, calib, time.perf_counter() - start)

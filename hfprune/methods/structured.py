@@ -13,6 +13,17 @@ The pipeline has three parts, each usable on its own:
    rows and ``down_proj`` columns, patching the attention attributes that the modeling code reads
    at forward time, and rewriting ``model.config`` so the checkpoint reloads.
 
+4. **Compensation** (``compensation="lstsq"``, the default whenever the importance reads data):
+   :func:`hfprune.prune` then runs block by block on the activations of the already pruned
+   blocks (:mod:`hfprune.structured.sequential`): the moments of the ``o_proj`` input are
+   gathered, heads are chosen, the kept ``o_proj`` columns (and its bias, if any) are re-fitted by
+   least squares to reproduce the layer's output on the calibration inputs
+   (:func:`hfprune.solvers.structured.compensate`), then the same for ``down_proj`` on the block
+   with its attention already pruned. ``importance="obs"`` (the default) chooses the heads /
+   neurons by the error left after that re-fit, greedily (ZipLM, SlimGPT:
+   :func:`hfprune.solvers.structured.greedy_remove`). :func:`prune_structured` is the one-pass,
+   uncompensated version on statistics of the dense model.
+
 GQA rule
 --------
 Query head ``h`` reads key/value head ``h // group_size`` (transformers' ``repeat_kv`` layout).
@@ -47,9 +58,10 @@ silently loading a wrong model.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Mapping
 
 import torch
@@ -69,8 +81,10 @@ from hfprune.structured.surgery import (add_bias_delta, block_shapes, complement
 
 logger = logging.getLogger(__name__)
 
-IMPORTANCES = ("magnitude", "wanda", "fluctuation")
+IMPORTANCES = ("obs", "magnitude", "wanda", "fluctuation")
 GQA_MODES = ("per_group", "whole_group")
+COMPENSATIONS = ("auto", "lstsq", "none")
+COMPENSATION_TARGETS = ("pruned", "dense")
 
 
 @dataclass
@@ -86,13 +100,26 @@ class StructuredConfig:
 
     heads_ratio: float = field(default=0.0, metadata={"help": "Fraction of attention heads removed."})
     mlp_ratio: float = field(default=0.0, metadata={"help": "Fraction of MLP neurons removed."})
-    importance: str = field(default="magnitude", metadata={"help": "magnitude, wanda or fluctuation.",
-                                                           "choices": IMPORTANCES})
+    importance: str = field(default="obs", metadata={
+        "help": "obs (greedy structured OBS on the layer's input Hessian: ZipLM/SlimGPT), magnitude (data-free), "
+                "wanda or fluctuation (FLAP).", "choices": IMPORTANCES})
     uniform: bool = field(default=True, metadata={"help": "Every block keeps the same counts (else a global ranking)."})
     gqa_mode: str = field(default="per_group", metadata={
         "help": "Structured heads with GQA: equal query heads per KV group, or whole KV groups.", "choices": GQA_MODES})
     bias_compensation: bool = field(default=False, metadata={
-        "help": "Structured: FLAP bias compensation for removed channels."})
+        "help": "Structured: FLAP bias compensation for removed channels (with compensation=lstsq the bias is "
+                "re-fitted with the weights)."})
+    compensation: str = field(default="auto", metadata={
+        "help": "Structured: after removing heads/neurons, re-fit the kept o_proj/down_proj columns by least squares "
+                "on the calibration inputs, block by block (lstsq), or not (none); auto = lstsq unless "
+                "importance=magnitude (data-free).", "choices": COMPENSATIONS})
+    compensation_target: str = field(default="pruned", metadata={
+        "help": "Structured compensation: re-fit each layer to its own outputs on the pruned model's inputs "
+                "(pruned, SparseGPT's scheme) or to the dense model's outputs (dense: also corrects the drift of "
+                "earlier blocks; runs the dense blocks alongside, about twice the time).",
+        "choices": COMPENSATION_TARGETS})
+    damp: float = field(default=0.01, metadata={
+        "help": "Structured compensation / obs: ridge on the input Hessian, as a fraction of its mean diagonal."})
     num_heads: int | None = field(default=None, repr=False)
     num_kv_heads: int | None = field(default=None, repr=False)
     intermediate_size: int | None = field(default=None, repr=False)
@@ -107,6 +134,18 @@ class StructuredConfig:
                                  f"in [0, 1) (0 keeps everything; 1 would remove everything).")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance={self.importance!r} is unknown; use one of {', '.join(IMPORTANCES)}.")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation={self.compensation!r} is unknown; use one of {', '.join(COMPENSATIONS)}.")
+        if self.compensation_target not in COMPENSATION_TARGETS:
+            raise ValueError(f"compensation_target={self.compensation_target!r} is unknown; use one of "
+                             f"{', '.join(COMPENSATION_TARGETS)}.")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 10:
+            raise ValueError(f"damp={self.damp!r} must be a number in [0, 10) (a fraction of the mean Hessian "
+                             f"diagonal; 0.01 is the usual value).")
+        if self.importance == "obs" and self.compensation == "none":
+            raise ValueError("importance='obs' chooses heads/neurons by the error left after the least-squares "
+                             "update, so it needs compensation='lstsq' (or 'auto'); for an uncompensated "
+                             "data-driven choice use importance='wanda' or 'fluctuation'.")
         if self.gqa_mode not in GQA_MODES:
             raise ValueError(f"gqa_mode={self.gqa_mode!r} is unknown; use one of {', '.join(GQA_MODES)}.")
         if self.num_heads is not None and self.heads_ratio > 0:
@@ -116,6 +155,41 @@ class StructuredConfig:
                 self.head_removal(self.num_heads, n_kv, strict=True)
         if self.intermediate_size is not None and self.mlp_ratio > 0 and self.uniform:
             removal_count(self.intermediate_size, self.mlp_ratio, strict=False, what="mlp_ratio")
+
+    @property
+    def resolved_compensation(self) -> str:
+        """``"lstsq"`` or ``"none"`` (``"auto"``: least squares whenever the importance reads data)."""
+        if self.compensation == "auto":
+            return "none" if self.importance == "magnitude" else "lstsq"
+        return self.compensation
+
+    @property
+    def sequential(self) -> bool:
+        """Block by block on the pruned model's activations (compensation), or one dense pass."""
+        return self.resolved_compensation == "lstsq"
+
+    def to_dict(self) -> dict:
+        """The options as a JSON-ready dict (``method`` first; shapes filled by :meth:`for_model` are left out)."""
+        out = {"method": self.method}
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.repr})
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "StructuredConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        data = dict(data)
+        data.pop("hfprune_version", None)
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"Not a structured config: method={method!r}.")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"Unknown key(s) {unknown} for structured pruning; allowed keys: {sorted(allowed)}.")
+        return cls(**data)
 
     def check_grouping(self, num_heads: int, num_kv_heads: int) -> None:
         """Structural checks that do not depend on the ratio's value."""
@@ -169,63 +243,18 @@ def _check_stats(stats, n_blocks: int, key: str, block_index: int, in_features: 
     return acc
 
 
-@torch.no_grad()
-def prune_structured(
-    model: nn.Module,
-    *,
-    heads_ratio: float = 0.0,
-    mlp_ratio: float = 0.0,
-    importance: str = "magnitude",
-    stats: Mapping[int, Mapping[str, ChannelStats]] | None = None,
-    uniform: bool = True,
-    gqa_mode: str = "per_group",
-    bias_compensation: bool = False,
-) -> dict:
-    """Remove attention heads and MLP neurons from ``model`` in place.
-
-    Args:
-        heads_ratio: fraction of attention heads removed (see the GQA rule in the module doc).
-        mlp_ratio: fraction of MLP neurons (intermediate channels) removed.
-        importance: ``"magnitude"`` (data-free group L2 norm), ``"wanda"`` or ``"fluctuation"``
-            (activation-aware; need ``stats``).
-        stats: ``{block_index: {"o": ChannelStats, "down": ChannelStats}}`` of the inputs of
-            o_proj / down_proj over calibration data (:func:`attach_channel_stats`).
-        uniform: every block keeps the same counts; else per-block counts from a global ranking
-            of per-block standardized scores (each block keeps at least one head unit / neuron).
-        gqa_mode: ``"per_group"`` or ``"whole_group"``.
-        bias_compensation: FLAP's bias compensation (needs ``stats``); where o_proj / down_proj
-            have no bias it is created only if the config has a flag for it (Llama
-            ``attention_bias`` / ``mlp_bias``, then set to True), else skipped with a warning.
-
-    Returns:
-        A report: ``params_before``, ``params_after``, ``reload_with`` (``"transformers"`` or
-        ``"hfprune"``) and ``blocks`` (per block: heads/kv heads/neurons before and after, kept
-        query and KV head indices, number of neurons removed).
-    """
-    cfg = StructuredConfig(heads_ratio=heads_ratio, mlp_ratio=mlp_ratio, importance=importance, uniform=uniform,
-                           gqa_mode=gqa_mode, bias_compensation=bias_compensation)
-    spec = get_spec(model)
-    blocks = list(get_blocks(model, spec))
-    n_blocks = len(blocks)
-    shapes = [block_shapes(b, spec, model.config) for b in blocks]
-    do_heads = cfg.heads_ratio > 0
-    do_mlp = cfg.mlp_ratio > 0
-    if do_heads and (spec.o is None or not (spec.qkv or (spec.q and spec.k and spec.v))):
+def check_prunable(model: nn.Module, spec, cfg: StructuredConfig, shapes) -> None:
+    """The layers ``cfg`` prunes exist in the ArchSpec (a clear error before any work)."""
+    if cfg.heads_ratio > 0 and (spec.o is None or not (spec.qkv or (spec.q and spec.k and spec.v))):
         raise ValueError(f"{model.config.model_type!r} has no attention projections in its ArchSpec; set heads_ratio=0.")
-    if do_mlp and (spec.down is None or shapes[0][3] is None):
+    if cfg.mlp_ratio > 0 and (spec.down is None or shapes[0][3] is None):
         raise ValueError(f"{model.config.model_type!r} has no MLP down projection in its ArchSpec; set mlp_ratio=0.")
-    needs_stats = cfg.importance != "magnitude" or cfg.bias_compensation
-    why = f"importance={cfg.importance!r}" if cfg.importance != "magnitude" else "bias_compensation=True"
-    block_stats: list[dict[str, ChannelStats]] = [{} for _ in blocks]
-    if needs_stats:
-        for i, (n_heads, _, hd, inter) in enumerate(shapes):
-            if do_heads:
-                block_stats[i]["o"] = _check_stats(stats, n_blocks, "o", i, n_heads * hd, why)
-            if do_mlp:
-                block_stats[i]["down"] = _check_stats(stats, n_blocks, "down", i, inter, why)
 
-    params_before = count_params(model)
 
+def _plan(model, cfg: StructuredConfig, spec, blocks, shapes, block_stats):
+    """Importance scores and per-block removal counts (uniform, or from the global ranking)."""
+    n_blocks = len(blocks)
+    do_heads, do_mlp = cfg.heads_ratio > 0, cfg.mlp_ratio > 0
     # ---- importance -------------------------------------------------------------------------
     head_scores: list[torch.Tensor] = []
     kv_scores: list[torch.Tensor | None] = []
@@ -265,6 +294,101 @@ def prune_structured(
         else:
             mlp_remove = global_removal_counts([s.sort(stable=True).values for s in neuron_scores],
                                                cfg.mlp_ratio, "mlp_ratio")
+
+    return head_scores, kv_scores, neuron_scores, head_remove, mlp_remove
+
+
+def removal_counts(model: nn.Module, cfg: StructuredConfig,
+                   stats: Mapping[int, Mapping[str, ChannelStats]] | None = None) -> tuple[list[int], list[int]]:
+    """Per-block ``(head units, neurons)`` to remove under ``cfg``: the uniform counts, or (``uniform=False``)
+    the counts of the global ranking of ``cfg.importance`` scores on ``stats`` of the dense model
+    (``importance='obs'`` ranks by Wanda scores here: the OBS errors of later blocks depend on the
+    pruning of earlier ones)."""
+    import dataclasses
+
+    spec = get_spec(model)
+    blocks = list(get_blocks(model, spec))
+    shapes = [block_shapes(b, spec, model.config) for b in blocks]
+    check_prunable(model, spec, cfg, shapes)
+    if cfg.importance == "obs":
+        cfg = dataclasses.replace(cfg, importance="wanda", compensation="lstsq")
+    block_stats: list[dict[str, ChannelStats]] = [{} for _ in blocks]
+    if cfg.importance != "magnitude" and not cfg.uniform:
+        for i, (n_heads, _, hd, inter) in enumerate(shapes):
+            if cfg.heads_ratio > 0:
+                block_stats[i]["o"] = _check_stats(stats, len(blocks), "o", i, n_heads * hd, "uniform=False")
+            if cfg.mlp_ratio > 0:
+                block_stats[i]["down"] = _check_stats(stats, len(blocks), "down", i, inter, "uniform=False")
+    if cfg.uniform:
+        heads = [cfg.head_removal(h, kv, strict=True) if cfg.heads_ratio > 0 else 0 for h, kv, _, _ in shapes]
+        mlp = [removal_count(m, cfg.mlp_ratio, strict=False, what=f"mlp_ratio (block with {m} neurons)")
+               if cfg.mlp_ratio > 0 and m is not None else 0 for _, _, _, m in shapes]
+        return heads, mlp
+    *_, heads, mlp = _plan(model, cfg, spec, blocks, shapes, block_stats)
+    return heads, mlp
+
+
+@torch.no_grad()
+def prune_structured(
+    model: nn.Module,
+    *,
+    heads_ratio: float = 0.0,
+    mlp_ratio: float = 0.0,
+    importance: str = "magnitude",
+    stats: Mapping[int, Mapping[str, ChannelStats]] | None = None,
+    uniform: bool = True,
+    gqa_mode: str = "per_group",
+    bias_compensation: bool = False,
+) -> dict:
+    """Remove attention heads and MLP neurons from ``model`` in place, from statistics of one
+    dense pass and without least-squares compensation (``hfprune.prune`` with a
+    :class:`StructuredConfig` runs the compensated, block-by-block version).
+
+    Args:
+        heads_ratio: fraction of attention heads removed (see the GQA rule in the module doc).
+        mlp_ratio: fraction of MLP neurons (intermediate channels) removed.
+        importance: ``"magnitude"`` (data-free group L2 norm), ``"wanda"`` or ``"fluctuation"``
+            (activation-aware; need ``stats``).
+        stats: ``{block_index: {"o": ChannelStats, "down": ChannelStats}}`` of the inputs of
+            o_proj / down_proj over calibration data (:func:`attach_channel_stats`).
+        uniform: every block keeps the same counts; else per-block counts from a global ranking
+            of per-block standardized scores (each block keeps at least one head unit / neuron).
+        gqa_mode: ``"per_group"`` or ``"whole_group"``.
+        bias_compensation: FLAP's bias compensation (needs ``stats``); where o_proj / down_proj
+            have no bias it is created only if the config has a flag for it (Llama
+            ``attention_bias`` / ``mlp_bias``, then set to True), else skipped with a warning.
+
+    Returns:
+        A report: ``params_before``, ``params_after``, ``reload_with`` (``"transformers"`` or
+        ``"hfprune"``) and ``blocks`` (per block: heads/kv heads/neurons before and after, kept
+        query and KV head indices, number of neurons removed).
+    """
+    if importance == "obs":
+        raise ValueError("importance='obs' runs block by block on the calibration data with least-squares "
+                         "compensation: use hfprune.prune(model, tokenizer, StructuredConfig(...), calibration) "
+                         "instead of prune_structured, or importance='wanda' / 'fluctuation' here.")
+    cfg = StructuredConfig(heads_ratio=heads_ratio, mlp_ratio=mlp_ratio, importance=importance, uniform=uniform,
+                           gqa_mode=gqa_mode, bias_compensation=bias_compensation, compensation="none")
+    spec = get_spec(model)
+    blocks = list(get_blocks(model, spec))
+    n_blocks = len(blocks)
+    shapes = [block_shapes(b, spec, model.config) for b in blocks]
+    do_heads = cfg.heads_ratio > 0
+    do_mlp = cfg.mlp_ratio > 0
+    check_prunable(model, spec, cfg, shapes)
+    needs_stats = cfg.importance != "magnitude" or cfg.bias_compensation
+    why = f"importance={cfg.importance!r}" if cfg.importance != "magnitude" else "bias_compensation=True"
+    block_stats: list[dict[str, ChannelStats]] = [{} for _ in blocks]
+    if needs_stats:
+        for i, (n_heads, _, hd, inter) in enumerate(shapes):
+            if do_heads:
+                block_stats[i]["o"] = _check_stats(stats, n_blocks, "o", i, n_heads * hd, why)
+            if do_mlp:
+                block_stats[i]["down"] = _check_stats(stats, n_blocks, "down", i, inter, why)
+
+    params_before = count_params(model)
+    head_scores, kv_scores, neuron_scores, head_remove, mlp_remove = _plan(model, cfg, spec, blocks, shapes,
+                                                                           block_stats)
 
     # ---- bias compensation prerequisites ----------------------------------------------------
     comp_attn = cfg.bias_compensation and do_heads and ensure_output_bias(model, spec, blocks, "attention")
@@ -315,6 +439,7 @@ def prune_structured(
         "gqa_mode": cfg.gqa_mode,
         "heads_ratio": cfg.heads_ratio,
         "mlp_ratio": cfg.mlp_ratio,
+        "compensation": "none",
         "bias_compensation": {"attention": bool(comp_attn), "mlp": bool(comp_mlp)},
         "params_before": params_before,
         "params_after": params_after,

@@ -3,6 +3,7 @@
 from hfprune.stats.base import Stats
 from hfprune.stats.channel import ChannelStats
 from hfprune.stats.hessian import HessianStats
+from hfprune.stats.moments import CrossMomentStats, MomentStats
 from hfprune.stats.rownorm import RowNormStats
 
-__all__ = ["Stats", "ChannelStats", "HessianStats", "RowNormStats"]
+__all__ = ["Stats", "ChannelStats", "HessianStats", "MomentStats", "CrossMomentStats", "RowNormStats"]
