@@ -301,8 +301,8 @@ def test_hidden_refuses_families_that_derive_head_dim():
 
 def test_width_then_depth_then_hidden_chain_reloads_stock(tmp_path):
     model = make("llama")
-    hfprune.prune(model, config=hfprune.StructuredConfig(heads_ratio=0.5, mlp_ratio=0.25), calibration=None,
-                  progress=False)
+    hfprune.prune(model, config=hfprune.StructuredConfig(heads_ratio=0.5, mlp_ratio=0.25), calibration=ids(),
+                  progress=False)  # the default importance (structured OBS) and compensation read data
     hfprune.prune(model, config=DepthPruningConfig(num_blocks=1), calibration=ids(), progress=False)
     report = hfprune.prune(model, config=HiddenPruningConfig(keep_hidden=48), calibration=ids(), progress=False)
     assert model.config.num_attention_heads == 2 and model.config.num_hidden_layers == LAYERS - 1
