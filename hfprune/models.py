@@ -66,7 +66,13 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     if name in ALIASES:
         target = cache_dir() / name
         if not (target / "config.json").is_file():
-            _convert_gguf_alias(name, target)
+            from filelock import FileLock  # a dependency of huggingface_hub
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # several processes started at once (a benchmark, accelerate launch): one converts, the rest wait
+            with FileLock(str(target.parent / f".{name}.convert.lock")):
+                if not (target / "config.json").is_file():
+                    _convert_gguf_alias(name, target)
         return str(target)
     return name
 

@@ -645,3 +645,38 @@ def test_recover_default_eval_window_fits_a_short_context_model(gpt2_dir, calib_
                      "--seqlen", "32", "--eval-dataset", str(held_out), "--eval-max-windows", "1",
                      "--output", str(tmp_path / "rec")]) == 0
     assert "x 256 tokens" in caplog.text  # the protocol's 2048, lowered to GPT-2's 256 positions
+
+
+def test_alias_converted_once_when_processes_start_together(tmp_path, monkeypatch):
+    """Two runs started at once on a fresh cache: one converts the GGUF alias, the other waits and reuses it
+    (it used to fail with "output folder is not empty")."""
+    import threading
+    import time
+
+    from hfprune import models
+
+    monkeypatch.setenv("HFPRUNE_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_convert(alias, target):
+        calls.append(alias)
+        time.sleep(0.3)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf_alias", slow_convert)
+    paths, errors = [], []
+
+    def resolve():
+        try:
+            paths.append(models.resolve_model_path("smollm2-135m"))
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=resolve) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and calls == ["smollm2-135m"]
+    assert paths == [str(tmp_path / "smollm2-135m")] * 3
