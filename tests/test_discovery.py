@@ -229,6 +229,10 @@ def test_expert_pruning_config_errors():
 
     with pytest.raises(ValueError, match="exactly one"):
         ExpertPruningConfig()
+    cfg = ExpertPruningConfig(ratio=0.25, importance="frequency")
+    assert ExpertPruningConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['typo'\].*allowed keys: \['importance', 'num_experts', 'ratio'\]"):
+        ExpertPruningConfig.from_dict({**cfg.to_dict(), "typo": 1})
     model = _tiny("qwen3_moe")
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         hfprune.prune(model, config=ExpertPruningConfig(num_experts=1), calibration=torch.randint(3, 300, (1, 8)))

@@ -58,15 +58,15 @@ silently loading a wrong model.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar, Mapping
 
 import torch
 from torch import nn
 
+from hfprune.config import ConfigDictMixin
 from hfprune.methods.base import Pruner
 from hfprune.registry import register_pruner
 from hfprune.arch import get_blocks, get_spec, get_submodule, weight_matrix
@@ -88,7 +88,7 @@ COMPENSATION_TARGETS = ("pruned", "dense")
 
 
 @dataclass
-class StructuredConfig:
+class StructuredConfig(ConfigDictMixin):
     """Options of :func:`prune_structured`, validated on construction.
 
     ``heads_ratio`` / ``mlp_ratio`` are the fractions REMOVED. The optional ``num_heads``,
@@ -167,29 +167,6 @@ class StructuredConfig:
     def sequential(self) -> bool:
         """Block by block on the pruned model's activations (compensation), or one dense pass."""
         return self.resolved_compensation == "lstsq"
-
-    def to_dict(self) -> dict:
-        """The options as a JSON-ready dict (``method`` first; shapes filled by :meth:`for_model` are left out)."""
-        out = {"method": self.method}
-        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.repr})
-        return out
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "StructuredConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
-        data = dict(data)
-        data.pop("hfprune_version", None)
-        method = data.pop("method", cls.method)
-        if method != cls.method:
-            raise ValueError(f"Not a structured config: method={method!r}.")
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(f"Unknown key(s) {unknown} for structured pruning; allowed keys: {sorted(allowed)}.")
-        return cls(**data)
 
     def check_grouping(self, num_heads: int, num_kv_heads: int) -> None:
         """Structural checks that do not depend on the ratio's value."""
