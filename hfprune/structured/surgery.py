@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from hfprune.arch import ArchSpec, Conv1D, get_submodule, head_dim_of, weight_matrix
+from hfprune.arch import ArchSpec, Conv1D, get_submodule, head_dim_of, set_attention_sizes, set_mlp_size, weight_matrix
 from hfprune.stats import ChannelStats
 
 logger = logging.getLogger(__name__)
@@ -157,24 +157,11 @@ def mlp_in_weights(block: nn.Module, spec: ArchSpec, inter: int) -> list[torch.T
 
 def set_attention_attrs(attn: nn.Module | None, spec: ArchSpec, n_heads: int, n_kv: int, head_dim: int,
                          per_block_config: bool) -> None:
-    """Update the attributes attention modules read at forward time.
-
-    Covers ``num_heads`` (GPT-2, OPT), ``num_key_value_groups`` (Llama family's ``repeat_kv``),
-    ``num_key_value_heads`` (Phi-3 qkv split), ``split_size`` (GPT-2 qkv split) and, for
-    per-block shapes, a :class:`LayerConfigView` for code that reads ``self.config`` (Phi-3).
-    """
+    """Update the attributes attention modules read at forward time (:func:`hfprune.arch.set_attention_sizes`)
+    and, for per-block shapes, install a :class:`LayerConfigView` for code that reads ``self.config`` (Phi-3)."""
     if attn is None:
         return
-    for name in ("num_heads", "num_attention_heads"):
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, n_heads)
-    for name in ("num_key_value_heads", "num_kv_heads"):
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, n_kv)
-    if isinstance(getattr(attn, "num_key_value_groups", None), int):
-        attn.num_key_value_groups = n_heads // n_kv
-    if isinstance(getattr(attn, "split_size", None), int):
-        attn.split_size = n_heads * head_dim
+    set_attention_sizes(attn, n_heads, n_kv, head_dim)
     config = getattr(attn, "config", None)
     if config is None:
         return
@@ -193,8 +180,7 @@ def set_attention_attrs(attn: nn.Module | None, spec: ArchSpec, n_heads: int, n_
 def set_mlp_attrs(mlp: nn.Module | None, spec: ArchSpec, inter: int, per_block_config: bool) -> None:
     if mlp is None:
         return
-    if isinstance(getattr(mlp, "intermediate_size", None), int):
-        mlp.intermediate_size = inter
+    set_mlp_size(mlp, inter)
     config = getattr(mlp, "config", None)
     if config is None or spec.intermediate_attr is None:
         return
