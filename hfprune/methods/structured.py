@@ -75,9 +75,9 @@ from hfprune.structured.checkpoint import PRUNED_SHAPES_KEY, write_config
 from hfprune.structured.importance import channel_scores, heads_from_channels, magnitude_head_scores, magnitude_neuron_scores
 from hfprune.structured.selection import (global_removal_counts, head_units, removal_count, select_heads, select_neurons,
                                           unit_scores)
-from hfprune.structured.surgery import (add_bias_delta, block_shapes, complement, count_params, ensure_output_bias,
-                                        head_rows, kv_sq_norms, mlp_in_weights, parent, q_weight, set_attention_attrs,
-                                        set_mlp_attrs, slice_attention, slice_mlp)
+from hfprune.structured.surgery import (add_bias_delta, block_report, block_shapes, complement, count_params,
+                                        ensure_output_bias, head_rows, kv_sq_norms, mlp_in_weights, q_weight,
+                                        shrink_block)
 
 logger = logging.getLogger(__name__)
 
@@ -373,32 +373,23 @@ def prune_structured(
 
     # ---- surgery ----------------------------------------------------------------------------
     report_blocks = []
-    for i, (block, (n_heads, n_kv, hd, inter)) in enumerate(zip(blocks, shapes)):
+    for i, (block, shape) in enumerate(zip(blocks, shapes)):
+        n_heads, n_kv, hd, inter = shape
         entry = {"index": i, "heads_before": n_heads, "kv_heads_before": n_kv, "neurons_before": inter}
-        keep_heads = torch.arange(n_heads)
-        keep_kv = torch.arange(n_kv)
+        keep_heads, keep_kv, keep = torch.arange(n_heads), torch.arange(n_kv), None
         if do_heads and head_remove[i] > 0:
             keep_heads, keep_kv = select_heads(head_scores[i], n_kv, head_remove[i], cfg.gqa_mode, kv_scores[i])
             keep_heads, keep_kv = keep_heads.cpu(), keep_kv.cpu()
-            o = get_submodule(block, spec.o)
             if comp_attn:
                 removed = head_rows(complement(keep_heads, n_heads), hd)
-                add_bias_delta(o, removed, block_stats[i]["o"])
-            slice_attention(block, spec, n_heads, n_kv, hd, keep_heads, keep_kv)
-            set_attention_attrs(parent(block, spec.o), spec, len(keep_heads), len(keep_kv), hd,
-                                 per_block_config=False)
-        n_removed = 0
+                add_bias_delta(get_submodule(block, spec.o), removed, block_stats[i]["o"])
+            shrink_block(block, spec, shape, keep_heads, keep_kv)
         if do_mlp and mlp_remove[i] > 0:
             keep = select_neurons(neuron_scores[i], mlp_remove[i]).cpu()
             if comp_mlp:
                 add_bias_delta(get_submodule(block, spec.down), complement(keep, inter), block_stats[i]["down"])
-            slice_mlp(block, spec, inter, keep)
-            set_mlp_attrs(parent(block, spec.down), spec, len(keep), per_block_config=False)
-            n_removed = inter - len(keep)
-        entry.update(heads_after=len(keep_heads), kv_heads_after=len(keep_kv),
-                     neurons_after=None if inter is None else inter - n_removed,
-                     kept_heads=keep_heads.tolist(), kept_kv_heads=keep_kv.tolist(), neurons_removed=n_removed)
-        report_blocks.append(entry)
+            shrink_block(block, spec, shape, keep_neurons=keep)
+        report_blocks.append(block_report(entry, shape, keep_heads, keep_kv, keep))
 
     if do_heads or do_mlp:
         reload_with = write_config(model, spec, blocks)

@@ -218,6 +218,30 @@ def slice_mlp(block: nn.Module, spec: ArchSpec, inter: int, keep: torch.Tensor) 
     _slice_linear(get_submodule(block, spec.down), in_index=keep)
 
 
+def shrink_block(block: nn.Module, spec: ArchSpec, shape: tuple, keep_heads: torch.Tensor | None = None,
+                 keep_kv: torch.Tensor | None = None, keep_neurons: torch.Tensor | None = None) -> None:
+    """Keep only the given heads (with their KV heads) and/or MLP neurons of a block of
+    :func:`block_shapes` ``shape``, and update the attributes its modules read at forward time."""
+    n_heads, n_kv, hd, inter = shape
+    if keep_heads is not None:
+        slice_attention(block, spec, n_heads, n_kv, hd, keep_heads, keep_kv)
+        set_attention_attrs(parent(block, spec.o), spec, len(keep_heads), len(keep_kv), hd, per_block_config=False)
+    if keep_neurons is not None:
+        slice_mlp(block, spec, inter, keep_neurons)
+        set_mlp_attrs(parent(block, spec.down), spec, len(keep_neurons), per_block_config=False)
+
+
+def block_report(entry: dict, shape: tuple, keep_heads: torch.Tensor, keep_kv: torch.Tensor,
+                 keep_neurons: torch.Tensor | None) -> dict:
+    """``entry`` (a block's report) completed with its counts after :func:`shrink_block` and the kept heads."""
+    inter = shape[3]
+    n_removed = 0 if keep_neurons is None else inter - len(keep_neurons)
+    entry.update(heads_after=len(keep_heads), kv_heads_after=len(keep_kv),
+                 neurons_after=None if inter is None else inter - n_removed,
+                 kept_heads=keep_heads.tolist(), kept_kv_heads=keep_kv.tolist(), neurons_removed=n_removed)
+    return entry
+
+
 def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
     mask = torch.ones(n, dtype=torch.bool, device=keep.device)
     mask[keep] = False
