@@ -53,8 +53,9 @@ class DepthPruningConfig(ConfigDictMixin):
 
     Example:
         >>> from hfprune import DepthPruningConfig
-        >>> DepthPruningConfig(num_blocks=4).criterion
-        'block_influence'
+        >>> cfg = DepthPruningConfig(num_blocks=4)
+        >>> cfg.criterion, DepthPruningConfig.from_dict(cfg.to_dict()) == cfg
+        ('block_influence', True)
     """
 
     method: ClassVar[str] = "depth"

@@ -55,7 +55,7 @@ class HiddenPruningConfig(ConfigDictMixin):
 
     Example:
         >>> from hfprune import HiddenPruningConfig
-        >>> HiddenPruningConfig(hidden_ratio=0.25).channel_importance
+        >>> HiddenPruningConfig.from_dict({"method": "hidden", "hidden_ratio": 0.25}).channel_importance
         'activation'
     """
 
