@@ -10,14 +10,11 @@ from typing import Any
 
 import yaml
 
+from hfprune.arch.discovery import LAYER_TYPE_ORDER
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["write_model_card", "render_model_card", "layer_type_sparsity"]
-
-# Layer types listed first in this order in the sparsity table, the rest alphabetically.
-_TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj",
-               "down_proj"]
-
 
 def layer_type_sparsity(layers: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Aggregate a per-layer report ``{name: {"sparsity", "numel"}}`` by layer type (last name
@@ -33,7 +30,8 @@ def layer_type_sparsity(layers: dict[str, dict]) -> dict[str, dict[str, float]]:
         entry["layers"] += 1
         entry["numel"] += numel
         entry["pruned"] += sparsity * numel
-    ordered = sorted(agg, key=lambda t: (_TYPE_ORDER.index(t) if t in _TYPE_ORDER else len(_TYPE_ORDER), t))
+    order = LAYER_TYPE_ORDER  # listed first in this order, the rest alphabetically
+    ordered = sorted(agg, key=lambda t: (order.index(t) if t in order else len(order), t))
     out = {}
     for t in ordered:
         e = agg[t]

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from hfprune.registry import get_pruner_cls
 from hfprune.solvers.masks import parse_pattern
 
-__all__ = ["PruningConfig", "CalibrationConfig", "SCOPES", "__version__"]
+__all__ = ["ConfigDictMixin", "PruningConfig", "CalibrationConfig", "SCOPES", "__version__"]
 
 __version__ = "0.1.0"
 """Stamped into every saved config (``hfprune_version``); ``hfprune.__version__`` is this value."""
@@ -44,16 +44,55 @@ def check_field_types(config) -> None:
                              f"({type(value).__name__}): fix it in the recipe or on the command line.")
 
 
+class ConfigDictMixin:
+    """The dict / JSON round trip of every method config dataclass: ``to_dict`` is ``method``, the fields
+    shown in the repr and ``hfprune_version``; ``from_dict`` builds the config of ``data["method"]`` (through
+    the method registry when it names another method) and names unknown keys, so a recipe typo never
+    goes unnoticed."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        shown = {f.name for f in dataclasses.fields(self) if f.repr}
+        return {"method": self.method, **{k: v for k, v in dataclasses.asdict(self).items() if k in shown},
+                "hfprune_version": __version__}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Inverse of :meth:`to_dict` (the config of ``data["method"]``, or ``cls`` without one)."""
+        data = dict(data)
+        data.pop("hfprune_version", None)
+        method = data.pop("method", None) or cls.method
+        config_cls = get_pruner_cls(method).config_cls if method and method != cls.method else cls
+        if not config_cls.method:
+            raise ValueError("The config needs a `method` (for example 'wanda' or 'magnitude').")
+        allowed = config_cls.field_names()
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {unknown} for method {config_cls.method!r}; allowed keys: {sorted(allowed)}."
+            )
+        try:
+            return config_cls(**data)
+        except TypeError as err:  # e.g. a list where a number belongs, found by a comparison in validation
+            raise ValueError(f"Bad value in the {config_cls.method!r} config {data}: {err}.") from None
+
+
 @dataclass
-class PruningConfig:
+class PruningConfig(ConfigDictMixin):
     """Settings shared by every unstructured / N:M pruning method.
 
     Subclasses set ``method`` and add their own fields. ``sparsity`` is the fraction of weights
     removed from every targeted linear layer; with an N:M ``pattern`` it is implied
     (``1 - N/M``) and may be left unset.
     """
-
-    method: ClassVar[str] = ""
 
     sparsity: float | None = field(
         default=None,
@@ -158,46 +197,6 @@ class PruningConfig:
                 raise ValueError("owl=True chooses the per-block sparsities itself: drop scope='global' / layer_sparsity.")
             if not 0.0 <= self.owl_lambda < 1.0 or self.owl_m <= 0:
                 raise ValueError(f"owl_lambda must be in [0, 1) and owl_m > 0 (got {self.owl_lambda}, {self.owl_m}).")
-
-    # ------------------------------------------------------------------ serialisation
-    def to_dict(self) -> dict[str, Any]:
-        out = {"method": self.method}
-        out.update(dataclasses.asdict(self))
-        out["hfprune_version"] = __version__
-        return out
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
-        """Build the config of ``data["method"]`` (or ``cls`` when called on a subclass).
-
-        Unknown keys are an error that names them, so a typo in a recipe never goes unnoticed.
-        """
-        data = dict(data)
-        data.pop("hfprune_version", None)
-        method = data.pop("method", None) or cls.method
-        config_cls = cls
-        if method and method != cls.method:
-            config_cls = get_pruner_cls(method).config_cls
-        if not config_cls.method:
-            raise ValueError("The config needs a `method` (for example 'wanda' or 'magnitude').")
-        allowed = config_cls.field_names()
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"Unknown key(s) {unknown} for method {config_cls.method!r}; allowed keys: {sorted(allowed)}."
-            )
-        try:
-            return config_cls(**data)
-        except TypeError as err:  # e.g. a list where a number belongs, found by a comparison in validation
-            raise ValueError(f"Bad value in the {config_cls.method!r} config {data}: {err}.") from None
-
 
 @dataclass
 class CalibrationConfig:

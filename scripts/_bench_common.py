@@ -31,6 +31,11 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
+def unique_params(model) -> int:
+    """Parameters counted once each (tied embeddings are one tensor)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def run_child(script: str, args: list[str], out_json: Path, python: str | None = None) -> dict:
     """Run ``script`` in a fresh process (clean peak RSS) and read the JSON it writes."""
     cmd = [python or sys.executable, script, *args, "--child-json", str(out_json)]

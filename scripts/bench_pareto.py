@@ -36,18 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import PROTOCOL, machine, write_json  # noqa: E402
+from _bench_common import PROTOCOL, machine, unique_params, write_json  # noqa: E402
 
 KINDS = ("width", "depth", "hidden", "combo")
-
-
-def unique_params(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def dims(config) -> dict:

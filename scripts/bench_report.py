@@ -40,6 +40,11 @@ ISSUE_REFERENCE = {"magnitude-50": 560.3, "magnitude-2of4": 2014.0, "wanda-50": 
                    "sparsegpt-50": 46.46, "sparsegpt-2of4": 95.17}
 
 
+def _table_head(lines, header: str) -> None:
+    """Append a Markdown table's header row and its separator."""
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+
+
 def _section(lines, name: str, title: str, script: str):
     """Append the section heading; return the JSON ``name`` or, when it is missing, say which script makes it
     and return ``None``."""
@@ -141,10 +146,9 @@ def section_oneshot(lines):
                  "rows ran beside other jobs, so only their perplexities count.\n")
     lines.append("llm-compressor perplexities marked * are the issue's own measurement of llm-compressor 0.14 on this "
                  "protocol (runs without a side-by-side perplexity here).\n")
-    lines.append("| run | eval windows | hfprune ppl | llm-compressor ppl | ppl ratio | hfprune prune s | forward_ref s | prune / forward "
-                 "| llm-compressor s | its forward_ref s | its prune / forward | time ratio | normalised time ratio "
-                 "| every layer exact |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    _table_head(lines, "| run | eval windows | hfprune ppl | llm-compressor ppl | ppl ratio | hfprune prune s | forward_ref s | prune / forward "
+                       "| llm-compressor s | its forward_ref s | its prune / forward | time ratio | normalised time ratio "
+                       "| every layer exact |")
     for name, row in ours.items():
         if name == "forward":
             continue
@@ -177,9 +181,8 @@ def section_structured(lines):
     lines.append(f"Command: `{data['command']}`. Settings: {data['settings']}. WikiText-2 seqlen 2048, first "
                  f"{data['protocol']['max_windows']} windows. Latencies are medians of repeated runs in the same "
                  f"process as the dense ones, on a machine shared with other jobs (see the dense re-check column).\n")
-    lines.append("| variant | params | safetensors MB | removed (non-embedding) | ppl | reload with | forward 512 s "
-                 "| speedup | of ideal | generate 64 s | speedup | dense re-check s |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    _table_head(lines, "| variant | params | safetensors MB | removed (non-embedding) | ppl | reload with | forward 512 s "
+                       "| speedup | of ideal | generate 64 s | speedup | dense re-check s |")
     for name, r in data["runs"].items():
         lines.append(f"| {name} | {r['params']:,} | {r['safetensors_bytes'] / 1e6:.1f} | "
                      f"{fmt(r.get('removed_fraction_non_embedding'), '.3f')} | {fmt(r.get('perplexity'))} | "
@@ -204,10 +207,9 @@ def section_structured_compensation(lines):
                  f"machine); ideal = dense / pruned parameters. Output error: the layer's squared output error on "
                  f"the calibration inputs relative to its output energy, mean over blocks, with the removed "
                  f"columns dropped / after the least-squares re-fit.\n")
-    lines.append("| variant | importance | compensation | heads / KV / neurons kept | params | x dense | ppl | "
-                 "o_proj error dropped -> fitted | down_proj error dropped -> fitted | forward speedup | of ideal "
-                 "| reload | prune s |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    _table_head(lines, "| variant | importance | compensation | heads / KV / neurons kept | params | x dense | ppl | "
+                       "o_proj error dropped -> fitted | down_proj error dropped -> fitted | forward speedup | of ideal "
+                       "| reload | prune s |")
     for name, r in data["runs"].items():
         if name == "dense":
             continue
@@ -263,8 +265,7 @@ def section_recovery(lines):
                  f"{p['minutes_per_run']:g} min of training wall clock per run on this CPU; WikiText-2 perplexity "
                  f"seqlen {p['eval_seqlen']}, first {p['max_windows']} windows. Loss curves: "
                  f"`docs/img/recovery_loss.png`.\n")
-    lines.append("| model | perplexity | gap to dense closed | steps | tokens | sparsity | every zero kept |")
-    lines.append("|---|---|---|---|---|---|---|")
+    _table_head(lines, "| model | perplexity | gap to dense closed | steps | tokens | sparsity | every zero kept |")
     lines.append(f"| dense | {fmt(data['dense_perplexity'])} | | | | | |")
     lines.append(f"| pruned | {fmt(data['pruned_perplexity'])} | 0 | | | {fmt(data['pruned_sparsity'], '.6f')} | |")
     for name, r in data["runs"].items():
@@ -298,9 +299,8 @@ def section_memory(lines):
                  f"bf16 checkpoints sharded at 500 MB, Wanda 50 %, calibration c4 {data['nsamples']} x "
                  f"{data['seqlen']} (SmolLM2 tokenizer), each in a fresh process; peak RSS is the process's VmHWM. "
                  f"Calibration batch: {data['batch_size']}.\n")
-    lines.append("| model | params | one block MB (bf16) | activations MB | batch | peak RSS MiB | estimate MiB | "
-                 "prune s | same weights as in-memory |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    _table_head(lines, "| model | params | one block MB (bf16) | activations MB | batch | peak RSS MiB | estimate MiB | "
+                       "prune s | same weights as in-memory |")
     for r in data["models"]:
         same = r.get("same_as_in_memory")
         lines.append(f"| {r['size']} | {r['params']:,} | {fmt(r['block_mb'], '.1f')} | {fmt(r['activations_mb'], '.1f')} | "
@@ -415,9 +415,8 @@ def section_admm(lines):
     else:
         lines.append("Protocol: " + ", ".join(f"{k} {v}" for k, v in meta["protocol"].items()) + ".\n")
         lines.append("Commands: " + " ; ".join(f"`{c}`" for c in commands) + "\n")
-        lines.append("| run | ppl | vs sparsegpt same setting | prune s | forward_ref s | prune / forward | time vs sparsegpt "
-                     "(same run) | mean layer output error | every layer exact |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        _table_head(lines, "| run | ppl | vs sparsegpt same setting | prune s | forward_ref s | prune / forward | time vs sparsegpt "
+                           "(same run) | mean layer output error | every layer exact |")
         for name, r in runs.items():
             if name == "forward":
                 continue
@@ -442,16 +441,14 @@ def section_admm(lines):
     if proxy:
         for setting, rows in proxy["settings"].items():
             lines.append(f"Command: `{proxy['command']}`; layers {', '.join(proxy['layers'])}; setting **{setting}**\n")
-            lines.append("| solver | mean error | rel_sgpt | seconds |")
-            lines.append("|---|---|---|---|")
+            _table_head(lines, "| solver | mean error | rel_sgpt | seconds |")
             for name, row in rows.items():
                 lines.append(f"| {name} | {row['mean_error']:.4f} | {row['vs_sparsegpt']:.3f} | {row['seconds']:.1f} |")
             lines.append("")
     for log in logs:
         text = log.read_text().splitlines()
         lines.append(f"`docs/results/{log.name}` ({text[0].lstrip('# ')})\n")
-        lines.append("| setting | solver | mean error | rel_sgpt | seconds |")
-        lines.append("|---|---|---|---|---|")
+        _table_head(lines, "| setting | solver | mean error | rel_sgpt | seconds |")
         for row in text[1:]:
             parts = row.split()
             if len(parts) == 5:
@@ -586,9 +583,8 @@ def section_architectures(lines):
     lines.append(f"**{s['passed']} of {s['built']} types that build pass ({100 * s['pass_rate_of_built']:.1f} %)**; "
                  f"{s.get('run', s['types']) - s['built']} of {s['types']} types cannot build a tiny model (list below)"
                  + (f"; {s['types'] - s['run']} not run yet" if s.get("run", s["types"]) < s["types"] else "") + ".\n")
-    lines.append("| type | class | blocks | experts | weights checked (expert slices) | other >= 2-D left dense | "
-                 "Wanda 50 % | Wanda 2:4 | s |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    _table_head(lines, "| type | class | blocks | experts | weights checked (expert slices) | other >= 2-D left dense | "
+                       "Wanda 50 % | Wanda 2:4 | s |")
     built = {k: v for k, v in results.items() if v["status"] in ("pass", "fail")}
     for name, r in sorted(built.items()):
         runs = r.get("runs", {})
@@ -632,9 +628,8 @@ def section_sparsegpt_parity(lines):
                  "pipeline). KL: mean KL(dense || pruned) of the next-token distributions; in-model: mean over the "
                  "pruned layers of `||W X - W' X'|| / ||W X||` (`X'` the layer's input in the pruned model); mask = "
                  "llmc: fraction of the pruned layers' weights whose zero/non-zero state equals llm-compressor's.\n")
-    lines.append("| family | llmc targets | KL block | KL ts | KL llmc | ts / block | block / llmc | in-model block | "
-                 "in-model ts | in-model llmc | mask = llmc (block) | mask = llmc (ts) | default when run |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    _table_head(lines, "| family | llmc targets | KL block | KL ts | KL llmc | ts / block | block / llmc | in-model block | "
+                       "in-model ts | in-model llmc | mask = llmc (block) | mask = llmc (ts) | default when run |")
     for fam, row in data["families"].items():
         if "error" in row:
             lines.append(f"| {fam} | {' '.join(row['error'].split())[:120]} |" + " |" * 11)

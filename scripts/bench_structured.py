@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import PROTOCOL, machine, write_json  # noqa: E402
+from _bench_common import PROTOCOL, machine, unique_params, write_json  # noqa: E402
 
 MAIN = dict(heads_ratio=1 / 3, mlp_ratio=0.30, gqa_mode="per_group")  # 0.773x parameters
 VARIANTS = {
@@ -51,15 +51,6 @@ VARIANTS = {
     "obs-nonuniform": dict(MAIN, importance="obs", uniform=False),
 }
 DEFAULT = "obs,wanda,obs-dense,wanda-lstsq,flap,obs-mlp-only,obs-whole-group"
-
-
-def unique_params(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def latency(model, ids, repeats: int) -> float:

@@ -115,6 +115,17 @@ def solver_layer(seed: int = 0, out: int = 64, inputs: int = 128, tokens: int = 
     return w, x, stats.hessian()
 
 
+def replay_blocks(model, ids) -> torch.Tensor:
+    """The last block's output for ``ids``, replayed block by block by a LayerRunner from its captured inputs."""
+    from hfprune.core.runner import LayerRunner
+
+    runner = LayerRunner(model)
+    runner.capture(ids)
+    for i in range(len(runner)):
+        runner.run(i, update=True)
+    return runner.hidden[0]
+
+
 def accelerate_launch(launcher: str, hfprune_args: list[str], processes: int = 2, timeout: int = 300):
     """``accelerate launch <launcher> --num_processes N hfprune ...`` (one thread per process), completed."""
     import shutil

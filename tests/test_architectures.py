@@ -8,7 +8,7 @@ import hfprune
 from hfprune.arch import find_linears, get_blocks, get_spec, weight_matrix
 from hfprune.solvers.masks import check_nm, prune_count
 
-from conftest import tiny_model
+from conftest import replay_blocks, tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt2", "opt", "phi3", "phi", "gpt_neox"]
 
@@ -98,18 +98,12 @@ def test_register_architecture_makes_a_model_prunable(random_ids):
 
 def test_sliding_window_layers_get_their_own_masks(random_ids):
     """Gemma-2 alternates sliding and full attention: each block must be replayed with its own mask."""
-    from hfprune.core.runner import LayerRunner
-
     model = tiny_model("gemma2")
     ids = torch.randint(3, 200, (1, 48))
-    runner = LayerRunner(model)
-    runner.capture(ids)
-    # replay the blocks densely and compare with the model's own hidden states
-    for i in range(len(runner)):
-        runner.run(i, update=True)
+    hidden = replay_blocks(model, ids)  # the blocks replayed densely, compared with the model's own hidden states
     with torch.no_grad():
         ref = model(ids, output_hidden_states=True).hidden_states
     # hidden_states[-1] has the final norm applied; compare the input of the last block's output
     # through the norm.
-    final = model.model.norm(runner.hidden[0])
+    final = model.model.norm(hidden)
     assert torch.allclose(final, ref[-1], atol=1e-5)

@@ -13,6 +13,8 @@ from hfprune.arch.tiny import tiny_config
 from hfprune.arch import ARCHITECTURES, get_spec
 from hfprune.solvers.masks import check_nm, prune_count
 
+from conftest import replay_blocks
+
 transformers.logging.set_verbosity_error()
 
 # A dozen types the hand-written table does not know: dense decoders of several layouts, three MoE
@@ -229,6 +231,10 @@ def test_expert_pruning_config_errors():
 
     with pytest.raises(ValueError, match="exactly one"):
         ExpertPruningConfig()
+    cfg = ExpertPruningConfig(ratio=0.25, importance="frequency")
+    assert ExpertPruningConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['typo'\].*allowed keys: \['importance', 'num_experts', 'ratio'\]"):
+        ExpertPruningConfig.from_dict({**cfg.to_dict(), "typo": 1})
     model = _tiny("qwen3_moe")
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         hfprune.prune(model, config=ExpertPruningConfig(num_experts=1), calibration=torch.randint(3, 300, (1, 8)))
@@ -294,18 +300,13 @@ def test_encoder_decoder_prunes_both_stacks_in_turn(tmp_path):
 
 def test_capture_keeps_state_blocks_pass_on():
     """T5 blocks pass their relative position bias on: the captured inputs of block 1 must carry it."""
-    from hfprune.core.runner import LayerRunner
-
     cfg = transformers.T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
     torch.manual_seed(0)
     model = transformers.T5EncoderModel(cfg).eval()
     ids = torch.randint(3, 300, (1, 12))
-    runner = LayerRunner(model)
-    runner.capture(ids)
-    for i in range(len(runner)):
-        runner.run(i, update=True)
+    hidden = replay_blocks(model, ids)
     with torch.no_grad():
-        ref = model.encoder.final_layer_norm(runner.hidden[0])
+        ref = model.encoder.final_layer_norm(hidden)
         assert torch.allclose(ref, model(ids).last_hidden_state, atol=1e-5)
 
 

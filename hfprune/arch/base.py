@@ -30,7 +30,8 @@ except ImportError:  # pragma: no cover - transformers always has it today
 __all__ = [
     "ArchSpec", "ARCHITECTURES", "Conv1D", "register_architecture", "get_spec", "get_blocks", "get_submodule",
     "find_linears", "weight_matrix", "in_features", "is_linear", "num_heads_of", "num_kv_heads_of", "head_dim_of",
-    "intermediate_size_of", "head_dim_configurable", "max_positions", "check_seqlen",
+    "intermediate_size_of", "head_dim_configurable", "max_positions", "check_seqlen", "set_attention_sizes",
+    "set_mlp_size",
 ]
 
 
@@ -263,6 +264,23 @@ def intermediate_size_of(config, spec: ArchSpec) -> int | None:
     if value is None:
         return 4 * int(getattr(config, spec.hidden_attr))
     return int(value)
+
+
+def set_attention_sizes(attn: nn.Module, n_heads: int, n_kv: int, head_dim: int) -> None:
+    """Write new head counts into the int attributes an attention module reads at forward time, where it
+    has them: ``num_heads`` (GPT-2, OPT), ``num_key_value_groups`` (Llama family's ``repeat_kv``),
+    ``num_key_value_heads`` (Phi-3 qkv split), ``split_size`` (GPT-2 qkv split)."""
+    sizes = {"num_heads": n_heads, "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "num_kv_heads": n_kv,
+             "num_key_value_groups": n_heads // max(n_kv, 1), "split_size": n_heads * head_dim}
+    for name, value in sizes.items():
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, value)
+
+
+def set_mlp_size(mlp: nn.Module, inter: int) -> None:
+    """Write a new MLP width into the module's ``intermediate_size`` attribute, where it has one."""
+    if isinstance(getattr(mlp, "intermediate_size", None), int):
+        mlp.intermediate_size = inter
 
 
 def head_dim_configurable(spec: ArchSpec) -> bool:

@@ -28,7 +28,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["discover_spec", "activation_sizes", "text_config", "find_decoder_path", "find_block_lists", "find_roles"]
+__all__ = ["discover_spec", "activation_sizes", "text_config", "find_decoder_path", "find_block_lists", "find_roles",
+           "LAYER_TYPE_ORDER"]
 
 # Names of projections, per role, as transformers' modeling files spell them (first match wins).
 _ATTN = ("self_attn", "attn", "attention", "self_attention", "mixer")
@@ -44,6 +45,8 @@ _ROLE_NAMES: dict[str, tuple[str, ...]] = {
     "gate_up": ("gate_up_proj",),
     "down": ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "fc_out"),
 }
+LAYER_TYPE_ORDER = tuple(_ROLE_NAMES[r][0] for r in ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"))
+"""The Llama-style projection names in block order (the model card's sparsity table lists these first)."""
 _SIZE_FIELDS = {
     "heads_attr": ("num_attention_heads", "n_head", "n_heads", "num_heads"),
     "kv_heads_attr": ("num_key_value_heads", "num_kv_heads", "multi_query_group_num"),

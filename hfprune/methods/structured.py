@@ -58,15 +58,15 @@ silently loading a wrong model.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar, Mapping
 
 import torch
 from torch import nn
 
+from hfprune.config import ConfigDictMixin
 from hfprune.methods.base import Pruner
 from hfprune.registry import register_pruner
 from hfprune.arch import get_blocks, get_spec, get_submodule, weight_matrix
@@ -75,9 +75,9 @@ from hfprune.structured.checkpoint import PRUNED_SHAPES_KEY, write_config
 from hfprune.structured.importance import channel_scores, heads_from_channels, magnitude_head_scores, magnitude_neuron_scores
 from hfprune.structured.selection import (global_removal_counts, head_units, removal_count, select_heads, select_neurons,
                                           unit_scores)
-from hfprune.structured.surgery import (add_bias_delta, block_shapes, complement, count_params, ensure_output_bias,
-                                        head_rows, kv_sq_norms, mlp_in_weights, parent, q_weight, set_attention_attrs,
-                                        set_mlp_attrs, slice_attention, slice_mlp)
+from hfprune.structured.surgery import (add_bias_delta, block_report, block_shapes, complement, count_params,
+                                        ensure_output_bias, head_rows, kv_sq_norms, mlp_in_weights, q_weight,
+                                        shrink_block)
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ COMPENSATION_TARGETS = ("pruned", "dense")
 
 
 @dataclass
-class StructuredConfig:
+class StructuredConfig(ConfigDictMixin):
     """Options of :func:`prune_structured`, validated on construction.
 
     ``heads_ratio`` / ``mlp_ratio`` are the fractions REMOVED. The optional ``num_heads``,
@@ -167,29 +167,6 @@ class StructuredConfig:
     def sequential(self) -> bool:
         """Block by block on the pruned model's activations (compensation), or one dense pass."""
         return self.resolved_compensation == "lstsq"
-
-    def to_dict(self) -> dict:
-        """The options as a JSON-ready dict (``method`` first; shapes filled by :meth:`for_model` are left out)."""
-        out = {"method": self.method}
-        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.repr})
-        return out
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "StructuredConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
-        data = dict(data)
-        data.pop("hfprune_version", None)
-        method = data.pop("method", cls.method)
-        if method != cls.method:
-            raise ValueError(f"Not a structured config: method={method!r}.")
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(f"Unknown key(s) {unknown} for structured pruning; allowed keys: {sorted(allowed)}.")
-        return cls(**data)
 
     def check_grouping(self, num_heads: int, num_kv_heads: int) -> None:
         """Structural checks that do not depend on the ratio's value."""
@@ -396,32 +373,23 @@ def prune_structured(
 
     # ---- surgery ----------------------------------------------------------------------------
     report_blocks = []
-    for i, (block, (n_heads, n_kv, hd, inter)) in enumerate(zip(blocks, shapes)):
+    for i, (block, shape) in enumerate(zip(blocks, shapes)):
+        n_heads, n_kv, hd, inter = shape
         entry = {"index": i, "heads_before": n_heads, "kv_heads_before": n_kv, "neurons_before": inter}
-        keep_heads = torch.arange(n_heads)
-        keep_kv = torch.arange(n_kv)
+        keep_heads, keep_kv, keep = torch.arange(n_heads), torch.arange(n_kv), None
         if do_heads and head_remove[i] > 0:
             keep_heads, keep_kv = select_heads(head_scores[i], n_kv, head_remove[i], cfg.gqa_mode, kv_scores[i])
             keep_heads, keep_kv = keep_heads.cpu(), keep_kv.cpu()
-            o = get_submodule(block, spec.o)
             if comp_attn:
                 removed = head_rows(complement(keep_heads, n_heads), hd)
-                add_bias_delta(o, removed, block_stats[i]["o"])
-            slice_attention(block, spec, n_heads, n_kv, hd, keep_heads, keep_kv)
-            set_attention_attrs(parent(block, spec.o), spec, len(keep_heads), len(keep_kv), hd,
-                                 per_block_config=False)
-        n_removed = 0
+                add_bias_delta(get_submodule(block, spec.o), removed, block_stats[i]["o"])
+            shrink_block(block, spec, shape, keep_heads, keep_kv)
         if do_mlp and mlp_remove[i] > 0:
             keep = select_neurons(neuron_scores[i], mlp_remove[i]).cpu()
             if comp_mlp:
                 add_bias_delta(get_submodule(block, spec.down), complement(keep, inter), block_stats[i]["down"])
-            slice_mlp(block, spec, inter, keep)
-            set_mlp_attrs(parent(block, spec.down), spec, len(keep), per_block_config=False)
-            n_removed = inter - len(keep)
-        entry.update(heads_after=len(keep_heads), kv_heads_after=len(keep_kv),
-                     neurons_after=None if inter is None else inter - n_removed,
-                     kept_heads=keep_heads.tolist(), kept_kv_heads=keep_kv.tolist(), neurons_removed=n_removed)
-        report_blocks.append(entry)
+            shrink_block(block, spec, shape, keep_neurons=keep)
+        report_blocks.append(block_report(entry, shape, keep_heads, keep_kv, keep))
 
     if do_heads or do_mlp:
         reload_with = write_config(model, spec, blocks)

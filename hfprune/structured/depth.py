@@ -27,7 +27,6 @@ MoE layer rules; :mod:`hfprune.arch.resize`) and attention ``layer_idx`` are rew
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfprune.config import check_field_types
+from hfprune.config import ConfigDictMixin, check_field_types
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +48,14 @@ CRITERIA = ("block_influence", "angular", "perplexity")
 
 
 @dataclass
-class DepthPruningConfig:
+class DepthPruningConfig(ConfigDictMixin):
     """Remove whole decoder blocks.
 
     Example:
         >>> from hfprune import DepthPruningConfig
-        >>> DepthPruningConfig(num_blocks=4).criterion
-        'block_influence'
+        >>> cfg = DepthPruningConfig(num_blocks=4)
+        >>> cfg.criterion, DepthPruningConfig.from_dict(cfg.to_dict()) == cfg
+        ('block_influence', True)
     """
 
     method: ClassVar[str] = "depth"
@@ -95,22 +95,6 @@ class DepthPruningConfig:
             raise ValueError(f"Removing {n} of {n_blocks} blocks is not possible with keep_first={self.keep_first} and "
                              f"keep_last={self.keep_last}: at most {max(free, 0)} can go.")
         return n
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DepthPruningConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
-        data = {k: v for k, v in data.items() if k not in ("method", "hfprune_version")}
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(f"Unknown key(s) {unknown} for method {cls.method!r}; allowed: {cls.field_names()}.")
-        return cls(**data)
 
 
 # --------------------------------------------------------------------------------------------

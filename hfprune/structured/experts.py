@@ -18,11 +18,13 @@ reloads the smaller model. Shared experts are ordinary MLPs and are kept.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from hfprune.config import ConfigDictMixin
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ _COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_nu
 
 
 @dataclass
-class ExpertPruningConfig:
+class ExpertPruningConfig(ConfigDictMixin):
     """Remove whole experts from every MoE layer.
 
     Example:
@@ -55,9 +57,6 @@ class ExpertPruningConfig:
             raise ValueError(f"num_experts must be at least 1, got {self.num_experts}.")
         if self.importance not in ("reap", "frequency"):
             raise ValueError(f"importance must be 'reap' or 'frequency', got {self.importance!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **asdict(self)}
 
 
 def _moe_modules(model: nn.Module, spec) -> list[tuple[int, str, nn.Module]]:

@@ -29,7 +29,6 @@ Stock ``AutoModelForCausalLM.from_pretrained`` reloads the result.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -39,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hfprune.config import check_field_types
+from hfprune.config import ConfigDictMixin, check_field_types
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +50,12 @@ CHANNEL_IMPORTANCES = ("activation", "magnitude")
 
 
 @dataclass
-class HiddenPruningConfig:
+class HiddenPruningConfig(ConfigDictMixin):
     """Remove residual-stream channels (``hidden_size``).
 
     Example:
         >>> from hfprune import HiddenPruningConfig
-        >>> HiddenPruningConfig(hidden_ratio=0.25).channel_importance
+        >>> HiddenPruningConfig.from_dict({"method": "hidden", "hidden_ratio": 0.25}).channel_importance
         'activation'
     """
 
@@ -93,22 +92,6 @@ class HiddenPruningConfig:
     @property
     def needs_data(self) -> bool:
         return self.channel_importance == "activation"
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HiddenPruningConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
-        data = {k: v for k, v in data.items() if k not in ("method", "hfprune_version")}
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(f"Unknown key(s) {unknown} for method {cls.method!r}; allowed: {cls.field_names()}.")
-        return cls(**data)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,9 +31,8 @@ from hfprune.solvers.structured import (augment_bias, compensate, fit_to_target,
 from hfprune.stats import CrossMomentStats, MomentStats
 from hfprune.structured.importance import channel_scores, heads_from_channels, magnitude_head_scores, magnitude_neuron_scores
 from hfprune.structured.selection import head_units, select_heads, select_neurons
-from hfprune.structured.surgery import (add_bias_delta, block_shapes, complement, head_rows, kv_sq_norms,
-                                        mlp_in_weights, parent, q_weight, set_attention_attrs, set_mlp_attrs,
-                                        slice_attention, slice_mlp)
+from hfprune.structured.surgery import (add_bias_delta, block_report, block_shapes, complement, head_rows, kv_sq_norms,
+                                        mlp_in_weights, q_weight, shrink_block)
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +207,9 @@ def prune_sequential(runner, spec, cfg, head_remove: list[int], mlp_remove: list
                 return _moments(runner, i, get_submodule(block, path))
             return _paired_moments(runner, dense_runner, i, get_submodule(block, path), get_submodule(dense, path))
 
-        n_heads, n_kv, hd, inter = block_shapes(block, spec, model.config)
+        shape = n_heads, n_kv, hd, inter = block_shapes(block, spec, model.config)
         entry = {"index": i, "heads_before": n_heads, "kv_heads_before": n_kv, "neurons_before": inter}
-        keep_heads, keep_kv = torch.arange(n_heads), torch.arange(n_kv)
+        keep_heads, keep_kv, keep = torch.arange(n_heads), torch.arange(n_kv), None
         if head_remove[i] > 0:
             o = get_submodule(block, spec.o)
             stats = moments(spec.o)
@@ -218,22 +217,15 @@ def prune_sequential(runner, spec, cfg, head_remove: list[int], mlp_remove: list
             keep_heads, keep_kv = keep_heads.cpu(), keep_kv.cpu()
             _refit(o, head_rows(keep_heads, hd), stats, cfg, entry, "o")
             del stats
-            slice_attention(block, spec, n_heads, n_kv, hd, keep_heads, keep_kv)
-            set_attention_attrs(parent(block, spec.o), spec, len(keep_heads), len(keep_kv), hd, per_block_config=False)
-        n_removed = 0
+            shrink_block(block, spec, shape, keep_heads, keep_kv)
         if inter is not None and mlp_remove[i] > 0:
             down = get_submodule(block, spec.down)
             stats = moments(spec.down)
             keep = _choose_neurons(block, spec, cfg, stats, inter, mlp_remove[i]).cpu()
             _refit(down, keep, stats, cfg, entry, "down")
             del stats
-            slice_mlp(block, spec, inter, keep)
-            set_mlp_attrs(parent(block, spec.down), spec, len(keep), per_block_config=False)
-            n_removed = inter - len(keep)
-        entry.update(heads_after=len(keep_heads), kv_heads_after=len(keep_kv),
-                     neurons_after=None if inter is None else inter - n_removed,
-                     kept_heads=keep_heads.tolist(), kept_kv_heads=keep_kv.tolist(), neurons_removed=n_removed)
-        entries.append(entry)
+            shrink_block(block, spec, shape, keep_neurons=keep)
+        entries.append(block_report(entry, shape, keep_heads, keep_kv, keep))
         if i < len(blocks) - 1:
             runner.run(i, update=True)
             if dense_runner is not None:

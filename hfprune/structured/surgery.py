@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from hfprune.arch import ArchSpec, Conv1D, get_submodule, head_dim_of, weight_matrix
+from hfprune.arch import ArchSpec, Conv1D, get_submodule, head_dim_of, set_attention_sizes, set_mlp_size, weight_matrix
 from hfprune.stats import ChannelStats
 
 logger = logging.getLogger(__name__)
@@ -157,24 +157,11 @@ def mlp_in_weights(block: nn.Module, spec: ArchSpec, inter: int) -> list[torch.T
 
 def set_attention_attrs(attn: nn.Module | None, spec: ArchSpec, n_heads: int, n_kv: int, head_dim: int,
                          per_block_config: bool) -> None:
-    """Update the attributes attention modules read at forward time.
-
-    Covers ``num_heads`` (GPT-2, OPT), ``num_key_value_groups`` (Llama family's ``repeat_kv``),
-    ``num_key_value_heads`` (Phi-3 qkv split), ``split_size`` (GPT-2 qkv split) and, for
-    per-block shapes, a :class:`LayerConfigView` for code that reads ``self.config`` (Phi-3).
-    """
+    """Update the attributes attention modules read at forward time (:func:`hfprune.arch.set_attention_sizes`)
+    and, for per-block shapes, install a :class:`LayerConfigView` for code that reads ``self.config`` (Phi-3)."""
     if attn is None:
         return
-    for name in ("num_heads", "num_attention_heads"):
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, n_heads)
-    for name in ("num_key_value_heads", "num_kv_heads"):
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, n_kv)
-    if isinstance(getattr(attn, "num_key_value_groups", None), int):
-        attn.num_key_value_groups = n_heads // n_kv
-    if isinstance(getattr(attn, "split_size", None), int):
-        attn.split_size = n_heads * head_dim
+    set_attention_sizes(attn, n_heads, n_kv, head_dim)
     config = getattr(attn, "config", None)
     if config is None:
         return
@@ -193,8 +180,7 @@ def set_attention_attrs(attn: nn.Module | None, spec: ArchSpec, n_heads: int, n_
 def set_mlp_attrs(mlp: nn.Module | None, spec: ArchSpec, inter: int, per_block_config: bool) -> None:
     if mlp is None:
         return
-    if isinstance(getattr(mlp, "intermediate_size", None), int):
-        mlp.intermediate_size = inter
+    set_mlp_size(mlp, inter)
     config = getattr(mlp, "config", None)
     if config is None or spec.intermediate_attr is None:
         return
@@ -230,6 +216,30 @@ def slice_mlp(block: nn.Module, spec: ArchSpec, inter: int, keep: torch.Tensor) 
         if module is not None:
             _slice_linear(module, out_index=keep)
     _slice_linear(get_submodule(block, spec.down), in_index=keep)
+
+
+def shrink_block(block: nn.Module, spec: ArchSpec, shape: tuple, keep_heads: torch.Tensor | None = None,
+                 keep_kv: torch.Tensor | None = None, keep_neurons: torch.Tensor | None = None) -> None:
+    """Keep only the given heads (with their KV heads) and/or MLP neurons of a block of
+    :func:`block_shapes` ``shape``, and update the attributes its modules read at forward time."""
+    n_heads, n_kv, hd, inter = shape
+    if keep_heads is not None:
+        slice_attention(block, spec, n_heads, n_kv, hd, keep_heads, keep_kv)
+        set_attention_attrs(parent(block, spec.o), spec, len(keep_heads), len(keep_kv), hd, per_block_config=False)
+    if keep_neurons is not None:
+        slice_mlp(block, spec, inter, keep_neurons)
+        set_mlp_attrs(parent(block, spec.down), spec, len(keep_neurons), per_block_config=False)
+
+
+def block_report(entry: dict, shape: tuple, keep_heads: torch.Tensor, keep_kv: torch.Tensor,
+                 keep_neurons: torch.Tensor | None) -> dict:
+    """``entry`` (a block's report) completed with its counts after :func:`shrink_block` and the kept heads."""
+    inter = shape[3]
+    n_removed = 0 if keep_neurons is None else inter - len(keep_neurons)
+    entry.update(heads_after=len(keep_heads), kv_heads_after=len(keep_kv),
+                 neurons_after=None if inter is None else inter - n_removed,
+                 kept_heads=keep_heads.tolist(), kept_kv_heads=keep_kv.tolist(), neurons_removed=n_removed)
+    return entry
 
 
 def complement(keep: torch.Tensor, n: int) -> torch.Tensor:
