@@ -32,7 +32,7 @@ import torch
 
 from hfprune.solvers.masks import Pattern, lowest_k_mask, parse_pattern, prune_count
 
-__all__ = ["sparsegpt_prune", "quantize_weight", "output_error"]
+__all__ = ["sparsegpt_prune", "quantize_weight", "output_error", "check_layer_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,27 @@ def quantize_weight(W: torch.Tensor, bits: int, group_size: int | None = None,
 # --------------------------------------------------------------------------------------------
 # SparseGPT
 # --------------------------------------------------------------------------------------------
+
+
+def check_layer_args(solver: str, W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: str | Pattern,
+                     dampening: float, bits: int | None, group_size: int | None) -> Pattern:
+    """The checks every Hessian solver (SparseGPT, ADMM) makes of one layer's arguments; returns the pattern."""
+    pat = parse_pattern(pattern)
+    _check_quant_args(bits, group_size)
+    if W.dim() != 2:
+        raise ValueError(f"{solver} expects a 2-D weight [out, in], got shape {tuple(W.shape)}.")
+    cols = W.shape[1]
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {cols} input features; "
+                         f"it must be [{cols}, {cols}].")
+    if not pat.is_nm and not (0.0 <= float(sparsity) < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}; use e.g. 0.5 for 50%.")
+    if pat.is_nm and cols % pat.m:
+        raise ValueError(f"N:M pattern {pat} needs the input width to be a multiple of {pat.m}, but it is {cols}; "
+                         f"exclude this layer or choose an M that divides {cols}.")
+    if dampening < 0 or not math.isfinite(dampening):
+        raise ValueError(f"dampening must be a non-negative number, got {dampening}.")
+    return pat
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -240,27 +261,10 @@ def sparsegpt_prune(
       the group is entered.
     * ``sparsity == 0`` with ``bits is None`` (unstructured) returns a copy of ``W`` unchanged.
     """
-    pat = parse_pattern(pattern)
-    _check_quant_args(bits, group_size)
-    if W.dim() != 2:
-        raise ValueError(f"sparsegpt_prune expects a 2-D weight [out, in], got shape {tuple(W.shape)}.")
+    pat = check_layer_args("sparsegpt_prune", W, H, sparsity, pattern, dampening, bits, group_size)
     rows, cols = W.shape
-    if tuple(H.shape) != (cols, cols):
-        raise ValueError(
-            f"Hessian of shape {tuple(H.shape)} does not match a weight with {cols} input features; "
-            f"it must be [{cols}, {cols}]."
-        )
-    if not pat.is_nm and not (0.0 <= float(sparsity) < 1.0):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}; use e.g. 0.5 for 50%.")
-    if pat.is_nm and cols % pat.m:
-        raise ValueError(
-            f"N:M pattern {pat} needs the input width to be a multiple of {pat.m}, but it is {cols}; "
-            f"exclude this layer or choose an M that divides {cols}."
-        )
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}.")
-    if dampening < 0 or not math.isfinite(dampening):
-        raise ValueError(f"dampening must be a non-negative number, got {dampening}.")
 
     if mask is not None and tuple(mask.shape) != (rows, cols):
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the weight's {(rows, cols)}.")
