@@ -293,26 +293,8 @@ def compress_weight(w: torch.Tensor, *, pattern=None, bits: int | None = None,
 
 def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: int | None = None,
                       dtype: torch.dtype | None = None, group_size: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`compress_weight`.
-
-    On CPU this runs on one intra-op thread: every op is a memory-bound pass over a slice that fits
-    in cache, and on a machine whose cores are busy each parallel region waits for a descheduled
-    thread (SmolLM2 on 2 busy cores: 5-15 s with 2 threads, 0.5-0.8 s with one).
-    """
-    values = tensors.get("weight_values", tensors.get("weight"))
-    if values is None or values.device.type != "cpu" or torch.get_num_threads() == 1:
-        return _decompress(tensors, pattern=pattern, bits=bits, dtype=dtype, group_size=group_size)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _decompress(tensors, pattern=pattern, bits=bits, dtype=dtype, group_size=group_size)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _decompress(tensors: dict[str, torch.Tensor], *, pattern=None, bits: int | None = None,
-                dtype: torch.dtype | None = None, group_size: int | None = None) -> torch.Tensor:
-    """The work of :func:`decompress_weight` (it runs once per weight while ``from_pretrained`` loads).
+    """Inverse of :func:`compress_weight` (it runs once per weight while ``from_pretrained`` loads,
+    which decodes on one intra-op thread: :meth:`hfprune.formats.sparse.HfpruneSparseQuantizer.one_thread`).
 
     The stored sizes and codes are checked first (a bitmask's value count while its slices are
     decoded; the half-built weight is dropped when it does not match). Then :func:`_scatter_kept`
