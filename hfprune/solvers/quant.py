@@ -90,8 +90,8 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.
 
     Returns ``(q int32 [rows, cols], scale float32 [rows, groups], exact_groups)``. Groups whose
     values already lie on a symmetric grid that fits ``bits`` are stored exactly (the scale is
-    chosen so that ``(q * scale).to(dtype) == w``); the rest use round-to-nearest with
-    ``scale = absmax / (2**(bits-1) - 1)``.
+    chosen so that ``(q * scale).to(dtype) == w``); the rest are rounded to the symmetric grid of
+    :func:`quant_grid` (SparseGPT's, and the compressed-tensors ``minmax`` observer's).
     """
     rows, cols = w.shape
     group = group_size or cols
@@ -153,8 +153,11 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.
                 q = torch.where(ok[..., None], qk, q)
                 done |= ok
                 todo &= ~ok
-    zero_groups = absmax == 0
-    done |= zero_groups
+    done |= absmax == 0
+    # The other groups are not on a grid: round them to the one of :func:`quant_grid`.
+    rtn = quant_grid(w, bits, group)[0]
+    scale = torch.where(done, scale, rtn)
+    q = torch.where(done[..., None], q, torch.round(g / rtn[..., None]))
     q = q.clamp(qmin, qmax).reshape(rows, -1)[:, :cols].to(torch.int32)
     return q, scale.contiguous(), int(done.sum())
 
