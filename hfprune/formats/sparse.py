@@ -158,13 +158,10 @@ class HfpruneSparseQuantizer(HfQuantizer):
             self._threads = torch.get_num_threads()
             torch.set_num_threads(1)
 
-    def restore_threads(self) -> None:
+    def _process_model_after_weight_loading(self, model, **kwargs):
         if self._threads is not None:
             torch.set_num_threads(self._threads)
             self._threads = None
-
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        self.restore_threads()
         return model
 
     def is_serializable(self):

@@ -96,7 +96,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.
     rows, cols = w.shape
     group = group_size or cols
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    g = _group_view(w, group)                        # [rows, G, group] float32
+    g = _group_view(w, group)                             # [rows, G, group] float32
     absmax = g.abs().amax(-1)                             # [rows, G]
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     target = w.dtype

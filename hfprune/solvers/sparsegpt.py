@@ -31,7 +31,7 @@ import math
 import torch
 
 from hfprune.solvers.masks import Pattern, lowest_k_mask, parse_pattern, prune_count
-from hfprune.solvers.quant import _fake_quant, _grid, check_quant_args
+from hfprune.solvers.quant import _fake_quant, check_quant_args, quant_grid
 
 __all__ = ["sparsegpt_prune", "output_error", "check_layer_args"]
 
@@ -234,7 +234,7 @@ def sparsegpt_prune(
 
     scale = zero = None
     if bits is not None and group_size is None:
-        scale, zero = _grid(work, bits, sym)
+        scale, zero = quant_grid(work, bits, sym=sym)
 
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, block):
@@ -274,7 +274,7 @@ def sparsegpt_prune(
                 if bits is None:
                     err_g = (mask1[g] * inv_d1[g]).unbind(0)
             if bits is not None and group_size is not None and col % group_size == 0:
-                scale, zero = _grid(w1[j:j + group_size].t(), bits, sym)
+                scale, zero = quant_grid(w1[j:j + group_size].t(), bits, sym=sym)
 
             w = w_rows[j]
             if bits is None:
