@@ -107,6 +107,11 @@ def test_load_decodes_on_one_thread_and_restores_the_count(tmp_path, monkeypatch
     try:
         _plain_reload(tmp_path / "s")
         assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        # a load that fails half way through still restores it (load_sparse's finally)
+        monkeypatch.setattr(sparse, "decompress_weight", lambda *a, **k: 1 / 0)
+        with pytest.raises(RuntimeError, match="conversion"):
+            load_sparse(tmp_path / "s")
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
