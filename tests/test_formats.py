@@ -95,6 +95,27 @@ def test_bf16_and_explicit_loader(tmp_path):
     _assert_identical(_plain_reload(tmp_path / "d"), reloaded.eval())
 
 
+def test_load_decodes_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    """The thread count is switched once per load, not per weight, and restored after it."""
+    import hfprune.formats.sparse as sparse
+
+    save_sparse(make_model("2:4"), tmp_path / "s")
+    seen, decode = [], sparse.decompress_weight
+    monkeypatch.setattr(sparse, "decompress_weight", lambda *a, **k: seen.append(torch.get_num_threads()) or decode(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _plain_reload(tmp_path / "s")
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        # a load that fails half way through still restores it (load_sparse's finally)
+        monkeypatch.setattr(sparse, "decompress_weight", lambda *a, **k: 1 / 0)
+        with pytest.raises(RuntimeError, match="conversion"):
+            load_sparse(tmp_path / "s")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sizes(tmp_path, pattern):
     model = make_model(pattern)

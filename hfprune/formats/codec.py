@@ -10,8 +10,9 @@ import math
 import torch
 
 from hfprune.solvers.masks import check_nm, parse_pattern
+from hfprune.solvers.quant import quantize
 
-__all__ = ["SUFFIXES", "compress_weight", "decompress_weight", "quantize"]
+__all__ = ["SUFFIXES", "compress_weight", "decompress_weight"]
 
 SUFFIXES = ("weight_values", "weight_bitmask", "weight_nm_index", "weight_nm_code", "weight_scale", "weight_shape")
 # Only compress when the compressed form is below this fraction of the dense bytes.
@@ -77,123 +78,6 @@ def _index_bits(m: int) -> int:
         if need <= b:
             return b
     raise ValueError(f"N:M index for M={m} does not fit in 8 bits; use M <= 256.")
-
-
-# --------------------------------------------------------------------------------------------
-# quantization of kept values
-# --------------------------------------------------------------------------------------------
-
-def _group_view(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
-    rows, cols = w.shape
-    pad = (-cols) % group
-    wf = w.float()
-    if pad:
-        wf = torch.cat([wf, wf.new_zeros(rows, pad)], dim=1)
-    return wf.view(rows, -1, group), pad
-
-
-def quantize(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Symmetric quantization of a dense ``[rows, cols]`` weight.
-
-    Returns ``(q int32 [rows, cols], scale float32 [rows, groups], exact_groups)``. Groups whose
-    values already lie on a symmetric grid that fits ``bits`` are stored exactly (the scale is
-    chosen so that ``(q * scale).to(dtype) == w``); the rest use round-to-nearest with
-    ``scale = absmax / (2**(bits-1) - 1)``.
-    """
-    rows, cols = w.shape
-    group = group_size or cols
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    g, pad = _group_view(w, group)                        # [rows, G, group] float32
-    absmax = g.abs().amax(-1)                             # [rows, G]
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    target = w.dtype
-
-    def roundtrip_ok(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = torch.round(g / scale[..., None])
-        fits = ((q >= qmin) & (q <= qmax)).all(-1)
-        back = (q * scale[..., None]).to(target).float()
-        return q, fits & (back == g).all(-1)
-
-    scale = safe / qmax
-    q, done = roundtrip_ok(scale)
-    # Grid detection for groups that RTN with absmax->qmax does not reproduce exactly: a group
-    # with at most 2**bits distinct values may come from a grid whose absmax sits on a lower level.
-    todo = ~done & (absmax > 0)
-    if bool(todo.any()):
-        # On a grid every magnitude is a multiple of the step, so the smallest gap between sorted
-        # magnitudes (0 included) is the step or a small multiple of it: absmax / gap gives the
-        # level k of the absmax (or a divisor of it). Random weights give a huge k and are skipped.
-        mags = torch.sort(torch.cat([g.abs(), g.new_zeros(g.shape[:-1] + (1,))], dim=-1), dim=-1).values
-        gaps = mags[..., 1:] - mags[..., :-1]
-        # Necessary condition (cheap, exact): on a grid the magnitudes are |q| * step with
-        # |q| <= qmax + 1, so a group has at most qmax + 2 distinct magnitudes (0 included).
-        # Skipping the rest keeps real (off-grid) weights from running the costly fit below.
-        todo &= (gaps > 0).sum(-1) + 1 <= qmax + 2
-        tol = absmax[..., None] * 2.0 ** -(_MANTISSA.get(target, 23) - 1)
-        min_gap = torch.where(gaps > tol, gaps, torch.full_like(gaps, float("inf"))).amin(-1)
-        k0 = torch.round(absmax / min_gap)
-        g64 = lo_gap = hi_gap = None
-        for mult in (1, 2, 3, 4):
-            k = k0 * mult
-            todo_k = todo & (k >= 1) & (k <= qmax + 1)
-            if not bool(todo_k.any()):
-                continue
-            if g64 is None:
-                g64 = g.double()
-                lo_gap, hi_gap = _rounding_gaps(g64, target)
-            guess = safe.double() / torch.where(todo_k, k, torch.ones_like(k)).double()
-            fit = _fit_scale(g64, torch.round(g64 / guess[..., None]), lo_gap, hi_gap, guess).float()
-            ok = torch.zeros_like(todo)
-            qk, fit_ok = q, fit
-            for step in (0, 1, -1, 2, -2):
-                cand = fit
-                for _ in range(abs(step)):
-                    cand = torch.nextafter(cand, torch.full_like(cand, float("inf") if step > 0 else 0.0))
-                q_c, ok_c = roundtrip_ok(cand)
-                new = ok_c & ~ok
-                qk = torch.where(new[..., None], q_c, qk)
-                fit_ok = torch.where(new, cand, fit_ok)
-                ok |= ok_c
-            ok &= todo_k
-            if bool(ok.any()):
-                scale = torch.where(ok, fit_ok, scale)
-                q = torch.where(ok[..., None], qk, q)
-                done |= ok
-                todo &= ~ok
-    zero_groups = absmax == 0
-    done |= zero_groups
-    q = q.clamp(qmin, qmax).reshape(rows, -1)[:, :cols].to(torch.int32)
-    return q, scale.contiguous(), int(done.sum())
-
-
-_MANTISSA = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}
-
-
-def _rounding_gaps(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half the distance from each value to its lower/upper neighbour in ``dtype`` (float32)."""
-    bits = _MANTISSA.get(dtype, 23)
-    mant, exp = torch.frexp(g)
-    ulp = torch.ldexp(torch.ones_like(g), exp - 1 - bits)
-    at_power = mant.abs() == 0.5
-    below = torch.where(at_power, ulp / 4, ulp / 2)
-    # toward zero the gap is the one below the magnitude
-    lo = torch.where(g > 0, below, ulp / 2)
-    hi = torch.where(g > 0, ulp / 2, below)
-    return lo * 0.999, hi * 0.999
-
-
-def _fit_scale(g: torch.Tensor, q: torch.Tensor, lo_gap: torch.Tensor, hi_gap: torch.Tensor,
-               fallback: torch.Tensor) -> torch.Tensor:
-    """Per group, the middle of the scales ``s`` for which every ``q*s`` rounds back to ``g``
-    (each value constrains ``s`` to ``[g-lo, g+hi]/q``); ``fallback`` where that set is empty."""
-    nz = q != 0
-    qs = torch.where(nz, q, torch.ones_like(q))
-    a = (g - lo_gap) / qs
-    b = (g + hi_gap) / qs
-    s_lo = torch.where(nz, torch.minimum(a, b), torch.full_like(a, -float("inf"))).amax(-1)
-    s_hi = torch.where(nz, torch.maximum(a, b), torch.full_like(a, float("inf"))).amin(-1)
-    ok = (s_lo <= s_hi) & torch.isfinite(s_lo) & torch.isfinite(s_hi) & (s_lo > 0)
-    return torch.where(ok, (s_lo + s_hi) / 2, fallback)
 
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int],
@@ -293,26 +177,8 @@ def compress_weight(w: torch.Tensor, *, pattern=None, bits: int | None = None,
 
 def decompress_weight(tensors: dict[str, torch.Tensor], *, pattern=None, bits: int | None = None,
                       dtype: torch.dtype | None = None, group_size: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`compress_weight`.
-
-    On CPU this runs on one intra-op thread: every op is a memory-bound pass over a slice that fits
-    in cache, and on a machine whose cores are busy each parallel region waits for a descheduled
-    thread (SmolLM2 on 2 busy cores: 5-15 s with 2 threads, 0.5-0.8 s with one).
-    """
-    values = tensors.get("weight_values", tensors.get("weight"))
-    if values is None or values.device.type != "cpu" or torch.get_num_threads() == 1:
-        return _decompress(tensors, pattern=pattern, bits=bits, dtype=dtype, group_size=group_size)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _decompress(tensors, pattern=pattern, bits=bits, dtype=dtype, group_size=group_size)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _decompress(tensors: dict[str, torch.Tensor], *, pattern=None, bits: int | None = None,
-                dtype: torch.dtype | None = None, group_size: int | None = None) -> torch.Tensor:
-    """The work of :func:`decompress_weight` (it runs once per weight while ``from_pretrained`` loads).
+    """Inverse of :func:`compress_weight` (it runs once per weight while ``from_pretrained`` loads,
+    which decodes on one intra-op thread: :meth:`hfprune.formats.sparse.HfpruneSparseQuantizer.one_thread`).
 
     The stored sizes and codes are checked first (a bitmask's value count while its slices are
     decoded; the half-built weight is dropped when it does not match). Then :func:`_scatter_kept`

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hfprune.formats.base import compress_targets, register_format, state_dict_untied, write_config, write_shards
-from hfprune.formats.codec import quantize
+from hfprune.solvers.quant import quantize
 
 logger = logging.getLogger(__name__)
 

@@ -124,6 +124,8 @@ class _SparseDecompress(ConversionOps):
                 dtype = model.get_parameter(full_layer_name).dtype
             except AttributeError:
                 dtype = None
+        if any(t.device.type == "cpu" for t in tensors.values()):
+            self.hf_quantizer.one_thread()
         cfg = self.hf_quantizer.quantization_config
         dense = decompress_weight(tensors, pattern=cfg.pattern, dtype=dtype, group_size=cfg.group_size)
         return {full_layer_name if full_layer_name is not None else "weight": dense}
@@ -143,6 +145,24 @@ class HfpruneSparseQuantizer(HfQuantizer):
 
     def get_load_operations(self):
         return {"dequantize": _SparseDecompress}
+
+    _threads: int | None = None
+
+    def one_thread(self) -> None:
+        """From the first weight decoded on CPU to the end of the load, torch runs on one intra-op thread:
+        every decoding op is a memory-bound pass over a slice that fits in cache, and on a machine whose
+        cores are busy each parallel region waits for a descheduled thread (SmolLM2 on 2 busy cores:
+        5-15 s with 2 threads, 0.5-0.8 s with one). The count is restored once, after the load
+        (:func:`load_sparse` also restores it when the load fails)."""
+        if self._threads is None and torch.get_num_threads() != 1:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
+            self._threads = None
+        return model
 
     def is_serializable(self):
         return True
@@ -253,7 +273,11 @@ def load_sparse(save_directory, **kwargs):
     from transformers import AutoModelForCausalLM
 
     register()
-    return AutoModelForCausalLM.from_pretrained(save_directory, **kwargs)
+    threads = torch.get_num_threads()
+    try:
+        return AutoModelForCausalLM.from_pretrained(save_directory, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------

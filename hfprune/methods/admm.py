@@ -14,9 +14,7 @@ from hfprune.config import PruningConfig
 from hfprune.solvers.masks import parse_pattern
 from hfprune.registry import register_pruner
 from hfprune.solvers.admm import admm_prune
-from hfprune.solvers.sparsegpt import output_error
-from hfprune.stats import HessianStats
-from hfprune.methods.base import Pruner, PruneResult
+from hfprune.methods.base import HessianPruner, check_quant_config
 
 
 @dataclass
@@ -61,29 +59,13 @@ class ADMMConfig(PruningConfig):
             raise ValueError(f"rho must be positive, got {self.rho}.")
         if not 0.0 <= self.dampening < 10.0:
             raise ValueError(f"dampening must be in [0, 10) (relative to the unit diagonal), got {self.dampening}.")
-        if self.bits is not None and self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 4 or 8 (or 2/3), got {self.bits}.")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be positive or None, got {self.group_size}.")
-        if self.act_order and self.bits is not None and self.group_size is not None:
-            raise ValueError("act_order cannot be combined with group_size quantization (groups would not be "
-                             "consecutive inputs); drop one of them.")
+        check_quant_config(self)
 
 
 @register_pruner("admm", config_cls=ADMMConfig)
-class ADMMPruner(Pruner):
-    requires_calibration = True
-
-    def make_stats(self, in_features, device):
-        return HessianStats(in_features, device=device)
-
-    def score(self, W, stats):
-        raise NotImplementedError("ADMM chooses masks inside its solver.")
-
-    def prune_weight(self, W, stats, sparsity, scope):
+class ADMMPruner(HessianPruner):
+    def solve(self, W, H, sparsity, scope):
         c = self.config
-        H = stats.hessian()
-        new_w, pruned = admm_prune(W, H, sparsity, c.pattern, scope=scope, iterations=c.iterations,
-                                   prune_iterations=c.prune_iterations, rho=c.rho, dampening=c.dampening,
-                                   bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order)
-        return PruneResult(pruned=pruned, weight=new_w, info={"output_error": output_error(W, new_w, H)})
+        return admm_prune(W, H, sparsity, c.pattern, scope=scope, iterations=c.iterations,
+                          prune_iterations=c.prune_iterations, rho=c.rho, dampening=c.dampening,
+                          bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order)

@@ -4,7 +4,7 @@ A pruner answers three questions for one linear layer, and never touches devices
 (the runner does that):
 
 * :meth:`Pruner.make_stats`: which calibration statistic to accumulate from the layer's inputs
-  (``None`` for data-free methods);
+  (:attr:`Pruner.stats_cls`, ``None`` for data-free methods);
 * :meth:`Pruner.score`: the importance of every weight (used for masks and global budgets);
 * :meth:`Pruner.prune_weight`: the pruned-mask and, for methods that also update the kept
   weights (SparseGPT), the new weight.
@@ -19,8 +19,10 @@ import torch
 
 from hfprune.config import PruningConfig
 from hfprune.solvers.masks import parse_pattern, prune_count, select_mask
+from hfprune.solvers.sparsegpt import output_error
+from hfprune.stats import HessianStats
 
-__all__ = ["Pruner", "PruneResult"]
+__all__ = ["Pruner", "PruneResult", "HessianPruner", "check_quant_config"]
 
 ROW_CHUNK_ELEMENTS = 1 << 20
 """Scores are computed for at most this many weights at a time when the mask is chosen row by row
@@ -44,6 +46,8 @@ class Pruner:
     requires_calibration: ClassVar[bool] = False
     structured: ClassVar[bool] = False
     """True for methods that change layer shapes (heads, neurons) instead of masking weights."""
+    stats_cls: ClassVar[type | None] = None
+    """Calibration statistic accumulated from each layer's inputs (``None``: none)."""
 
     def __init__(self, config: PruningConfig):
         if not isinstance(config, self.config_cls):
@@ -52,7 +56,7 @@ class Pruner:
 
     def make_stats(self, in_features: int, device: torch.device) -> Any | None:
         """A fresh statistics accumulator for a layer with ``in_features`` inputs."""
-        return None
+        return None if self.stats_cls is None else self.stats_cls(in_features, device=device)
 
     def score(self, W: torch.Tensor, stats: Any | None) -> torch.Tensor:
         raise NotImplementedError
@@ -79,3 +83,37 @@ class Pruner:
         for r in range(0, rows, step):
             pruned[r:r + step] = select_mask(self.score(W[r:r + step], stats), chunk_sparsity, pattern, scope)
         return PruneResult(pruned=pruned)
+
+
+class HessianPruner(Pruner):
+    """Base of the methods whose solver reconstructs each layer from its Hessian (one per layer input,
+    merged across processes) and chooses the mask itself (SparseGPT, ADMM): a subclass gives
+    :meth:`solve`; the report of every layer is its relative output error."""
+
+    requires_calibration = True
+    stats_cls = HessianStats
+
+    def score(self, W, stats):
+        # The solvers' saliency is block-adaptive; for global budgets the engine uses Wanda scores instead.
+        raise NotImplementedError(f"{self.name} chooses masks inside its solver.")
+
+    def solve(self, W: torch.Tensor, H: torch.Tensor, sparsity: float, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(new_W, pruned)`` of one layer from its weight and Hessian."""
+        raise NotImplementedError
+
+    def prune_weight(self, W, stats, sparsity, scope):
+        H = stats.hessian()
+        new_w, pruned = self.solve(W, H, sparsity, scope)
+        # How well the kept (and quantized) weights reproduce the layer's calibration outputs.
+        return PruneResult(pruned=pruned, weight=new_w, info={"output_error": output_error(W, new_w, H)})
+
+
+def check_quant_config(config) -> None:
+    """The joint-quantization options (``bits``, ``group_size``, ``act_order``) of a Hessian method's config."""
+    if config.bits is not None and config.bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 4 or 8 (or 2/3), got {config.bits}.")
+    if config.group_size is not None and config.group_size < 1:
+        raise ValueError(f"group_size must be positive or None, got {config.group_size}.")
+    if config.act_order and config.bits is not None and config.group_size is not None:
+        raise ValueError("act_order cannot be combined with group_size quantization (groups would not be "
+                         "consecutive inputs); drop one of them.")

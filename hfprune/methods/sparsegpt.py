@@ -1,7 +1,7 @@
 """SparseGPT (Frantar & Alistarh 2023): mask selection with an OBS update of the kept weights.
 
 The solver itself is the pure function :func:`hfprune.solvers.sparsegpt.sparsegpt_prune`; this
-file only wires it to the engine (Hessian statistics per layer input, config options).
+file only gives its config options (the engine glue is :class:`hfprune.methods.base.HessianPruner`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from typing import ClassVar
 
 from hfprune.config import PruningConfig
 from hfprune.registry import register_pruner
-from hfprune.solvers.sparsegpt import output_error, sparsegpt_prune
-from hfprune.stats import HessianStats
-from hfprune.methods.base import Pruner, PruneResult
+from hfprune.solvers.sparsegpt import sparsegpt_prune
+from hfprune.methods.base import HessianPruner, check_quant_config
 
 
 @dataclass
@@ -49,32 +48,12 @@ class SparseGPTConfig(PruningConfig):
             raise ValueError(f"block_size must be positive, got {self.block_size}.")
         if not 0.0 <= self.dampening < 1.0:
             raise ValueError(f"dampening must be in [0, 1) (a fraction of the mean Hessian diagonal), got {self.dampening}.")
-        if self.bits is not None and self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 4 or 8 (or 2/3), got {self.bits}.")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be positive or None, got {self.group_size}.")
-        if self.act_order and self.bits is not None and self.group_size is not None:
-            raise ValueError("act_order cannot be combined with group_size quantization (groups would not be "
-                             "consecutive inputs); drop one of them.")
+        check_quant_config(self)
 
 
 @register_pruner("sparsegpt", config_cls=SparseGPTConfig)
-class SparseGPTPruner(Pruner):
-    requires_calibration = True
-
-    def make_stats(self, in_features, device):
-        return HessianStats(in_features, device=device)
-
-    def score(self, W, stats):
-        # SparseGPT's saliency with the damped inverse-Hessian diagonal is block-adaptive; for
-        # global budgets the engine uses Wanda scores instead.
-        raise NotImplementedError("SparseGPT chooses masks inside its solver.")
-
-    def prune_weight(self, W, stats, sparsity, scope):
+class SparseGPTPruner(HessianPruner):
+    def solve(self, W, H, sparsity, scope):
         c = self.config
-        H = stats.hessian()
-        new_w, pruned = sparsegpt_prune(W, H, sparsity, c.pattern, block_size=c.block_size,
-                                        dampening=c.dampening, bits=c.bits, group_size=c.group_size, sym=c.sym,
-                                        act_order=c.act_order)
-        # How well the kept (and quantized) weights reproduce the layer's calibration outputs.
-        return PruneResult(pruned=pruned, weight=new_w, info={"output_error": output_error(W, new_w, H)})
+        return sparsegpt_prune(W, H, sparsity, c.pattern, block_size=c.block_size, dampening=c.dampening,
+                               bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order)

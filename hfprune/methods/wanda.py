@@ -36,9 +36,7 @@ class WandaConfig(PruningConfig):
 @register_pruner("wanda", config_cls=WandaConfig)
 class WandaPruner(Pruner):
     requires_calibration = True
-
-    def make_stats(self, in_features, device):
-        return RowNormStats(in_features, device=device)
+    stats_cls = RowNormStats
 
     def score(self, W, stats):
         return scores.wanda(W, stats.norm)

@@ -38,8 +38,8 @@ import math
 
 import torch
 
-from hfprune.solvers.masks import Pattern, layer_mask, lowest_k_indices, nm_mask, parse_pattern, prune_count, row_mask
-from hfprune.solvers.sparsegpt import _check_quant_args, sparsegpt_prune
+from hfprune.solvers.masks import Pattern, layer_mask, lowest_k_indices, nm_mask, prune_count, row_mask
+from hfprune.solvers.sparsegpt import check_layer_args, sparsegpt_prune
 
 __all__ = ["admm_prune", "gradual_sparsity", "project"]
 
@@ -172,21 +172,9 @@ def admm_prune(
     Returns:
         ``(new_W, pruned)`` in ``W``'s dtype and shape; ``pruned`` is True where a weight is removed.
     """
-    pat = parse_pattern(pattern)
-    _check_quant_args(bits, group_size)
-    if W.dim() != 2:
-        raise ValueError(f"admm_prune expects a 2-D weight [out, in], got shape {tuple(W.shape)}.")
-    rows, cols = W.shape
-    if tuple(H.shape) != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {cols} input "
-                         f"features; it must be [{cols}, {cols}].")
+    pat = check_layer_args("admm_prune", W, H, sparsity, pattern, dampening, bits, group_size)
     if pat.is_nm:
-        if cols % pat.m:
-            raise ValueError(f"N:M pattern {pat} needs the input width to be a multiple of {pat.m}, but it is "
-                             f"{cols}; exclude this layer or choose an M that divides {cols}.")
         sparsity = pat.sparsity
-    elif not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}; use e.g. 0.5 for 50%.")
     if scope not in ("layer", "row", "global"):
         raise ValueError(f"scope must be 'layer' or 'row', got {scope!r}.")
     scope = "layer" if scope == "global" else scope
@@ -195,8 +183,6 @@ def admm_prune(
                          f"and {prune_iterations}.")
     if not (rho > 0 and math.isfinite(rho)):
         raise ValueError(f"rho must be a positive number, got {rho}.")
-    if dampening < 0 or not math.isfinite(dampening):
-        raise ValueError(f"dampening must be a non-negative number, got {dampening}.")
     if refine_iterations < 0:
         raise ValueError(f"refine_iterations must be >= 0, got {refine_iterations}.")
 

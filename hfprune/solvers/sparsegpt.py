@@ -31,8 +31,9 @@ import math
 import torch
 
 from hfprune.solvers.masks import Pattern, lowest_k_mask, parse_pattern, prune_count
+from hfprune.solvers.quant import _fake_quant, check_quant_args, quant_grid
 
-__all__ = ["sparsegpt_prune", "quantize_weight", "output_error"]
+__all__ = ["sparsegpt_prune", "output_error", "check_layer_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,74 +41,25 @@ _MAX_DAMPING_RETRIES = 5
 _ZERO_DAMPING_FALLBACK = 1e-3
 
 
-# --------------------------------------------------------------------------------------------
-# Fake quantization (round to nearest, GPTQ-style grid)
-# --------------------------------------------------------------------------------------------
-
-
-def _check_quant_args(bits: int | None, group_size: int | None) -> None:
-    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8):
-        raise ValueError(f"bits must be an integer from 2 to 8 (typically 4 or 8) or None, got {bits!r}.")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                   or group_size < 1):
-        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}.")
-
-
-def _grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``scale`` and ``zero`` ([rows, 1]) of a ``2**bits``-level grid covering ``w``.
-
-    The range always contains 0 (``min <= 0 <= max``), so zero is exactly representable and
-    pruned weights are on the grid. Symmetric grids use ``zero = 2**(bits-1)`` (values
-    ``scale * {-2^(b-1), ..., 2^(b-1)-1}``), the convention GPTQ checkpoints use.
-    """
-    maxq = 2**bits - 1
-    xmin = w.min(dim=1).values.clamp(max=0)
-    xmax = w.max(dim=1).values.clamp(min=0)
-    if sym:
-        amax = torch.maximum(xmin.abs(), xmax)
-        scale = 2 * amax / maxq
-        zero = torch.full_like(scale, (maxq + 1) / 2)
-    else:
-        scale = (xmax - xmin) / maxq
-        zero = torch.zeros_like(scale)
-    empty = scale == 0
-    scale = torch.where(empty, torch.ones_like(scale), scale)
-    if not sym:
-        zero = torch.round(-xmin / scale)
-    return scale[:, None], zero[:, None]
-
-
-def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    q = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
-    return scale * (q - zero)
-
-
-def quantize_weight(W: torch.Tensor, bits: int, group_size: int | None = None,
-                    sym: bool = True) -> torch.Tensor:
-    """Round-to-nearest fake quantization of ``W`` ([out_features, in_features]).
-
-    One grid per output row, or per row and per ``group_size`` consecutive input columns
-    (the last group may be narrower). The result has ``W``'s dtype and shape and holds at
-    most ``2**bits`` distinct values per row-group, zero among them.
-    """
-    _check_quant_args(bits, group_size)
-    if bits is None:
-        raise ValueError("quantize_weight needs bits (for example 4 or 8).")
+def check_layer_args(solver: str, W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: str | Pattern,
+                     dampening: float, bits: int | None, group_size: int | None) -> Pattern:
+    """The checks every Hessian solver (SparseGPT, ADMM) makes of one layer's arguments; returns the pattern."""
+    pat = parse_pattern(pattern)
+    check_quant_args(bits, group_size)
     if W.dim() != 2:
-        raise ValueError(f"quantize_weight expects a 2-D weight, got shape {tuple(W.shape)}.")
-    w = W.float()
-    out = torch.empty_like(w)
-    step = group_size or w.shape[1]
-    for start in range(0, w.shape[1], step):
-        block = w[:, start:start + step]
-        scale, zero = _grid(block, bits, sym)
-        out[:, start:start + step] = _fake_quant(block, scale, zero, bits)
-    return out.to(W.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# SparseGPT
-# --------------------------------------------------------------------------------------------
+        raise ValueError(f"{solver} expects a 2-D weight [out, in], got shape {tuple(W.shape)}.")
+    cols = W.shape[1]
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {cols} input features; "
+                         f"it must be [{cols}, {cols}].")
+    if not pat.is_nm and not (0.0 <= float(sparsity) < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}; use e.g. 0.5 for 50%.")
+    if pat.is_nm and cols % pat.m:
+        raise ValueError(f"N:M pattern {pat} needs the input width to be a multiple of {pat.m}, but it is {cols}; "
+                         f"exclude this layer or choose an M that divides {cols}.")
+    if dampening < 0 or not math.isfinite(dampening):
+        raise ValueError(f"dampening must be a non-negative number, got {dampening}.")
+    return pat
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -240,27 +192,10 @@ def sparsegpt_prune(
       the group is entered.
     * ``sparsity == 0`` with ``bits is None`` (unstructured) returns a copy of ``W`` unchanged.
     """
-    pat = parse_pattern(pattern)
-    _check_quant_args(bits, group_size)
-    if W.dim() != 2:
-        raise ValueError(f"sparsegpt_prune expects a 2-D weight [out, in], got shape {tuple(W.shape)}.")
+    pat = check_layer_args("sparsegpt_prune", W, H, sparsity, pattern, dampening, bits, group_size)
     rows, cols = W.shape
-    if tuple(H.shape) != (cols, cols):
-        raise ValueError(
-            f"Hessian of shape {tuple(H.shape)} does not match a weight with {cols} input features; "
-            f"it must be [{cols}, {cols}]."
-        )
-    if not pat.is_nm and not (0.0 <= float(sparsity) < 1.0):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}; use e.g. 0.5 for 50%.")
-    if pat.is_nm and cols % pat.m:
-        raise ValueError(
-            f"N:M pattern {pat} needs the input width to be a multiple of {pat.m}, but it is {cols}; "
-            f"exclude this layer or choose an M that divides {cols}."
-        )
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}.")
-    if dampening < 0 or not math.isfinite(dampening):
-        raise ValueError(f"dampening must be a non-negative number, got {dampening}.")
 
     if mask is not None and tuple(mask.shape) != (rows, cols):
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the weight's {(rows, cols)}.")
@@ -299,7 +234,7 @@ def sparsegpt_prune(
 
     scale = zero = None
     if bits is not None and group_size is None:
-        scale, zero = _grid(work, bits, sym)
+        scale, zero = quant_grid(work, bits, sym=sym)
 
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, block):
@@ -339,7 +274,7 @@ def sparsegpt_prune(
                 if bits is None:
                     err_g = (mask1[g] * inv_d1[g]).unbind(0)
             if bits is not None and group_size is not None and col % group_size == 0:
-                scale, zero = _grid(w1[j:j + group_size].t(), bits, sym)
+                scale, zero = quant_grid(w1[j:j + group_size].t(), bits, sym=sym)
 
             w = w_rows[j]
             if bits is None:

@@ -45,14 +45,16 @@ class MomentStats:
     def merge(self, other: "MomentStats") -> "MomentStats":
         if other.in_features != self.in_features:
             raise ValueError("Cannot merge MomentStats of different in_features.")
-        if other.xtx is not None:
-            if self.xtx is None:
-                self.xtx, self.sum = other.xtx.clone(), other.sum.clone()
-            else:
-                self.xtx += other.xtx.to(self.xtx.device)
-                self.sum += other.sum.to(self.sum.device)
+        self._add(other, "xtx", "sum")
         self.count += other.count
         return self
+
+    def _add(self, other: "MomentStats", *names: str) -> None:
+        """``self.<name> += other.<name>`` for the sums that stay ``None`` until a first batch."""
+        for name in names:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.device)))
 
     def state(self) -> dict[str, torch.Tensor]:
         n = self.in_features
@@ -126,12 +128,7 @@ class CrossMomentStats(MomentStats):
 
     def merge(self, other: "CrossMomentStats") -> "CrossMomentStats":
         super().merge(other)
-        if other.xty is not None:
-            if self.xty is None:
-                self.xty, self.tsum = other.xty.clone(), other.tsum.clone()
-            else:
-                self.xty += other.xty.to(self.xty.device)
-                self.tsum += other.tsum.to(self.tsum.device)
+        self._add(other, "xty", "tsum")
         self.tt += other.tt
         return self
 
