@@ -299,9 +299,12 @@ def main(argv=None) -> int:
         logger.error("%s", err)
         return 2
     except KeyboardInterrupt as err:
-        logger.error("%s: nothing was written to the output (it is replaced only when complete); a --low-memory "
-                     "run continues from its last finished block with --resume.",
-                     "Terminated" if isinstance(err, Terminated) else "Interrupted")
+        hint = ""
+        if getattr(args, "output", None):
+            hint = ": nothing was written to the output (it is replaced only when complete)"
+            if hasattr(args, "low_memory"):
+                hint += "; a --low-memory run continues from its last finished block with --resume"
+        logger.error("%s%s.", "Terminated" if isinstance(err, Terminated) else "Interrupted", hint)
         return 143 if isinstance(err, Terminated) else 130
     except Exception:  # noqa: BLE001 - not an input error: a bug; show where, and ask for a report
         from hfprune.config import __version__
