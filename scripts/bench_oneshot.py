@@ -51,15 +51,6 @@ RUNS = {
     "admm-50-fixedmask": {"method": "admm", "sparsity": 0.5, "prune_iterations": 0},
     "admm-50-row": {"method": "admm", "sparsity": 0.5, "scope": "row"},
     "admm-2of4-i20": {"method": "admm", "pattern": "2:4", "iterations": 20, "prune_iterations": 15},
-    # Dense targets (each layer fit to the dense model's outputs), on and off explicitly for the ablation.
-    "admm-2of4-dt": {"method": "admm", "pattern": "2:4", "dense_targets": True},
-    "admm-50-dt": {"method": "admm", "sparsity": 0.5, "dense_targets": True},
-    "admm-70-dt": {"method": "admm", "sparsity": 0.7, "dense_targets": True},
-    "admm-2of4-nodt": {"method": "admm", "pattern": "2:4", "dense_targets": False},
-    "admm-50-nodt": {"method": "admm", "sparsity": 0.5, "dense_targets": False},
-    "admm-70-nodt": {"method": "admm", "sparsity": 0.7, "dense_targets": False},
-    "sparsegpt-2of4-dt": {"method": "sparsegpt", "pattern": "2:4", "dense_targets": True},
-    "sparsegpt-50-dt": {"method": "sparsegpt", "sparsity": 0.5, "dense_targets": True},
 }
 # Perplexity-vs-sparsity points for the plot: <method>-<percent> and <method>-4of8.
 for _method in ("magnitude", "wanda", "sparsegpt", "admm"):

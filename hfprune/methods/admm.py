@@ -46,7 +46,6 @@ class ADMMConfig(PruningConfig):
     group_size: int | None = field(default=None, metadata={"help": "Quantization group size along the input (None: per output channel)."})
     sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
     act_order: bool = field(default=False, metadata={"help": "Quantization sweep in order of decreasing Hessian diagonal."})
-    dense_targets: bool = field(default=False, metadata={"help": "Fit each layer to the dense model's outputs (a second, dense activation stream corrects the error earlier pruned layers left in its inputs)."})
 
     def __post_init__(self) -> None:
         # N:M has no comparison scope; the shared check insists on the neutral 'row' there.

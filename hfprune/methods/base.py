@@ -19,8 +19,8 @@ import torch
 
 from hfprune.config import PruningConfig
 from hfprune.solvers.masks import parse_pattern, prune_count, select_mask
-from hfprune.solvers.sparsegpt import dense_target_weight, output_error
-from hfprune.stats import DenseTargetHessianStats, HessianStats
+from hfprune.solvers.sparsegpt import output_error
+from hfprune.stats import HessianStats
 
 __all__ = ["Pruner", "PruneResult", "HessianPruner", "check_quant_config"]
 
@@ -101,27 +101,11 @@ class HessianPruner(Pruner):
         """``(new_W, pruned)`` of one layer from its weight and Hessian."""
         raise NotImplementedError
 
-    @property
-    def dense_targets(self) -> bool:
-        """Fit each layer to the dense model's outputs (``config.dense_targets``; the engine then keeps a
-        dense activation stream beside the pruned one)."""
-        return bool(getattr(self.config, "dense_targets", False))
-
-    def make_stats(self, in_features, device, dense_inputs=None):
-        if dense_inputs is None:
-            return super().make_stats(in_features, device)
-        return DenseTargetHessianStats(in_features, device=device, dense_inputs=dense_inputs)
-
     def prune_weight(self, W, stats, sparsity, scope):
         H = stats.hessian()
-        target, info = W, {}
-        if getattr(stats, "has_target", False):
-            target = dense_target_weight(W, H, stats.cross())
-            info["dense_target_shift"] = output_error(W, target, H)  # how far the dense fit moved the layer
-        new_w, pruned = self.solve(target, H, sparsity, scope)
-        # How well the kept (and quantized) weights reproduce the layer's calibration outputs (its target's).
-        info["output_error"] = output_error(target, new_w, H)
-        return PruneResult(pruned=pruned, weight=new_w, info=info)
+        new_w, pruned = self.solve(W, H, sparsity, scope)
+        # How well the kept (and quantized) weights reproduce the layer's calibration outputs.
+        return PruneResult(pruned=pruned, weight=new_w, info={"output_error": output_error(W, new_w, H)})
 
 
 def check_quant_config(config) -> None:

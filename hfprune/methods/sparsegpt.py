@@ -33,7 +33,6 @@ class SparseGPTConfig(PruningConfig):
     group_size: int | None = field(default=None, metadata={"help": "Quantization group size along the input (None: per output channel)."})
     sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
     act_order: bool = field(default=False, metadata={"help": "Solve the input columns in order of decreasing Hessian diagonal (N:M: whole groups)."})
-    dense_targets: bool = field(default=False, metadata={"help": "Fit each layer to the dense model's outputs (a second, dense activation stream corrects the error earlier pruned layers left in its inputs)."})
     true_sequential: bool = field(
         default=False,
         metadata={"help": "Default False, as in the SparseGPT paper's code and llm-compressor: every layer of a block gets "
