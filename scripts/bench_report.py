@@ -9,6 +9,7 @@ Every table names the script and command that produced it; sections whose JSON i
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -45,14 +46,21 @@ def _table_head(lines, header: str) -> None:
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
 
 
-def _section(lines, name: str, title: str, script: str):
-    """Append the section heading; return the JSON ``name`` or, when it is missing, say which script makes it
-    and return ``None``."""
-    data = load(name)
-    lines.append(f"## {title}\n")
-    if not data:
-        lines.append(f"_not run yet: `{script}`_\n")
-    return data
+def section(name: str, title: str, script: str):
+    """Declare a section drawn from the JSON ``name``: the decorated ``fn(lines, data)`` becomes ``fn(lines)``,
+    which appends the heading ``title`` and then either calls ``fn`` with the JSON or, when it is missing, says
+    which ``script`` makes it."""
+    def declare(fn):
+        @functools.wraps(fn)
+        def render(lines):
+            data = load(name)
+            lines.append(f"## {title}\n")
+            if not data:
+                lines.append(f"_not run yet: `{script}`_\n")
+                return
+            fn(lines, data)
+        return render
+    return declare
 
 
 def _merged(*names):
@@ -174,10 +182,8 @@ def section_oneshot(lines):
     lines.append("")
 
 
-def section_structured(lines):
-    data = _section(lines, "structured", "Structured pruning (heads and MLP neurons)", "scripts/bench_structured.py")
-    if not data:
-        return
+@section("structured", "Structured pruning (heads and MLP neurons)", "scripts/bench_structured.py")
+def section_structured(lines, data):
     lines.append(f"Command: `{data['command']}`. Settings: {data['settings']}. WikiText-2 seqlen 2048, first "
                  f"{data['protocol']['max_windows']} windows. Latencies are medians of repeated runs in the same "
                  f"process as the dense ones, on a machine shared with other jobs (see the dense re-check column).\n")
@@ -192,11 +198,9 @@ def section_structured(lines):
     lines.append("")
 
 
-def section_structured_compensation(lines):
-    data = _section(lines, "structured_compensation", "Compensated structured pruning (heads and MLP neurons, issue 19)",
-                    "scripts/bench_structured.py --output bench_out/structured_compensation.json")
-    if not data:
-        return
+@section("structured_compensation", "Compensated structured pruning (heads and MLP neurons, issue 19)",
+         "scripts/bench_structured.py --output bench_out/structured_compensation.json")
+def section_structured_compensation(lines, data):
     dense = data["runs"]["dense"]
     commands = data.get("commands") or [data["command"]]
     lines.append("Commands: " + " ; ".join(f"`{c}`" for c in commands) + f". SmolLM2-135M float32, calibration c4 "
@@ -240,23 +244,19 @@ def section_structured_compensation(lines):
         lines.append(md.read_text())
 
 
-def section_generic(lines, name, title, script):
-    data = _section(lines, name, title, script)
-    if not data:
-        return
+@section("size", "Checkpoint size (first run: 2:4 stored with 2-bit indices)", "scripts/bench_size.py")
+def section_size(lines, data):
     if "command" in data:
         lines.append(f"Command: `{data['command']}`\n")
-    md = BENCH / f"{name}.md"
+    md = BENCH / "size.md"
     if md.exists():
         lines.append(md.read_text())
     else:
         lines.append("```json\n" + json.dumps({k: v for k, v in data.items() if k != "machine"}, indent=1)[:6000] + "\n```\n")
 
 
-def section_recovery(lines):
-    data = _section(lines, "recovery", "Recovery fine-tuning (Wanda 2:4, SmolLM2-135M)", "scripts/bench_recovery.py")
-    if not data:
-        return
+@section("recovery", "Recovery fine-tuning (Wanda 2:4, SmolLM2-135M)", "scripts/bench_recovery.py")
+def section_recovery(lines, data):
     p = data["protocol"]
     lines.append(f"Command: `.venv/bin/python scripts/bench_recovery.py --minutes {p['minutes_per_run']:g}`. "
                  f"Pruned with {p['method']} {p['pattern']} (calibration {p['calibration']} {p['nsamples']} x "
@@ -291,10 +291,8 @@ def section_sweep(lines):
     lines.append("![sweep](img/sweep.png)\n")
 
 
-def section_memory(lines):
-    data = _section(lines, "memory", "Memory: streaming big checkpoints (`--low-memory`)", "scripts/bench_memory.py")
-    if not data:
-        return
+@section("memory", "Memory: streaming big checkpoints (`--low-memory`)", "scripts/bench_memory.py")
+def section_memory(lines, data):
     lines.append(f"Command: `.venv/bin/python scripts/bench_memory.py --multiprocess`. Random-weight Llama-shaped "
                  f"bf16 checkpoints sharded at 500 MB, Wanda 50 %, calibration c4 {data['nsamples']} x "
                  f"{data['seqlen']} (SmolLM2 tokenizer), each in a fresh process; peak RSS is the process's VmHWM. "
@@ -501,12 +499,10 @@ def splice_admm() -> None:
     print("updated the admm section of docs/BENCHMARKS.md")
 
 
-def section_zeroshot_harness(lines):
+@section("zeroshot_harness", "Zero-shot benchmarks through lm-evaluation-harness (SmolLM2-135M)",
+         "scripts/bench_zeroshot.py")
+def section_zeroshot_harness(lines, data):
     """Zero-shot benchmarks through lm-evaluation-harness (scripts/bench_zeroshot.py)."""
-    data = _section(lines, "zeroshot_harness", "Zero-shot benchmarks through lm-evaluation-harness (SmolLM2-135M)",
-                    "scripts/bench_zeroshot.py")
-    if not data:
-        return
     rows = data["rows"]
     first = next(iter(rows.values()))["zeroshot"]
     limit = first.get("limit")
@@ -558,6 +554,8 @@ def section_zeroshot_harness(lines):
         for key, c in check["checks"].items():
             lines.append(f"| {key} | {fmt(c['hfprune'], '.4f')} | {fmt(c['lm_eval'], '.4f')} | {fmt(c['printed_equal'])} |")
         lines.append("")
+
+
 def _cell(run: dict | None) -> str:
     if not run:
         return "-"
@@ -575,12 +573,10 @@ def _cell(run: dict | None) -> str:
     return "fail (" + ", ".join(why) + ")" if why else "fail"
 
 
-def section_architectures(lines):
+@section("architectures", "Model types: conformance over every causal-LM type of transformers",
+         "scripts/bench_architectures.py")
+def section_architectures(lines, data):
     """Conformance over every causal-LM model type (scripts/bench_architectures.py)."""
-    data = _section(lines, "architectures", "Model types: conformance over every causal-LM type of transformers",
-                    "scripts/bench_architectures.py")
-    if not data:
-        return
     s, results = data["summary"], data["results"]
     m = data.get("machine", {})
     lines.append(f"Command: `.venv/bin/python scripts/bench_architectures.py` (transformers {m.get('transformers')}, "
@@ -624,12 +620,11 @@ def section_architectures(lines):
             lines.append(f"- `{name}` ({kinds.get(r['status'], r['status'])}): {str(r.get('reason'))[:250]}")
     lines.append("")
 
-def section_sparsegpt_parity(lines):
+
+@section("sparsegpt_parity", "SparseGPT parity with llm-compressor per family (tiny random models)",
+         "scripts/bench_sparsegpt_parity.py")
+def section_sparsegpt_parity(lines, data):
     """SparseGPT vs llm-compressor 0.14 on tiny random models of every family (scripts/bench_sparsegpt_parity.py)."""
-    data = _section(lines, "sparsegpt_parity", "SparseGPT parity with llm-compressor per family (tiny random models)",
-                    "scripts/bench_sparsegpt_parity.py")
-    if not data:
-        return
     st = data["settings"]
     lines.append(f"Command: `{data['command']}` (torch {data['torch']}, transformers {data['transformers']}; "
                  "llm-compressor 0.14.0.1 with transformers 5.17 in `.venv-llmc`). Every family: a random model from "
@@ -701,7 +696,7 @@ def main() -> None:
     section_admm(lines)
     section_structured(lines)
     section_structured_compensation(lines)
-    section_generic(lines, "size", "Checkpoint size (first run: 2:4 stored with 2-bit indices)", "scripts/bench_size.py")
+    section_size(lines)
     new_md = BENCH / "size_new" / "size.md"
     if new_md.exists():
         lines.append("### Rerun of the 2:4 rows with the combinatorial pattern code (2.67 bits per group of 4)\n")
