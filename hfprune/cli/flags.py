@@ -9,7 +9,7 @@ import dataclasses
 import types
 import typing
 
-__all__ = ["add_fields", "positive_int"]
+__all__ = ["add_fields", "model_command", "positive_int"]
 
 
 def _scalar(tp):
@@ -64,6 +64,13 @@ def add_fields(parser, cls, *, only=None, skip=(), flags=None, extra=None, defau
         parser.add_argument(*(flags or {}).get(f.name, ["--" + f.name.replace("_", "-")]), **kw)
         added.append(f.name)
     return added
+
+
+def model_command(subparsers, name: str, **kw):
+    """``subparsers.add_parser(name, **kw)`` for a command on one model: its first flag is the required ``--model``."""
+    parser = subparsers.add_parser(name, **kw)
+    parser.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
+    return parser
 
 
 def positive_int(text: str) -> int:

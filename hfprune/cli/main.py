@@ -11,7 +11,7 @@ import signal
 import sys
 
 from hfprune.cli import bench, flow, push, recover, sweep, zeroshot
-from hfprune.cli.flags import add_fields, positive_int
+from hfprune.cli.flags import add_fields, model_command, positive_int
 
 logger = logging.getLogger("hfprune.cli")
 
@@ -27,9 +27,8 @@ def _add_prune(sub) -> None:
     from hfprune.structured.depth import DepthPruningConfig
     from hfprune.structured.hidden import HiddenPruningConfig
 
-    p = sub.add_parser("prune", help="Prune a model and save it.",
-                       description="Prune a causal LM one decoder block at a time and save a standard checkpoint.")
-    p.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
+    p = model_command(sub, "prune", help="Prune a model and save it.",
+                      description="Prune a causal LM one decoder block at a time and save a standard checkpoint.")
     p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); the flags below override its values.")
     p.add_argument("--method", help="Pruning method (see `hfprune methods`).")
     # Method and calibration flags come from the config dataclasses (help text in their field metadata).

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from hfprune.cli.flags import positive_int
+from hfprune.cli.flags import model_command, positive_int
 from hfprune.workflows.sweep import format_probes, format_table, search, sweep
 
 
-def _add_common(p) -> None:
-    p.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
+def _command(subparsers, name: str, **kw):
+    """The ``sweep`` / ``search`` parser ``name`` with the flags both take."""
+    p = model_command(subparsers, name, **kw)
     p.add_argument("--calibration", default="c4", help="c4, wikitext2, self, or a data file (drawn once, reused).")
     p.add_argument("--nsamples", type=int, default=None, help="Calibration windows (default 128).")
     p.add_argument("--seqlen", type=int, default=None, help="Tokens per calibration window (default 2048).")
@@ -27,27 +28,24 @@ def _add_common(p) -> None:
                                    "(e.g. paper-7; see `hfprune eval --tasks`).")
     p.add_argument("--task-limit", dest="task_limit", type=int, default=None,
                    help="With --tasks: first N documents per task (CPU time).")
+    return p
 
 
 def add_cli(subparsers):
     """Add the ``sweep`` and ``search`` subcommands; their ``func`` returns an exit code."""
-    p = subparsers.add_parser(
-        "sweep", help="Perplexity over methods x patterns x sparsities.",
-        description="Prune the same dense model at every grid point (N:M patterns once per method), measure "
-                    "perplexity, and write results.jsonl/csv/json and sweep.png to --output. An interrupted "
-                    "sweep resumes where it stopped.")
-    _add_common(p)
+    p = _command(subparsers, "sweep", help="Perplexity over methods x patterns x sparsities.",
+                 description="Prune the same dense model at every grid point (N:M patterns once per method), measure "
+                             "perplexity, and write results.jsonl/csv/json and sweep.png to --output. An interrupted "
+                             "sweep resumes where it stopped.")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="Comma-separated methods.")
     p.add_argument("--sparsities", default="0.3,0.4,0.5,0.6,0.7", help="Comma-separated unstructured sparsities.")
     p.add_argument("--patterns", default="unstructured", help="Comma-separated patterns, e.g. unstructured,2:4.")
     p.add_argument("--no-plot", action="store_true", help="Skip sweep.png.")
     p.set_defaults(func=_run_sweep)
 
-    s = subparsers.add_parser(
-        "search", help="Highest sparsity within a perplexity budget.",
-        description="Bisection over the unstructured sparsity of one method: probes 0 (dense), --lo and --hi, "
-                    "widens or narrows the range, then halves it until it is narrower than --tol.")
-    _add_common(s)
+    s = _command(subparsers, "search", help="Highest sparsity within a perplexity budget.",
+                 description="Bisection over the unstructured sparsity of one method: probes 0 (dense), --lo and "
+                             "--hi, widens or narrows the range, then halves it until it is narrower than --tol.")
     s.add_argument("--method", default="wanda")
     budget = s.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-ppl-increase", type=float, help="Relative budget over dense, e.g. 0.1 for +10 %%.")

@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
+from hfprune.cli.flags import model_command
 from hfprune.eval.zeroshot import cloze_task, load_task_file, task_items, zeroshot_accuracy
 
 
 def add_cli(subparsers):
     """Add the ``zeroshot`` subcommand; its ``func`` returns an exit code."""
-    p = subparsers.add_parser(
-        "zeroshot", help="Zero-shot multiple-choice accuracy by log-likelihood.",
+    p = model_command(
+        subparsers, "zeroshot", help="Zero-shot multiple-choice accuracy by log-likelihood.",
         description="Score each choice by the log-likelihood of its tokens after the prompt; report acc and "
                     "acc_norm (divided by the choice's length in characters). cloze-wikitext2 / cloze-c4 are "
                     "synthetic offline tasks built from local text (see hfprune.eval.zeroshot.build_cloze_task).")
-    p.add_argument("--model", required=True, help="Local checkpoint folder, Hub id, or alias (smollm2-135m).")
     p.add_argument("--task", default="cloze-wikitext2",
                    help="cloze-wikitext2, cloze-c4, or a local .json/.jsonl file of items.")
     p.add_argument("--prompt-field", default="prompt")
