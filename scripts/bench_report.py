@@ -657,8 +657,28 @@ def section_sparsegpt_parity(lines, data):
     lines.extend(SPARSEGPT_PARITY_FINDINGS)
 
 
+@section("structured_distill", "Distilling the compensated structured model (issue 19)",
+         "the commands in docs/results/structured_distill.json")
+def section_structured_distill(lines, data):
+    dense = data["dense"]
+    lines.append(f"Student: {data['protocol']['student']}; teacher: the dense model; logits KL (`--alpha 1`), "
+                 f"`hfprune recover --distill` on packed 256-token C4 windows under a wall-clock budget. Dense perplexity "
+                 f"{dense['perplexity_32']} (32 windows) / {dense['perplexity_8']} (8 windows). Commands per run below.\n")
+    _table_head(lines, "| run | threads | steps | tokens | train s | ppl 8 before | ppl 8 after | ppl 32 before | ppl 32 after "
+                       "| 32 after / dense |")
+    for r in data["runs"]:
+        lines.append(f"| {r['name']} | {r['threads']} | {r['steps']} | {r['tokens_seen']:,} | {r['train_seconds']:.0f} | "
+                     f"{fmt(r['perplexity_8_before'])} | {fmt(r['perplexity_8_after'])} | {fmt(r['perplexity_32_before'])} | "
+                     f"{fmt(r['perplexity_32_after'])} | {r['perplexity_32_after'] / dense['perplexity_32']:.3f} |")
+    lines.append("")
+    for r in data["runs"]:
+        lines.append(f"- `{r['name']}` ({r['machine_load']}): " + " ; ".join(f"`{c}`" for c in r["commands"]))
+    lines.append("")
+
+
 SECTIONS = {"architectures": section_architectures, "sparsegpt_parity": section_sparsegpt_parity,
-            "structured_compensation": section_structured_compensation}
+            "structured_compensation": section_structured_compensation,
+            "structured_distill": section_structured_distill}
 
 
 def update_section(name: str) -> None:
@@ -696,6 +716,7 @@ def main() -> None:
     section_admm(lines)
     section_structured(lines)
     section_structured_compensation(lines)
+    section_structured_distill(lines)
     section_size(lines)
     new_md = BENCH / "size_new" / "size.md"
     if new_md.exists():
