@@ -340,6 +340,9 @@ PROXY_FINDINGS = [
 ]
 # Ideas measured on the full protocol (the table above); printed after it.
 FULL_FINDINGS = [
+    "Run at 19613a1, one thread per process, each run beside one or two other 1-thread jobs on the 2 cores; "
+    "`admm-70` (its forward reference) and `sparsegpt-70` overlapped the test suite, so the 70 % times do not "
+    "count. Time ratios within the 2:4 and 50 % pairs: 1.62 and 1.23 (budget 2).",
     "Block order (full protocol): ADMM keeps true-sequential, which was SparseGPT's better order on SmolLM2 "
     "(2:4 92.14 true-sequential vs 95.86 llm-compressor's order; the one-shot table and the `sparsegpt-2of4` row here).",
     "**Dense targets: worse, not used.** Each layer fitted to the dense model's outputs instead of its own on the "
