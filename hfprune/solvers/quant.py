@@ -155,7 +155,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.
                 todo &= ~ok
     done |= absmax == 0
     # The other groups are not on a grid: round them to the one of :func:`quant_grid`.
-    rtn = quant_grid(w, bits, group)[0]
+    rtn = _grid(g.reshape(-1, group), bits, sym=True)[0].view(rows, -1)  # quant_grid's, on the view at hand
     scale = torch.where(done, scale, rtn)
     q = torch.where(done[..., None], q, torch.round(g / rtn[..., None]))
     q = q.clamp(qmin, qmax).reshape(rows, -1)[:, :cols].to(torch.int32)
