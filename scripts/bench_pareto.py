@@ -2,8 +2,10 @@
 
 Kinds, each at about 0.9x, 0.8x and 0.7x of the dense parameters, no recovery:
 
-* ``width``: heads + MLP neurons (hfprune's structured method, ``--width-importance``; every
-  target is tried with and without removing one of the 3 KV groups, the rest from the MLP);
+* ``width``: heads + MLP neurons (hfprune's structured method, ``--width-importance``, by default
+  OBS importance with least-squares compensation; every target is tried with one query head of
+  every KV group removed, with MLP neurons only, and with one whole KV group removed, the rest
+  from the MLP: ``--width-heads``);
 * ``depth``: whole decoder blocks (``block_influence`` and ``angular``);
 * ``hidden``: residual channels (Minitron activation importance);
 * ``combo``: two kinds sharing the removed parameters half and half (width-MLP + depth,
@@ -57,20 +59,31 @@ def llama_params(d: dict) -> int:
 # ------------------------------------------------------------------------------------ plans
 
 
-def width_plan(d: dict, target: float, remove_group: bool) -> dict | None:
-    """heads_ratio / mlp_ratio that bring the parameters closest to ``target`` x dense."""
+def width_plan(d: dict, target: float, heads: str) -> dict | None:
+    """heads_ratio / mlp_ratio that bring the parameters closest to ``target`` x dense.
+
+    ``heads``: ``none`` (MLP neurons only), ``per_group`` (one query head of every KV group) or
+    ``whole_group`` (one whole KV group); the rest of the budget comes from the MLP.
+    """
     base = llama_params(d)
     e = dict(d)
     heads_ratio = 0.0
-    if remove_group:
+    group = d["nq"] // d["nkv"]
+    if heads == "per_group" and group > 1:
+        heads_ratio = d["nkv"] / d["nq"]
+        e.update(nq=d["nq"] - d["nkv"])
+    elif heads == "whole_group" and d["nkv"] > 1:
         heads_ratio = 1 / d["nkv"]
-        e.update(nq=d["nq"] - d["nq"] // d["nkv"], nkv=d["nkv"] - 1)
+        e.update(nq=d["nq"] - group, nkv=d["nkv"] - 1)
+    elif heads != "none":
+        return None
     per_neuron = d["L"] * 3 * d["H"]
     need = llama_params(e) - target * base
     neurons = int(round(need / per_neuron))
     if neurons < 0 or neurons >= d["I"]:
         return None
-    return {"heads_ratio": heads_ratio, "mlp_ratio": neurons / d["I"], "gqa_mode": "whole_group"}
+    return {"heads_ratio": heads_ratio, "mlp_ratio": neurons / d["I"],
+            "gqa_mode": "whole_group" if heads == "whole_group" else "per_group"}
 
 
 def depth_plan(d: dict, target: float) -> int:
@@ -127,7 +140,14 @@ def main() -> None:
     parser.add_argument("--grid", choices=("full", "reduced"), default="full",
                         help="reduced: width with a KV group removed, the angular criterion and the width+hidden / "
                              "depth+hidden combinations only at the first target (for a busy CPU)")
-    parser.add_argument("--width-importance", default="wanda")
+    parser.add_argument("--width-importance", default="obs",
+                        help="StructuredConfig.importance of the width kind (obs: with least-squares compensation)")
+    parser.add_argument("--width-heads", default="per_group,none,whole_group",
+                        help="heads removed in the width kind: per_group, none (MLP only), whole_group")
+    parser.add_argument("--combos", default="mlp+depth,mlp+hidden,depth+hidden")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="merge the points of several runs (e.g. two processes, one per core) into --output "
+                             "and --plot, and exit; the dense record is the first file's")
     parser.add_argument("--depth-criteria", default="block_influence,angular")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -143,6 +163,16 @@ def main() -> None:
         import json
 
         print(markdown(json.loads(Path(args.output).read_text())))
+        return
+    if args.merge:
+        import json
+
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = dict(parts[0], points=[p for part in parts for p in part["points"]],
+                      command=[part["command"] for part in parts], merged_from=args.merge,
+                      seconds=[part.get("seconds") for part in parts])
+        finish(merged, args)
+        print(markdown(merged))
         return
     logging.basicConfig(level=logging.WARNING)
 
@@ -220,8 +250,8 @@ def main() -> None:
     for target in targets:
         full = args.grid == "full" or target == middle
         if "width" in kinds:
-            for remove_group in ((False, True) if full else (False,)):
-                plan = width_plan(d, target, remove_group)
+            for heads in (args.width_heads.split(",") if full else args.width_heads.split(",")[:1]):
+                plan = width_plan(d, target, heads)
                 if plan:
                     run("width", target, f"heads {plan['heads_ratio']:.2f} mlp {plan['mlp_ratio']:.3f}",
                         [width_cfg(plan)])
@@ -236,21 +266,23 @@ def main() -> None:
             half = 1 - (1 - target) / 2  # each kind removes half of the parameters to go
             n = depth_plan(d, half)
             d_depth = {**d, "L": d["L"] - n}
-            mlp = width_plan(d, half, False)
+            mlp = width_plan(d, half, "none")
+            combos = args.combos.split(",") if full else args.combos.split(",")[:1]
             # The second kind's share is planned on the first kind's result, to land on the target.
             rel = target * llama_params(d)
             h_after_depth = hidden_plan({**d_depth, "V": d["V"]}, rel / llama_params(d_depth))
             d_mlp = {**d, "I": d["I"] - int(round(mlp["mlp_ratio"] * d["I"]))}
             n_after_mlp = depth_plan(d_mlp, rel / llama_params(d_mlp))
             h_after_mlp = hidden_plan(d_mlp, rel / llama_params(d_mlp))
-            run("combo", target, f"mlp {mlp['mlp_ratio']:.3f} + depth {n_after_mlp}",
-                [width_cfg(mlp), DepthPruningConfig(num_blocks=n_after_mlp)])
-            if not full:
-                continue
-            run("combo", target, f"mlp {mlp['mlp_ratio']:.3f} + hidden {h_after_mlp}",
-                [width_cfg(mlp), HiddenPruningConfig(keep_hidden=h_after_mlp)])
-            run("combo", target, f"depth {n} + hidden {h_after_depth}",
-                [DepthPruningConfig(num_blocks=n), HiddenPruningConfig(keep_hidden=h_after_depth)])
+            if "mlp+depth" in combos:
+                run("combo", target, f"mlp {mlp['mlp_ratio']:.3f} + depth {n_after_mlp}",
+                    [width_cfg(mlp), DepthPruningConfig(num_blocks=n_after_mlp)])
+            if "mlp+hidden" in combos:
+                run("combo", target, f"mlp {mlp['mlp_ratio']:.3f} + hidden {h_after_mlp}",
+                    [width_cfg(mlp), HiddenPruningConfig(keep_hidden=h_after_mlp)])
+            if "depth+hidden" in combos:
+                run("combo", target, f"depth {n} + hidden {h_after_depth}",
+                    [DepthPruningConfig(num_blocks=n), HiddenPruningConfig(keep_hidden=h_after_depth)])
     result["seconds"] = time.perf_counter() - start
     finish(result, args)
     print(f"wrote {args.output} and {args.plot}")
