@@ -103,7 +103,6 @@ def remap_tokens(calib, evals, vocab: int):
 
 
 def make_tokens(args):
-    import torch
 
     import hfprune
     from hfprune.config import CalibrationConfig

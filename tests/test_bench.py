@@ -94,7 +94,7 @@ def test_progress_bar_on_stderr(checkpoints, capsys):
 @pytest.mark.parametrize("flags,needle", [
     (["--repetitions", "0"], "repetitions must be at least 1"),
     (["--batch-sizes", "0"], "batch_sizes must be positive"),
-    (["--prompt-tokens", "250", "--new-tokens", "10"], "max_position_embeddings (256)"),
+    (["--prompt-tokens", "250", "--new-tokens", "10"], "exceeds the 256 positions it covers"),
 ])
 def test_bad_settings_fail_before_loading(checkpoints, monkeypatch, caplog, flags, needle):
     def no_load(*a, **k):

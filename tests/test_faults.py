@@ -203,7 +203,6 @@ def _cli_process(model_dir, calib_file, out, env_extra=None):
 
 @pytest.mark.parametrize("sig,code", [(2, 130), (15, 143)])
 def test_interrupt_gives_a_message_and_leaves_nothing(model_dir, calib_file, tmp_path, sig, code):
-    import signal
     import time
 
     out = tmp_path / "out"

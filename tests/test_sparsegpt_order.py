@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.arch import get_blocks, get_spec, weight_matrix
+from hfprune.arch import weight_matrix
 from hfprune.core.engine import select_targets
 from hfprune.solvers.sparsegpt import sparsegpt_prune
 from hfprune.stats import HessianStats

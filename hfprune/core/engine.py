@@ -21,7 +21,7 @@ from hfprune.arch import moe
 from hfprune.arch import check_seqlen, get_blocks, get_spec, in_features, find_linears, weight_matrix
 from hfprune.core.calibration import get_calibration_ids
 from hfprune.config import CalibrationConfig, PruningConfig
-from hfprune.solvers.masks import global_budgets, parse_pattern, prune_count
+from hfprune.solvers.masks import global_budgets, parse_pattern
 from hfprune.registry import get_pruner_cls
 from hfprune.core.distributed import ChunkedStats, DistContext, finalize_stats, get_context, shard_windows
 from hfprune.report import PruneReport, count_zeros, peak_rss_mb, zero_counts

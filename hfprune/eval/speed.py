@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from hfprune.arch import max_positions
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SpeedConfig", "benchmark_speed", "check_models"]
@@ -102,12 +104,11 @@ def check_models(config: SpeedConfig) -> list[Any]:
         except OSError as err:
             raise ValueError(f"--model {name}: cannot read its config ({str(err).splitlines()[0]}). Pass a local "
                              f"checkpoint folder, a reachable Hub id, or an alias ({', '.join(ALIASES)}).") from err
-        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        limit = getattr(text, "max_position_embeddings", None)
+        limit = max_positions(cfg)
         if limit is not None and config.prompt_tokens + config.new_tokens > limit:
             raise ValueError(f"--model {name}: prompt_tokens + new_tokens = "
-                             f"{config.prompt_tokens + config.new_tokens} exceeds its max_position_embeddings "
-                             f"({limit}); use a shorter prompt or fewer new tokens.")
+                             f"{config.prompt_tokens + config.new_tokens} exceeds the {limit} positions it covers; "
+                             f"use a shorter prompt or fewer new tokens.")
         configs.append(cfg)
     return configs
 

@@ -293,7 +293,7 @@ def run_depth_pruning(model: nn.Module, tokenizer, config: DepthPruningConfig, c
     from hfprune.core.calibration import get_calibration_ids
     from hfprune.core.engine import resolve_calibration
     from hfprune.core.runner import is_offloaded
-    from hfprune.report import DepthRemoval, PruneReport, peak_rss_mb
+    from hfprune.report import DepthRemoval
     from hfprune.structured.stock import check_stock_reload
 
     if is_offloaded(model):
