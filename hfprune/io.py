@@ -482,6 +482,9 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
     if isinstance(report, PruneReport):  # the record travels in config.json (edits made there since win)
         report.save_to(model.config)
     record = PruneReport.from_model(model)  # parsed once; what the format, card and checks go by
+    if isinstance(report, PruneReport) and record is not None:
+        # The quantization grids are in memory only; a format checks every group against the weights.
+        record.quant_scales = report.quant_scales
     _validate(model, fmt, bits, group_size, record)
     report_dict = _report_dict(report)
     # the folder the model was loaded from (its weights may still be memory-mapped from there)

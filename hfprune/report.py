@@ -8,6 +8,7 @@ itself; a reloaded dict is parsed back into a record once (:meth:`PruneReport.fr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -127,6 +128,19 @@ class PruneReport:
     """Depth pruning: the blocks removed and the criterion's scores."""
     hidden: HiddenRemoval | None = None
     """Hidden-size pruning: the residual channels removed."""
+    quant_scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """Joint quantization (``bits`` in :attr:`config`): per pruned layer, the float32 ``[out, groups]``
+    scales of the symmetric grid its kept weights lie on (``weight = scale * q``); the formats store
+    the integers on exactly this grid. In memory only (not in ``config.json`` or :meth:`to_dict`): a
+    record read back from a checkpoint has none, and the formats then find the grid from the values."""
+
+    def scales_for(self, bits: int | None, group_size: int | None) -> dict[str, torch.Tensor]:
+        """:attr:`quant_scales` by weight name (``<module>.weight``) when this run quantized to
+        ``bits`` with ``group_size`` (what a format is asked to store), else ``{}``."""
+        if not self.quant_scales or bits is None or self.config.get("bits") != bits \
+                or self.config.get("group_size") != group_size:
+            return {}
+        return {f"{name}.weight": scale for name, scale in self.quant_scales.items()}
 
     def save_to_model(self, model) -> None:
         """Set ``model.config.pruning_config`` to this run's entry; an earlier run's entry (a model
@@ -170,7 +184,9 @@ class PruneReport:
                    command=pc.get("command"))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(dataclasses.replace(self, quant_scales={}))
+        out.pop("quant_scales")
+        return out
 
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=2)

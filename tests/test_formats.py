@@ -189,6 +189,76 @@ def test_weights_on_grid_are_stored_exactly(tmp_path):
     _assert_identical(_plain_reload(tmp_path / "dense"), _plain_reload(tmp_path / "grid"))
 
 
+def test_grid_the_detection_cannot_find_is_used_when_the_method_gives_it():
+    """A group holding only the levels -8 and 3 of step s: no search from the values finds s (the
+    smallest gap 3s puts the absmax on level 8/3), so without the method's grid the group is rounded
+    to absmax/7 and 3s changes; with it (what SparseGPT/ADMM return) it is stored exactly."""
+    from hfprune.solvers.quant import quantize
+
+    s = 2.0 ** -7
+    w = torch.tensor([[-8 * s, 3 * s, 0.0, 0.0], [2 * s, -5 * s, 7 * s, 0.0]], dtype=torch.float32)
+    q0, scale0, exact0 = quantize(w, 4, 4)
+    assert exact0 == 1 and not torch.equal(q0[0].float() * scale0[0], w[0])
+    grid = torch.full((2, 1), s)
+    q, scale, exact = quantize(w, 4, 4, grid=grid)
+    assert exact == 2 and torch.equal((q.float() * scale), w)
+    assert q[0].tolist() == [-8, 3, 0, 0]
+    with pytest.raises(ValueError, match="does not match"):
+        quantize(w, 4, 2, grid=grid)
+
+
+@pytest.mark.parametrize("method,fmt,group_size", [("sparsegpt", "sparse", 32), ("admm", "sparse", None),
+                                                   ("sparsegpt", "compressed-tensors", 32)])
+def test_joint_quantization_grid_travels_from_prune_to_save(tmp_path, monkeypatch, method, fmt, group_size):
+    """SparseGPT / ADMM with bits return the grid of every layer in the record; save_pretrained stores
+    the integers on it, so the reload is bit-identical, and the record's JSON stays tensor-free."""
+    from hfprune.formats import codec, compressed_tensors
+    from hfprune.solvers.quant import quantize
+
+    given = []
+
+    def spy(w, bits, group_size, grid=None):
+        given.append(grid is not None)
+        return quantize(w, bits, group_size, grid=grid)
+
+    monkeypatch.setattr(codec, "quantize", spy)
+    monkeypatch.setattr(compressed_tensors, "quantize", spy)
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**CFG)).eval()
+    config = hfprune.SparseGPTConfig if method == "sparsegpt" else hfprune.ADMMConfig
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    report = hfprune.prune(model, None, config(pattern="2:4", bits=4, group_size=group_size), calibration=calib,
+                           progress=False)
+    linears = _linears(model)
+    assert set(report.quant_scales) == set(report.layers) == set(linears)
+    for name, scale in report.quant_scales.items():
+        w = linears[name].weight.detach()
+        groups = w.shape[1] // (group_size or w.shape[1])
+        assert scale.shape == (w.shape[0], groups) and scale.dtype == torch.float32
+        q = torch.round(w.view(w.shape[0], groups, -1) / scale[..., None])
+        assert torch.equal((q * scale[..., None]).view_as(w), w) and bool(((q >= -8) & (q <= 7)).all())
+    assert "quant_scales" not in json.loads(report.to_json())
+    assert report.scales_for(4, group_size) and not report.scales_for(8, group_size)
+    hfprune.save_pretrained(model, tmp_path / "q", format=fmt, bits=4, group_size=group_size, report=report)
+    if fmt == "sparse":
+        reloaded = _linears(AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32))
+        stored = {name: module.weight for name, module in reloaded.items()}
+    else:  # compressed-tensors: dequantize the packed integers (loading needs the compressed-tensors package)
+        from safetensors.torch import load_file
+
+        from hfprune.formats.compressed_tensors import unpack_int32
+
+        tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+        stored = {name: unpack_int32(tensors[f"{name}.weight_packed"], 4, w.shape[1]).float()
+                  * tensors[f"{name}.weight_scale"].float().repeat_interleave(group_size, 1)
+                  for name, w in ((n, m.weight) for n, m in linears.items())}
+    assert len(given) == len(linears) and all(given)  # every layer was stored on the grid its method used
+    for name, module in linears.items():
+        assert torch.equal(stored[name], module.weight), name
+
+
 def test_sharded_save_has_index_and_reloads(tmp_path):
     model = make_model("2:4")
     info = save_sparse(model, tmp_path / "sh", max_shard_size="100KB")

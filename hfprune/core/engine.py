@@ -283,6 +283,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     ctx = get_context() if pruner.requires_calibration or config.owl else DistContext()
     offloaded = is_offloaded(model)
     layers: dict[str, dict[str, Any]] = dict(resume["layers"]) if resume else {}
+    grids: dict[str, torch.Tensor] = {}  # joint quantization: each layer's grid, for the formats
     counts: dict[int, list[int]] = {int(k): v for k, v in resume["block_counts"].items()} if resume else {}
     first = resume["next_block"] if resume else 0
     if resume:
@@ -325,7 +326,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
                     _check_finite([targets[i]])
                 infos: dict[str, dict] = {}
                 _prune_block(runner, i, targets[i], pruner, sparsities, scope, config.true_sequential,
-                             last=i == len(blocks) - 1, chunking=chunking, infos=infos)
+                             last=i == len(blocks) - 1, chunking=chunking, infos=infos, grids=grids)
                 _block_report(model, blocks[i], targets[i], i, layers, counts)
                 for name, info in infos.items():
                     layers[name].update(info)
@@ -367,6 +368,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         blocks=block_rows,
         pattern=config.pattern,
         experts=_expert_summary(layers, config),
+        quant_scales=grids,
     )
     model.config.pruning_config = report.pruning_config()  # serialised into config.json; nothing reads it back
     logger.info("%s", report)
@@ -425,10 +427,11 @@ def _batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module, l
 
 def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module], pruner, sparsities, scope: str,
                  true_sequential: bool, last: bool, chunking: tuple | None = None,
-                 infos: dict | None = None) -> None:
+                 infos: dict | None = None, grids: dict | None = None) -> None:
     """Collect statistics for, prune, and run one decoder block (see the module docstring).
 
-    ``infos`` receives each layer's :attr:`PruneResult.info` (e.g. SparseGPT's output error).
+    ``infos`` receives each layer's :attr:`PruneResult.info` (e.g. SparseGPT's output error),
+    ``grids`` its :attr:`PruneResult.scale` (the quantization grid of joint quantization).
 
     ``chunking = (n_chunks, batches_per_chunk, DistContext)`` sums statistics per chunk of
     calibration batches in a fixed order (and reduces them across processes), see
@@ -468,6 +471,8 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
         else:
             result = pruner.prune_weight(W, stats, sparsities[name], scope)
         _apply(W, result.pruned, result.weight)
+        if grids is not None and result.scale is not None:
+            grids[name] = result.scale.detach().cpu()
         info = dict(result.info or {})
         if (isinstance(module, moe.ExpertLinear) or _is_expert(runner.spec, name)) and \
                 (stats is None or tokens is not None):

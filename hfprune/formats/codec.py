@@ -121,10 +121,12 @@ def _load_q(stored: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def compress_weight(w: torch.Tensor, *, pattern=None, bits: int | None = None,
-                    group_size: int | None = None, force: bool = False) -> dict[str, torch.Tensor]:
+                    group_size: int | None = None, force: bool = False,
+                    grid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Encode one 2-D weight. Returns the tensors to store under ``<module>.<key>`` (keys are
     ``weight`` for a weight kept as is, else some of ``weight_values``/``weight_bitmask``/
-    ``weight_nm_index``/``weight_scale``/``weight_shape``)."""
+    ``weight_nm_index``/``weight_scale``/``weight_shape``). ``grid``: the quantization scales the
+    pruning method rounded ``w`` to, if any (see :func:`hfprune.solvers.quant.quantize`)."""
     if bits not in (None, 4, 8):
         raise ValueError(f"bits must be None, 4 or 8, got {bits!r}.")
     w = w.detach().contiguous()
@@ -138,7 +140,7 @@ def compress_weight(w: torch.Tensor, *, pattern=None, bits: int | None = None,
     out: dict[str, torch.Tensor] = {"weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
 
     if bits is not None:
-        q, scale, _ = quantize(w, bits, group_size)
+        q, scale, _ = quantize(w, bits, group_size, grid=grid)
         out["weight_scale"] = scale
 
     # N:M

@@ -60,10 +60,11 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 @torch.no_grad()
 def save_compressed_tensors(model, save_directory, *, bits: int = 4, group_size: int | None = 128,
-                            max_shard_size: int | str = "5GB") -> dict:
+                            max_shard_size: int | str = "5GB", grids: dict[str, torch.Tensor] | None = None) -> dict:
     """Write ``model`` as a compressed-tensors ``pack-quantized`` checkpoint (W4A16/W8A16).
 
-    ``group_size=None`` uses one scale per output channel. A Linear whose input width is not a
+    ``group_size=None`` uses one scale per output channel. ``grids``: ``{weight name: scales}`` of
+    the grid a pruning method quantized each weight on (:meth:`hfprune.report.PruneReport.scales_for`). A Linear whose input width is not a
     multiple of ``group_size`` raises (one config group covers all Linears). Returns ``{"files": [...], "quantized": [module names]}``.
     """
     if bits not in (4, 8):
@@ -82,7 +83,7 @@ def save_compressed_tensors(model, save_directory, *, bits: int = 4, group_size:
                 f"{name} has {cols} inputs, not a multiple of group_size={group_size}; "
                 f"use a group_size that divides every Linear input width, or group_size=None (per channel)."
             )
-        q, scale, _ = quantize(tensor, bits, group_size)
+        q, scale, _ = quantize(tensor, bits, group_size, grid=(grids or {}).get(name))
         prefix = name[: -len("weight")]
         scale_dtype = tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16) else torch.float32
         tensors[prefix + "weight_packed"] = pack_int32(q, bits)
@@ -135,7 +136,8 @@ class CompressedTensorsFormat:
                     f"group_size that divides every Linear input width, or group_size=None (one scale per channel).")
 
     def save(self, model, directory, *, record, bits, group_size, max_shard_size) -> None:
-        save_compressed_tensors(model, directory, bits=bits, group_size=group_size, max_shard_size=max_shard_size)
+        save_compressed_tensors(model, directory, bits=bits, group_size=group_size, max_shard_size=max_shard_size,
+                                grids=record.scales_for(bits, group_size) if record is not None else None)
 
 
 register_format("compressed-tensors", CompressedTensorsFormat(), aliases=("ct",))

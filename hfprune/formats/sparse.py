@@ -189,7 +189,8 @@ register()
 
 @torch.no_grad()
 def save_sparse(model, save_directory, *, pattern: str | None = None, bits: int | None = None,
-                group_size: int | None = None, max_shard_size: int | str = "5GB") -> dict[str, Any]:
+                group_size: int | None = None, max_shard_size: int | str = "5GB",
+                grids: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Save ``model`` in the compressed hfprune-sparse format.
 
     Args:
@@ -201,6 +202,8 @@ def save_sparse(model, save_directory, *, pattern: str | None = None, bits: int 
             values already on such a grid are stored exactly).
         group_size: quantization group along the input dimension; ``None`` = one scale per row.
         max_shard_size: shard size limit (``"5GB"``, ``"200MB"``, bytes).
+        grids: ``{weight name: [rows, groups] scales}`` of the grid each weight was quantized on
+            (:meth:`hfprune.report.PruneReport.scales_for`); the integers are then stored on it.
 
     Returns:
         ``{"files": [...], "encodings": {module_weight: "nm"|"bitmask"|"dense"|"quant"|"raw"}}``.
@@ -223,7 +226,8 @@ def save_sparse(model, save_directory, *, pattern: str | None = None, bits: int 
             tensors[name] = tensor.detach()
             continue
         prefix = name[: -len("weight")]
-        enc = compress_weight(tensor, pattern=pat if pat.is_nm else None, bits=bits, group_size=group_size)
+        enc = compress_weight(tensor, pattern=pat if pat.is_nm else None, bits=bits, group_size=group_size,
+                              grid=(grids or {}).get(name))
         kinds = [k for k, key in (("raw", "weight"), ("nm", "weight_nm_index"), ("nm", "weight_nm_code"),
                                   ("bitmask", "weight_bitmask")) if key in enc]
         encodings[name] = kinds[0] if kinds else "quant"
@@ -259,7 +263,8 @@ class SparseFormat:
 
     def save(self, model, directory, *, record, bits, group_size, max_shard_size) -> None:
         save_sparse(model, directory, pattern=record.pattern if record is not None else None, bits=bits,
-                    group_size=group_size, max_shard_size=max_shard_size)
+                    group_size=group_size, max_shard_size=max_shard_size,
+                    grids=record.scales_for(bits, group_size) if record is not None else None)
 
 
 register_format("sparse", SparseFormat(), aliases=("hfprune-sparse",))

@@ -68,4 +68,5 @@ class ADMMPruner(HessianPruner):
         c = self.config
         return admm_prune(W, H, sparsity, c.pattern, scope=scope, iterations=c.iterations,
                           prune_iterations=c.prune_iterations, rho=c.rho, dampening=c.dampening,
-                          bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order)
+                          bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order,
+                          return_scale=True)

@@ -38,6 +38,9 @@ class PruneResult:
     """New ``[out, in]`` weight for methods that update kept weights; ``None`` keeps them."""
     info: dict | None = None
     """Per-layer numbers for the report (``report.layers[name]``), e.g. a reconstruction error."""
+    scale: torch.Tensor | None = None
+    """Joint quantization: the float32 ``[out, groups]`` scales of the symmetric grid the kept weights
+    were rounded to (the formats store the integers on it); ``None`` otherwise."""
 
 
 class Pruner:
@@ -97,15 +100,18 @@ class HessianPruner(Pruner):
         # The solvers' saliency is block-adaptive; for global budgets the engine uses Wanda scores instead.
         raise NotImplementedError(f"{self.name} chooses masks inside its solver.")
 
-    def solve(self, W: torch.Tensor, H: torch.Tensor, sparsity: float, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(new_W, pruned)`` of one layer from its weight and Hessian."""
+    def solve(self, W: torch.Tensor, H: torch.Tensor, sparsity: float,
+              scope: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(new_W, pruned, scale)`` of one layer from its weight and Hessian (``scale``: the
+        quantization grid, see :attr:`PruneResult.scale`)."""
         raise NotImplementedError
 
     def prune_weight(self, W, stats, sparsity, scope):
         H = stats.hessian()
-        new_w, pruned = self.solve(W, H, sparsity, scope)
+        new_w, pruned, scale = self.solve(W, H, sparsity, scope)
         # How well the kept (and quantized) weights reproduce the layer's calibration outputs.
-        return PruneResult(pruned=pruned, weight=new_w, info={"output_error": output_error(W, new_w, H)})
+        return PruneResult(pruned=pruned, weight=new_w, info={"output_error": output_error(W, new_w, H)},
+                           scale=scale)
 
 
 def check_quant_config(config) -> None:

@@ -56,4 +56,5 @@ class SparseGPTPruner(HessianPruner):
     def solve(self, W, H, sparsity, scope):
         c = self.config
         return sparsegpt_prune(W, H, sparsity, c.pattern, block_size=c.block_size, dampening=c.dampening,
-                               bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order)
+                               bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order,
+                               return_scale=True)

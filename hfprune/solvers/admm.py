@@ -149,7 +149,8 @@ def admm_prune(
     group_size: int | None = None,
     sym: bool = True,
     act_order: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_scale: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Prune one linear layer by ADMM with a gradual mask (Boža 2024), then (optionally) re-solve
     the kept weights by conjugate gradient on the final support (ALPS) and quantize them jointly.
 
@@ -169,8 +170,11 @@ def admm_prune(
             SparseGPT's column sweep (GPTQ) with the ADMM mask held fixed (see
             :func:`hfprune.solvers.sparsegpt.sparsegpt_prune`).
 
+        return_scale: also return the quantization grid (see :func:`hfprune.solvers.sparsegpt.sparsegpt_prune`).
+
     Returns:
         ``(new_W, pruned)`` in ``W``'s dtype and shape; ``pruned`` is True where a weight is removed.
+        With ``return_scale``, a third element: the symmetric grid's ``[out, groups]`` scales, or ``None``.
     """
     pat = check_layer_args("admm_prune", W, H, sparsity, pattern, dampening, bits, group_size)
     if pat.is_nm:
@@ -220,7 +224,8 @@ def admm_prune(
         Z = _masked_cg(Z, C, A, ~pruned, refine_iterations)
     new_w = Z / d
     new_w.masked_fill_(pruned, 0.0)
+    grid = None
     if bits is not None:
-        new_w, pruned = sparsegpt_prune(new_w, H, sparsity, pat, bits=bits, group_size=group_size, sym=sym,
-                                        act_order=act_order, mask=pruned)
-    return new_w.to(W.dtype), pruned
+        new_w, pruned, grid = sparsegpt_prune(new_w, H, sparsity, pat, bits=bits, group_size=group_size, sym=sym,
+                                              act_order=act_order, mask=pruned, return_scale=True)
+    return (new_w.to(W.dtype), pruned, grid) if return_scale else (new_w.to(W.dtype), pruned)

@@ -85,13 +85,19 @@ def _group_view(w: torch.Tensor, group: int) -> torch.Tensor:
     return wf.view(rows, -1, group)
 
 
-def quantize(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def quantize(w: torch.Tensor, bits: int, group_size: int | None,
+             grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Symmetric quantization of a dense ``[rows, cols]`` weight.
 
     Returns ``(q int32 [rows, cols], scale float32 [rows, groups], exact_groups)``. Groups whose
     values already lie on a symmetric grid that fits ``bits`` are stored exactly (the scale is
     chosen so that ``(q * scale).to(dtype) == w``); the rest are rounded to the symmetric grid of
     :func:`quant_grid` (SparseGPT's, and the compressed-tensors ``minmax`` observer's).
+
+    ``grid``: the ``[rows, groups]`` scales the weight was quantized on, when known (SparseGPT /
+    ADMM with ``bits`` return it: :attr:`hfprune.report.PruneReport.quant_scales`). Groups on it
+    are stored on it as they are; the grid is only searched for in the others (a weight read back
+    from a checkpoint, or quantized elsewhere).
     """
     rows, cols = w.shape
     group = group_size or cols
@@ -109,6 +115,15 @@ def quantize(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.
 
     scale = safe / qmax
     q, done = roundtrip_ok(scale)
+    if grid is not None:
+        if tuple(grid.shape) != tuple(absmax.shape):
+            raise ValueError(f"grid of shape {tuple(grid.shape)} does not match the {tuple(absmax.shape)} groups of a "
+                             f"{rows} x {cols} weight with group_size={group_size}.")
+        given = grid.to(device=g.device, dtype=torch.float32)
+        q_given, on_given = roundtrip_ok(given)
+        scale = torch.where(on_given, given, scale)
+        q = torch.where(on_given[..., None], q_given, q)
+        done |= on_given
     # Grid detection for groups that RTN with absmax->qmax does not reproduce exactly: a group
     # with at most 2**bits distinct values may come from a grid whose absmax sits on a lower level.
     todo = ~done & (absmax > 0)

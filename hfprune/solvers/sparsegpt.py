@@ -139,7 +139,8 @@ def sparsegpt_prune(
     sym: bool = True,
     act_order: bool = False,
     mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_scale: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Prune (and optionally quantize) one linear layer with SparseGPT (Algorithm 1).
 
     Args:
@@ -164,10 +165,15 @@ def sparsegpt_prune(
             choosing one: the sweep then only compensates (and quantizes, GPTQ-style), and
             ``sparsity``/``pattern`` only serve the checks. Used by solvers that choose the mask
             themselves (:mod:`hfprune.solvers.admm`).
+        return_scale: also return the quantization grid the kept weights were rounded to.
 
     Returns:
         ``(new_W, pruned)``: the pruned (fake-quantized) weight in ``W``'s dtype and shape, and
-        the boolean mask that is ``True`` where a weight was pruned.
+        the boolean mask that is ``True`` where a weight was pruned. With ``return_scale``, a third
+        element: the float32 ``[out, groups]`` scales of the symmetric grid (``new_W`` is
+        ``scale * q`` with integer ``q`` in ``[-2^(b-1), 2^(b-1) - 1]``, one group per row or per
+        ``group_size`` inputs), or ``None`` without ``bits`` or with ``sym=False``. The checkpoint
+        formats store the integers on this grid (:func:`hfprune.solvers.quant.quantize`).
 
     Details, following Algorithm 1:
 
@@ -200,7 +206,8 @@ def sparsegpt_prune(
     if mask is not None and tuple(mask.shape) != (rows, cols):
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the weight's {(rows, cols)}.")
     if mask is None and not pat.is_nm and sparsity == 0 and bits is None:
-        return W.clone(), torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+        kept = W.clone(), torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+        return (*kept, None) if return_scale else kept
 
     if act_order:
         if bits is not None and group_size is not None:
@@ -213,11 +220,12 @@ def sparsegpt_prune(
         else:
             perm = torch.argsort(diag, descending=True, stable=True)
         perm = perm.to(W.device)
-        new_w, pruned = sparsegpt_prune(W[:, perm], H[perm][:, perm], sparsity, pat, block_size, dampening,
-                                        bits, group_size, sym, act_order=False,
-                                        mask=None if mask is None else mask[:, perm])
+        new_w, pruned, grid = sparsegpt_prune(W[:, perm], H[perm][:, perm], sparsity, pat, block_size,
+                                              dampening, bits, group_size, sym, act_order=False,
+                                              mask=None if mask is None else mask[:, perm], return_scale=True)
         inv = torch.argsort(perm)
-        return new_w[:, inv], pruned[:, inv]
+        out = new_w[:, inv], pruned[:, inv]  # one grid per row (no groups with act_order): order-free
+        return (*out, grid) if return_scale else out
 
     unit = math.lcm(pat.m if pat.is_nm else 1, group_size if (bits and group_size) else 1)
     block = max(unit, (block_size // unit) * unit)
@@ -233,8 +241,10 @@ def sparsegpt_prune(
     hinv = _upper_cholesky_of_inverse(H, dampening)
 
     scale = zero = None
+    scales: list[torch.Tensor] = []  # the grid of every quantization group, in column order
     if bits is not None and group_size is None:
         scale, zero = quant_grid(work, bits, sym=sym)
+        scales.append(scale)
 
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, block):
@@ -275,6 +285,7 @@ def sparsegpt_prune(
                     err_g = (mask1[g] * inv_d1[g]).unbind(0)
             if bits is not None and group_size is not None and col % group_size == 0:
                 scale, zero = quant_grid(w1[j:j + group_size].t(), bits, sym=sym)
+                scales.append(scale)
 
             w = w_rows[j]
             if bits is None:
@@ -297,4 +308,7 @@ def sparsegpt_prune(
 
     logger.debug("SparseGPT: pruned %d of %d weights (%s, block %d%s).", int(pruned.sum()),
                  pruned.numel(), pat, block, f", int{bits}" if bits else "")
-    return work.to(W.dtype), pruned
+    if not return_scale:
+        return work.to(W.dtype), pruned
+    grid = torch.cat(scales, dim=1) if (scales and sym) else None
+    return work.to(W.dtype), pruned, grid
