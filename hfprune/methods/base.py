@@ -100,15 +100,15 @@ class HessianPruner(Pruner):
         # The solvers' saliency is block-adaptive; for global budgets the engine uses Wanda scores instead.
         raise NotImplementedError(f"{self.name} chooses masks inside its solver.")
 
-    def solve(self, W: torch.Tensor, H: torch.Tensor, sparsity: float,
-              scope: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(new_W, pruned, scale)`` of one layer from its weight and Hessian (``scale``: the
-        quantization grid, see :attr:`PruneResult.scale`)."""
+    def solve(self, W: torch.Tensor, H: torch.Tensor, sparsity: float, scope: str) -> tuple:
+        """``(new_W, pruned)`` or ``(new_W, pruned, scale)`` of one layer from its weight and Hessian
+        (``scale``: the quantization grid, see :attr:`PruneResult.scale`)."""
         raise NotImplementedError
 
     def prune_weight(self, W, stats, sparsity, scope):
         H = stats.hessian()
-        new_w, pruned, scale = self.solve(W, H, sparsity, scope)
+        solved = self.solve(W, H, sparsity, scope)
+        new_w, pruned, scale = solved if len(solved) == 3 else (*solved, None)
         # How well the kept (and quantized) weights reproduce the layer's calibration outputs.
         return PruneResult(pruned=pruned, weight=new_w, info={"output_error": output_error(W, new_w, H)},
                            scale=scale)
