@@ -51,6 +51,9 @@ RUNS = {
     "admm-50-fixedmask": {"method": "admm", "sparsity": 0.5, "prune_iterations": 0},
     "admm-50-row": {"method": "admm", "sparsity": 0.5, "scope": "row"},
     "admm-2of4-i20": {"method": "admm", "pattern": "2:4", "iterations": 20, "prune_iterations": 15},
+    # The ridge (dampening) on the normalised Hessian: 0.1 is Boza's.
+    "admm-2of4-d.03": {"method": "admm", "pattern": "2:4", "dampening": 0.03},
+    "admm-2of4-d.3": {"method": "admm", "pattern": "2:4", "dampening": 0.3},
 }
 # Perplexity-vs-sparsity points for the plot: <method>-<percent> and <method>-4of8.
 for _method in ("magnitude", "wanda", "sparsegpt", "admm"):
