@@ -168,7 +168,12 @@ def main() -> None:
         import json
 
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        merged = dict(parts[0], points=[p for part in parts for p in part["points"]],
+        points, seen = [], set()
+        for p in (p for part in parts for p in part["points"]):  # a point measured twice: the first one
+            if (p["kind"], p["target"], p["variant"]) not in seen:
+                seen.add((p["kind"], p["target"], p["variant"]))
+                points.append(p)
+        merged = dict(parts[0], points=points,
                       command=[part["command"] for part in parts], merged_from=args.merge,
                       seconds=[part.get("seconds") for part in parts])
         finish(merged, args)
