@@ -335,8 +335,15 @@ def plot(result: dict, path: Path) -> None:
         pts = [p for p in result["points"] if p["kind"] == kind]
         if not pts:
             continue
+        best = {}
+        for p in pts:  # the best variant of the kind at each target, joined by a line
+            if p["target"] not in best or p["perplexity"] < best[p["target"]]["perplexity"]:
+                best[p["target"]] = p
+        line = [dense, *sorted(best.values(), key=lambda p: -p["target"])]
         for ax, x in zip(axes, ("ratio", "decode_speedup")):
             ax.scatter([p[x] for p in pts], [p["perplexity"] for p in pts], color=color, label=kind, alpha=0.8)
+            ax.plot([1.0 if p is dense else p[x] for p in line], [p["perplexity"] for p in line], color=color,
+                    alpha=0.4, linewidth=1)
     for ax in axes:
         ax.set_yscale("log")
         ax.set_ylabel(f"WikiText-2 perplexity (first {result['protocol']['max_windows']} windows)")
