@@ -194,11 +194,16 @@ def test_empty_mount_point_as_output(model_dir, calib_file, tmp_path):
 # --- item 17/19: Ctrl-C and SIGTERM: a message, no traceback, no debris -------------------------
 
 def _cli_process(model_dir, calib_file, out, env_extra=None):
+    import signal
+
     env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    # A test run started in the background of a non-interactive shell inherits SIGINT ignored, and Python
+    # then installs no Ctrl-C handler in the child: give the child the default, as a terminal would.
     return subprocess.Popen([sys.executable, "-m", "hfprune.cli", "prune", "--model", str(model_dir),
                              "--calibration", str(calib_file), "--nsamples", "64", "--seqlen", "64",
                              "--method", "sparsegpt", "--sparsity", "0.5", "--output", str(out)],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("sig,code", [(2, 130), (15, 143)])
