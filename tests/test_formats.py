@@ -259,6 +259,27 @@ def test_joint_quantization_grid_travels_from_prune_to_save(tmp_path, monkeypatc
         assert torch.equal(stored[name], module.weight), name
 
 
+def test_grid_of_a_layer_reshaped_since_is_not_used(tmp_path):
+    """SparseGPT int4, then structured pruning halves the MLP: the first record's grids no longer fit
+    gate/up/down; saving with that record still works (the grid is found from the values)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**CFG)).eval()
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    report = hfprune.prune(model, None, hfprune.SparseGPTConfig(sparsity=0.5, bits=4, group_size=32), calibration=ids,
+                           progress=False)
+    hfprune.prune(model, config=hfprune.StructuredConfig(mlp_ratio=0.5), calibration=ids, progress=False)
+    assert report.quant_scales["model.layers.0.mlp.up_proj"].shape[0] == 128
+    assert model.model.layers[0].mlp.up_proj.weight.shape[0] == 64
+    hfprune.save_pretrained(model, tmp_path / "q", format="sparse", bits=4, group_size=32, report=report)
+    reloaded = _linears(_plain_reload(tmp_path / "q"))
+    for name, module in _linears(model).items():
+        assert reloaded[name].weight.shape == module.weight.shape, name
+    q = reloaded["model.layers.0.self_attn.q_proj"].weight  # not reshaped: stored on SparseGPT's grid, exactly
+    assert torch.equal(q, model.model.layers[0].self_attn.q_proj.weight)
+
+
 def test_sharded_save_has_index_and_reloads(tmp_path):
     model = make_model("2:4")
     info = save_sparse(model, tmp_path / "sh", max_shard_size="100KB")

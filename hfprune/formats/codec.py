@@ -10,7 +10,7 @@ import math
 import torch
 
 from hfprune.solvers.masks import check_nm, parse_pattern
-from hfprune.solvers.quant import quantize
+from hfprune.solvers.quant import grid_for, quantize
 
 __all__ = ["SUFFIXES", "compress_weight", "decompress_weight"]
 
@@ -140,7 +140,7 @@ def compress_weight(w: torch.Tensor, *, pattern=None, bits: int | None = None,
     out: dict[str, torch.Tensor] = {"weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
 
     if bits is not None:
-        q, scale, _ = quantize(w, bits, group_size, grid=grid)
+        q, scale, _ = quantize(w, bits, group_size, grid=grid_for(grid, w, group_size))
         out["weight_scale"] = scale
 
     # N:M

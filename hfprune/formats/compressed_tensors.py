@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hfprune.formats.base import compress_targets, register_format, state_dict_untied, write_config, write_shards
-from hfprune.solvers.quant import quantize
+from hfprune.solvers.quant import grid_for, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def save_compressed_tensors(model, save_directory, *, bits: int = 4, group_size:
                 f"{name} has {cols} inputs, not a multiple of group_size={group_size}; "
                 f"use a group_size that divides every Linear input width, or group_size=None (per channel)."
             )
-        q, scale, _ = quantize(tensor, bits, group_size, grid=(grids or {}).get(name))
+        q, scale, _ = quantize(tensor, bits, group_size, grid=grid_for((grids or {}).get(name), tensor, group_size))
         prefix = name[: -len("weight")]
         scale_dtype = tensor.dtype if tensor.dtype in (torch.float16, torch.bfloat16) else torch.float32
         tensors[prefix + "weight_packed"] = pack_int32(q, bits)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_quant_args", "quant_grid", "quantize_weight", "quantize"]
+__all__ = ["check_quant_args", "quant_grid", "quantize_weight", "quantize", "grid_for"]
 
 
 def check_quant_args(bits: int | None, group_size: int | None) -> None:
@@ -83,6 +83,16 @@ def _group_view(w: torch.Tensor, group: int) -> torch.Tensor:
     if pad:
         wf = torch.cat([wf, wf.new_zeros(rows, pad)], dim=1)
     return wf.view(rows, -1, group)
+
+
+def grid_for(grid: torch.Tensor | None, w: torch.Tensor, group_size: int | None) -> torch.Tensor | None:
+    """``grid`` when it has one scale per row and group of ``w`` (``[rows, groups]``), else ``None``:
+    a pruning method's grid for a layer whose shape changed since (a later structured step) no longer
+    applies, like a grid for weights changed since, and the grid is then found from the values."""
+    if grid is None:
+        return None
+    rows, cols = w.shape
+    return grid if tuple(grid.shape) == (rows, -(-cols // (group_size or cols))) else None
 
 
 def quantize(w: torch.Tensor, bits: int, group_size: int | None,
