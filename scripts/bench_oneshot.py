@@ -54,6 +54,13 @@ RUNS = {
     # The ridge (dampening) on the normalised Hessian: 0.1 is Boza's.
     "admm-2of4-d.03": {"method": "admm", "pattern": "2:4", "dampening": 0.03},
     "admm-2of4-d.3": {"method": "admm", "pattern": "2:4", "dampening": 0.3},
+    # What each layer is fit to (dense_targets): "block" is admm's default; "off" is the method before it.
+    "admm-2of4-off": {"method": "admm", "pattern": "2:4", "dense_targets": "off"},
+    "admm-50-off": {"method": "admm", "sparsity": 0.5, "dense_targets": "off"},
+    "admm-70-off": {"method": "admm", "sparsity": 0.7, "dense_targets": "off"},
+    "admm-2of4-model": {"method": "admm", "pattern": "2:4", "dense_targets": "model"},
+    "sparsegpt-2of4-block": {"method": "sparsegpt", "pattern": "2:4", "dense_targets": "block"},
+    "sparsegpt-50-block": {"method": "sparsegpt", "sparsity": 0.5, "dense_targets": "block"},
 }
 # Perplexity-vs-sparsity points for the plot: <method>-<percent> and <method>-4of8.
 for _method in ("magnitude", "wanda", "sparsegpt", "admm"):

@@ -369,7 +369,11 @@ PROXY_NOTES = {
 }
 
 
-def _ppl_plot(runs: dict, path: Path) -> bool:
+CURVE_METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
+CURVE_SETTINGS = ("30", "40", "50", "60", "70", "80", "2of4", "4of8")
+
+
+def _ppl_plot(runs: dict, path: Path, windows: int = 32) -> bool:
     """Perplexity vs sparsity (log scale) for every method with points among ``runs``; N:M as markers at 0.5."""
     import re
 
@@ -380,7 +384,7 @@ def _ppl_plot(runs: dict, path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
-    for i, method in enumerate(("magnitude", "wanda", "sparsegpt", "admm")):
+    for i, method in enumerate(CURVE_METHODS):
         pts = sorted((int(m.group(1)) / 100, r["perplexity"]) for name, r in runs.items()
                      if (m := re.fullmatch(rf"{method}-(\d\d)", name)) and "perplexity" in r)
         color = f"C{i}"
@@ -398,7 +402,7 @@ def _ppl_plot(runs: dict, path: Path) -> bool:
         return False
     ax.set_yscale("log")
     ax.set_xlabel("sparsity")
-    ax.set_ylabel("WikiText-2 perplexity (seqlen 2048, 32 windows)")
+    ax.set_ylabel(f"WikiText-2 perplexity (seqlen 2048, {windows} windows)")
     ax.set_title("SmolLM2-135M one-shot pruning (c4 64 x 512 calibration)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -449,7 +453,23 @@ def section_admm(lines):
         lines.append("What each idea is worth on the full protocol:\n")
         lines.extend(f"- {item}" for item in FULL_FINDINGS)
         lines.append("")
-        if _ppl_plot(runs, ROOT / "docs" / "img" / "admm_sparsity.png"):
+    curve = load("oneshot_curve")
+    if curve:
+        cruns = curve["runs"]
+        windows = next((r["eval_windows"] for r in cruns.values() if "eval_windows" in r), "?")
+        lines.append("### Perplexity vs sparsity\n")
+        lines.append(f"All four methods over 30-80 % unstructured and 2:4 / 4:8, on the protocol's calibration (c4 "
+                     f"{curve['protocol']['nsamples']} x {curve['protocol']['seqlen']} seed {curve['protocol']['seed']}) but "
+                     f"WikiText-2 over the first **{windows}** windows of 2048 tokens (not 32, to fit the "
+                     f"{len(cruns)} runs in the CPU time there was), one 1-thread process per run. Dense: "
+                     f"{fmt(cruns.get('dense', {}).get('perplexity'))}. Command: `{curve['command']}`.\n")
+        _table_head(lines, "| sparsity | " + " | ".join(CURVE_METHODS) + " |")
+        for setting in CURVE_SETTINGS:
+            label = setting.replace("of", ":") if "of" in setting else f"{setting} %"
+            cells = [fmt(cruns.get(f"{m}-{setting}", {}).get("perplexity")) for m in CURVE_METHODS]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if _ppl_plot(cruns, ROOT / "docs" / "img" / "admm_sparsity.png", windows):
             lines.append("![perplexity vs sparsity](img/admm_sparsity.png)\n")
     lines.append("### Ablation on the layer problem (proxy)\n")
     lines.append("Mean relative layer output error `||(W - W')X|| / ||WX||` over real SmolLM2 layers (dense-model Hessians "
@@ -501,7 +521,7 @@ def splice_admm() -> None:
         text = head.rstrip("\n") + "\n\n" + block + "\n" + (marker + tail if tail else "")
     doc.write_text(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in (*ADMM_RUNS, "admm_proxy"):
+    for name in (*ADMM_RUNS, "admm_proxy", "oneshot_curve"):
         if (BENCH / f"{name}.json").exists():
             shutil.copy(BENCH / f"{name}.json", RESULTS / f"{name}.json")
     print("updated the admm section of docs/BENCHMARKS.md")

@@ -61,7 +61,8 @@ def test_chunked_sum_is_a_fixed_order():
     assert torch.equal(total.sq_norm, (chunks[0] + chunks[1]) + chunks[2]) and total.tokens == 30
 
 
-@pytest.mark.parametrize("launcher,method", [("--multi_gpu", "sparsegpt"), ("--cpu", "sparsegpt"), ("--cpu", "admm")])
+@pytest.mark.parametrize("launcher,method", [("--multi_gpu", "sparsegpt"), ("--cpu", "sparsegpt"), ("--cpu", "admm"),
+                                             ("--cpu", "admm --dense-targets model")])
 def test_two_processes_match_one(tmp_path, tiny_tokenizer, launcher, method):
     model_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(model_dir, max_shard_size="100KB")
@@ -69,7 +70,7 @@ def test_two_processes_match_one(tmp_path, tiny_tokenizer, launcher, method):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join([TEXT] * 5))
     args = ["prune", "--model", str(model_dir), "--calibration", str(calib), "--nsamples", "8", "--seqlen", "32",
-            "--batch-size", "2", "--method", method, "--sparsity", "0.5", "--owl"]
+            "--batch-size", "2", "--method", *method.split(), "--sparsity", "0.5", "--owl"]
     res = accelerate_launch(launcher, args + ["--low-memory", "--output", str(tmp_path / "two")])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Process 1 of 2 calibrates on 4 of 8 windows" in res.stderr

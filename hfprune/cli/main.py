@@ -34,7 +34,7 @@ def _add_prune(sub) -> None:
     # Method and calibration flags come from the config dataclasses (help text in their field metadata).
     method_keys = add_fields(p, PruningConfig, extra={"layer_sparsity": {"type": _comma_floats, "nargs": None}})
     method_keys += add_fields(p, SparseGPTConfig, only=("block_size", "dampening", "act_order"))
-    method_keys += add_fields(p, ADMMConfig, only=("iterations", "prune_iterations", "rho"))
+    method_keys += add_fields(p, ADMMConfig, only=("iterations", "prune_iterations", "rho", "dense_targets"))
     p.add_argument("--bits", type=int, choices=[4, 8], help="Quantize kept weights: jointly with sparsegpt, and/or "
                                                            "stored as int8/int4 by --format sparse.")
     p.add_argument("--group-size", type=int, dest="group_size", help="Quantization group size (default: per channel).")

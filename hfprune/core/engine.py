@@ -240,6 +240,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         return run(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
                    batch_size=batch_size, progress=progress)
     pruner = get_pruner_cls(config.method)(config)
+    dense_stream = getattr(pruner, "dense_targets", "off") == "model"
     if pruner.structured:
         return _prune_structured(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                  batch_size=batch_size, progress=progress)
@@ -314,8 +315,16 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
                 sparsities = _allocation_pass(pruner, runner, ids, targets, config, sparsities, progress, chunking)
         if pruner.requires_calibration:
             runner.capture(ids)
+            if dense_stream:
+                runner.start_dense_stream()
             if resume and first < len(blocks):
                 _restore_hidden(runner, resume["hidden"])
+                if dense_stream:
+                    runner.dense_hidden = [h.to(r.device, r.dtype) for h, r in
+                                           zip(resume.get("dense_hidden") or [], runner.hidden)]
+                    if len(runner.dense_hidden) != runner.num_batches:
+                        raise RuntimeError("The saved progress has no dense activation stream (dense_targets): "
+                                           "resume with the same command, or drop --resume.")
         elif config.scope == "global" and not config.owl and not resume:
             sparsities = _data_free_budgets(pruner, runner, targets, config.sparsity, offloaded)
         scope = "layer" if config.scope == "global" else config.scope
@@ -447,6 +456,17 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
             if infos is not None and result.info:
                 infos[name] = result.info
         return
+    dense_inputs: dict[int, Any] = {}
+    mode = getattr(pruner, "dense_targets", "off")
+    fit = {n: m for n, m in block_targets.items()
+           if not (getattr(m, "data_free", False) or isinstance(m, moe.ExpertLinear) or _is_expert(runner.spec, n))}
+    if mode == "model" or (mode == "block" and fit and true_sequential):
+        # Dense targets: the block, still dense, runs first and records its layers' inputs. "model": over
+        # the dense model's own activation stream (advanced here); "block": over this block's pruned-model
+        # inputs, so each layer is fit to the dense block's output and the correction stays within the block
+        # (without true_sequential every layer already sees the dense block's inputs: nothing to correct).
+        records = runner.record_dense_inputs(i, fit, own_stream=mode == "block")
+        dense_inputs = {id(fit[n]): q for n, q in records.items()}
     if not block_targets:
         if not last:
             runner.run(i, update=True)
@@ -454,6 +474,8 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
     ctx = chunking[2] if chunking is not None else DistContext()
 
     def plain_stats(module):
+        if id(module) in dense_inputs:
+            return pruner.make_stats(in_features(module), module_device(module), dense_inputs=dense_inputs[id(module)])
         return pruner.make_stats(in_features(module), module_device(module))
 
     def make_stats(module):

@@ -24,6 +24,7 @@ points at for disk offload (never kept in RAM). Leaving the context offloads the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from pathlib import Path
@@ -231,6 +232,8 @@ class LayerRunner:
         self.batch_size = batch_size
         self.storage_device = torch.device(storage_device) if storage_device is not None else None
         self.hidden: list[torch.Tensor] = []
+        # The dense model's activations of the same windows (methods fitting dense targets), or None.
+        self.dense_hidden: list[torch.Tensor] | None = None
         self.calls: list[list[tuple[tuple, dict]]] = []
         self._out_tuple_len: int | None = None
         # Global calibration batch index of each stored batch (several processes each hold a share)
@@ -471,7 +474,42 @@ class LayerRunner:
             if update:
                 self.hidden[b] = out.to(hidden.device)
 
+    def start_dense_stream(self) -> None:
+        """Keep a second copy of the captured activations that only dense blocks will update
+        (:meth:`record_dense_inputs`); call right after :meth:`capture`."""
+        self.dense_hidden = [h.clone() for h in self.hidden]
+
+    @torch.no_grad()
+    def record_dense_inputs(self, index: int, modules: dict[str, nn.Module], *,
+                            own_stream: bool = False) -> dict[str, collections.deque]:
+        """Run block ``index``, still dense, and return the input of each module in ``modules``, one
+        entry per call, in call order (layers that read the same tensor share it, no copy).
+
+        ``own_stream=False``: over the dense stream (:meth:`start_dense_stream`), which it advances.
+        ``own_stream=True``: over the stored (pruned-model) activations, which stay as they are.
+        Memory: every distinct layer input of the block for all batches."""
+        if not own_stream and self.dense_hidden is None:
+            raise RuntimeError("Call start_dense_stream() before record_dense_inputs().")
+        records: dict[str, collections.deque] = {name: collections.deque() for name in modules}
+        names = {id(m): n for n, m in modules.items()}
+
+        def hook(mod, inputs):
+            records[names[id(mod)]].append(inputs[0].detach())
+
+        handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
+        if not own_stream:
+            self.hidden, self.dense_hidden = self.dense_hidden, self.hidden
+        try:
+            self.run(index, update=not own_stream)
+        finally:
+            if not own_stream:
+                self.hidden, self.dense_hidden = self.dense_hidden, self.hidden
+            for handle in handles:
+                handle.remove()
+        return records
+
     def release(self) -> None:
         """Drop the stored activations and captured arguments."""
         self.hidden = []
+        self.dense_hidden = None
         self.calls = []

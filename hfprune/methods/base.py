@@ -19,10 +19,19 @@ import torch
 
 from hfprune.config import PruningConfig
 from hfprune.solvers.masks import parse_pattern, prune_count, select_mask
-from hfprune.solvers.sparsegpt import output_error
-from hfprune.stats import HessianStats
+from hfprune.solvers.sparsegpt import dense_target_weight, output_error
+from hfprune.stats import DenseTargetHessianStats, HessianStats
 
-__all__ = ["Pruner", "PruneResult", "HessianPruner", "check_quant_config"]
+__all__ = ["Pruner", "PruneResult", "HessianPruner", "check_quant_config", "check_dense_targets", "DENSE_TARGETS"]
+
+DENSE_TARGETS = {
+    "off": "each layer reproduces its own dense weights' outputs on its (pruned-model) inputs",
+    "block": "each layer reproduces the dense block's outputs: the dense block runs on the same (pruned-model) "
+             "block input, so the error of the layers pruned before it in the block is corrected",
+    "model": "each layer reproduces the dense model's outputs (a second, dense activation stream through the "
+             "whole model, so the error of every earlier block is corrected too)",
+}
+"""What a Hessian method fits each layer to (``dense_targets``)."""
 
 ROW_CHUNK_ELEMENTS = 1 << 20
 """Scores are computed for at most this many weights at a time when the mask is chosen row by row
@@ -105,13 +114,33 @@ class HessianPruner(Pruner):
         (``scale``: the quantization grid, see :attr:`PruneResult.scale`)."""
         raise NotImplementedError
 
+    @property
+    def dense_targets(self) -> str:
+        """``config.dense_targets``: ``"off"``, ``"block"`` or ``"model"`` (see :data:`DENSE_TARGETS`)."""
+        return getattr(self.config, "dense_targets", "off")
+
+    def make_stats(self, in_features, device, dense_inputs=None):
+        if dense_inputs is None:
+            return super().make_stats(in_features, device)
+        return DenseTargetHessianStats(in_features, device=device, dense_inputs=dense_inputs)
+
     def prune_weight(self, W, stats, sparsity, scope):
         H = stats.hessian()
-        solved = self.solve(W, H, sparsity, scope)
+        target, info = W, {}
+        if getattr(stats, "has_target", False):
+            target = dense_target_weight(W, H, stats.cross())
+            info["dense_target_shift"] = output_error(W, target, H)  # how far the dense fit moved the layer
+        solved = self.solve(target, H, sparsity, scope)
         new_w, pruned, scale = solved if len(solved) == 3 else (*solved, None)
-        # How well the kept (and quantized) weights reproduce the layer's calibration outputs.
-        return PruneResult(pruned=pruned, weight=new_w, info={"output_error": output_error(W, new_w, H)},
-                           scale=scale)
+        info["output_error"] = output_error(target, new_w, H)
+        return PruneResult(pruned=pruned, weight=new_w, info=info, scale=scale)
+
+
+def check_dense_targets(config) -> None:
+    """Raise for a ``dense_targets`` value other than the names in :data:`DENSE_TARGETS`."""
+    if config.dense_targets not in DENSE_TARGETS:
+        raise ValueError(f"dense_targets must be one of {', '.join(map(repr, DENSE_TARGETS))}, got "
+                         f"{config.dense_targets!r}.")
 
 
 def check_quant_config(config) -> None:

@@ -12,7 +12,7 @@ from typing import ClassVar
 from hfprune.config import PruningConfig
 from hfprune.registry import register_pruner
 from hfprune.solvers.sparsegpt import sparsegpt_prune
-from hfprune.methods.base import HessianPruner, check_quant_config
+from hfprune.methods.base import DENSE_TARGETS, HessianPruner, check_dense_targets, check_quant_config
 
 
 @dataclass
@@ -33,6 +33,10 @@ class SparseGPTConfig(PruningConfig):
     group_size: int | None = field(default=None, metadata={"help": "Quantization group size along the input (None: per output channel)."})
     sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
     act_order: bool = field(default=False, metadata={"help": "Solve the input columns in order of decreasing Hessian diagonal (N:M: whole groups)."})
+    dense_targets: str = field(
+        default="off",
+        metadata={"help": "What each layer is fit to: 'block' the dense block's outputs, the dense block run on the same pruned-model input (corrects the layers pruned before it in the block; needs true_sequential); 'model' the dense model's outputs (a second activation stream); 'off' its own dense weights' outputs on its pruned inputs (the paper's objective). Default: 'block' for admm, 'off' for sparsegpt.", "choices": tuple(DENSE_TARGETS)},
+    )
     true_sequential: bool = field(
         default=False,
         metadata={"help": "Default False, as in the SparseGPT paper's code and llm-compressor: every layer of a block gets "
@@ -49,6 +53,7 @@ class SparseGPTConfig(PruningConfig):
         if not 0.0 <= self.dampening < 1.0:
             raise ValueError(f"dampening must be in [0, 1) (a fraction of the mean Hessian diagonal), got {self.dampening}.")
         check_quant_config(self)
+        check_dense_targets(self)
 
 
 @register_pruner("sparsegpt", config_cls=SparseGPTConfig)

@@ -70,6 +70,17 @@ def _sampled_threshold(score: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.kthvalue(sample, k, dim=-1, keepdim=score.dim() > 1).values
 
 
+def _nth_largest(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n``-th largest entry of each group (last dimension), keeping that dimension. For 2 of 4
+    a sorting network (elementwise max/min), several times faster on CPU than ``topk`` over a
+    dimension of 4; otherwise ``topk``."""
+    if n == 2 and groups.shape[-1] == 4:
+        a, b, c, d = groups.unbind(-1)
+        hi1, lo1, hi2, lo2 = torch.maximum(a, b), torch.minimum(a, b), torch.maximum(c, d), torch.minimum(c, d)
+        return torch.maximum(torch.minimum(hi1, hi2), torch.maximum(lo1, lo2)).unsqueeze(-1)
+    return torch.topk(groups, n, dim=-1).values[..., -1:]
+
+
 def project(V: torch.Tensor, sparsity: float, pattern: Pattern, scope: str = "layer",
             exact: bool = True) -> torch.Tensor:
     """Pruned-mask of the Euclidean projection of ``V`` onto the sparse set: the entries with the
@@ -91,9 +102,8 @@ def project(V: torch.Tensor, sparsity: float, pattern: Pattern, scope: str = "la
             return nm_mask(score, pattern.n, pattern.m)
         rows, cols = V.shape
         groups = score.reshape(rows, cols // pattern.m, pattern.m)
-        nth = torch.topk(groups, pattern.n, dim=-1).values[..., -1:]
-        candidate = (groups < nth).reshape(rows, cols)       # outside the group's top N
-        cand_score = score.masked_fill(~candidate, float("inf"))
+        candidate = (groups < _nth_largest(groups, pattern.n)).reshape(rows, cols)  # outside the group's top N
+        cand_score = torch.where(candidate, score, float("inf"))
         if exact:
             pruned = torch.zeros(V.numel(), dtype=torch.bool, device=V.device)
             pruned[lowest_k_indices(cand_score, prune_count(V.numel(), sparsity))] = True
@@ -212,14 +222,16 @@ def admm_prune(
     U = torch.zeros_like(B)
     pruned = project(What, sparsity if prune_iterations == 0 else 0.0, pat, scope)
     r = float(rho)
+    keep = (~pruned).float()  # multiplying by a 0/1 float mask is several times faster than masked_fill on CPU
     for t in range(1, iterations + 1):
         if t <= prune_iterations:
             pruned = project(B + U, gradual_sparsity(t, prune_iterations, sparsity), pat, scope,
                              exact=t == prune_iterations)
-        Z = (B + U).masked_fill_(pruned, 0.0)
+            keep = (~pruned).float()
+        Z = (B + U).mul_(keep)
         U += B - Z
         B = (C + r * (Z - U)) @ Kinv
-    Z = (B + U).masked_fill_(pruned, 0.0)
+    Z = (B + U).mul_(keep)
     if refine_iterations:
         Z = _masked_cg(Z, C, A, ~pruned, refine_iterations)
     new_w = Z / d

@@ -33,7 +33,7 @@ import torch
 from hfprune.solvers.masks import Pattern, lowest_k_mask, parse_pattern, prune_count
 from hfprune.solvers.quant import _fake_quant, check_quant_args, quant_grid
 
-__all__ = ["sparsegpt_prune", "output_error", "check_layer_args"]
+__all__ = ["sparsegpt_prune", "output_error", "check_layer_args", "dense_target_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,21 @@ def output_error(W: torch.Tensor, new_W: torch.Tensor, H: torch.Tensor) -> float
     num = float(((D @ H) * D).sum())
     den = float(((W @ H) * W).sum())
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+def dense_target_weight(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, dampening: float = 0.01) -> torch.Tensor:
+    """The dense weight that best reproduces the dense model's outputs from the pruned model's inputs:
+    ``argmin_W' ||W X_d - W' X||^2 = W G^T H^-1`` with ``H = X^T X``, ``G = X^T X_d`` (both ``2/n``-scaled;
+    :class:`~hfprune.stats.DenseTargetHessianStats`), written as the correction
+    ``W + W (G - H)^T H^-1``. The solve is ridge-damped by ``dampening`` times the mean diagonal of ``H``
+    (SparseGPT's rule), which shrinks the correction towards ``W`` (no upstream error, ``G = H``: ``W``
+    exactly); float64, returns ``W``'s dtype and device."""
+    H64 = H.to(device=W.device, dtype=torch.float64)
+    ridge = dampening * float(torch.diagonal(H64).mean().clamp_min(1e-12))
+    W64 = W.to(torch.float64)
+    rhs = (G.to(device=W.device, dtype=torch.float64) - H64) @ W64.T  # X^T (X_d - X) W^T
+    H64 = H64 + ridge * torch.eye(H64.shape[0], dtype=torch.float64, device=W.device)
+    return (W64 + torch.linalg.solve(H64, rhs).T).to(W.dtype)
 
 
 def _cumulative_count(sparsity: float, rows: int, cols: int) -> int:

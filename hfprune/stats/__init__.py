@@ -2,8 +2,8 @@
 
 from hfprune.stats.base import Stats
 from hfprune.stats.channel import ChannelStats
-from hfprune.stats.hessian import HessianStats
+from hfprune.stats.hessian import DenseTargetHessianStats, HessianStats
 from hfprune.stats.moments import CrossMomentStats, MomentStats
 from hfprune.stats.rownorm import RowNormStats
 
-__all__ = ["Stats", "ChannelStats", "HessianStats", "MomentStats", "CrossMomentStats", "RowNormStats"]
+__all__ = ["Stats", "ChannelStats", "HessianStats", "DenseTargetHessianStats", "MomentStats", "CrossMomentStats", "RowNormStats"]

@@ -190,15 +190,17 @@ class _Session:
             if problem:
                 raise ValueError(f"Saved progress in {self.work} has a bad {path.name}: {problem}. Drop --resume to "
                                  f"start over.")
-        hidden = []
+        hidden, dense_hidden = [], []
         if nxt < self.n_blocks and state.get("has_hidden", True):
             from safetensors.torch import load_file
 
             data = load_file(str(self._hidden_path(nxt - 1, self.ctx.rank)))
-            hidden = [data[f"b{j}"] for j in range(len(data))]
+            hidden = [data[f"b{j}"] for j in range(sum(k.startswith("b") for k in data))]
+            dense_hidden = [data[f"d{j}"] for j in range(sum(k.startswith("d") for k in data))]
         logger.info("Resuming from %s: blocks 0-%d are done.", self.work, nxt - 1)
         return {"next_block": nxt, "batch_size": state["batch_size"], "sparsities": state["sparsities"],
-                "layers": state["layers"], "block_counts": state["block_counts"], "hidden": hidden}
+                "layers": state["layers"], "block_counts": state["block_counts"], "hidden": hidden,
+                "dense_hidden": dense_hidden}
 
     def block_done(self, i: int, runner, *, sparsities, layers, block_counts) -> None:
         ctx = self.ctx
@@ -206,7 +208,9 @@ class _Session:
             self._write_block_shard(i)
         has_hidden = runner is not None
         if has_hidden and i < self.n_blocks - 1:
-            _save_tensors({f"b{j}": h for j, h in enumerate(runner.hidden)}, self._hidden_path(i, ctx.rank))
+            tensors = {f"b{j}": h for j, h in enumerate(runner.hidden)}
+            tensors.update({f"d{j}": h for j, h in enumerate(runner.dense_hidden or [])})  # dense targets' stream
+            _save_tensors(tensors, self._hidden_path(i, ctx.rank))
         ctx.barrier()
         if ctx.is_main:
             state = {"fingerprint": self.fingerprint, "next_block": i + 1, "n_blocks": self.n_blocks,
