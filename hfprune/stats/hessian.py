@@ -110,31 +110,33 @@ class HessianStats:
 
 class DenseTargetHessianStats(HessianStats):
     """:class:`HessianStats` of the pruned model's layer inputs ``X`` plus their cross product with
-    the *dense* model's inputs ``X_d`` of the same tokens, ``X^T X_d``.
+    the *dense* model's (or dense block's) inputs ``X_d`` of the same tokens, ``X^T X_d``.
 
     Layer-wise pruning fits ``W' X`` to ``W X``: the error that earlier pruned layers left in ``X``
-    is kept. With the cross term the target becomes the dense model's output ``W X_d``: its best
-    dense fit on the pruned inputs is ``W_t = W G^T H^-1`` (``G = X^T X_d``), and
+    is kept. With the cross term the target becomes the dense output ``W X_d``: its best dense fit
+    on the pruned inputs is ``W_t = W G^T H^-1`` (``G = X^T X_d``), and
     ``||W X_d - W' X||^2 = ||(W_t - W') X||^2 + const``, so any Hessian solver run on ``(W_t, H)``
     also corrects the upstream error (:func:`hfprune.solvers.sparsegpt.dense_target_weight`).
 
     ``dense_inputs`` holds the dense inputs of this layer, one per call, in the order the
     runner makes the same calls on the pruned stream (:meth:`LayerRunner.record_dense_inputs`);
-    each :meth:`add_batch` consumes one. If a call finds none or one of another shape (a routed
-    expert sees other tokens in the two streams) the cross term is dropped and the layer falls
-    back to the plain objective (``has_target`` is False).
+    each :meth:`add_batch` consumes one. The sum kept is the difference ``X^T (X_d - X)``, and only
+    for batches whose two inputs differ (a layer at the block input sees the same tensor twice
+    and costs nothing more). ``has_target`` is False when no batch differed, and when a call finds
+    no dense input or one of another shape (a routed expert sees other tokens in the two streams):
+    the layer then keeps the plain objective.
     """
 
     def __init__(self, in_features: int, device=None, precision: torch.dtype = torch.float64,
                  dense_inputs=None) -> None:
         super().__init__(in_features, device=device, precision=precision)
         self.dense_inputs = dense_inputs
-        self.xtd: torch.Tensor | None = None
+        self.diff: torch.Tensor | None = None  # X^T (X_d - X), raw sum
         self.ok = dense_inputs is not None
 
     @property
     def has_target(self) -> bool:
-        return self.ok and self.xtd is not None
+        return self.ok and self.diff is not None
 
     def add_batch(self, x: torch.Tensor) -> None:
         super().add_batch(x)
@@ -142,37 +144,42 @@ class DenseTargetHessianStats(HessianStats):
             return
         xd = self.dense_inputs.popleft() if self.dense_inputs else None
         if xd is None or xd.shape != x.shape:
-            self.ok, self.xtd = False, None
+            self.ok, self.diff = False, None
+            return
+        if xd is x or torch.equal(xd, x):
             return
         x = x.detach().reshape(-1, self.in_features).to(device=self.xtx.device, dtype=torch.float32)
         xd = xd.detach().reshape(-1, self.in_features).to(device=self.xtx.device, dtype=torch.float32)
-        if self.xtd is None:
-            self.xtd = torch.zeros_like(self.xtx)
-        self.xtd += (x.T @ xd).to(self.precision)
+        if self.diff is None:
+            self.diff = torch.zeros_like(self.xtx)
+        self.diff += (x.T @ (xd - x)).to(self.precision)
 
     def merge(self, other: "DenseTargetHessianStats") -> "DenseTargetHessianStats":
         super().merge(other)
         self.ok = self.ok and other.ok
         if not self.ok:
-            self.xtd = None
-        elif other.xtd is not None:
-            self.xtd = other.xtd.clone() if self.xtd is None else self.xtd + other.xtd.to(self.xtd)
+            self.diff = None
+        elif other.diff is not None:
+            self.diff = other.diff.clone() if self.diff is None else self.diff + other.diff.to(self.diff)
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
         out = super().state()
-        xtd = self.xtd if self.has_target else torch.zeros_like(out["xtx"])
-        out["xtd"] = xtd
-        out["ok"] = torch.tensor([1.0 if self.ok else 0.0], dtype=torch.float64, device=xtd.device)
+        has = self.has_target
+        out["diff"] = self.diff if has else torch.zeros_like(out["xtx"])
+        # Summed across processes: > 0 where any process saw a difference / all-reduce keeps "bad" as a count.
+        out["moved"] = torch.tensor([1.0 if has else 0.0], dtype=torch.float64, device=out["xtx"].device)
+        out["bad"] = torch.tensor([0.0 if self.ok else 1.0], dtype=torch.float64, device=out["xtx"].device)
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         super().load_state(state)
-        self.ok = bool(float(torch.as_tensor(state["ok"]).reshape(-1)[0]) > 0.5)
-        self.xtd = state["xtd"].to(self.precision).clone() if self.ok else None
+        self.ok = float(torch.as_tensor(state["bad"]).reshape(-1)[0]) < 0.5
+        moved = float(torch.as_tensor(state["moved"]).reshape(-1)[0]) > 0.5
+        self.diff = state["diff"].to(self.precision).clone() if self.ok and moved else None
 
     def cross(self) -> torch.Tensor:
         """``G = 2/n * X^T X_d`` in float32 (the Hessian's normalisation)."""
         if not self.has_target:
-            raise ValueError("No dense-model inputs were recorded for this layer.")
-        return (self.xtd * (2.0 / self.count)).float()
+            raise ValueError("No dense-model inputs that differ from the layer's own were recorded for this layer.")
+        return ((self.xtx + self.diff) * (2.0 / self.count)).float()
