@@ -59,8 +59,8 @@ RUNS = {
     "admm-50-off": {"method": "admm", "sparsity": 0.5, "dense_targets": "off"},
     "admm-70-off": {"method": "admm", "sparsity": 0.7, "dense_targets": "off"},
     "admm-2of4-model": {"method": "admm", "pattern": "2:4", "dense_targets": "model"},
-    "sparsegpt-2of4-block": {"method": "sparsegpt", "pattern": "2:4", "dense_targets": "block"},
-    "sparsegpt-50-block": {"method": "sparsegpt", "sparsity": 0.5, "dense_targets": "block"},
+    "sparsegpt-2of4-block": {"method": "sparsegpt", "pattern": "2:4", "dense_targets": "block", "true_sequential": True},
+    "sparsegpt-50-block": {"method": "sparsegpt", "sparsity": 0.5, "dense_targets": "block", "true_sequential": True},
 }
 # Perplexity-vs-sparsity points for the plot: <method>-<percent> and <method>-4of8.
 for _method in ("magnitude", "wanda", "sparsegpt", "admm"):

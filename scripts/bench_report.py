@@ -321,7 +321,28 @@ def section_memory(lines, data):
 
 ADMM_START, ADMM_END = "<!-- admm:start -->", "<!-- admm:end -->"
 # Runs of the new method and its baselines on the one-shot protocol (scripts/bench_oneshot.py), newest last.
-ADMM_RUNS = ("oneshot_admm", "oneshot_admm2", "oneshot_admm3")
+ADMM_RUNS = ("oneshot_admm", "oneshot_admm2", "oneshot_admm_d.03", "oneshot_admm_d.3", "oneshot_admm_block_exp",
+             "oneshot_admm_final")
+# Runs made before admm's default became dense_targets="block" measured what is now "off" ("-dt": "model"); the
+# table names them by what they measured. "-dtl": the experimental build of "block" (see FULL_FINDINGS).
+ADMM_RENAMES = {"oneshot_admm": {"admm-2of4": "admm-2of4-off", "admm-50": "admm-50-off", "admm-70": "admm-70-off"},
+                "oneshot_admm2": {"admm-2of4-dt": "admm-2of4-model"},
+                "oneshot_admm_d.03": {"admm-2of4-d.03": "admm-2of4-off-d.03"},
+                "oneshot_admm_d.3": {"admm-2of4-d.3": "admm-2of4-off-d.3"}}
+
+
+def _admm_rows():
+    """``[(file, name, row, same-file runs)]`` over ADMM_RUNS, names as in ADMM_RENAMES."""
+    rows, commands, meta = [], [], None
+    for name in ADMM_RUNS:
+        data = load(name)
+        if not data:
+            continue
+        meta = meta or data
+        commands.append(data.get("command", ""))
+        runs = {ADMM_RENAMES.get(name, {}).get(k, k): v for k, v in data["runs"].items()}
+        rows.extend((name, k, v, runs) for k, v in runs.items() if k != "forward")
+    return rows, commands, meta
 PROXY_FINDINGS = [
     "ADMM with the gradual mask (Boza) instead of SparseGPT's OBS sweep: 13-15 % lower output error at 50 % "
     "(rel_sgpt 0.849-0.866) and 11-13 % at 2:4 (0.872-0.893): the main gain, used.",
@@ -424,9 +445,15 @@ def section_admm(lines):
                  "the mask grows over the first 7 of 10 iterations on a cubic schedule (intermediate masks from a sampled "
                  "threshold, the last one an exact selection), and is then fixed. N:M: the gradual masks only prune outside "
                  "each group's top N, the last step is the exact N:M mask. Joint int4/int8: SparseGPT's GPTQ sweep on the "
-                 "ADMM mask (`sparsegpt_prune(mask=...)`).\n")
-    runs, commands, meta = _merged(*ADMM_RUNS)
-    if not runs:
+                 "ADMM mask (`sparsegpt_prune(mask=...)`). **Dense block targets** (`dense_targets='block'`, the default): "
+                 "before a block is pruned it runs once more, still dense, on the same (pruned-model) block input, and "
+                 "each layer is fit to the dense block's output `W X_d` from its pruned inputs `X` instead of to `W X`: "
+                 "the target weight is `W G^T H^-1` with `G = X^T X_d` (the least-squares dense fit), then the same ADMM. "
+                 "So `o_proj` corrects what pruning q/k/v changed, gate/up what pruning attention changed, and `down_proj` "
+                 "what pruning everything before it in the block changed; the correction never reaches past the block "
+                 "(GPTAQ's asymmetric calibration, for quantization, uses the whole dense model's stream: `model` here).\n")
+    rows, commands, meta = _admm_rows()
+    if not rows:
         lines.append("_Full protocol not measured yet: `scripts/bench_oneshot.py --forward-ref --runs sparsegpt-2of4,admm-2of4,"
                      "sparsegpt-50,admm-50,sparsegpt-70,admm-70 --output bench_out/oneshot_admm.json` was started but had not "
                      "finished a single run pair when this was committed (the 2-core machine was running about 20 jobs; one "
@@ -437,14 +464,17 @@ def section_admm(lines):
         lines.append("Commands: " + " ; ".join(f"`{c}`" for c in commands) + "\n")
         _table_head(lines, "| run | ppl | vs sparsegpt same setting | prune s | forward_ref s | prune / forward | time vs sparsegpt "
                            "(same run) | mean layer output error | every layer exact |")
-        for name, r in runs.items():
-            if name == "forward":
+        latest = {n: r for _, n, r, _ in rows}  # a later file's run of the same name replaces an earlier one
+        for _, name, r, same_file in rows:
+            if latest[name] is not r:
                 continue
             method, _, setting = name.partition("-")
-            setting = setting.removesuffix("-dt")
-            ref = runs.get(f"sparsegpt-{setting}") if method != "sparsegpt" else None
+            setting = setting.split("-")[0]
+            # Perplexity against the newest SparseGPT run of the setting; time only against one in the same run.
+            ref = latest.get(f"sparsegpt-{setting}") if method != "sparsegpt" else None
+            same = same_file.get(f"sparsegpt-{setting}") if method != "sparsegpt" else None
             ratio = r["perplexity"] / ref["perplexity"] if ref and "perplexity" in ref and "perplexity" in r else None
-            tratio = r["prune_seconds"] / ref["prune_seconds"] if ref and "prune_seconds" in r else None
+            tratio = r["prune_seconds"] / same["prune_seconds"] if same and "prune_seconds" in r else None
             oe = r.get("output_error", {}).get("mean")
             lines.append(f"| {name} | {fmt(r.get('perplexity'))} | {fmt(ratio, '.3f')} | {fmt(r.get('prune_seconds'), '.1f')} | "
                          f"{fmt(r.get('forward_ref_seconds'), '.1f')} | {fmt(r.get('prune_over_forward'))} | "
