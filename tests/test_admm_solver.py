@@ -144,3 +144,15 @@ def test_report_has_admm_output_errors(random_ids):
     report = hfprune.prune(model, config=hfprune.ADMMConfig(pattern="2:4"), calibration=random_ids, progress=False)
     errors = [v["output_error"] for v in report.layers.values()]
     assert len(errors) == len(report.layers) and all(0 < e < 1 for e in errors)
+
+
+def test_nth_largest_sorting_network_matches_topk_with_ties():
+    from hfprune.solvers.admm import _nth_largest
+
+    g = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 4, (64, 32, 4), generator=g).float()  # many ties, as on a quantized grid
+    groups = torch.cat([groups, torch.randn(8, 32, 4, generator=g).abs()])
+    assert torch.equal(_nth_largest(groups, 2), torch.topk(groups, 2, dim=-1).values[..., -1:])
+    for n, m in ((1, 4), (3, 4), (4, 8)):  # other patterns use topk
+        x = torch.randn(16, 8, m, generator=g)
+        assert torch.equal(_nth_largest(x, n), torch.topk(x, n, dim=-1).values[..., -1:])
