@@ -487,14 +487,21 @@ class LayerRunner:
 
         ``own_stream=False``: over the dense stream (:meth:`start_dense_stream`), which it advances.
         ``own_stream=True``: over the stored (pruned-model) activations, which stay as they are.
-        Memory: every distinct layer input of the block for all batches."""
+        Memory: every distinct layer input of the block for all batches (for a Llama block about 6x its
+        hidden states), kept where the stored activations are (``storage_device``, e.g. CPU)."""
         if not own_stream and self.dense_hidden is None:
             raise RuntimeError("Call start_dense_stream() before record_dense_inputs().")
         records: dict[str, collections.deque] = {name: collections.deque() for name in modules}
         names = {id(m): n for n, m in modules.items()}
+        store = self.hidden[0].device if self.hidden else None
+        moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # q/k/v (gate/up) read one tensor: one copy
 
         def hook(mod, inputs):
-            records[names[id(mod)]].append(inputs[0].detach())
+            x = inputs[0]
+            if id(x) not in moved or moved[id(x)][0] is not x:
+                moved.clear()
+                moved[id(x)] = (x, x.detach().to(store))
+            records[names[id(mod)]].append(moved[id(x)][1])
 
         handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
         if not own_stream:
