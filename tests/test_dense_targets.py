@@ -127,6 +127,10 @@ def test_block_targets_leave_the_pruned_stream_alone_and_are_the_admm_default():
     assert hfprune.PruningConfig.from_dict({"method": "sparsegpt"}).dense_targets == "off"
     with pytest.raises(ValueError, match="dense_targets must be one of 'off', 'block', 'model'"):
         hfprune.PruningConfig.from_dict({"method": "admm", "dense_targets": "dense"})
+    with pytest.raises(ValueError, match="add true_sequential=True"):
+        hfprune.PruningConfig.from_dict({"method": "sparsegpt", "dense_targets": "block"})
+    with pytest.raises(ValueError, match="add true_sequential=True"):
+        hfprune.PruningConfig.from_dict({"method": "admm", "dense_targets": "block", "true_sequential": False})
     from hfprune.arch import get_spec
     from hfprune.core.runner import LayerRunner
 

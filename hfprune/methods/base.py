@@ -141,6 +141,10 @@ def check_dense_targets(config) -> None:
     if config.dense_targets not in DENSE_TARGETS:
         raise ValueError(f"dense_targets must be one of {', '.join(map(repr, DENSE_TARGETS))}, got "
                          f"{config.dense_targets!r}.")
+    if config.dense_targets == "block" and not config.true_sequential:
+        raise ValueError("dense_targets='block' corrects the layers pruned before each layer in its block, and "
+                         "without true_sequential no layer sees a pruned one: add true_sequential=True "
+                         "(--true-sequential), or use dense_targets='model' or 'off'.")
 
 
 def check_quant_config(config) -> None:
