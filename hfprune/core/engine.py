@@ -458,8 +458,9 @@ def _prune_block(runner: LayerRunner, i: int, block_targets: dict[str, nn.Module
         return
     dense_inputs: dict[int, Any] = {}
     mode = getattr(pruner, "dense_targets", "off")
-    fit = {n: m for n, m in block_targets.items()
-           if not (getattr(m, "data_free", False) or isinstance(m, moe.ExpertLinear) or _is_expert(runner.spec, n))}
+    fit = {} if mode == "off" else {
+        n: m for n, m in block_targets.items()
+        if not (getattr(m, "data_free", False) or isinstance(m, moe.ExpertLinear) or _is_expert(runner.spec, n))}
     if mode == "model" or (mode == "block" and fit and true_sequential):
         # Dense targets: the block, still dense, runs first and records its layers' inputs. "model": over
         # the dense model's own activation stream (advanced here); "block": over this block's pruned-model

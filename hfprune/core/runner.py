@@ -494,14 +494,12 @@ class LayerRunner:
         records: dict[str, collections.deque] = {name: collections.deque() for name in modules}
         names = {id(m): n for n, m in modules.items()}
         store = self.hidden[0].device if self.hidden else None
-        moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # q/k/v (gate/up) read one tensor: one copy
+        last: list = [None, None]  # (input, its stored copy): q/k/v (gate/up) read one tensor, one copy
 
         def hook(mod, inputs):
-            x = inputs[0]
-            if id(x) not in moved or moved[id(x)][0] is not x:
-                moved.clear()
-                moved[id(x)] = (x, x.detach().to(store))
-            records[names[id(mod)]].append(moved[id(x)][1])
+            if last[0] is not inputs[0]:
+                last[:] = [inputs[0], inputs[0].detach().to(store)]
+            records[names[id(mod)]].append(last[1])
 
         handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
         if not own_stream:

@@ -14,7 +14,7 @@ from hfprune.config import PruningConfig
 from hfprune.solvers.masks import parse_pattern
 from hfprune.registry import register_pruner
 from hfprune.solvers.admm import admm_prune
-from hfprune.methods.base import DENSE_TARGETS, HessianPruner, check_dense_targets, check_quant_config
+from hfprune.methods.base import HessianPruner, check_dense_targets, check_quant_config, dense_targets_field
 
 
 @dataclass
@@ -46,10 +46,7 @@ class ADMMConfig(PruningConfig):
     group_size: int | None = field(default=None, metadata={"help": "Quantization group size along the input (None: per output channel)."})
     sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
     act_order: bool = field(default=False, metadata={"help": "Quantization sweep in order of decreasing Hessian diagonal."})
-    dense_targets: str = field(
-        default="block",
-        metadata={"help": "What each layer is fit to: 'block' the dense block's outputs, the dense block run on the same pruned-model input (corrects the layers pruned before it in the block; needs true_sequential); 'model' the dense model's outputs (a second activation stream); 'off' its own dense weights' outputs on its pruned inputs (the paper's objective). Default: 'block' for admm, 'off' for sparsegpt.", "choices": tuple(DENSE_TARGETS)},
-    )
+    dense_targets: str = dense_targets_field("block")
 
     def __post_init__(self) -> None:
         # N:M has no comparison scope; the shared check insists on the neutral 'row' there.

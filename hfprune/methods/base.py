@@ -12,7 +12,7 @@ A pruner answers three questions for one linear layer, and never touches devices
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -22,16 +22,24 @@ from hfprune.solvers.masks import parse_pattern, prune_count, select_mask
 from hfprune.solvers.sparsegpt import dense_target_weight, output_error
 from hfprune.stats import DenseTargetHessianStats, HessianStats
 
-__all__ = ["Pruner", "PruneResult", "HessianPruner", "check_quant_config", "check_dense_targets", "DENSE_TARGETS"]
+__all__ = ["Pruner", "PruneResult", "HessianPruner", "check_quant_config", "check_dense_targets", "DENSE_TARGETS",
+           "dense_targets_field"]
 
 DENSE_TARGETS = {
-    "off": "each layer reproduces its own dense weights' outputs on its (pruned-model) inputs",
-    "block": "each layer reproduces the dense block's outputs: the dense block runs on the same (pruned-model) "
-             "block input, so the error of the layers pruned before it in the block is corrected",
-    "model": "each layer reproduces the dense model's outputs (a second, dense activation stream through the "
-             "whole model, so the error of every earlier block is corrected too)",
+    "off": "its own dense weights' outputs on its pruned inputs (the paper's objective)",
+    "block": "the dense block's outputs, the dense block run on the same pruned-model input (corrects the layers "
+             "pruned before it in the block; needs true_sequential)",
+    "model": "the dense model's outputs (a second activation stream)",
 }
 """What a Hessian method fits each layer to (``dense_targets``)."""
+
+
+def dense_targets_field(default: str):
+    """The ``dense_targets`` config field of a Hessian method (one help text and choice list for all)."""
+    text = "; ".join(f"'{k}' {v}" for k, v in DENSE_TARGETS.items())
+    # One flag serves every method (the CLI), so the help names each method's default.
+    return field(default=default, metadata={"help": f"What each layer is fit to: {text}. Default: 'block' for admm, "
+                                                    f"'off' for sparsegpt.", "choices": tuple(DENSE_TARGETS)})
 
 ROW_CHUNK_ELEMENTS = 1 << 20
 """Scores are computed for at most this many weights at a time when the mask is chosen row by row

@@ -12,7 +12,7 @@ from typing import ClassVar
 from hfprune.config import PruningConfig
 from hfprune.registry import register_pruner
 from hfprune.solvers.sparsegpt import sparsegpt_prune
-from hfprune.methods.base import DENSE_TARGETS, HessianPruner, check_dense_targets, check_quant_config
+from hfprune.methods.base import HessianPruner, check_dense_targets, check_quant_config, dense_targets_field
 
 
 @dataclass
@@ -33,10 +33,7 @@ class SparseGPTConfig(PruningConfig):
     group_size: int | None = field(default=None, metadata={"help": "Quantization group size along the input (None: per output channel)."})
     sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
     act_order: bool = field(default=False, metadata={"help": "Solve the input columns in order of decreasing Hessian diagonal (N:M: whole groups)."})
-    dense_targets: str = field(
-        default="off",
-        metadata={"help": "What each layer is fit to: 'block' the dense block's outputs, the dense block run on the same pruned-model input (corrects the layers pruned before it in the block; needs true_sequential); 'model' the dense model's outputs (a second activation stream); 'off' its own dense weights' outputs on its pruned inputs (the paper's objective). Default: 'block' for admm, 'off' for sparsegpt.", "choices": tuple(DENSE_TARGETS)},
-    )
+    dense_targets: str = dense_targets_field("off")
     true_sequential: bool = field(
         default=False,
         metadata={"help": "Default False, as in the SparseGPT paper's code and llm-compressor: every layer of a block gets "
