@@ -32,7 +32,6 @@ def eval_token_ids(tokenizer, dataset="wikitext2", *, split: str = "test", text_
     return torch.tensor([tokenizer(text, verbose=False)["input_ids"]], dtype=torch.long)
 
 
-@torch.no_grad()
 def resolve_eval_seqlen(config, seqlen: int | None = None) -> int | None:
     """``seqlen``, or for ``None`` the protocol's 2048 tokens or the model's positions when fewer."""
     from hfprune.arch import max_positions
@@ -46,6 +45,7 @@ def resolve_eval_seqlen(config, seqlen: int | None = None) -> int | None:
     return 2048
 
 
+@torch.no_grad()
 def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int | None = 2048, max_windows: int | None = None,
                split: str = "test", text_column: str = "text", config_name: str | None = None,
                progress: bool = True, token_ids: torch.Tensor | None = None) -> dict:
