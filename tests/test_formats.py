@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -409,3 +409,62 @@ def test_decoder_matches_the_stored_weight_across_slices(monkeypatch, pattern, b
         group = group_size or w.shape[1]
         expected = torch.where(w != 0, q.float() * scale[:, torch.arange(w.shape[1]) // group], 0.0)
         assert torch.equal(out, expected)
+
+
+_STOCK_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+try:
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+except Exception as exc:
+    print("RAISED", type(exc).__name__, exc)
+    sys.exit(3)
+assert "hfprune" not in sys.modules
+with torch.no_grad():
+    torch.save(model(torch.arange(3, 20)[None]).logits, sys.argv[2])
+"""
+
+
+def _run(code, *args, cwd, hfprune_path=False):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no hfprune on the path for the stock load
+    if hfprune_path:
+        env["PYTHONPATH"] = str(Path(formats.__file__).parents[2])  # this checkout's hfprune
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_stock_transformers_without_hfprune_refuses_a_sparse_checkpoint(tmp_path, pattern):
+    """A process that never imports hfprune must not get random weights: it raises, naming hfprune and how to
+    load the checkpoint; with hfprune the same folder still loads the exact weights."""
+    model = make_model(pattern)
+    save_sparse(model, tmp_path / "s")
+    proc = _run(_STOCK_LOAD, tmp_path / "s", tmp_path / "logits.pt", cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out
+    assert "RAISED ValueError" in out and "pip install hfprune" in out and "import hfprune" in out, out
+    assert not (tmp_path / "logits.pt").exists()
+    # with hfprune imported: the exact model, whose config no longer carries the guard
+    reloaded = _plain_reload(tmp_path / "s")
+    _assert_identical(model, reloaded)
+    assert getattr(reloaded.config, "transformers_weights", None) is None
+    # saved back with stock save_pretrained, it is an ordinary dense checkpoint that stock transformers loads
+    reloaded.save_pretrained(tmp_path / "dense_again")
+    proc = _run(_STOCK_LOAD, tmp_path / "dense_again", tmp_path / "logits.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(torch.arange(3, 20)[None]).logits)
+
+
+def test_a_sparse_checkpoint_loads_in_a_fresh_process_with_import_hfprune(tmp_path):
+    model = make_model("unstructured")
+    save_sparse(model, tmp_path / "s")
+    code = "import hfprune\n" + _STOCK_LOAD.replace('assert "hfprune" not in sys.modules', "")
+    proc = _run(code, tmp_path / "s", tmp_path / "logits.pt", cwd=tmp_path, hfprune_path=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(torch.arange(3, 20)[None]).logits)

@@ -123,10 +123,15 @@ def safetensors_header(path: Path) -> dict:
         return json.loads(fh.read(n))
 
 
-def write_config(model, directory: Path, quantization_config: dict[str, Any]) -> None:
-    """``config.json`` with ``quantization_config`` (the pruning record travels in it), and the generation config."""
+def write_config(model, directory: Path, quantization_config: dict[str, Any], **fields: Any) -> None:
+    """``config.json`` with ``quantization_config`` (the pruning record travels in it) and ``fields``, and the
+    generation config. Like transformers' own ``save_pretrained``, it leaves out ``_name_or_path`` (where the
+    model was loaded from: a local path is the user's, not the checkpoint's) and ``transformers_weights``."""
     config_dict = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_weights"):
+        config_dict.pop(key, None)
     config_dict["quantization_config"] = quantization_config
+    config_dict.update(fields)
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:

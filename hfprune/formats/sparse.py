@@ -18,9 +18,21 @@ Two options were prototyped against transformers 5.24:
 
 Option 1 is used: after ``import hfprune.formats`` (``import hfprune`` imports it),
 ``AutoModelForCausalLM.from_pretrained(dir)`` works unchanged, including from the Hub and with
-``device_map``; :func:`load_sparse` is the explicit entry point that registers first. Without
-the import, transformers only warns "Unknown quantization type" and the compressed weights are
-reported as missing, so always load such checkpoints with hfprune imported.
+``device_map``; :func:`load_sparse` is the explicit entry point that registers first.
+
+Without hfprune (the guard)
+---------------------------
+Stock transformers only warns "Unknown quantization type" for a ``quant_method`` it does not
+know, drops the quantization config and initialises every compressed weight at random. So
+``config.json`` also carries ``transformers_weights`` set to :data:`LOAD_WITHOUT_HFPRUNE`, a
+sentence that names hfprune and how to load the checkpoint. transformers reads that field as the
+name of the weights file and raises ``ValueError`` for any name that does not end in
+``.safetensors`` / ``.safetensors.index.json``, quoting the name: a load without hfprune fails
+with our message instead of returning random weights. The registered quantizer removes the field
+from the model's config before transformers resolves the weight files
+(:meth:`HfpruneSparseQuantizer.update_attn_implementation`, the first hook that sees the config),
+so with hfprune imported the load goes on as usual, and the loaded model's config (like every
+config transformers saves) no longer has it.
 
 On-disk layout (one entry per compressed ``<module>.weight``)
 -------------------------------------------------------------
@@ -62,11 +74,18 @@ from hfprune.solvers.masks import parse_pattern
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HfpruneSparseConfig", "SparseFormat", "save_sparse", "load_sparse",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "LOAD_WITHOUT_HFPRUNE", "HfpruneSparseConfig", "SparseFormat", "save_sparse", "load_sparse",
            "sizes_report", "register"]
 
 FORMAT_NAME = "hfprune-sparse"
 FORMAT_VERSION = 1
+LOAD_WITHOUT_HFPRUNE = (
+    "hfprune-sparse checkpoint: its Linear weights are stored compressed (kept values + bitmask or N:M index), "
+    "which transformers alone cannot decode (it would load random weights). Load it with hfprune: "
+    "`pip install hfprune`, then `import hfprune` before `AutoModelForCausalLM.from_pretrained(...)`, "
+    "or `hfprune.load_sparse(path)`.")
+"""``config.json``'s ``transformers_weights`` in an hfprune-sparse checkpoint: the error a load without hfprune
+raises (see the module docstring). It must not end in ``.safetensors``."""
 # format="sparse" on a model without a pruning record needs at least this fraction of zeros in its
 # decoder Linear weights (below it the bitmask encoding barely pays).
 _MIN_SPARSITY_WITHOUT_RECORD = 0.1
@@ -164,6 +183,13 @@ class HfpruneSparseQuantizer(HfQuantizer):
             self._threads = None
         return model
 
+    def update_attn_implementation(self, config):
+        """Drop the guard of :data:`LOAD_WITHOUT_HFPRUNE` from the config being loaded: hfprune decodes the
+        weights, so transformers may resolve the shards as usual (and the loaded model's config does not keep it)."""
+        if getattr(config, "transformers_weights", None) == LOAD_WITHOUT_HFPRUNE:
+            delattr(config, "transformers_weights")
+        return super().update_attn_implementation(config)
+
     def is_serializable(self):
         return True
 
@@ -240,7 +266,7 @@ def save_sparse(model, save_directory, *, pattern: str | None = None, bits: int 
     files = write_shards(tensors, save_directory, max_shard_size, groups)
     qcfg = HfpruneSparseConfig(pattern=str(pat), bits=bits, group_size=group_size,
                                compressed_modules=sorted(n for n, e in encodings.items() if e != "raw"))
-    write_config(model, save_directory, qcfg.to_dict())
+    write_config(model, save_directory, qcfg.to_dict(), transformers_weights=LOAD_WITHOUT_HFPRUNE)
     logger.info("Saved %s checkpoint to %s (%d files)", FORMAT_NAME, save_directory, len(files))
     return {"files": files, "encodings": encodings}
 
