@@ -474,7 +474,7 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
             another --output". Nothing is left behind in either case.
     """
     from hfprune.formats import get_format
-    from hfprune.report import PruneReport
+    from hfprune.report import PruneReport, recount_sparsity
 
     for extra in extra_files or {}:
         _check_file_name(extra)
@@ -486,7 +486,8 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
         # The quantization grids are in memory only; a format checks every group against the weights.
         record.quant_scales = report.quant_scales
     _validate(model, fmt, bits, group_size, record)
-    report_dict = _report_dict(report)
+    # the sparsity the saved weights hold (a merged adapter may have filled the zeros in since pruning)
+    report_dict = recount_sparsity(model, record, _report_dict(report))
     # the folder the model was loaded from (its weights may still be memory-mapped from there)
     inputs = (getattr(model.config, "_name_or_path", None), record.base_model if record is not None else None, *inputs)
     check_output_dir(save_directory, overwrite, inputs)

@@ -17,7 +17,8 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["PruneReport", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report"]
+__all__ = ["PruneReport", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report",
+           "recount_sparsity"]
 
 
 def peak_rss_mb() -> float:
@@ -62,6 +63,53 @@ def layer_sparsity_report(model: torch.nn.Module, names: list[str] | None = None
     if names is None:
         names = [n for n, m in modules.items() if is_linear(m)]
     return zero_counts(((n, weight_matrix(modules[n])) for n in names), shape=True)["layers"]
+
+
+def recount_sparsity(model, record: "PruneReport | None", report_dict: dict | None = None) -> dict | None:
+    """Count the zeros of the pruned layers in the weights about to be saved, and make the record say so.
+
+    A model whose weights changed after pruning (a LoRA adapter merged without the masks, further
+    training) no longer has the sparsity its record states. For an unstructured / N:M record,
+    ``config.pruning_config``'s ``achieved_sparsity`` and ``layer_sparsity``, ``record.sparsity`` and
+    the layer rows of ``report_dict`` (``pruning_report.json``, the card's table) are set to what the
+    weights hold; when that differs from the recorded value, the recorded one is kept as
+    ``achieved_sparsity_when_pruned`` and a warning says so. Structured records (parameters removed,
+    not zeroed) are left as they are. Returns ``report_dict`` (a copy when changed).
+    """
+    import logging
+
+    from hfprune.arch import is_linear
+
+    pc = getattr(getattr(model, "config", None), "pruning_config", None)
+    if record is None or not isinstance(pc, dict) or "params_after" in pc or record.structured is not None:
+        return report_dict
+    modules = dict(model.named_modules())
+    recorded = [n for n in (pc.get("layer_sparsity") or {}) if n in modules and is_linear(modules[n])]
+    if not recorded:
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        recorded = [n for n, m in modules.items() if is_linear(m) and m is not out_emb]
+    if not recorded or any(p.device.type == "meta" for n in recorded for p in modules[n].parameters()):
+        return report_dict
+    layers = layer_sparsity_report(model, recorded)
+    zeros, numel = sum(v["zeros"] for v in layers.values()), sum(v["numel"] for v in layers.values())
+    measured = zeros / max(1, numel)
+    before = pc.get("achieved_sparsity")
+    if before is not None and abs(float(before) - measured) > 0.5 / max(1, numel):
+        logging.getLogger(__name__).warning(
+            "The pruned layers hold %.2f%% zeros, not the %.2f%% recorded when the model was pruned: its weights "
+            "changed since (e.g. a LoRA adapter merged without the masks). The checkpoint's config and model card "
+            "state the %.2f%% the saved weights hold.", 100 * measured, 100 * float(before), 100 * measured)
+        pc.setdefault("achieved_sparsity_when_pruned", float(before))
+    pc["achieved_sparsity"] = measured
+    pc["layer_sparsity"] = {n: round(v["sparsity"], 6) for n, v in layers.items()}
+    record.sparsity = measured
+    if isinstance(report_dict, dict):
+        report_dict = {**report_dict, "sparsity": measured}
+        if isinstance(report_dict.get("layers"), dict):
+            report_dict["layers"] = {n: ({**row, **{k: layers[n][k] for k in ("sparsity", "zeros", "numel")}}
+                                         if n in layers and isinstance(row, dict) else row)
+                                     for n, row in report_dict["layers"].items()}
+    return report_dict
 
 
 @dataclass

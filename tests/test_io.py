@@ -198,3 +198,44 @@ def test_real_full_tmpfs(tmp_path, pruned_24):
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_saved_sparsity_is_counted_in_the_weights_not_copied_from_the_record(tmp_path, caplog):
+    """A pruned model made dense again (a LoRA adapter merged without the masks) must not be saved as 50 % sparse:
+    config.json, pruning_report.json and the card state the zeros the saved weights hold, with a warning."""
+    model, report = _pruned("unstructured")
+    assert report.sparsity == pytest.approx(0.5)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight += 1e-3 * torch.randn_like(module.weight)  # every zero filled in
+    with caplog.at_level("WARNING", logger="hfprune"):
+        save_pretrained(model, tmp_path / "out", report=report)
+    pc = json.loads((tmp_path / "out" / "config.json").read_text())["pruning_config"]
+    assert pc["achieved_sparsity"] == 0.0 and pc["achieved_sparsity_when_pruned"] == pytest.approx(0.5)
+    assert set(pc["layer_sparsity"].values()) == {0.0}
+    saved = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert saved["sparsity"] == 0.0 and all(v["sparsity"] == 0.0 for v in saved["layers"].values())
+    card = (tmp_path / "out" / "README.md").read_text()
+    numel = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert "| sparsity of the saved weights | 0.00% |" in card and f"| **total** | 14 | {numel:,} | 0.00% |" in card
+    assert "50.00% of the weights" not in card and "When the model was pruned it had 50.00%" in card
+    assert any("0.00% zeros, not the 50.00% recorded" in r.getMessage() for r in caplog.records)
+    # half of the zeros back: the count follows the weights, per layer
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight[: module.weight.shape[0] // 2] = 0
+    save_pretrained(model, tmp_path / "again", report=report)
+    pc = json.loads((tmp_path / "again" / "config.json").read_text())["pruning_config"]
+    assert pc["achieved_sparsity"] == pytest.approx(0.5)
+    assert "| sparsity of the saved weights | 50.00% |" in (tmp_path / "again" / "README.md").read_text()
+
+
+def test_unchanged_pruned_model_keeps_its_recorded_sparsity_without_warning(tmp_path, caplog):
+    model, report = _pruned("2:4")
+    with caplog.at_level("WARNING", logger="hfprune"):
+        save_pretrained(model, tmp_path / "out", report=report)
+    pc = json.loads((tmp_path / "out" / "config.json").read_text())["pruning_config"]
+    assert pc["achieved_sparsity"] == pytest.approx(report.sparsity) and "achieved_sparsity_when_pruned" not in pc
+    assert not [r for r in caplog.records if "recorded when the model was pruned" in r.getMessage()]

@@ -83,7 +83,7 @@ LOAD_WITHOUT_HFPRUNE = (
     "hfprune-sparse checkpoint: its Linear weights are stored compressed (kept values + bitmask or N:M index), "
     "which transformers alone cannot decode (it would load random weights). Load it with hfprune: "
     "`pip install hfprune`, then `import hfprune` before `AutoModelForCausalLM.from_pretrained(...)`, "
-    "or `hfprune.load_sparse(path)`.")
+    "or `hfprune.formats.load_sparse(path)`.")
 """``config.json``'s ``transformers_weights`` in an hfprune-sparse checkpoint: the error a load without hfprune
 raises (see the module docstring). It must not end in ``.safetensors``."""
 # format="sparse" on a model without a pruning record needs at least this fraction of zeros in its
