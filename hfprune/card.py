@@ -145,6 +145,12 @@ def _public_record(pc: dict, base_name: str | None) -> dict:
     return out
 
 
+def _has_zeros(entry: dict) -> bool:
+    """An unstructured / N:M record (weights zeroed in place), not a structured one (weights removed)."""
+    return entry.get("achieved_sparsity") is not None or not any(
+        k in entry for k in ("params_after", "reload_with", "experts_kept", "removed_blocks", "hidden_after"))
+
+
 def _chain(pc: dict) -> list[dict]:
     """The pruning record and the records of earlier runs it keeps under ``previous``, newest first."""
     out, entry = [], pc
@@ -177,7 +183,7 @@ _ZEROS_NOTE = ("Zeros buy size, not speed, with today's inference stacks: in the
 def _describe(pc: dict, ckpt: dict, quant: str | None, bits, group_size) -> tuple[list[str], list[str]]:
     """(what is in the checkpoint, how it is stored), one markdown paragraph per entry."""
     chain = _chain(pc)
-    zeros = next((e for e in chain if e.get("achieved_sparsity") is not None), None)
+    zeros = next((e for e in chain if _has_zeros(e)), None)
     shrunk = next((e for e in chain if e.get("params_after") is not None), None)
     content: list[str] = []
     if shrunk is not None:
@@ -207,11 +213,16 @@ def _describe(pc: dict, ckpt: dict, quant: str | None, bits, group_size) -> tupl
                "the smaller matrices run faster in any engine, with no sparse kernel needed."))
     if zeros is not None:
         pattern = zeros.get("pattern") or "unstructured"
-        sparsity = float(zeros["achieved_sparsity"])
-        text = (f"{_pct(sparsity)} of the weights of the pruned Linear layers are exact zeros ("
-                + ("{0}:{1} pattern: at most {0} non-zeros in every {1} consecutive inputs".format(
-                    *str(pattern).split(":", 1)) if ":" in str(pattern) else "unstructured")
-                + "), counted in the saved weights.")
+        kind = ("{0}:{1} pattern: at most {0} non-zeros in every {1} consecutive inputs".format(
+            *str(pattern).split(":", 1)) if ":" in str(pattern) else "unstructured")
+        if zeros.get("achieved_sparsity") is not None:
+            text = (f"{_pct(float(zeros['achieved_sparsity']))} of the weights of the pruned Linear layers are exact "
+                    f"zeros ({kind}), counted in the saved weights.")
+        else:
+            target = zeros.get("sparsity")
+            text = (f"The pruned Linear layers hold exact zeros ({kind}"
+                    + (f", target sparsity {_pct(float(target))}" if isinstance(target, (int, float)) else "")
+                    + "; the achieved sparsity is not recorded).")
         if zeros.get("achieved_sparsity_when_pruned") is not None:
             text += (f" When the model was pruned it had {_pct(float(zeros['achieved_sparsity_when_pruned']))}: "
                      f"its weights were changed since (e.g. a merged adapter).")
@@ -293,7 +304,7 @@ def render_model_card(*, base_model: str | None, pruning_config: dict, report: d
     license = license or pc.get("license")
     base_id = hub_model_id(base_model)
     base_name = base_id or (Path(str(base_model).rstrip("/\\")).name or None if base_model else None)
-    has_zeros = any(e.get("achieved_sparsity") is not None for e in _chain(pc))
+    has_zeros = any(_has_zeros(e) for e in _chain(pc))
     tags = []
     for tag in ("pruned", "hfprune", "sparse" if has_zeros else None, method, pattern if has_zeros else None,
                 f"int{bits}" if bits else None, quant):
