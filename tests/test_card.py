@@ -64,14 +64,10 @@ def test_card_of_every_output_kind_tells_how_to_load_it_and_what_is_in_it(kind, 
     card = (out / "README.md").read_text()
     config_text = (out / "config.json").read_text()
 
-    # no local path anywhere, no Hub link or metadata made from one
-    assert "/home/someone" not in card and "/home/someone" not in config_text
-    assert "huggingface.co//" not in card and "base_model:" not in card.split("---")[1]
-    assert "_name_or_path" not in json.loads(config_text)
-    assert "from a local model (`base-model`)" in card and "# base-model (pruned)" in card
-    # the old claims that were false for most kinds
-    assert "Pruned weights are exact zeros in an ordinary transformers checkpoint" not in card
-    assert "needs no extra library" not in card and "can exploit the pattern" not in card
+    # zeros buy no speed with today's stacks; what needs a library says so
+    assert "can exploit the pattern" not in card
+    if kind in ("non-uniform", "ct-int4", "sparse"):
+        assert "needs no extra library" not in card and "ordinary transformers checkpoint" not in card
 
     structured = kind in ("uniform", "non-uniform", "depth", "hidden", "experts")
     ids = torch.randint(3, 96, (1, 12))
@@ -108,6 +104,12 @@ def test_card_of_every_output_kind_tells_how_to_load_it_and_what_is_in_it(kind, 
         loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
         assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
         assert torch.equal(_logits(loaded.eval(), ids), _logits(model, ids))
+
+    # no local path anywhere, no Hub link or metadata made from one
+    assert "/home/someone" not in card and "/home/someone" not in config_text
+    assert "huggingface.co//" not in card and "base_model:" not in card.split("---")[1]
+    assert "_name_or_path" not in json.loads(config_text)
+    assert "from a local model (`base-model`)" in card and "# base-model (pruned)" in card
 
 
 def test_card_shows_hub_ids_and_hides_local_paths():
