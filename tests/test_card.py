@@ -126,3 +126,18 @@ def test_card_shows_hub_ids_and_hides_local_paths():
     hub = render_model_card(base_model="org/tiny-llama", pruning_config=pc)
     assert "base_model: org/tiny-llama" in hub and "[org/tiny-llama](https://huggingface.co/org/tiny-llama)" in hub
     assert "# org/tiny-llama (pruned)" in hub
+
+
+@pytest.mark.parametrize("fmt", [["--format", "sparse"], ["--format", "compressed-tensors", "--bits", "4",
+                                                          "--group-size", "32"]])
+def test_cli_card_and_config_carry_no_local_path(model_dir, calib_file, tmp_path, fmt):
+    from hfprune.cli import main
+
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "4",
+                 "--seqlen", "32", "--output", str(out), "--method", "wanda", *fmt]) == 0
+    card = (out / "README.md").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert str(tmp_path) not in card and "huggingface.co//" not in card and "base_model:" not in card
+    assert "_name_or_path" not in config
+    assert "from a local model (`base`)" in card and "--model base" in card and "--calibration calib.txt" in card
