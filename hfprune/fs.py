@@ -147,7 +147,8 @@ def _listed_files(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(folder: str | os.PathLike, kind: str, files: Iterable[str] | None = None) -> Path:
+def write_manifest(folder: str | os.PathLike, kind: str, files: Iterable[str] | None = None, *,
+                   atomic: bool = True) -> Path:
     """Write ``folder/hfprune_manifest.json``: the files hfprune wrote there (default: every regular file now in
     ``folder``; names are merged with an earlier manifest's). It marks the folder as hfprune's (``--overwrite``
     may replace it) and is the list ``hfprune push`` uploads."""
@@ -159,7 +160,11 @@ def write_manifest(folder: str | os.PathLike, kind: str, files: Iterable[str] | 
     names.discard(MANIFEST)
     data = {"written_by": WRITTEN_BY, "kind": kind, "files": sorted(n for n in names if _safe_relative(n))}
     path = folder / MANIFEST
-    atomic_write(path, json.dumps(data, indent=2) + "\n")
+    text = json.dumps(data, indent=2) + "\n"
+    if atomic:
+        atomic_write(path, text)
+    else:  # inside a temporary folder that is itself renamed into place
+        path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -442,7 +447,7 @@ def _atomic_output_dir(path, overwrite: bool, inputs, kind: str) -> Iterator[Pat
         raise
     try:
         yield tmp
-        write_manifest(tmp, kind)  # the last file: what was written here, for --overwrite and push
+        write_manifest(tmp, kind, atomic=False)  # the last file: what was written here, for --overwrite and push
         os.chmod(tmp, mode)  # mkdtemp makes 0700; keep the old folder's mode, else what mkdir would give
         if in_place:
             _replace_contents(tmp, final)
