@@ -277,14 +277,16 @@ def check_output_file(path: str | os.PathLike, overwrite: bool = False, inputs=(
     return path
 
 
-def write_json_output(path: str | os.PathLike, result: dict, **dump_kwargs) -> Path:
+def write_json_output(path: str | os.PathLike, result: dict, **dump_kwargs) -> dict:
     """Write a JSON result (eval, bench, zeroshot) atomically, with the ``"written_by": "hfprune"`` key that lets
-    a later ``--overwrite`` replace it. Call :func:`check_output_file` first (before the slow work)."""
+    a later ``--overwrite`` replace it; returns the dict written (``result`` plus that key). Call
+    :func:`check_output_file` first (before the slow work)."""
     path = Path(path).expanduser()
     _refuse_link(path)
     dump_kwargs.setdefault("indent", 2)
-    atomic_write(path, json.dumps({**result, "written_by": WRITTEN_BY}, **dump_kwargs) + "\n")
-    return path
+    marked = {**result, "written_by": WRITTEN_BY}
+    atomic_write(path, json.dumps(marked, **dump_kwargs) + "\n")
+    return marked
 
 
 def claim_output_dir(path: str | os.PathLike, kind: str, files: Iterable[str], overwrite: bool = False,

@@ -63,6 +63,6 @@ def _cmd_bench(ns) -> int:
     if output is not None:
         from hfprune.fs import write_json_output
 
-        write_json_output(output, result)
+        result = write_json_output(output, result)  # printed as written
     sys.stdout.write((json.dumps(result) if as_json else _table(result)) + "\n")
     return 0

@@ -259,7 +259,7 @@ def _run_eval(args) -> int:
     if args.output:
         from hfprune.fs import write_json_output  # temp file + rename: never a half-written result
 
-        write_json_output(args.output, result, default=str)
+        result = write_json_output(args.output, result, default=str)  # printed as written
     if args.json:
         print(json.dumps(result))
         return 0

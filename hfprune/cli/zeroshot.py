@@ -57,7 +57,7 @@ def _run_zeroshot(args) -> int:
     if args.output is not None:
         from hfprune.fs import write_json_output
 
-        write_json_output(args.output, result, default=str)
+        result = write_json_output(args.output, result, default=str)  # printed as written
     if args.json:
         print(json.dumps(result))
     else:
