@@ -293,9 +293,14 @@ def claim_output_dir(path: str | os.PathLike, kind: str, files: Iterable[str], o
                      inputs=()) -> Path:
     """Take a results folder that is filled file by file (sweep, search): check it like :func:`check_output_dir`
     (an earlier hfprune folder is resumed without ``overwrite``), create it, and record ``files`` (the names the
-    command writes) in its manifest. With ``overwrite`` those files are deleted first. Returns the folder."""
+    command writes) in its manifest. With ``overwrite`` those files are deleted first. A folder hfprune wrote for
+    another ``kind`` (a checkpoint, a search) is refused. Returns the folder."""
     files = list(files)
     path = check_output_dir(path, overwrite, inputs, resume=True)
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is not None and manifest.get("kind") != kind:
+        raise FileExistsError(f"Output folder {path} holds hfprune {manifest.get('kind')} output, not {kind} results: "
+                              f"choose another --output for the {kind}.")
     path.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in files:

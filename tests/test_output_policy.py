@@ -14,11 +14,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from hfprune.cli import main
 
-from conftest import REPO, TEXT
+from conftest import REPO, TEXT, tiny_model
 
 
 def _prune(model_dir, calib_file, out, *extra):
@@ -187,12 +188,10 @@ def test_symlink_outputs_are_refused_and_never_followed(model_dir, calib_file, t
 def test_sweep_refuses_a_users_folder_and_resumes_its_own(tmp_path, caplog):
     from hfprune.workflows.sweep import sweep
 
-    from conftest import tiny_model
-
     out = tmp_path / "results"
     out.mkdir()
     (out / "results.csv").write_text("my own results")
-    ids = __import__("torch").randint(3, 300, (2, 16), generator=__import__("torch").Generator().manual_seed(0))
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     kw = dict(methods="magnitude", sparsities=[0.5], calibration=ids, eval_dataset=ids.reshape(1, -1), eval_seqlen=16,
               plot=False, progress=False)
     for overwrite in (False, True):
@@ -219,3 +218,18 @@ def test_overwrite_refusal_in_a_real_process(model_dir, calib_file, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "hfprune did not write it" in proc.stderr and "Traceback" not in proc.stderr
     assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_sweep_never_writes_into_a_checkpoint_folder(model_dir, calib_file, tmp_path):
+    from hfprune.workflows.sweep import sweep
+
+    out = tmp_path / "out"
+    assert _prune(model_dir, calib_file, out) == 0
+    before = _snapshot(out)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="holds hfprune checkpoint output"):
+            sweep(tiny_model("llama"), methods="magnitude", sparsities=[0.5], calibration=ids,
+                  eval_dataset=ids.reshape(1, -1), eval_seqlen=16, plot=False, progress=False, output_dir=out,
+                  overwrite=overwrite)
+    assert _snapshot(out) == before

@@ -122,14 +122,15 @@ def _run_prune(args) -> int:
     data = read_recipe(args.recipe) if args.recipe else {}
     calib = data.get("calibration")
     recipe_calibration = calib.get("dataset") if isinstance(calib, dict) else None
-    # never written or replaced by --output, even with --overwrite
-    inputs = command_inputs(args.model, args.dataset, args.recipe, recipe_calibration)
-    check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
-    check_save_args(*_save_args(args))
+    task_files = []
     if args.eval_tasks:
         from hfprune.eval.harness import check_task_files
 
-        check_task_files(args.eval_tasks)
+        task_files = [f for files in check_task_files(args.eval_tasks).values() for f in files]
+    # never written or replaced by --output, even with --overwrite
+    inputs = command_inputs(args.model, args.dataset, args.recipe, recipe_calibration, task_files)
+    check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
+    check_save_args(*_save_args(args))
     overrides = {k: getattr(args, k) for k in args.method_keys}
     method = args.method or data.get("method")
     if method in ("sparsegpt", "admm"):
@@ -240,17 +241,19 @@ def _run_eval(args) -> int:
 
     progress = sys.stderr.isatty() and not args.json
     zeroshot = {}
+    task_files = []
     if args.tasks:
         from hfprune.eval.harness import check_task_files, expand_tasks
 
-        check_task_files(args.tasks)  # bad names and missing files fail before the model is loaded
+        # bad names and missing files fail before the model is loaded
+        task_files = [f for files in check_task_files(args.tasks).values() for f in files]
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
         batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
         zeroshot = dict(tasks=expand_tasks(args.tasks), limit=limit, batch_size=batch, num_fewshot=args.num_fewshot)
     if args.output:
         from hfprune.io import check_output_file, command_inputs
 
-        check_output_file(args.output, args.overwrite, command_inputs(args.model, args.dataset))
+        check_output_file(args.output, args.overwrite, command_inputs(args.model, args.dataset, task_files))
     model = hfprune.load_model(args.model, dtype=args.dtype)
     tokenizer = hfprune.load_tokenizer(args.model)
     result = hfprune.evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_windows=args.max_windows,
