@@ -421,3 +421,25 @@ def test_push_refuses_invalid_repo_ids(fake_hub, tmp_path, caplog, repo):
     assert main(["push", "--model", str(out), "--repo", repo]) == 2
     assert main(["push", "--model", str(out), "--repo", repo, "--dry-run"]) == 2
     assert "Invalid repo id" in caplog.text and hub.repos == {}
+
+
+def test_push_ignores_unsafe_manifest_entries(fake_hub, tmp_path):
+    """A hand-edited manifest cannot reach hidden files, files outside the folder, or links leading out of it."""
+    import hfprune
+    from hfprune.hub import push_to_hub
+
+    hub, _ = fake_hub
+    out = tmp_path / "out"
+    hfprune.save_pretrained(_tiny_pruned_model(), out)
+    manifest_path = out / "hfprune_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    saved = set(manifest["files"])
+    (tmp_path / "outside.txt").write_text("secret")
+    (out / ".env").write_text("HF_TOKEN=hf_secret")
+    assert "model.safetensors" in saved
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").symlink_to(tmp_path / "outside.txt")     # a listed name, now a link out
+    manifest["files"] += [".env", "../outside.txt", "sub/../../outside.txt", "/etc/hostname"]
+    manifest_path.write_text(json.dumps(manifest))
+    push_to_hub(out, "alice/tampered")
+    assert _pushed(hub, "alice/tampered") == saved - {"model.safetensors"}
