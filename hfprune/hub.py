@@ -152,8 +152,8 @@ def _card_bytes(model_dir: Path, repo_id: str) -> bytes:
         return (Path(tmp) / "README.md").read_bytes()
 
 
-def _ensure_card(model_dir: Path, repo_id: str, into: Path | None = None) -> None:
-    """Write the model card of ``model_dir`` into ``into`` (default ``model_dir``) if ``model_dir`` has none."""
+def _ensure_card(model_dir: Path, repo_id: str, into: Path) -> None:
+    """Write the model card of ``model_dir`` into the folder ``into`` if ``model_dir`` has none."""
     if (model_dir / "README.md").exists():
         return
     from hfprune.card import write_model_card
@@ -170,7 +170,7 @@ def _ensure_card(model_dir: Path, repo_id: str, into: Path | None = None) -> Non
         except ValueError:
             report = None
     base_model = pc.get("base_model") or config.get("_name_or_path") or None
-    write_model_card(into or model_dir, base_model=base_model, pruning_config=pc, report=report,
+    write_model_card(into, base_model=base_model, pruning_config=pc, report=report,
                      eval_results=pc.get("eval_results"), command=pc.get("command"), repo_id=repo_id)
 
 
