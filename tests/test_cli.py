@@ -38,8 +38,13 @@ def test_non_empty_output_needs_overwrite(model_dir, calib_file, tmp_path, caplo
     assert main(_prune_args(model_dir, calib_file, out, "--method", "magnitude")) == 2
     assert "--overwrite" in caplog.text
     assert (out / "keep.txt").exists()
+    # issue 28: --overwrite replaces only an earlier hfprune output, never a folder holding the user's files
+    assert main(_prune_args(model_dir, calib_file, out, "--method", "magnitude", "--overwrite")) == 2
+    assert "hfprune did not write" in caplog.text and (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    assert main(_prune_args(model_dir, calib_file, out, "--method", "magnitude")) == 0
     assert main(_prune_args(model_dir, calib_file, out, "--method", "magnitude", "--overwrite")) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert (out / "config.json").exists()
 
 
 def test_recipe_with_flag_override(model_dir, calib_file, tmp_path):

@@ -89,3 +89,23 @@ def test_shipped_flow_recipe_parses():
     flow = parse_flow(read_recipe(REPO / "recipes" / "structured-flow-distill-push.yaml"))
     assert flow["recover"].distill and flow["recover"].max_minutes == 30
     assert flow["save"]["format"] == "dense" and flow["push"] is None
+
+
+@pytest.mark.parametrize("where", ["recipe", "flag"])
+@pytest.mark.parametrize("repo", ["../x", "alice/x--y", "no-namespace"])
+def test_bad_push_repo_fails_before_loading(setup, tmp_path, monkeypatch, caplog, where, repo):
+    """Issue 28: the push repo id is validated (huggingface_hub's validator) before any work, not after saving."""
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the push repo id was checked")
+
+    monkeypatch.setattr("hfprune.load_model", no_load)
+    model_dir, recipe = setup
+    extra = []
+    if where == "recipe":
+        recipe["push"]["repo"] = repo
+    else:
+        extra = ["--repo", repo]
+    rc = main(["flow", "--recipe", str(_write(tmp_path, recipe)), "--model", str(model_dir),
+               "--output", str(tmp_path / "out"), *extra])
+    assert rc == 2 and "Invalid repo id" in caplog.text
+    assert not (tmp_path / "out").exists()

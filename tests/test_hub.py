@@ -273,9 +273,11 @@ def test_existing_repo_and_exist_ok(fake_hub, tmp_path):
     push_to_hub(out, "alice/again")
     with pytest.raises(ValueError, match="already exists.*exist_ok"):
         push_to_hub(out, "alice/again")
-    (out / "extra.txt").write_text("second commit")
+    (out / "README.md").write_text("second commit")
+    (out / "extra.txt").write_text("not a model file")  # issue 28: only the checkpoint is uploaded
     push_to_hub(out, "alice/again", exist_ok=True, commit_message="second")
-    assert hub.repos["alice/again"]["files"]["extra.txt"] == b"second commit"
+    assert hub.repos["alice/again"]["files"]["README.md"] == b"second commit"
+    assert "extra.txt" not in hub.repos["alice/again"]["files"]
 
 
 def test_missing_token(fake_hub, tmp_path, monkeypatch):
@@ -326,3 +328,118 @@ def test_cli_parser():
     args = parser.parse_args(["push", "--model", "d", "--repo", "u/n", "--private", "--exist-ok", "--token", "t"])
     assert (args.model, args.repo, args.private, args.exist_ok, args.token) == ("d", "u/n", True, True, "t")
     assert args.func is _cmd_push
+
+
+# --- issue 28: push uploads the checkpoint, not the folder ---------------------------------------------------
+
+def _plant_secrets(out, tmp_path):
+    """What a user keeps next to a checkpoint, and links that lead out of it."""
+    (out / ".env").write_text("HF_TOKEN=hf_secret")
+    (out / ".netrc").write_text("machine huggingface.co password hf_secret")
+    (out / ".ssh").mkdir()
+    (out / ".ssh" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    (out / "notes.txt").write_text("private notes")
+    (out / "drafts").mkdir()
+    (out / "drafts" / "card.md").write_text("draft")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.safetensors").write_bytes(b"not for the hub")
+    (out / "extra.safetensors").symlink_to(outside / "secret.safetensors")  # a model-file name, leading out
+    (out / "linked").symlink_to(outside)
+
+
+def _pushed(hub, repo):
+    return set(hub.repos[repo]["files"])
+
+
+def test_push_uploads_exactly_what_the_save_wrote(fake_hub, tmp_path, capsys):
+    import hfprune
+    from hfprune.cli import main
+
+    hub, _ = fake_hub
+    out = tmp_path / "out"
+    hfprune.save_pretrained(_tiny_pruned_model(), out)
+    manifest = json.loads((out / "hfprune_manifest.json").read_text())
+    assert "README.md" in manifest["files"] and "config.json" in manifest["files"]
+    _plant_secrets(out, tmp_path)
+    before = {p.name for p in out.iterdir()}
+    assert main(["push", "--model", str(out), "--repo", "alice/saved"]) == 0
+    assert _pushed(hub, "alice/saved") == set(manifest["files"])
+    assert {p.name for p in out.iterdir()} == before
+
+
+def test_push_of_a_folder_hfprune_did_not_save_uploads_model_files_only(fake_hub, tmp_path, caplog):
+    from hfprune.cli import main
+
+    import logging
+
+    caplog.set_level(logging.INFO, logger="hfprune.hub")
+    hub, _ = fake_hub
+    out = tmp_path / "out"
+    _tiny_pruned_model().save_pretrained(out)                 # transformers' save: no hfprune manifest
+    saved = {p.name for p in out.iterdir()}
+    assert "config.json" in saved and "README.md" not in saved
+    _plant_secrets(out, tmp_path)
+    before = {p.name for p in out.iterdir()}
+    assert main(["push", "--model", str(out), "--repo", "alice/plain"]) == 0
+    assert _pushed(hub, "alice/plain") == saved | {"README.md"}   # the card is generated and uploaded ...
+    assert {p.name for p in out.iterdir()} == before               # ... from memory: the folder is not written
+    assert ".env (hidden file)" in caplog.text and "extra.safetensors (symbolic link leaving the folder)" in caplog.text
+
+
+def test_push_dry_run_prints_the_list_and_uploads_nothing(fake_hub, tmp_path, capsys):
+    from hfprune.cli import main
+
+    hub, _ = fake_hub
+    out = tmp_path / "out"
+    _tiny_pruned_model().save_pretrained(out)
+    saved = {p.name for p in out.iterdir()}
+    _plant_secrets(out, tmp_path)
+    before = {p.name for p in out.iterdir()}
+    assert main(["push", "--model", str(out), "--repo", "alice/dry", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    upload, left_out = printed.split("Not uploaded:")
+    assert {ln.strip() for ln in upload.splitlines()[1:]} == saved | {"README.md (generated model card)"}
+    assert {ln.strip() for ln in left_out.splitlines()[1:-1]} == {
+        ".env (hidden file)", ".netrc (hidden file)", ".ssh/ (hidden folder)", "notes.txt (not a model file)",
+        "drafts/ (subfolder of a folder hfprune did not save)", "linked/ (symbolic link to a folder)",
+        "extra.safetensors (symbolic link leaving the folder)"}
+    assert "nothing was uploaded" in printed
+    assert hub.repos == {} and {p.name for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("repo", ["../x", "alice/../x", "alice/x--y", "alice/.x", "alice/" + "x" * 97])
+def test_push_refuses_invalid_repo_ids(fake_hub, tmp_path, caplog, repo):
+    from hfprune.cli import main
+    from hfprune.hub import push_to_hub
+
+    hub, _ = fake_hub
+    out = tmp_path / "out"
+    _tiny_pruned_model().save_pretrained(out)
+    with pytest.raises(ValueError, match="Invalid repo id"):
+        push_to_hub(out, repo)
+    assert main(["push", "--model", str(out), "--repo", repo]) == 2
+    assert main(["push", "--model", str(out), "--repo", repo, "--dry-run"]) == 2
+    assert "Invalid repo id" in caplog.text and hub.repos == {}
+
+
+def test_push_ignores_unsafe_manifest_entries(fake_hub, tmp_path):
+    """A hand-edited manifest cannot reach hidden files, files outside the folder, or links leading out of it."""
+    import hfprune
+    from hfprune.hub import push_to_hub
+
+    hub, _ = fake_hub
+    out = tmp_path / "out"
+    hfprune.save_pretrained(_tiny_pruned_model(), out)
+    manifest_path = out / "hfprune_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    saved = set(manifest["files"])
+    (tmp_path / "outside.txt").write_text("secret")
+    (out / ".env").write_text("HF_TOKEN=hf_secret")
+    assert "model.safetensors" in saved
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").symlink_to(tmp_path / "outside.txt")     # a listed name, now a link out
+    manifest["files"] += [".env", "../outside.txt", "sub/../../outside.txt", "/etc/hostname"]
+    manifest_path.write_text(json.dumps(manifest))
+    push_to_hub(out, "alice/tampered")
+    assert _pushed(hub, "alice/tampered") == saved - {"model.safetensors"}

@@ -149,8 +149,14 @@ def test_non_empty_dir_needs_overwrite(tmp_path, pruned_24):
     with pytest.raises(FileExistsError, match="overwrite"):
         save_pretrained(pruned_24[0], out, format="sparse")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    save_pretrained(pruned_24[0], out, format="sparse", overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    # issue 28: --overwrite replaces only a folder hfprune wrote; keep.txt is the user's
+    with pytest.raises(FileExistsError, match="hfprune did not write"):
+        save_pretrained(pruned_24[0], out, format="sparse", overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    save_pretrained(pruned_24[0], out, format="sparse")          # an empty folder is fine
+    save_pretrained(pruned_24[0], out, format="dense", overwrite=True)  # an earlier hfprune output is replaced
+    assert (out / "config.json").exists() and (out / "hfprune_manifest.json").exists()
     assert _leftovers(tmp_path) == []
 
 

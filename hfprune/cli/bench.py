@@ -23,7 +23,10 @@ def add_cli(subparsers):
                flags={"models": ["--model"]},
                extra={"models": {"action": "append", "nargs": None, "metavar": "MODEL"}})
     parser.add_argument("--json", action="store_true", help="Print one JSON object (no table, no progress bar).")
-    parser.add_argument("--output", help="Also write the JSON result to this file.")
+    parser.add_argument("--output", help="Also write the JSON result to this file (not overwritten unless "
+                                         "--overwrite).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing --output file that hfprune wrote (never an input or a model's file).")
     parser.set_defaults(func=_cmd_bench)
     return parser
 
@@ -49,14 +52,17 @@ def _table(result: dict) -> str:
 def _cmd_bench(ns) -> int:
     names = {f.name for f in dataclasses.fields(SpeedConfig)}
     config = SpeedConfig(**{k: v for k, v in vars(ns).items() if k in names})
+    output = getattr(ns, "output", None)
+    if output is not None:  # before any model is read: never an input, never a file hfprune did not write
+        from hfprune.io import check_output_file, command_inputs
+
+        check_output_file(output, getattr(ns, "overwrite", False), command_inputs(config.models))
     check_models(config)   # every model's config is read before any weights are loaded
     as_json = getattr(ns, "json", False)
     result = benchmark_speed(config, progress=sys.stderr.isatty() and not as_json)
-    if getattr(ns, "output", None):
-        from pathlib import Path
+    if output is not None:
+        from hfprune.fs import write_json_output
 
-        from hfprune.io import atomic_write
-
-        atomic_write(Path(ns.output), json.dumps(result, indent=2) + "\n")
+        result = write_json_output(output, result)  # printed as written
     sys.stdout.write((json.dumps(result) if as_json else _table(result)) + "\n")
     return 0

@@ -15,7 +15,8 @@ def add_cli(subparsers):
     p.add_argument("--model", required=True, help="Dense model: local folder, Hub id or alias (smollm2-135m).")
     p.add_argument("--output", required=True, help="Output folder of the final checkpoint.")
     p.add_argument("--repo", default=None, help="Hub repo to push to (overrides push.repo; none: no push).")
-    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace an earlier hfprune output in --output (a folder holding other files is refused).")
     p.set_defaults(func=_cmd_flow)
     return p
 
@@ -25,7 +26,7 @@ def _cmd_flow(args) -> int:
     from hfprune.workflows.flow import run_flow
 
     result = run_flow(args.model, read_recipe(args.recipe), args.output, repo=args.repo, overwrite=args.overwrite,
-                      progress=sys.stderr.isatty())
+                      progress=sys.stderr.isatty(), inputs=(args.recipe,))
     rec = result["recover"]
     lines = [str(result["prune"])]
     if rec is not None and rec["evals"]:

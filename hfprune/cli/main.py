@@ -53,7 +53,8 @@ def _add_prune(sub) -> None:
     calib_keys = add_fields(p, CalibrationConfig, skip=("config_name",), flags={"dataset": ["--calibration"]})
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--output", required=True, help="Output folder for the pruned checkpoint.")
-    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace an earlier hfprune output in --output (a folder holding other files is refused).")
     p.add_argument("--low-memory", action="store_true", dest="low_memory",
                    help="Stream a local safetensors checkpoint: keep the decoder blocks on disk, prune one at a time "
                         "and write the output shards block by block (peak RAM about one block + activations).")
@@ -88,7 +89,8 @@ def _add_eval(sub) -> None:
                                                                          "or auto.")
     p.add_argument("--num-fewshot", dest="num_fewshot", type=int, default=0)
     p.add_argument("--output", help="Also write the JSON result to this file (not overwritten unless --overwrite).")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace an existing --output file that hfprune wrote (never an input or a model's file).")
     p.add_argument("--split", default="test")
     p.add_argument("--text-column", dest="text_column", default="text")
     p.add_argument("--seqlen", type=positive_int, default=None,
@@ -114,17 +116,21 @@ def _run_prune(args) -> int:
     import torch  # noqa: F401
 
     from hfprune.core.engine import resolve_calibration
-    from hfprune.io import check_output_dir, check_save_args, output_lock
+    from hfprune.io import check_output_dir, check_save_args, command_inputs, output_lock
     from hfprune.recipes import build_configs, read_recipe
 
-    inputs = (args.model, args.dataset, args.recipe)  # never replaced by --output, even with --overwrite
-    check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
-    check_save_args(*_save_args(args))
+    data = read_recipe(args.recipe) if args.recipe else {}
+    calib = data.get("calibration")
+    recipe_calibration = calib.get("dataset") if isinstance(calib, dict) else None
+    task_files = []
     if args.eval_tasks:
         from hfprune.eval.harness import check_task_files
 
-        check_task_files(args.eval_tasks)
-    data = read_recipe(args.recipe) if args.recipe else {}
+        task_files = [f for files in check_task_files(args.eval_tasks).values() for f in files]
+    # never written or replaced by --output, even with --overwrite
+    inputs = command_inputs(args.model, args.dataset, args.recipe, recipe_calibration, task_files)
+    check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
+    check_save_args(*_save_args(args))
     overrides = {k: getattr(args, k) for k in args.method_keys}
     method = args.method or data.get("method")
     if method in ("sparsegpt", "admm"):
@@ -235,29 +241,28 @@ def _run_eval(args) -> int:
 
     progress = sys.stderr.isatty() and not args.json
     zeroshot = {}
+    task_files = []
     if args.tasks:
         from hfprune.eval.harness import check_task_files, expand_tasks
 
-        check_task_files(args.tasks)  # bad names and missing files fail before the model is loaded
+        # bad names and missing files fail before the model is loaded
+        task_files = [f for files in check_task_files(args.tasks).values() for f in files]
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
         batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
         zeroshot = dict(tasks=expand_tasks(args.tasks), limit=limit, batch_size=batch, num_fewshot=args.num_fewshot)
     if args.output:
-        from pathlib import Path
+        from hfprune.io import check_output_file, command_inputs
 
-        if Path(args.output).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.output} exists: pass --overwrite to replace it, or another --output.")
+        check_output_file(args.output, args.overwrite, command_inputs(args.model, args.dataset, task_files))
     model = hfprune.load_model(args.model, dtype=args.dtype)
     tokenizer = hfprune.load_tokenizer(args.model)
     result = hfprune.evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_windows=args.max_windows,
                               split=args.split, text_column=args.text_column, progress=progress, **zeroshot)
     result["model"] = str(args.model)
     if args.output:
-        from pathlib import Path
+        from hfprune.fs import write_json_output  # temp file + rename: never a half-written result
 
-        from hfprune.io import atomic_write  # temp file + rename: never a half-written result
-
-        atomic_write(Path(args.output), json.dumps(result, indent=2, default=str) + "\n")
+        result = write_json_output(args.output, result, default=str)  # printed as written
     if args.json:
         print(json.dumps(result))
         return 0

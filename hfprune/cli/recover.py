@@ -34,7 +34,7 @@ def add_cli(subparsers):
 
 
 def _cmd_recover(ns) -> int:
-    from hfprune.io import check_output_dir
+    from hfprune.io import check_output_dir, command_inputs
     from hfprune.models import load_model, load_tokenizer
     from hfprune.recipes import read_recipe
 
@@ -44,8 +44,9 @@ def _cmd_recover(ns) -> int:
     if not args.model:
         raise ValueError("Pass the pruned model: --model DIR (or `model:` in the recipe).")
     if not args.output:
-        raise ValueError("Pass an output folder: --output OUT (or `output:` in the recipe).")
-    check_output_dir(args.output, args.overwrite, (args.model, args.teacher))  # before loading anything
+        raise ValueError("Pass an output folder: --output OUT.")
+    inputs = command_inputs(args.model, args.teacher, args.dataset, args.eval_dataset, getattr(ns, "recipe", None))
+    check_output_dir(args.output, args.overwrite, inputs)  # before loading anything
 
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)

@@ -27,6 +27,9 @@ def add_cli(subparsers):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--json", action="store_true", help="Print one JSON object.")
+    p.add_argument("--output", help="Also write the JSON result to this file (not overwritten unless --overwrite).")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace an existing --output file that hfprune wrote (never an input or a model's file).")
     p.set_defaults(func=_run_zeroshot)
     return p
 
@@ -35,6 +38,10 @@ def _run_zeroshot(args) -> int:
     from hfprune.models import load_model, load_tokenizer
 
     task = args.task
+    if args.output is not None:  # before the model loads
+        from hfprune.io import check_output_file, command_inputs
+
+        check_output_file(args.output, args.overwrite, command_inputs(args.model, task))
     if task.startswith("cloze-"):
         items = cloze_task(task[len("cloze-"):], n_items=args.limit or 500, n_choices=args.n_choices, seed=args.seed)
     else:
@@ -47,6 +54,10 @@ def _run_zeroshot(args) -> int:
                                choices_field=args.choices_field, label_field=args.label_field, limit=args.limit,
                                batch_size=args.batch_size, progress=sys.stderr.isatty() and not args.json)
     result["task"] = task
+    if args.output is not None:
+        from hfprune.fs import write_json_output
+
+        result = write_json_output(args.output, result, default=str)  # printed as written
     if args.json:
         print(json.dumps(result))
     else:

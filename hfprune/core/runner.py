@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from hfprune.arch import ArchSpec, get_blocks, get_spec
-from hfprune.io import atomic_write
+from hfprune.fs import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ A flow recipe has one section per step; each section holds the keys of the confi
       repo: user/name
       private: false
 
-Every section is parsed, and the output folder checked, before the model is loaded, so a typo
-fails at once with the key it names. The checkpoint is written once, atomically, by the save step
+Every section is parsed, the output folder checked (:mod:`hfprune.fs`: never the model, the recipe
+or its data files) and the push repo id validated before the model is loaded, so a typo fails at
+once with the key it names. The checkpoint is written once, atomically, by the save step
 (the recover step trains in memory); the push step uploads that folder.
 """
 
@@ -76,27 +77,33 @@ def parse_flow(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_flow(model_name: str, data: dict[str, Any], output, *, repo: str | None = None, overwrite: bool = False,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, inputs=()) -> dict[str, Any]:
     """Run a flow recipe (``data``, see the module docstring) on ``model_name`` into ``output``.
 
-    ``repo`` overrides ``push.repo``. Returns ``{"prune": PruneReport, "recover": result dict or
-    None, "output": Path, "url": str or None}``.
+    ``repo`` overrides ``push.repo``. ``inputs``: further paths the output must never replace (the
+    recipe file; the model and the recipe's data files are added here). Returns ``{"prune":
+    PruneReport, "recover": result dict or None, "output": Path, "url": str or None}``.
     """
     import hfprune
-    from hfprune.io import check_output_dir, check_save_args, save_pretrained
+    from hfprune.hub import check_repo_id
+    from hfprune.io import check_output_dir, check_save_args, command_inputs, save_pretrained
     from hfprune.workflows.recovery import recover as run_recovery, recovery_record
 
     if repo:
         data = {**data, "push": {**(data.get("push") or {}), "repo": repo}}
     flow = parse_flow(data)
-    out = check_output_dir(output, overwrite, (model_name,))   # before anything slow
+    config, calibration = flow["prune"]
+    args = flow["recover"]
+    inputs = command_inputs(model_name, *inputs, getattr(calibration, "dataset", None),
+                            *((args.dataset, args.eval_dataset) if args is not None else ()))
+    out = check_output_dir(output, overwrite, inputs)   # before anything slow
+    if flow["push"] is not None:
+        check_repo_id(flow["push"]["repo"])             # a bad repo id fails now, not after the work
     save = flow["save"]
     check_save_args(save["format"], save.get("bits"), save.get("group_size"))
-    config, calibration = flow["prune"]
 
     model = hfprune.load_model(model_name)
     tokenizer = hfprune.load_tokenizer(model_name)
-    args = flow["recover"]
     teacher = copy.deepcopy(model).eval() if args is not None and args.distill else None
 
     logger.info("flow 1/4: prune (%s)", config.method if hasattr(config, "method") else type(config).__name__)
@@ -113,7 +120,7 @@ def run_flow(model_name: str, data: dict[str, Any], output, *, repo: str | None 
     extra = {"recovery_report.json": {**result, "args": args.to_dict()}} if result is not None else None
     save_pretrained(model, out, format=save["format"], bits=save.get("bits"), group_size=save.get("group_size"),
                     max_shard_size=save.get("max_shard_size", "5GB"), tokenizer=tokenizer, report=report,
-                    overwrite=overwrite, extra_files=extra, inputs=(model_name,))
+                    overwrite=overwrite, extra_files=extra, inputs=inputs)
     url = None
     if flow["push"] is not None:
         from hfprune.hub import push_to_hub

@@ -100,8 +100,11 @@ class RecoveryArguments:
     seed: int = field(default=0, metadata=_help("Seed of data order, LoRA init and dropout."))
     bf16: bool = field(default=False, metadata=_help("bf16 mixed precision."))
     output: Optional[str] = field(default=None, metadata=_help(
-        "Output folder (model + tokenizer + recovery_report.json); must be empty unless --overwrite."))
-    overwrite: bool = field(default=False, metadata=_help("Replace a non-empty output folder."))
+        "Output folder (model + tokenizer + recovery_report.json); must be empty unless --overwrite. "
+        "Command line only: a recipe may not set it."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Replace an earlier hfprune output in --output (a folder holding other files is refused). Command line "
+        "only: a recipe may not set it."))
     dtype: str = field(default="auto", metadata=_help(
         "dtype to load the model with (CLI): auto (the checkpoint's), float32, bfloat16 or float16."))
 
@@ -451,12 +454,13 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
     """
     from transformers import PrinterCallback, Trainer
 
-    from hfprune.io import check_output_dir, save_pretrained
+    from hfprune.io import check_output_dir, command_inputs, save_pretrained
     from hfprune.training import DistillationTrainer, merge_lora_keep_sparsity
 
     args = args if args is not None else RecoveryArguments()
+    inputs = command_inputs(args.model, args.teacher, args.dataset, args.eval_dataset)
     if args.output is not None:
-        check_output_dir(args.output, args.overwrite, (args.model, args.teacher))  # fail before the slow part
+        check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
     if args.distill and teacher is None:
         raise ValueError("distill=True needs the dense teacher: pass recover(..., teacher=dense_model) "
                          "(CLI: --teacher DIR).")
@@ -567,7 +571,7 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
         if not (args.lora and not args.merge_lora):
             final.config.recovery_config = recovery_record(args, result)
         save_pretrained(final, args.output, tokenizer=tokenizer, overwrite=args.overwrite, model_card=False,
-                        extra_files={"recovery_report.json": report}, inputs=(args.model, args.teacher))
+                        extra_files={"recovery_report.json": report}, inputs=inputs)
         logger.info("Saved the recovered %s to %s.", "adapter" if args.lora and not args.merge_lora else "model",
                     args.output)
     return result
@@ -580,9 +584,12 @@ def recovery_record(args: RecoveryArguments, result: dict) -> dict:
             "hidden_weight": args.hidden_weight, "sparsity": result["sparsity_after"]}
 
 
+_COMMAND_LINE_ONLY = ("output", "overwrite")
+
+
 def arguments_from(recipe: dict | None = None, overrides: dict | None = None) -> RecoveryArguments:
     """:class:`RecoveryArguments` from recipe data plus overrides (dashes in keys allowed);
-    unknown keys raise ``ValueError`` naming them."""
+    unknown keys, and ``output`` / ``overwrite`` in the recipe (command line only), raise ``ValueError``."""
     names = {f.name for f in dataclasses.fields(RecoveryArguments)}
     data: dict = {}
     for source, label in ((recipe or {}, "recipe"), (overrides or {}, "flags")):
@@ -590,6 +597,10 @@ def arguments_from(recipe: dict | None = None, overrides: dict | None = None) ->
             k = str(key).replace("-", "_")
             if label == "recipe" and k == "description":
                 continue
+            if label == "recipe" and k in _COMMAND_LINE_ONLY:
+                raise ValueError(f"The recipe sets `{key}`: where to write and whether to replace it come from the "
+                                 f"command line only (--output OUT, --overwrite), so that running a shared recipe "
+                                 f"never writes or deletes a folder you did not name. Remove `{key}` from the recipe.")
             if k not in names:
                 raise ValueError(f"Unknown {label} key {key!r}: valid keys are {', '.join(sorted(names))}.")
             data[k] = value

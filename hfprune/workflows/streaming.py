@@ -20,7 +20,7 @@ there after an interruption and gives the same result as an uninterrupted run; w
 folder is started afresh. At the end the shards, the non-block tensors (tied embeddings stay
 tied: the output has exactly the input's tensor names), ``model.safetensors.index.json``,
 config, tokenizer, report and model card are put into the output inside
-:func:`hfprune.io.atomic_output_dir`, and the work folder is removed.
+:func:`hfprune.fs.atomic_output_dir`, and the work folder is removed.
 
 With several processes (``accelerate launch``) only process 0 writes shards and the output.
 """
@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from hfprune.io import atomic_write
+from hfprune.fs import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ def _prune_into(path: Path, model, output, config, calibration, ctx, weight_map,
     if torch.cuda.is_available():
         report.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
     if ctx.is_main:
-        _finalize(net, tokenizer, report, session, weight_map, output, overwrite, extra)
+        _finalize(net, tokenizer, report, session, weight_map, output, overwrite, extra, inputs=(path,))
         shutil.rmtree(work, ignore_errors=True)
     ctx.barrier()
     return report
@@ -399,7 +399,7 @@ def _disk_device_map(skeleton, layers: str, n_blocks: int) -> dict[str, str]:
 
 
 def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str, str], output, overwrite: bool,
-              extra: dict[str, Any]) -> None:
+              extra: dict[str, Any], inputs=()) -> None:
     """Move the block shards into the output with the other tensors, index, config and tokenizer."""
     from hfprune.formats.base import safetensors_header
     from hfprune.io import atomic_output_dir, write_companions
@@ -430,7 +430,7 @@ def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str,
         raise RuntimeError(f"Tensors {missing[:3]} outside the decoder blocks were not found; please report this.")
     index: dict[str, str] = {}
     total = 0
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, inputs) as tmp:
         for i in range(session.n_blocks):
             name = session.shard_name(i)
             src = work / name

@@ -7,7 +7,9 @@ evaluation token ids are computed once and reused, so every point sees exactly t
 
 With an ``output_dir`` every finished point is appended to ``results.jsonl`` at once (flushed and
 fsynced), so an interrupted sweep loses at most the point it was working on; running it again
-with the same folder skips the points already there (pass ``overwrite=True`` to start afresh).
+with the same folder skips the points already there (pass ``overwrite=True`` to start afresh). The
+folder must be new, empty or an earlier sweep's (its ``hfprune_manifest.json``), and never an input
+(:mod:`hfprune.fs`).
 ``results.csv``, ``results.json`` and the plot ``sweep.png`` (perplexity vs sparsity, log scale,
 one line per method and unstructured pattern, N:M points as markers, dense as a horizontal line)
 are rewritten through a temporary file and a rename.
@@ -40,7 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from hfprune.io import atomic_write
+from hfprune.fs import atomic_write, check_output_dir, claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,16 @@ DENSE = "dense"
 
 
 # ------------------------------------------------------------------------------------ file helpers
+_SWEEP_FILES = (RESULTS_JSONL, "results.csv", "results.json", "sweep.png")
+
+
+def _inputs(*candidates) -> tuple:
+    """The command's inputs that are paths (model folder, calibration / evaluation files), for the output checks."""
+    from hfprune.io import command_inputs
+
+    return command_inputs(*(c for c in candidates if isinstance(c, (str, os.PathLike))))
+
+
 def _append_jsonl(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
@@ -379,7 +391,9 @@ def sweep(model_name_or_loader, methods: Sequence[str] | str = ("magnitude", "wa
         ``perplexity``, ``ppl_increase`` over dense, ``nll``, ``prune_seconds``, ``eval_seconds``...), dense first.
 
     Raises:
-        ValueError: ``output_dir`` holds results made with other settings and ``overwrite`` is not set.
+        ValueError: ``output_dir`` holds results made with other settings and ``overwrite`` is not set, or is
+            (or holds, or lies inside) an input.
+        FileExistsError: ``output_dir`` is a file, or a non-empty folder hfprune did not write (see :mod:`hfprune.fs`).
     """
     from tqdm.auto import tqdm
 
@@ -389,8 +403,9 @@ def sweep(model_name_or_loader, methods: Sequence[str] | str = ("magnitude", "wa
     points = _grid(methods, sparsities, patterns)
     order = {_key(*p): i for i, p in enumerate(points)}
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise FileExistsError(f"Output path {out} is a file: choose a folder for --output.")
+    inputs = _inputs(model_name_or_loader, calibration, eval_dataset)
+    if out is not None:  # an earlier sweep folder is resumed; never an input, never a folder hfprune did not write
+        check_output_dir(out, overwrite, inputs, resume=True)
 
     runner = _PointRunner(model_name_or_loader, tokenizer, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
                           seed=seed, eval_dataset=eval_dataset, eval_seqlen=eval_seqlen, max_windows=max_windows,
@@ -404,9 +419,7 @@ def sweep(model_name_or_loader, methods: Sequence[str] | str = ("magnitude", "wa
     done: dict[str, dict] = {}
     if out is not None:
         jsonl = out / RESULTS_JSONL
-        if overwrite:
-            for name in (RESULTS_JSONL, "results.csv", "results.json", "sweep.png"):
-                (out / name).unlink(missing_ok=True)
+        claim_output_dir(out, "sweep", _SWEEP_FILES, overwrite, inputs)  # with overwrite: deletes those files
         for row in read_jsonl(jsonl):
             if row.get("settings") != settings:
                 raise ValueError(
@@ -589,6 +602,9 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
     if not 0.0 < tol < hi - lo + 1e-12:
         raise ValueError(f"tol must be in (0, hi - lo], got {tol}.")
 
+    inputs = _inputs(model, calibration, eval_dataset)
+    if output_dir is not None:  # before the model loads (claimed below, once the settings are known)
+        check_output_dir(output_dir, overwrite, inputs, resume=True)
     if evaluate_fn is None:
         if model is None:
             raise ValueError("Pass a model (name, path, model or loader), or evaluate_fn for a custom metric.")
@@ -618,11 +634,7 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
     out = Path(output_dir) if output_dir is not None else None
     cache: dict[float, dict] = {}
     if out is not None:
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"Output path {out} is a file: choose a folder for --output.")
-        if overwrite:
-            for name in (SEARCH_JSONL, "search.json"):
-                (out / name).unlink(missing_ok=True)
+        claim_output_dir(out, "search", (SEARCH_JSONL, "search.json"), overwrite, inputs)
         for row in read_jsonl(out / SEARCH_JSONL):
             if row.get("settings") != settings:
                 raise ValueError(
