@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from hfprune.card import zeroshot_rows
 from hfprune.eval import harness, taskdata
 from hfprune.eval.harness import SUITES, TASK_DIR, available_tasks, expand_tasks
 
@@ -191,7 +192,7 @@ def test_papers_mean_and_tables():
     result = {"tasks": tasks, "means": means, "limit": 10, "lm_eval_version": "0.4.13", "seconds": 1.0}
     text = harness.format_results(result)
     assert "mean paper-7" in text and "0.5300" in text and "--limit 10" in text
-    rows = harness.markdown_rows(result, result)
+    rows = zeroshot_rows(result, result)
     assert "| **mean paper-7** | acc | 0.5300 | 0.5300 |" in rows
     assert any(r.startswith("| boolq | acc | 0.5000 ± 0.0100 |") for r in rows)
 

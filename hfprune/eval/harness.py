@@ -23,7 +23,6 @@ Notes:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Iterable, Sequence
 logger = logging.getLogger(__name__)
 
 __all__ = ["TASK_DIR", "SUITES", "MEAN_METRIC", "available_tasks", "expand_tasks", "task_files",
-           "check_task_files", "zeroshot_evaluate", "mean_accuracy", "format_results", "markdown_rows"]
+           "check_task_files", "zeroshot_evaluate", "mean_accuracy", "format_results"]
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 LM_EVAL_VERSION = "0.4.13"
@@ -257,47 +256,19 @@ def zeroshot_evaluate(model, tokenizer=None, tasks: str | Sequence[str] = "paper
 
 
 # ------------------------------------------------------------------------------------ reports
-def _num(value, spec: str = ".4f") -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
 def format_results(result: dict) -> str:
     """A plain-text table of :func:`zeroshot_evaluate`'s result: one row per task, then the means."""
     lines = [f"{'task':<22} {'n':>6} {'acc':>8} {'± stderr':>9} {'acc_norm':>9} {'± stderr':>9} {'perplexity':>11}"]
     for task, m in result["tasks"].items():
-        lines.append(f"{task:<22} {m.get('n', 0):>6} {_num(m.get('acc')):>8} {_num(m.get('acc_stderr')):>9} "
-                     f"{_num(m.get('acc_norm')):>9} {_num(m.get('acc_norm_stderr')):>9} "
-                     f"{_num(m.get('perplexity'), '.3f'):>11}")
+        lines.append(f"{task:<22} {m.get('n', 0):>6} {metric_cell(m.get('acc')):>8} {metric_cell(m.get('acc_stderr')):>9} "
+                     f"{metric_cell(m.get('acc_norm')):>9} {metric_cell(m.get('acc_norm_stderr')):>9} "
+                     f"{metric_cell(m.get('perplexity'), '.3f'):>11}")
     for suite, m in result.get("means", {}).items():
-        lines.append(f"{'mean ' + suite:<22} {'':>6} {_num(m[MEAN_METRIC]):>8}")
+        lines.append(f"{'mean ' + suite:<22} {'':>6} {metric_cell(m[MEAN_METRIC]):>8}")
     limit = result.get("limit")
     lines.append(f"lm-eval {result.get('lm_eval_version')}, {result.get('num_fewshot', 0)}-shot"
                  + (f", --limit {limit}" if limit else ", full splits") + f", {result.get('seconds', 0):.1f} s")
     return "\n".join(lines)
-
-
-def markdown_rows(before: dict | None, after: dict | None) -> list[str]:
-    """Markdown table (task, metric, before, after) of two :func:`zeroshot_evaluate` results, for model cards."""
-    before, after = before or {}, after or {}
-    lines = ["| task | metric | before | after |", "|---|---|---:|---:|"]
-    tasks = list(dict.fromkeys([*(before.get("tasks") or {}), *(after.get("tasks") or {})]))
-    for task in tasks:
-        b, a = (before.get("tasks") or {}).get(task, {}), (after.get("tasks") or {}).get(task, {})
-        for metric in ("acc", "acc_norm", "perplexity"):
-            if metric in a or metric in b:
-                spec = ".3f" if metric == "perplexity" else ".4f"
-                cell = [f"{_num(m.get(metric), spec)}" + (f" ± {_num(m[metric + '_stderr'], spec)}"
-                                                          if m.get(metric + "_stderr") is not None else "")
-                        for m in (b, a)]
-                lines.append(f"| {task} | {metric} | {cell[0]} | {cell[1]} |")
-    for suite in dict.fromkeys([*(before.get("means") or {}), *(after.get("means") or {})]):
-        cells = [_num(((r.get("means") or {}).get(suite) or {}).get(MEAN_METRIC)) for r in (before, after)]
-        lines.append(f"| **mean {suite}** | {MEAN_METRIC} | {cells[0]} | {cells[1]} |")
-    limit = (after or before).get("limit")
-    lines.append("")
-    lines.append(f"lm-evaluation-harness {(after or before).get('lm_eval_version')}, zero-shot, "
-                 + (f"first {limit} documents per task." if limit else "full splits (HellaSwag: 1,000-item subset)."))
-    return lines
 
 
 def mean_accuracy(result: dict) -> float | None:
