@@ -198,7 +198,7 @@ def write_model_card(output_dir, *, base_model: str | None, pruning_config: dict
             ``{"sparsity": float, "numel": int}`` and is aggregated by layer type.
         eval_results: optional ``{"before": {"perplexity": x}, "after": {...}}`` or flat
             ``{"perplexity_before": x, "perplexity_after": y}``; a ``"zeroshot": {"before": r, "after": r}``
-            entry (``r`` from :func:`hfprune.eval.harness.zeroshot_evaluate`) adds a zero-shot table.
+            entry (``r`` from :func:`hfprune.eval.zeroshot.zeroshot_evaluate`) adds a zero-shot table.
         command: the command line that produced the model.
         license: license id for the YAML header (defaults to ``pruning_config.get("license")``).
         repo_id: Hub repo the card is for (used in the title and loading snippet).

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfprune.cli.zeroshot import add_cli
-from hfprune.eval.zeroshot import (build_cloze_task, generation_samples, lm_eval_accuracy, zeroshot_accuracy)
+from hfprune.eval.cloze import (build_cloze_task, generation_samples, zeroshot_accuracy)
 
 from conftest import tiny_model
 
@@ -157,12 +157,6 @@ def test_generation_samples_are_greedy_and_repeatable(tiny_tokenizer):
     assert all(isinstance(s["completion"], str) and s["completion"] for s in first)
 
 
-def test_lm_eval_adapter_names_the_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)
-    with pytest.raises(ImportError, match="pip install lm-eval"):
-        lm_eval_accuracy(None, None, ["hellaswag"])
-
-
 def test_cli_zeroshot_on_a_jsonl_task(tmp_path, tiny_tokenizer, capsys):
     model_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(model_dir)
@@ -177,3 +171,19 @@ def test_cli_zeroshot_on_a_jsonl_task(tmp_path, tiny_tokenizer, capsys):
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 2 and 0.0 <= result["acc"] <= 1.0 and result["task"] == str(task)
+
+
+def test_cli_cloze_task_from_a_text_file(tmp_path, tiny_tokenizer, capsys):
+    model_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()
+    text.write_text("\n".join(" ".join(words[i:] + words[:i]) + "." for i in range(6)))
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["zeroshot", "--model", str(model_dir), "--task", "cloze", "--source", str(text),
+                              "--limit", "3", "--n-choices", "2", "--json"])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "cloze" and result["source"] == str(text) and result["n"] == 3

@@ -1,14 +1,15 @@
-"""Zero-shot tasks through lm-evaluation-harness on local files (hfprune.eval.harness)."""
+"""Zero-shot tasks through lm-evaluation-harness on local files (hfprune.eval.zeroshot)."""
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
 from hfprune.card import zeroshot_rows
-from hfprune.eval import harness, taskdata
-from hfprune.eval.harness import SUITES, TASK_DIR, available_tasks, expand_tasks
+from hfprune.eval import taskdata, zeroshot
+from hfprune.eval.zeroshot import SUITES, TASK_DIR, available_tasks, expand_tasks
 
 from conftest import DATA_DIR, tiny_model
 
@@ -100,8 +101,8 @@ def test_configs_copy_the_stock_prompts_and_metrics(task):
 @pytest.mark.parametrize("task", sorted(COUNTS))
 def test_configs_point_at_the_local_splits(task, monkeypatch):
     monkeypatch.setenv("HFPRUNE_DATA_DIR", str(DATA_DIR))
-    cfg = harness.task_configs()[task]
-    files = harness.check_task_files(task)[task]
+    cfg = zeroshot.task_configs()[task]
+    files = zeroshot.check_task_files(task)[task]
     assert files and all(f.exists() and TASKS_DATA in f.parents for f in files)
     kwargs = cfg["dataset_kwargs"]
     assert kwargs["task"] == task
@@ -132,7 +133,7 @@ def test_missing_file_names_it_and_where_to_put_it(task_data, model_dir, caplog)
     from hfprune.cli import main
 
     with pytest.raises(taskdata.MissingTaskDataError) as err:
-        harness.check_task_files("paper-7")
+        zeroshot.check_task_files("paper-7")
     message = str(err.value)
     assert str(task_data / "tasks" / "rte" / "glue_rte_validation_arrow") in message
     assert "Put the rte evaluation split there" in message and "HFPRUNE_DATA_DIR" in message
@@ -144,7 +145,7 @@ def test_missing_file_names_it_and_where_to_put_it(task_data, model_dir, caplog)
 
 def test_python_api_scores_an_in_memory_model(task_data, tiny_tokenizer):
     import hfprune
-    from hfprune.eval.zeroshot import score_choices
+    from hfprune.eval.cloze import score_choices
 
     model = tiny_model("llama")
     result = hfprune.evaluate(model, tiny_tokenizer, tasks="arc_easy,boolq", limit=2, batch_size=4)
@@ -170,7 +171,7 @@ def test_cli_json_matches_the_python_api(task_data, model_dir, tmp_path, capsys)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hfprune.cli import main
-    from hfprune.eval.harness import zeroshot_evaluate
+    from hfprune.eval.zeroshot import zeroshot_evaluate
 
     out = tmp_path / "zs.json"
     assert main(["eval", "--model", str(model_dir), "--tasks", "arc_easy", "--limit", "3", "--batch-size", "2",
@@ -186,11 +187,11 @@ def test_cli_json_matches_the_python_api(task_data, model_dir, tmp_path, capsys)
 
 def test_papers_mean_and_tables():
     tasks = {t: {"acc": 0.5 + 0.01 * i, "acc_stderr": 0.01, "n": 10} for i, t in enumerate(SUITES["paper-7"])}
-    means = harness._means(tasks)
+    means = zeroshot._means(tasks)
     assert list(means) == ["paper-7"]
     assert means["paper-7"]["acc"] == pytest.approx(0.53)
     result = {"tasks": tasks, "means": means, "limit": 10, "lm_eval_version": "0.4.13", "seconds": 1.0}
-    text = harness.format_results(result)
+    text = zeroshot.format_results(result)
     assert "mean paper-7" in text and "0.5300" in text and "--limit 10" in text
     rows = zeroshot_rows(result, result)
     assert "| **mean paper-7** | acc | 0.5300 | 0.5300 |" in rows
@@ -257,3 +258,9 @@ def test_prune_eval_tasks_puts_zero_shot_in_the_card(task_data, model_dir, tmp_p
     assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output",
                  str(tmp_path / "other"), "--eval-tasks", "rte"]) == 2  # missing file: nothing written
     assert not (tmp_path / "other").exists()
+
+
+def test_missing_lm_eval_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        zeroshot._require_lm_eval()

@@ -121,7 +121,7 @@ def _run_prune(args) -> int:
     check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
     check_save_args(*_save_args(args))
     if args.eval_tasks:
-        from hfprune.eval.harness import check_task_files
+        from hfprune.eval.zeroshot import check_task_files
 
         check_task_files(args.eval_tasks)
     data = read_recipe(args.recipe) if args.recipe else {}
@@ -177,7 +177,7 @@ def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
     if args.eval and is_main:
         extra["before"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
     if args.eval_tasks and is_main:
-        from hfprune.eval.harness import zeroshot_evaluate
+        from hfprune.eval.zeroshot import zeroshot_evaluate
 
         extra["zeroshot"] = {"before": zeroshot_evaluate(model, tokenizer, **zs_kw)}
     report = hfprune.prune(model, tokenizer, config, resolve_calibration(calibration), progress=sys.stderr.isatty())
@@ -236,7 +236,7 @@ def _run_eval(args) -> int:
     progress = sys.stderr.isatty() and not args.json
     zeroshot = {}
     if args.tasks:
-        from hfprune.eval.harness import check_task_files, expand_tasks
+        from hfprune.eval.zeroshot import check_task_files, expand_tasks
 
         check_task_files(args.tasks)  # bad names and missing files fail before the model is loaded
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
@@ -265,7 +265,7 @@ def _run_eval(args) -> int:
         print(f"perplexity {result['perplexity']:.4f} over {result['windows']} windows x {result['seqlen']} tokens "
               f"({result['dataset']}); linear-layer sparsity {result['linear_sparsity']:.4f}")
     if "zeroshot" in result:
-        from hfprune.eval.harness import format_results
+        from hfprune.eval.zeroshot import format_results
 
         print(format_results(result["zeroshot"]))
         print(f"linear-layer sparsity {result['linear_sparsity']:.4f}")

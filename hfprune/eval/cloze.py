@@ -12,7 +12,7 @@ Items come from a :class:`datasets.Dataset` or a list of dicts: fields ``prompt`
 the right choice's text.
 
 Real benchmarks (HellaSwag, ARC, PIQA, BoolQ...) run through lm-evaluation-harness itself on local
-copies of their splits: :mod:`hfprune.eval.harness` (``hfprune eval --tasks paper-7``); use those for
+copies of their splits: :mod:`hfprune.eval.zeroshot` (``hfprune eval --tasks paper-7``); use those for
 numbers comparable with papers. :func:`build_cloze_task` makes a *synthetic* multiple-choice task
 from any local text (WikiText-2, C4): the prompt is the first part of a sentence, the right choice
 its true ending, the distractors endings of other sentences. It is kept because it needs no task
@@ -52,7 +52,6 @@ __all__ = [
     "cloze_task",
     "load_task_file",
     "generation_samples",
-    "lm_eval_accuracy",
 ]
 
 Item = tuple[str, list[str], int]
@@ -89,7 +88,7 @@ def task_items(dataset: Iterable, prompt_field: str, choices_field: str, label_f
         mapping = None
     if isinstance(dataset, (str, os.PathLike)):
         raise TypeError("Pass the items (a datasets.Dataset or a list of dicts), not a path: "
-                        "load a file with hfprune.eval.zeroshot.load_task_file(path).")
+                        "load a file with hfprune.eval.cloze.load_task_file(path).")
     out: list[Item] = []
     for i, doc in enumerate(dataset):
         if limit is not None and len(out) >= limit:
@@ -417,7 +416,7 @@ def load_task_file(path: str | os.PathLike) -> list[dict]:
     object with the list under ``"data"``/``"items"``) file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"Task file {path} does not exist: pass a .json/.jsonl file or cloze-wikitext2.")
+        raise FileNotFoundError(f"Task file {path} does not exist: pass a .json/.jsonl file, or --task cloze.")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".jsonl":
         docs = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -468,25 +467,3 @@ def generation_samples(model, tokenizer, prompts: Sequence[str] | str, max_new_t
         torch.random.set_rng_state(state)
         model.train(was_training)
     return out
-
-
-# ------------------------------------------------------------------------------------ lm-eval
-def lm_eval_accuracy(model, tokenizer, tasks: Sequence[str] | str, *, num_fewshot: int = 0,
-                     limit: int | float | None = None, batch_size: int | str = 1, **kwargs) -> dict:
-    """Scores on lm-evaluation-harness tasks (``"hellaswag"``, ``"arc_easy"``, ``"paper-7"``...).
-
-    Kept for compatibility: the same as :func:`hfprune.eval.harness.zeroshot_evaluate` (the harness's
-    HFLM on the in-memory model, task data from the local files in ``$HFPRUNE_DATA_DIR/tasks``),
-    returning only its per-task metrics.
-
-    Returns:
-        ``{task: {"acc": ..., "acc_norm": ..., "acc_stderr": ..., "n": ...}}``.
-
-    Raises:
-        ImportError: when ``lm_eval`` is not installed.
-    """
-    from hfprune.eval.harness import _require_lm_eval, zeroshot_evaluate
-
-    _require_lm_eval()
-    return zeroshot_evaluate(model, tokenizer, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                             **kwargs)["tasks"]

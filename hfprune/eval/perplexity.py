@@ -108,7 +108,7 @@ def evaluate(model, tokenizer=None, dataset=None, *, tasks=None, limit=None, bat
         dataset: perplexity text (``"wikitext2"``, ``"c4"``, a file...); default ``"wikitext2"`` when no
             ``tasks`` are given, none otherwise.
         tasks: lm-evaluation-harness tasks / suites (``"paper-7"``, ``"piqa,arc_easy"``...), scored on the
-            in-memory model from local files (:func:`hfprune.eval.harness.zeroshot_evaluate`); their
+            in-memory model from local files (:func:`hfprune.eval.zeroshot.zeroshot_evaluate`); their
             result is under ``"zeroshot"``.
         limit, batch_size, num_fewshot: for the zero-shot tasks.
         kwargs: go to :func:`perplexity` (``seqlen``, ``max_windows``, ``progress``...).
@@ -119,14 +119,14 @@ def evaluate(model, tokenizer=None, dataset=None, *, tasks=None, limit=None, bat
     from hfprune.report import layer_sparsity_report
 
     if tasks is not None:
-        from hfprune.eval.harness import check_task_files
+        from hfprune.eval.zeroshot import check_task_files
 
         check_task_files(tasks)  # a missing file fails before the perplexity pass
     result = {}
     if dataset is not None or tasks is None:
         result = perplexity(model, tokenizer, "wikitext2" if dataset is None else dataset, **kwargs)
     if tasks is not None:
-        from hfprune.eval.harness import zeroshot_evaluate
+        from hfprune.eval.zeroshot import zeroshot_evaluate
 
         result["zeroshot"] = zeroshot_evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
                                                num_fewshot=num_fewshot)

@@ -129,7 +129,7 @@ class _PointRunner:
 
         self.tasks = None
         if tasks:  # zero-shot column: bad names / missing task files fail before the model is loaded
-            from hfprune.eval.harness import check_task_files, expand_tasks
+            from hfprune.eval.zeroshot import check_task_files, expand_tasks
 
             self.tasks = expand_tasks(tasks)
             check_task_files(self.tasks)
@@ -261,7 +261,7 @@ class _PointRunner:
         row.update(perplexity=result["perplexity"], nll=result["nll"], windows=result["windows"],
                    tokens=result["tokens"], eval_seconds=result["seconds"])
         if self.tasks:
-            from hfprune.eval.harness import mean_accuracy, zeroshot_evaluate
+            from hfprune.eval.zeroshot import mean_accuracy, zeroshot_evaluate
 
             zs = zeroshot_evaluate(self.model, self.tokenizer, self.tasks, limit=self.task_limit,
                                    batch_size=self.task_batch_size)
@@ -371,7 +371,7 @@ def sweep(model_name_or_loader, methods: Sequence[str] | str = ("magnitude", "wa
         method_kwargs: extra config fields per method, e.g. ``{"sparsegpt": {"blocksize": 64}}``.
         plot: write ``sweep.png`` (needs matplotlib).
         tasks, task_limit, task_batch_size: also score lm-evaluation-harness zero-shot tasks / suites
-            (``"paper-7"``) at every point (:func:`hfprune.eval.harness.zeroshot_evaluate`): the row gets
+            (``"paper-7"``) at every point (:func:`hfprune.eval.zeroshot.zeroshot_evaluate`): the row gets
             ``zeroshot`` (per-task metrics) and ``zeroshot_acc`` (mean ``acc`` over the tasks).
 
     Returns:
@@ -549,7 +549,7 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
     Then bisection until the bracket is narrower than ``tol``.
 
     With ``max_acc_drop`` (and ``tasks``, e.g. ``"paper-7"``) the budget is zero-shot quality instead:
-    the mean ``acc`` over the tasks (lm-evaluation-harness, :func:`hfprune.eval.harness.zeroshot_evaluate`)
+    the mean ``acc`` over the tasks (lm-evaluation-harness, :func:`hfprune.eval.zeroshot.zeroshot_evaluate`)
     may fall at most ``max_acc_drop`` (absolute, e.g. ``0.02`` = two points) below dense.
 
     Args:
