@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from hfprune.card import write_model_card
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["push_to_hub"]
@@ -36,7 +38,6 @@ def _network_error(endpoint: str, exc: BaseException) -> RuntimeError:
 def _ensure_card(model_dir: Path, repo_id: str) -> None:
     if (model_dir / "README.md").exists():
         return
-    from hfprune.card import write_model_card
 
     config = {}
     if (model_dir / "config.json").is_file():

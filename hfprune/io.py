@@ -25,6 +25,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from hfprune.card import write_model_card
+from hfprune.formats import get_format
+from hfprune.report import PruneReport
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["atomic_output_dir", "atomic_write", "check_output_dir", "output_lock", "OutputLockedError", "input_paths",
@@ -346,15 +350,11 @@ def check_save_args(format: str = "dense", bits=None, group_size=None, model=Non
     and again before pruning; :func:`save_pretrained` before writing. Returns ``(name, format)``."""
     import torch
 
-    from hfprune.formats import get_format
-
     name, fmt = get_format(format)
     _check_bits(bits, group_size)
     if model is None:  # the settings alone: a model without layers, that will be pruned before it is saved
         fmt.validate(torch.nn.Module(), bits, group_size, _TO_BE_PRUNED)
     else:
-        from hfprune.report import PruneReport
-
         fmt.validate(model, bits, group_size, PruneReport.from_model(model) or _TO_BE_PRUNED)
     return name, fmt
 
@@ -417,8 +417,6 @@ def write_companions(directory: Path, model, *, tokenizer=None, record=None, rep
     for name, obj in files.items():
         (directory / name).write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
     if model_card and (record is not None or report_dict is not None):
-        from hfprune.card import write_model_card
-
         base = (record.base_model if record else None) or str(getattr(model.config, "_name_or_path", "") or "") or None
         write_model_card(directory, base_model=base, pruning_config=getattr(model.config, "pruning_config", None) or {},
                          report=report_dict, eval_results=eval_results,
@@ -473,9 +471,6 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
         OSError: writing failed; a full disk says "No space left on device ... free space or choose
             another --output". Nothing is left behind in either case.
     """
-    from hfprune.formats import get_format
-    from hfprune.report import PruneReport
-
     for extra in extra_files or {}:
         _check_file_name(extra)
     name, fmt = get_format(format)

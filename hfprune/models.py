@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from hfprune.io import atomic_output_dir
+from hfprune.structured import AutoPrunedModelForCausalLM  # every checkpoint hfprune writes, structured ones too
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_model", "load_tokenizer", "resolve_model_path", "cache_dir", "ALIASES"]
@@ -53,7 +56,6 @@ def _convert_gguf_alias(alias: str, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    from hfprune.io import atomic_output_dir
 
     with atomic_output_dir(target) as tmp:
         model.save_pretrained(tmp)
@@ -94,8 +96,6 @@ def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs
     path = resolve_model_path(name)
     if not Path(path).exists() and os.sep not in path.strip("/") and "/" not in path and name not in ALIASES:
         logger.info("%s is not a local folder; trying the Hugging Face Hub.", path)
-    from hfprune.structured import AutoPrunedModelForCausalLM  # every checkpoint hfprune writes, structured ones too
-
     try:
         model, info = AutoPrunedModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype), device_map=device_map,
                                                                  output_loading_info=True, **kwargs)

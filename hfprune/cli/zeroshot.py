@@ -7,6 +7,7 @@ import sys
 
 from hfprune.cli.flags import model_command
 from hfprune.eval.cloze import cloze_task, load_task_file, task_items, zeroshot_accuracy
+from hfprune.models import load_model, load_tokenizer
 
 
 def add_cli(subparsers):
@@ -34,8 +35,6 @@ def add_cli(subparsers):
 
 
 def _run_zeroshot(args) -> int:
-    from hfprune.models import load_model, load_tokenizer
-
     task = args.task
     if task == "cloze":
         items = cloze_task(args.source, n_items=args.limit or 500, n_choices=args.n_choices, seed=args.seed)

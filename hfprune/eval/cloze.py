@@ -42,6 +42,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from hfprune.arch import max_positions
+from hfprune.data import load_texts
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -201,8 +204,6 @@ def _pad_id(tokenizer) -> int:
 
 
 def _max_length(model) -> int:
-    from hfprune.arch import max_positions
-
     return max_positions(model.config) or 2048
 
 
@@ -404,8 +405,6 @@ def build_cloze_task(texts: Iterable[str], n_items: int, n_choices: int = 4, see
 def cloze_task(source: str = "wikitext2", n_items: int = 500, n_choices: int = 4, seed: int = 0, **kwargs) -> list[dict]:
     """:func:`build_cloze_task` over a text source of :func:`hfprune.data.load_texts` (``"wikitext2"``:
     the WikiText-2 *test* rows, ``"c4"``: the local C4 train documents, a file, a list of strings)."""
-    from hfprune.data import load_texts
-
     split = "test" if isinstance(source, str) and source.lower().startswith("wikitext") else "train"
     texts = load_texts(source, split=split)
     return build_cloze_task(texts, n_items, n_choices, seed, **kwargs)

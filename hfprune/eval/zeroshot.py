@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from hfprune.card import metric_cell
+from hfprune.eval.taskdata import resolve_data_file, task_data_dir
+from hfprune.models import load_model, load_tokenizer
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["TASK_DIR", "SUITES", "MEAN_METRIC", "available_tasks", "expand_tasks", "task_files",
@@ -100,8 +104,6 @@ def expand_tasks(tasks: str | Iterable[str]) -> list[str]:
 
 def task_files(tasks: str | Iterable[str], root: Path | None = None) -> dict[str, list[Path]]:
     """``{task: [data file paths]}`` as the task configs name them (whether or not they exist)."""
-    from hfprune.eval.taskdata import task_data_dir
-
     root = task_data_dir() if root is None else root
     configs = task_configs()
     out = {}
@@ -117,8 +119,6 @@ def check_task_files(tasks: str | Iterable[str]) -> dict[str, list[Path]]:
     Raises:
         MissingTaskDataError: (a ``FileNotFoundError``) naming the first missing file and where it goes.
     """
-    from hfprune.eval.taskdata import resolve_data_file, task_data_dir
-
     root = task_data_dir()
     configs = task_configs()
     out = {}
@@ -190,8 +190,6 @@ def zeroshot_evaluate(model, tokenizer=None, tasks: str | Sequence[str] = "paper
         MissingTaskDataError: a task's data file is missing (raised before the model is touched).
         ImportError: lm-eval is not installed.
     """
-    from hfprune.eval.taskdata import task_data_dir
-
     names = expand_tasks(tasks)
     check_task_files(names)
     lm_eval = _require_lm_eval()
@@ -199,8 +197,6 @@ def zeroshot_evaluate(model, tokenizer=None, tasks: str | Sequence[str] = "paper
     from lm_eval.tasks import TaskManager
 
     if isinstance(model, (str, os.PathLike)):
-        from hfprune.models import load_model, load_tokenizer
-
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         model = load_model(model)
     if tokenizer is None:
