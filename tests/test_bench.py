@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import hfprune
 from hfprune.cli import main
 from hfprune.eval import speed
 from hfprune.eval.speed import SpeedConfig, benchmark_speed
 
-from conftest import tiny_model
+from conftest import GraphRecorder, tiny_model
 
 SMALL = ["--prompt-tokens", "8", "--new-tokens", "3", "--batch-sizes", "1", "2", "--repetitions", "2",
          "--warmup", "1", "--device", "cpu"]
@@ -124,3 +125,13 @@ def test_speed_config_round_trips_to_json():
     assert SpeedConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="warmup"):
         SpeedConfig(warmup=-1)
+
+
+def test_speed_benchmark_builds_no_autograd_graph():
+    model = tiny_model("llama")
+    cfg = SpeedConfig(models=["tiny"], prompt_tokens=8, new_tokens=3, batch_sizes=[1, 2], repetitions=1, warmup=1,
+                      device="cpu")
+    with GraphRecorder(model.model.layers[0]) as graph:
+        benchmark_speed(cfg, models=[model], progress=False)
+    assert graph.grad_modes and not any(graph.grad_modes)
+    assert graph.saved_bytes == 0 and torch.is_grad_enabled()

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfprune.cli.zeroshot import add_cli
-from hfprune.eval.cloze import (build_cloze_task, generation_samples, zeroshot_accuracy)
+from hfprune.eval.cloze import build_cloze_task, generation_samples, score_choices, zeroshot_accuracy
 
-from conftest import tiny_model
+from conftest import GraphRecorder, tiny_model
 
 V = 128
 
@@ -187,3 +187,14 @@ def test_cli_cloze_task_from_a_text_file(tmp_path, tiny_tokenizer, capsys):
     assert args.func(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["task"] == "cloze" and result["source"] == str(text) and result["n"] == 3
+
+
+def test_cloze_scoring_builds_no_autograd_graph(tiny_tokenizer):
+    model = tiny_model("llama")
+    items = [{"prompt": "The quick brown", "choices": [" fox", " dog jumps"], "label": 0}] * 3
+    with GraphRecorder(model.model.layers[0]) as graph:
+        zeroshot_accuracy(model, tiny_tokenizer, items, batch_size=2)
+        score_choices(model, tiny_tokenizer, "Pruning", [" works", " fails"])
+        generation_samples(model, tiny_tokenizer, "Pruning", max_new_tokens=2)
+    assert graph.grad_modes and not any(graph.grad_modes)
+    assert graph.saved_bytes == 0 and torch.is_grad_enabled()

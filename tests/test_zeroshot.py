@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hfprune.card import zeroshot_rows
 from hfprune.eval import taskdata, zeroshot
 from hfprune.eval.zeroshot import SUITES, TASK_DIR, available_tasks, expand_tasks
 
-from conftest import DATA_DIR, tiny_model
+from conftest import DATA_DIR, GraphRecorder, tiny_model
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -264,3 +265,13 @@ def test_missing_lm_eval_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match="pip install lm-eval"):
         zeroshot._require_lm_eval()
+
+
+def test_zero_shot_evaluation_builds_no_autograd_graph(task_data, tiny_tokenizer):
+    from hfprune.eval.zeroshot import zeroshot_evaluate
+
+    model = tiny_model("llama")
+    with GraphRecorder(model.model.layers[0]) as graph:
+        zeroshot_evaluate(model, tiny_tokenizer, "arc_easy,boolq", limit=2, batch_size=2)
+    assert graph.grad_modes and not any(graph.grad_modes)
+    assert graph.saved_bytes == 0 and torch.is_grad_enabled()

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import torch
+
 from hfprune.card import metric_cell
 from hfprune.eval.taskdata import resolve_data_file, task_data_dir
 from hfprune.models import load_model, load_tokenizer
@@ -214,9 +216,10 @@ def zeroshot_evaluate(model, tokenizer=None, tasks: str | Sequence[str] = "paper
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
-        raw = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, bootstrap_iters=bootstrap_iters,
-                                      log_samples=log_samples, **simple_evaluate_kwargs)
+        with torch.no_grad():  # the harness's HFLM scores under no_grad too; this holds for any version
+            raw = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, bootstrap_iters=bootstrap_iters,
+                                          log_samples=log_samples, **simple_evaluate_kwargs)
     finally:
         harness_logger.setLevel(old_level)
         if offline is None:
