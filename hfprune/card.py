@@ -237,7 +237,8 @@ def zeroshot_rows(before: dict | None, after: dict | None) -> list[str]:
     for suite in dict.fromkeys([*(before.get("means") or {}), *(after.get("means") or {})]):
         means = [(r.get("means") or {}).get(suite) or {} for r in (before, after)]
         for metric in dict.fromkeys(k for m in means for k in m if k != "tasks"):  # the suite's mean metric
-            lines.append(f"| **mean {suite}** | {metric} | {metric_cell(means[0].get(metric))} | {metric_cell(means[1].get(metric))} |")
+            cells = [metric_cell(m.get(metric)) for m in means]
+            lines.append(f"| **mean {suite}** | {metric} | {cells[0]} | {cells[1]} |")
     limit = (after or before).get("limit")
     lines.append("")
     lines.append(f"lm-evaluation-harness {(after or before).get('lm_eval_version')}, zero-shot, "

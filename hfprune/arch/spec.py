@@ -1,6 +1,6 @@
 """What an architecture is: :class:`ArchSpec` (where the blocks and projections of a model family are,
-which config fields hold their sizes), the block list it points at (:func:`block_list`), and the sizes read from a config
-with it. Imports only :mod:`hfprune.arch.modules`."""
+which config fields hold their sizes), the block list it points at (:func:`block_list`), and the
+sizes read from a config with it. Imports only :mod:`hfprune.arch.modules`."""
 
 from __future__ import annotations
 

@@ -259,7 +259,8 @@ def format_results(result: dict) -> str:
     """A plain-text table of :func:`zeroshot_evaluate`'s result: one row per task, then the means."""
     lines = [f"{'task':<22} {'n':>6} {'acc':>8} {'± stderr':>9} {'acc_norm':>9} {'± stderr':>9} {'perplexity':>11}"]
     for task, m in result["tasks"].items():
-        lines.append(f"{task:<22} {m.get('n', 0):>6} {metric_cell(m.get('acc')):>8} {metric_cell(m.get('acc_stderr')):>9} "
+        lines.append(f"{task:<22} {m.get('n', 0):>6} {metric_cell(m.get('acc')):>8} "
+                     f"{metric_cell(m.get('acc_stderr')):>9} "
                      f"{metric_cell(m.get('acc_norm')):>9} {metric_cell(m.get('acc_norm_stderr')):>9} "
                      f"{metric_cell(m.get('perplexity'), '.3f'):>11}")
     for suite, m in result.get("means", {}).items():
