@@ -102,7 +102,7 @@ def test_bad_settings_fail_before_loading(checkpoints, monkeypatch, caplog, flag
     def no_load(*a, **k):
         raise AssertionError("weights were loaded before the input was checked")
 
-    monkeypatch.setattr("hfprune.models.load_model", no_load)
+    monkeypatch.setattr(speed, "load_model", no_load)  # the name speed calls
     argv = ["bench", "--model", str(checkpoints["dense"]), *SMALL, *flags]
     assert main(argv) == 2
     assert needle in caplog.text
@@ -112,7 +112,7 @@ def test_missing_model_fails_before_any_model_loads(checkpoints, tmp_path, monke
     def no_load(*a, **k):
         raise AssertionError("weights were loaded before every model was checked")
 
-    monkeypatch.setattr("hfprune.models.load_model", no_load)
+    monkeypatch.setattr(speed, "load_model", no_load)  # the name speed calls
     missing = tmp_path / "not-saved-yet"
     assert main(["bench", "--model", str(checkpoints["dense"]), "--model", str(missing), *SMALL]) == 2
     assert str(missing) in caplog.text and "config.json" in caplog.text
