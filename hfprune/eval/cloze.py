@@ -1,4 +1,4 @@
-"""Zero-shot multiple-choice accuracy by log-likelihood, an offline cloze task, and generation samples.
+"""Zero-shot multiple-choice accuracy by log-likelihood, the synthetic offline ``cloze`` task, and generation samples.
 
 Scoring follows lm-evaluation-harness: for every choice the model scores the *continuation*
 (the choice) given the *context* (the prompt); the log-likelihood of a choice is the sum of the
@@ -15,9 +15,10 @@ Real benchmarks (HellaSwag, ARC, PIQA, BoolQ...) run through lm-evaluation-harne
 copies of their splits: :mod:`hfprune.eval.zeroshot` (``hfprune eval --tasks paper-7``); use those for
 numbers comparable with papers. :func:`build_cloze_task` makes a *synthetic* multiple-choice task
 from any local text (WikiText-2, C4): the prompt is the first part of a sentence, the right choice
-its true ending, the distractors endings of other sentences. It is kept because it needs no task
-data and no extra package and runs in seconds, a quick dense-vs-pruned check; it is no published
-benchmark, so compare its numbers only with each other (dense vs pruned).
+its true ending, the distractors endings of other sentences (``hfprune zeroshot --task cloze``). It
+is kept because it needs no task data and no extra package and runs in seconds, a quick
+dense-vs-pruned check; it is no published benchmark, so compare its numbers only with each other
+(dense vs pruned).
 
 Example:
     >>> items = build_cloze_task(["One two three four five six seven eight nine ten.",
