@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shlex
 from pathlib import Path
@@ -385,9 +386,7 @@ def render_model_card(*, base_model: str | None, pruning_config: dict, report: d
             lines.append("")
         zeroshot = eval_results.get("zeroshot")
         if isinstance(zeroshot, dict):  # {"before": zeroshot_evaluate(...), "after": ...}
-            from hfprune.eval.harness import markdown_rows
-
-            lines += ["### Zero-shot accuracy", ""] + markdown_rows(zeroshot.get("before"), zeroshot.get("after"))
+            lines += ["### Zero-shot accuracy", ""] + zeroshot_rows(zeroshot.get("before"), zeroshot.get("after"))
             lines.append("")
 
     if command:
@@ -413,7 +412,7 @@ def write_model_card(output_dir, *, base_model: str | None, pruning_config: dict
             ``{"sparsity": float, "numel": int}`` and is aggregated by layer type.
         eval_results: optional ``{"before": {"perplexity": x}, "after": {...}}`` or flat
             ``{"perplexity_before": x, "perplexity_after": y}``; a ``"zeroshot": {"before": r, "after": r}``
-            entry (``r`` from :func:`hfprune.eval.harness.zeroshot_evaluate`) adds a zero-shot table.
+            entry (``r`` from :func:`hfprune.eval.zeroshot.zeroshot_evaluate`) adds a zero-shot table.
         command: the command line that produced the model.
         license: license id for the YAML header (defaults to ``pruning_config.get("license")``).
         repo_id: Hub repo the card is for (used in the title and loading snippet).
@@ -428,3 +427,35 @@ def write_model_card(output_dir, *, base_model: str | None, pruning_config: dict
     path.write_text(text, encoding="utf-8")
     logger.info("Wrote model card %s", path)
     return path
+
+
+def metric_cell(value, spec: str = ".4f") -> str:
+    """A metric for a table: ``spec``-formatted, empty for a missing or NaN value."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def zeroshot_rows(before: dict | None, after: dict | None) -> list[str]:
+    """Markdown table (task, metric, before, after) of two :func:`hfprune.eval.zeroshot.zeroshot_evaluate`
+    results, then the suites' means."""
+    before, after = before or {}, after or {}
+    lines = ["| task | metric | before | after |", "|---|---|---:|---:|"]
+    tasks = list(dict.fromkeys([*(before.get("tasks") or {}), *(after.get("tasks") or {})]))
+    for task in tasks:
+        b, a = (before.get("tasks") or {}).get(task, {}), (after.get("tasks") or {}).get(task, {})
+        for metric in ("acc", "acc_norm", "perplexity"):
+            if metric in a or metric in b:
+                spec = ".3f" if metric == "perplexity" else ".4f"
+                cell = [f"{metric_cell(m.get(metric), spec)}" + (f" ± {metric_cell(m[metric + '_stderr'], spec)}"
+                                                          if m.get(metric + "_stderr") is not None else "")
+                        for m in (b, a)]
+                lines.append(f"| {task} | {metric} | {cell[0]} | {cell[1]} |")
+    for suite in dict.fromkeys([*(before.get("means") or {}), *(after.get("means") or {})]):
+        means = [(r.get("means") or {}).get(suite) or {} for r in (before, after)]
+        for metric in dict.fromkeys(k for m in means for k in m if k != "tasks"):  # the suite's mean metric
+            cells = [metric_cell(m.get(metric)) for m in means]
+            lines.append(f"| **mean {suite}** | {metric} | {cells[0]} | {cells[1]} |")
+    limit = (after or before).get("limit")
+    lines.append("")
+    lines.append(f"lm-evaluation-harness {(after or before).get('lm_eval_version')}, zero-shot, "
+                 + (f"first {limit} documents per task." if limit else "full splits (HellaSwag: 1,000-item subset)."))
+    return lines

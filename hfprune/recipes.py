@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from hfprune.config import CalibrationConfig, PruningConfig
+from hfprune.methods.structured import StructuredConfig
 
 __all__ = ["load_recipe", "read_recipe", "build_configs"]
 
@@ -75,8 +76,6 @@ def structured_config(data: dict[str, Any]):
     importance: obs, magnitude, wanda or fluctuation), ``target`` (heads, mlp or both), ``heads_ratio``,
     ``mlp_ratio``, ``non_uniform``, ``gqa_mode``, ``bias_compensation``, ``compensation``, ``compensation_target``,
     ``damp``."""
-    from hfprune.methods.structured import StructuredConfig
-
     data = dict(data)
     target = data.pop("target")
     targets = [t.strip() for t in (target.split(",") if isinstance(target, str) else target)]

@@ -1,5 +1,6 @@
-"""One registry type for every extension axis: pruning methods, checkpoint formats, architectures
-and evaluation tasks.
+"""One registry type for every extension axis that registers code: pruning methods, checkpoint formats
+and architectures. (Zero-shot tasks are lm-evaluation-harness YAML files in ``hfprune/eval/tasks/``,
+found by the harness's ``TaskManager``; they need no registry.)
 
 A plug-in is one file that registers itself when its package is imported (``hfprune/methods/``,
 ``hfprune/formats/``, ...); user code registers its own the same way, e.g.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Registry", "METHODS", "FORMATS", "ARCHITECTURES", "TASKS", "register_pruner", "get_pruner_cls",
+__all__ = ["Registry", "METHODS", "FORMATS", "ARCHITECTURES", "register_pruner", "get_pruner_cls",
            "available_methods"]
 
 
@@ -43,7 +44,6 @@ class Registry(dict):
 METHODS = Registry("pruning method", "Register one with @hfprune.register_pruner(name, ConfigClass).")
 FORMATS = Registry("checkpoint format", "Register one with hfprune.formats.register_format(name, Format()).")
 ARCHITECTURES = Registry("architecture", "Add it with hfprune.register_architecture(model_type, ArchSpec(...)).")
-TASKS = Registry("evaluation task", "Register one with hfprune.registry.TASKS.register(name, builder).")
 
 
 def register_pruner(name: str, config_cls: type):

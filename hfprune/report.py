@@ -17,6 +17,8 @@ from typing import Any, Iterable
 
 import torch
 
+from hfprune.arch import is_linear, weight_matrix
+
 __all__ = ["PruneReport", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report",
            "recount_sparsity"]
 
@@ -57,8 +59,6 @@ def zero_counts(named: Iterable[tuple[str, torch.Tensor]], shape: bool = False) 
 
 def layer_sparsity_report(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Sparsity of the weight of every named module in ``names`` (all linear layers when ``None``)."""
-    from hfprune.arch import is_linear, weight_matrix
-
     modules = dict(model.named_modules())
     if names is None:
         names = [n for n, m in modules.items() if is_linear(m)]

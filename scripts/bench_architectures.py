@@ -4,7 +4,7 @@ For each type in ``transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MA
 build a tiny random model from the type's default config (:mod:`hfprune.arch.tiny`), prune it with
 Wanda 50 % and Wanda 2:4 from random-token calibration, and check the targets, finiteness and a
 ``save_pretrained`` -> stock ``from_pretrained`` round trip with equal logits
-(:func:`hfprune.arch.conformance.check_model_type`). Types whose tiny model cannot be built (or whose
+(:func:`hfprune.workflows.conformance.check_model_type`). Types whose tiny model cannot be built (or whose
 stock dense forward fails) are listed with the reason and not counted as built.
 
     .venv/bin/python scripts/bench_architectures.py                    # all types -> bench_out/architectures.json
@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _child(conn, model_type: str) -> None:
-    from hfprune.arch.conformance import check_model_type
+    from hfprune.workflows.conformance import check_model_type
 
     try:
         res = check_model_type(model_type)
@@ -65,7 +65,7 @@ def _run_isolated(model_type: str, timeout: int) -> dict:
 
 def _write(out: Path, results: dict, types: list[str]) -> dict:
     from _bench_common import machine
-    from hfprune.arch.conformance import DEFAULT_CASES
+    from hfprune.workflows.conformance import DEFAULT_CASES
 
     built = [r for r in results.values() if r["status"] in ("pass", "fail")]
     passed = [r for r in built if r["status"] == "pass"]

@@ -14,7 +14,7 @@ Parts (``--parts``, comma-separated, default all):
 * ``search``: highest wanda unstructured sparsity within +10 % perplexity (bisection, every probe
   listed) -> ``<out>/search/search.{jsonl,json}`` and ``<out>/search.md``.
 * ``zeroshot``: accuracy on the synthetic cloze task built from WikiText-2 test sentences
-  (``hfprune.eval.zeroshot.build_cloze_task``; no published benchmark) for dense vs wanda 50 %, plus a few
+  (``hfprune.eval.cloze.build_cloze_task``; no published benchmark) for dense vs wanda 50 %, plus a few
   greedy generations before/after -> ``<out>/zeroshot.json`` and ``<out>/zeroshot.md``.
 
     .venv/bin/python scripts/bench_sweep.py                                 # everything (tens of minutes on CPU)
@@ -116,7 +116,7 @@ def run_search(args, model, tok, ids, out: Path) -> dict:
 
 def run_zeroshot(args, model, tok, ids, out: Path) -> dict:
     import hfprune
-    from hfprune.eval.zeroshot import cloze_task, generation_samples, zeroshot_accuracy
+    from hfprune.eval.cloze import cloze_task, generation_samples, zeroshot_accuracy
 
     items = cloze_task("wikitext2", n_items=args.zeroshot_items, n_choices=4, seed=args.seed)
     dense = zeroshot_accuracy(model, tok, items, progress=True)
@@ -126,7 +126,7 @@ def run_zeroshot(args, model, tok, ids, out: Path) -> dict:
     pruned = zeroshot_accuracy(model, tok, items, progress=True)
     pruned_gen = generation_samples(model, tok, PROMPTS, args.max_new_tokens)
     label = f"{args.zeroshot_method} {100 * args.zeroshot_sparsity:.0f} %"
-    result = {"task": "cloze-wikitext2 (synthetic: sentence start -> true ending vs 3 endings of other sentences)",
+    result = {"task": "cloze, source wikitext2 (synthetic: sentence start -> true ending vs 3 endings of other sentences)",
               "items": len(items), "chance": 0.25, "dense": dense, "pruned": pruned, "pruned_label": label,
               "achieved_sparsity": report.sparsity,
               "generations": [{"prompt": d["prompt"], "dense": d["completion"], "pruned": p["completion"]}

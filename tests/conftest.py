@@ -126,6 +126,29 @@ def replay_blocks(model, ids) -> torch.Tensor:
     return runner.hidden[0]
 
 
+class GraphRecorder:
+    """Records, while active, whether each forward of ``module`` ran in grad mode and how many bytes
+    autograd saved for a backward pass: an evaluation must show ``grad_modes`` all False and
+    ``saved_bytes == 0`` (the saved activations are what an autograd graph costs in memory)."""
+
+    def __init__(self, module):
+        self.module, self.grad_modes, self.saved_bytes = module, [], 0
+
+    def _pack(self, t):
+        self.saved_bytes += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self):
+        self._hook = self.module.register_forward_pre_hook(lambda m, a: self.grad_modes.append(torch.is_grad_enabled()))
+        self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._saved.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._saved.__exit__(*exc)
+        self._hook.remove()
+
+
 def accelerate_launch(launcher: str, hfprune_args: list[str], processes: int = 2, timeout: int = 300):
     """``accelerate launch <launcher> --num_processes N hfprune ...`` (one thread per process), completed."""
     import shutil

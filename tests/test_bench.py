@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import hfprune
 from hfprune.cli import main
 from hfprune.eval import speed
 from hfprune.eval.speed import SpeedConfig, benchmark_speed
 
-from conftest import tiny_model
+from conftest import GraphRecorder, tiny_model
 
 SMALL = ["--prompt-tokens", "8", "--new-tokens", "3", "--batch-sizes", "1", "2", "--repetitions", "2",
          "--warmup", "1", "--device", "cpu"]
@@ -101,7 +102,7 @@ def test_bad_settings_fail_before_loading(checkpoints, monkeypatch, caplog, flag
     def no_load(*a, **k):
         raise AssertionError("weights were loaded before the input was checked")
 
-    monkeypatch.setattr("hfprune.models.load_model", no_load)
+    monkeypatch.setattr(speed, "load_model", no_load)  # the name speed calls
     argv = ["bench", "--model", str(checkpoints["dense"]), *SMALL, *flags]
     assert main(argv) == 2
     assert needle in caplog.text
@@ -111,7 +112,7 @@ def test_missing_model_fails_before_any_model_loads(checkpoints, tmp_path, monke
     def no_load(*a, **k):
         raise AssertionError("weights were loaded before every model was checked")
 
-    monkeypatch.setattr("hfprune.models.load_model", no_load)
+    monkeypatch.setattr(speed, "load_model", no_load)  # the name speed calls
     missing = tmp_path / "not-saved-yet"
     assert main(["bench", "--model", str(checkpoints["dense"]), "--model", str(missing), *SMALL]) == 2
     assert str(missing) in caplog.text and "config.json" in caplog.text
@@ -124,3 +125,13 @@ def test_speed_config_round_trips_to_json():
     assert SpeedConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="warmup"):
         SpeedConfig(warmup=-1)
+
+
+def test_speed_benchmark_builds_no_autograd_graph():
+    model = tiny_model("llama")
+    cfg = SpeedConfig(models=["tiny"], prompt_tokens=8, new_tokens=3, batch_sizes=[1, 2], repetitions=1, warmup=1,
+                      device="cpu")
+    with GraphRecorder(model.model.layers[0]) as graph:
+        benchmark_speed(cfg, models=[model], progress=False)
+    assert graph.grad_modes and not any(graph.grad_modes)
+    assert graph.saved_bytes == 0 and torch.is_grad_enabled()

@@ -7,7 +7,7 @@ from torch import nn
 
 import hfprune
 from hfprune.arch import moe
-from hfprune.arch.conformance import check_model_type
+from hfprune.workflows.conformance import check_model_type
 from hfprune.arch.discovery import discover_spec
 from hfprune.arch.tiny import tiny_config
 from hfprune.arch import ARCHITECTURES, get_spec

@@ -6,7 +6,7 @@ import torch
 import hfprune
 from hfprune.eval.perplexity import perplexity
 
-from conftest import tiny_model
+from conftest import GraphRecorder, tiny_model
 
 
 def test_perplexity_protocol_matches_manual_computation():
@@ -46,18 +46,8 @@ def test_perplexity_builds_no_autograd_graph():
     """
     model = tiny_model("llama")
     assert all(p.requires_grad for p in model.parameters())
-    grad_modes, saved_bytes = [], [0]
-
-    def pack(t):
-        saved_bytes[0] += t.numel() * t.element_size()
-        return t
-
-    handle = model.model.layers[0].register_forward_pre_hook(lambda m, a: grad_modes.append(torch.is_grad_enabled()))
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            perplexity(model, token_ids=torch.randint(0, 100, (1, 96)), seqlen=32, progress=False)
-    finally:
-        handle.remove()
-    assert grad_modes == [False, False, False]
-    assert saved_bytes[0] == 0
+    with GraphRecorder(model.model.layers[0]) as graph:
+        perplexity(model, token_ids=torch.randint(0, 100, (1, 96)), seqlen=32, progress=False)
+    assert graph.grad_modes == [False, False, False]
+    assert graph.saved_bytes == 0
     assert torch.is_grad_enabled()

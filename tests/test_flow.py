@@ -76,7 +76,7 @@ def test_bad_flow_recipes_fail_before_loading(setup, tmp_path, monkeypatch, capl
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the recipe was checked")
 
-    monkeypatch.setattr("hfprune.load_model", no_load)
+    monkeypatch.setattr("hfprune.workflows.flow.load_model", no_load)  # the name run_flow calls
     model_dir, recipe = setup
     change(recipe)
     rc = main(["flow", "--recipe", str(_write(tmp_path, recipe)), "--model", str(model_dir),

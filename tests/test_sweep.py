@@ -87,18 +87,16 @@ def test_sweep_writes_files_runs_nm_once_and_resumes(loader, calib_ids, tmp_path
 
 
 def test_sweep_restores_dense_weights_and_draws_calibration_once(tiny_tokenizer, monkeypatch):
-    import hfprune.core.calibration as calibration
-
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     draws = []
-    real = calibration.get_calibration_ids
+    real = sweep_mod.get_calibration_ids
 
     def counting(*args, **kwargs):
         draws.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(calibration, "get_calibration_ids", counting)
+    monkeypatch.setattr(sweep_mod, "get_calibration_ids", counting)
     rows = sweep(model, ["wanda"], [0.4, 0.6], tokenizer=tiny_tokenizer, calibration=[TEXT], nsamples=2, seqlen=16,
                  eval_dataset=EVAL, eval_seqlen=32, max_windows=1, progress=False)
     assert len(rows) == 3 and len(draws) == 1

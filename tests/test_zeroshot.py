@@ -1,179 +1,277 @@
-import argparse
+"""Zero-shot tasks through lm-evaluation-harness on local files (hfprune.eval.zeroshot)."""
+
 import json
 import math
 import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from hfprune.cli.zeroshot import add_cli
-from hfprune.eval.zeroshot import (build_cloze_task, generation_samples, lm_eval_accuracy, zeroshot_accuracy)
+from hfprune.card import zeroshot_rows
+from hfprune.eval import taskdata, zeroshot
+from hfprune.eval.zeroshot import SUITES, TASK_DIR, available_tasks, expand_tasks
 
-from conftest import tiny_model
+from conftest import DATA_DIR, GraphRecorder, tiny_model
 
-V = 128
+lm_eval = pytest.importorskip("lm_eval")
 
+TASKS_DATA = DATA_DIR / "tasks"
+NINE = ["piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "openbookqa", "rte", "lambada_openai",
+        "hellaswag"]
+# Stock config each shipped config copies its prompt and metrics from (lm_eval/tasks/...).
+STOCK = {"piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_easy.yaml",
+         "winogrande": "winogrande/default.yaml", "boolq": "super_glue/boolq/default.yaml",
+         "openbookqa": "openbookqa/openbookqa.yaml", "rte": "glue/rte/default.yaml",
+         "lambada_openai": "lambada/lambada_openai.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+         "hellaswag_full_approx": "hellaswag/hellaswag.yaml"}
+PROMPT_KEYS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "target_delimiter",
+               "fewshot_delimiter")
+# Items per split (../shared/data/tasks/README.md).
+COUNTS = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "winogrande": 1267, "boolq": 3270,
+          "openbookqa": 500, "rte": 277, "lambada_openai": 5153, "hellaswag": 1000, "hellaswag_full_approx": 10042}
 
-class CharTokenizer:
-    """One token per character (id = code point mod 128), no special tokens added."""
-
-    bos_token_id = 1
-    eos_token_id = 2
-    pad_token_id = 0
-
-    def __call__(self, text, add_special_tokens=True, **kwargs):
-        return {"input_ids": [ord(c) % V for c in text]}
-
-
-class FixedLM(nn.Module):
-    """Next-token distribution that ignores the context: logit 5 for 'a', 0 for everything else."""
-
-    def __init__(self):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(V))
-        with torch.no_grad():
-            self.bias[ord("a")] = 5.0
-        self.config = types.SimpleNamespace(max_position_embeddings=64)
-
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
-        return types.SimpleNamespace(logits=self.bias.expand(*input_ids.shape, V))
-
-
-HAND_ITEMS = [
-    {"prompt": "Q:", "choices": [" aa", " b"], "label": 0},          # acc right, acc_norm right
-    {"prompt": "Q:", "choices": [" bbbb", " a"], "label": 0},        # both wrong
-    {"prompt": "Q:", "choices": [" a", " aaaaaaaa"], "label": 1},    # acc wrong, acc_norm right
+ARC_ITEMS = [
+    {"id": "q1", "question": {"stem": "Which is a color?", "choices": [
+        {"text": "blue", "label": "A"}, {"text": "dog", "label": "B"}, {"text": "run", "label": "C"}]},
+     "answerKey": "A"},
+    {"id": "q2", "question": {"stem": "What do fish live in?", "choices": [
+        {"text": "water", "label": "1"}, {"text": "sand", "label": "2"}]}, "answerKey": "1"},
+    {"id": "q3", "question": {"stem": "The quick brown fox jumps over the", "choices": [
+        {"text": "lazy dog", "label": "A"}, {"text": "weights", "label": "B"}, {"text": "text", "label": "C"},
+        {"text": "network", "label": "D"}]}, "answerKey": "A"},
+]
+BOOLQ_ITEMS = [
+    {"question": "is the fox quick", "passage": "Fox -- The quick brown fox jumps over the lazy dog.", "idx": 0,
+     "label": "true"},
+    {"question": "is pruning slow", "passage": "Pruning -- Pruning removes weights to make it faster.", "idx": 1,
+     "label": "false"},
 ]
 
 
-def test_accuracy_matches_hand_computation():
-    log_z = math.log(V - 1 + math.exp(5.0))
-    lp_a, lp_other = 5.0 - log_z, -log_z  # log p('a') = -0.618, log p(other) = -5.618
-    result = zeroshot_accuracy(FixedLM(), CharTokenizer(), HAND_ITEMS, return_items=True, batch_size=2)
-    expected_ll = [[lp_other + 2 * lp_a, 2 * lp_other], [5 * lp_other, lp_other + lp_a],
-                   [lp_other + lp_a, lp_other + 8 * lp_a]]
-    for item, exp in zip(result["items"], expected_ll):
-        assert item["loglikelihoods"] == pytest.approx(exp, abs=1e-4)
-    assert [i["pred"] for i in result["items"]] == [0, 1, 0]
-    assert [i["pred_norm"] for i in result["items"]] == [0, 1, 1]
-    assert result["acc"] == pytest.approx(1 / 3) and result["acc_norm"] == pytest.approx(2 / 3)
-    assert result["n"] == 3 and result["metric_backend"] == "builtin"
-    assert result["acc_stderr"] == pytest.approx(math.sqrt((1 / 3) * (2 / 3) / 2))
+@pytest.fixture
+def task_data(tmp_path, monkeypatch):
+    """A data folder with tiny ARC-Easy and BoolQ files in the original formats."""
+    root = tmp_path / "data"
+    (root / "tasks" / "arc_easy").mkdir(parents=True)
+    (root / "tasks" / "boolq").mkdir(parents=True)
+    (root / "tasks" / "arc_easy" / "ARC-Easy-Test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in ARC_ITEMS))
+    (root / "tasks" / "boolq" / "val.jsonl").write_text("".join(json.dumps(d) + "\n" for d in BOOLQ_ITEMS))
+    monkeypatch.setenv("HFPRUNE_DATA_DIR", str(root))
+    monkeypatch.delenv("HFPRUNE_TASK_DATA_DIR", raising=False)
+    return root
 
 
-def test_field_mapping_callable_dataset_and_text_labels():
-    import datasets
-
-    renamed = [{"q": d["prompt"], "opts": d["choices"], "answer": d["choices"][d["label"]]} for d in HAND_ITEMS]
-    by_fields = zeroshot_accuracy(FixedLM(), CharTokenizer(), renamed, prompt_field="q", choices_field="opts",
-                                  label_field="answer")
-    by_dict = zeroshot_accuracy(FixedLM(), CharTokenizer(), renamed,
-                                mapping={"prompt": "q", "choices": "opts", "label": "answer"})
-    by_callable = zeroshot_accuracy(FixedLM(), CharTokenizer(), datasets.Dataset.from_list(renamed),
-                                    mapping=lambda d: (d["q"], d["opts"], d["answer"]), limit=2)
-    assert by_fields["acc"] == by_dict["acc"] == pytest.approx(1 / 3)
-    assert by_callable["n"] == 2 and by_callable["acc"] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="prompt_field"):
-        zeroshot_accuracy(FixedLM(), CharTokenizer(), renamed)
-    with pytest.raises(ValueError, match="out of range"):
-        zeroshot_accuracy(FixedLM(), CharTokenizer(), [{"prompt": "x", "choices": ["a", "b"], "label": 2}])
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("zs") / "model"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
 
 
-def test_evaluate_metric_is_used_when_it_loads_and_skipped_when_not(monkeypatch):
-    fake = types.ModuleType("evaluate")
-
-    class Metric:
-        def compute(self, predictions, references):
-            return {"accuracy": sum(p == r for p, r in zip(predictions, references)) / len(references)}
-
-    fake.load = lambda name: Metric()
-    monkeypatch.setitem(sys.modules, "evaluate", fake)
-    result = zeroshot_accuracy(FixedLM(), CharTokenizer(), HAND_ITEMS, use_evaluate=True)
-    assert result["metric_backend"] == "evaluate" and result["acc"] == pytest.approx(1 / 3)
-
-    def offline(name):
-        raise FileNotFoundError("Couldn't find a module script (offline)")
-
-    fake.load = offline
-    result = zeroshot_accuracy(FixedLM(), CharTokenizer(), HAND_ITEMS, use_evaluate=True)
-    assert result["metric_backend"] == "builtin" and result["acc_norm"] == pytest.approx(2 / 3)
+def test_suites_expand_in_order_without_repeats():
+    assert expand_tasks("paper-7") == list(SUITES["paper-7"])
+    assert set(SUITES["llm-pruner-7"]) ^ set(SUITES["paper-7"]) == {"piqa", "rte"}
+    assert expand_tasks("piqa,paper-7,boolq") == ["piqa", *SUITES["paper-7"]]
+    assert expand_tasks(["llm-pruner-7", "rte", "lambada_openai"])[-2:] == ["rte", "lambada_openai"]
+    assert set(NINE) <= set(available_tasks())
+    with pytest.raises(ValueError, match="Unknown zero-shot task 'hellaswagg'.*paper-7"):
+        expand_tasks("hellaswagg")
+    with pytest.raises(ValueError, match="No zero-shot task"):
+        expand_tasks(" , ")
 
 
-def test_batched_scores_equal_one_by_one_reference(tiny_tokenizer):
+@pytest.mark.parametrize("task", sorted(STOCK))
+def test_configs_copy_the_stock_prompts_and_metrics(task):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    ours = load_yaml(TASK_DIR / f"{task}.yaml", resolve_func=True)
+    stock = load_yaml(Path(lm_eval.__file__).parent / "tasks" / STOCK[task], resolve_func=True)
+    for key in PROMPT_KEYS:
+        a, b = ours.get(key), stock.get(key)
+        if callable(b):  # WinoGrande: the harness's own functions, re-exported
+            assert a.__code__.co_code == b.__code__.co_code and a.__name__ == b.__name__, key
+        else:
+            assert a == b, (task, key)
+    assert ours["custom_dataset"].__name__ == "load"
+    assert "num_fewshot" not in ours and "fewshot_config" not in ours
+
+
+@pytest.mark.skipif(not TASKS_DATA.is_dir(), reason="no ../shared/data/tasks")
+@pytest.mark.parametrize("task", sorted(COUNTS))
+def test_configs_point_at_the_local_splits(task, monkeypatch):
+    monkeypatch.setenv("HFPRUNE_DATA_DIR", str(DATA_DIR))
+    cfg = zeroshot.task_configs()[task]
+    files = zeroshot.check_task_files(task)[task]
+    assert files and all(f.exists() and TASKS_DATA in f.parents for f in files)
+    kwargs = cfg["dataset_kwargs"]
+    assert kwargs["task"] == task
+    rows = taskdata.READERS[kwargs["reader"]](files[0])
+    assert len(rows) == COUNTS[task]
+    (split,) = kwargs["data_files"]
+    assert split in (cfg.get("test_split"), cfg.get("validation_split"))
+    first = rows[0]
+    needed = {"piqa": {"goal", "sol1", "sol2", "label"}, "winogrande": {"sentence", "option1", "option2", "answer"},
+              "boolq": {"passage", "question", "label"}, "rte": {"sentence1", "sentence2", "label"},
+              "lambada_openai": {"text"}, "openbookqa": {"question_stem", "choices", "answerKey"},
+              "hellaswag": {"query", "choices", "label"}, "hellaswag_full_approx": {"query", "choices", "label"}}
+    assert needed.get(task, {"question", "choices", "answerKey"}) <= set(first)
+    if task.startswith("arc") or task == "openbookqa":
+        assert all(r["answerKey"].strip() in r["choices"]["label"] for r in rows)
+
+
+def test_readers_convert_to_the_hub_schema(task_data):
+    arc = taskdata.load(data_files={"test": "arc_easy/ARC-Easy-Test.jsonl"}, reader="arc", task="arc_easy",
+                        version=1.0)
+    assert arc["test"][1] == {"id": "q2", "question": "What do fish live in?",
+                              "choices": {"text": ["water", "sand"], "label": ["1", "2"]}, "answerKey": "1"}
+    boolq = taskdata.load(data_files={"validation": "boolq/val.jsonl"}, reader="boolq")
+    assert boolq["validation"]["label"] == [1, 0]
+
+
+def test_missing_file_names_it_and_where_to_put_it(task_data, model_dir, caplog):
+    from hfprune.cli import main
+
+    with pytest.raises(taskdata.MissingTaskDataError) as err:
+        zeroshot.check_task_files("paper-7")
+    message = str(err.value)
+    assert str(task_data / "tasks" / "rte" / "glue_rte_validation_arrow") in message
+    assert "Put the rte evaluation split there" in message and "HFPRUNE_DATA_DIR" in message
+    # The CLI fails the same way before it loads anything: the model path does not even exist.
+    assert main(["eval", "--model", str(model_dir / "nope"), "--tasks", "piqa"]) == 2
+    assert f"needs the file {task_data / 'tasks' / 'piqa' / 'hf_piqa_validation_arrow'}" in caplog.text
+    assert "whose tasks/ holds piqa/hf_piqa_validation_arrow" in caplog.text
+
+
+def test_python_api_scores_an_in_memory_model(task_data, tiny_tokenizer):
+    import hfprune
+    from hfprune.eval.cloze import score_choices
+
     model = tiny_model("llama")
-    items = [{"prompt": "The quick brown fox", "choices": [" jumps over the lazy dog.", " is", " Pruning removes weights"],
-              "label": 0},
-             {"prompt": "Calibration data is ", "choices": ["a small sample", "text used to measure activations."],
-              "label": 1}]
-    result = zeroshot_accuracy(model, tiny_tokenizer, items, batch_size=2, return_items=True)
-    for item, got in zip(items, result["items"]):
-        for choice, ll in zip(item["choices"], got["loglikelihoods"]):
-            ctx_text, cont_text = item["prompt"], choice
-            if ctx_text.endswith(" "):  # the trailing space belongs to the continuation
-                ctx_text, cont_text = ctx_text[:-1], " " + cont_text
-            ctx = tiny_tokenizer(ctx_text, add_special_tokens=False)["input_ids"]
-            whole = tiny_tokenizer(ctx_text + cont_text, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([whole])
-            with torch.no_grad():
-                logp = F.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-            ref = sum(logp[t - 1, whole[t]].item() for t in range(len(ctx), len(whole)))
-            assert ll == pytest.approx(ref, abs=1e-4)
+    result = hfprune.evaluate(model, tiny_tokenizer, tasks="arc_easy,boolq", limit=2, batch_size=4)
+    assert "perplexity" not in result and result["linear_sparsity"] == 0.0
+    zs = result["zeroshot"]
+    assert list(zs["tasks"]) == ["arc_easy", "boolq"] and zs["means"] == {}
+    arc = zs["tasks"]["arc_easy"]
+    assert arc["n"] == 2 and arc["n_total"] == 3
+    assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= set(arc)
+    # The harness's answers equal an independent log-likelihood scorer's on the same prompts.
+    hits = 0
+    for item in ARC_ITEMS[:2]:
+        q = item["question"]
+        lls = score_choices(model, tiny_tokenizer, f"Question: {q['stem']}\nAnswer:",
+                            [" " + c["text"] for c in q["choices"]])
+        gold = [c["label"] for c in q["choices"]].index(item["answerKey"])
+        hits += max(range(len(lls)), key=lls.__getitem__) == gold
+    assert arc["acc"] == pytest.approx(hits / 2)
+    assert 0.0 <= zs["tasks"]["boolq"]["acc"] <= 1.0 and zs["tasks"]["boolq"]["n"] == 2
 
 
-SOURCE = [
-    " = Heading = ",
-    "Alpha beta gamma delta epsilon zeta eta theta iota kappa . Lambda mu nu xi omicron pi rho sigma tau upsilon .",
-    "One two three four five six seven eight nine ten eleven. Red green blue cyan magenta yellow black white grey.",
-    "Short one. Monday Tuesday Wednesday Thursday Friday Saturday Sunday and then Monday again!",
-]
+def test_cli_json_matches_the_python_api(task_data, model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfprune.cli import main
+    from hfprune.eval.zeroshot import zeroshot_evaluate
+
+    out = tmp_path / "zs.json"
+    assert main(["eval", "--model", str(model_dir), "--tasks", "arc_easy", "--limit", "3", "--batch-size", "2",
+                 "--json", "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    api = zeroshot_evaluate(model, AutoTokenizer.from_pretrained(model_dir), "arc_easy", limit=3, batch_size=2)
+    for key in ("acc", "acc_norm", "acc_stderr"):
+        assert printed["zeroshot"]["tasks"]["arc_easy"][key] == api["tasks"]["arc_easy"][key]
+    assert main(["eval", "--model", str(model_dir), "--tasks", "arc_easy", "--output", str(out)]) == 2  # exists
 
 
-def test_cloze_builder_is_deterministic_with_right_shapes():
-    a = build_cloze_task(SOURCE, n_items=4, n_choices=3, seed=0, min_words=8)
-    b = build_cloze_task(SOURCE, n_items=4, n_choices=3, seed=0, min_words=8)
-    c = build_cloze_task(SOURCE, n_items=4, n_choices=3, seed=1, min_words=8)
-    assert a == b and a != c
-    assert len(a) == 4
-    cleaned = [s.replace(" .", ".") for s in SOURCE]
-    for item in a:
-        assert len(item["choices"]) == 3 and len(set(item["choices"])) == 3
-        assert 0 <= item["label"] < 3
-        assert item["source_index"] != 0  # the heading is skipped
-        sentence = item["prompt"] + item["choices"][item["label"]]
-        assert sentence in cleaned[item["source_index"]]
-        assert all(c.startswith(" ") for c in item["choices"])
-    with pytest.raises(ValueError, match="usable sentences"):
-        build_cloze_task(SOURCE, n_items=10, min_words=8)
+def test_papers_mean_and_tables():
+    tasks = {t: {"acc": 0.5 + 0.01 * i, "acc_stderr": 0.01, "n": 10} for i, t in enumerate(SUITES["paper-7"])}
+    means = zeroshot._means(tasks)
+    assert list(means) == ["paper-7"]
+    assert means["paper-7"]["acc"] == pytest.approx(0.53)
+    result = {"tasks": tasks, "means": means, "limit": 10, "lm_eval_version": "0.4.13", "seconds": 1.0}
+    text = zeroshot.format_results(result)
+    assert "mean paper-7" in text and "0.5300" in text and "--limit 10" in text
+    rows = zeroshot_rows(result, result)
+    assert "| **mean paper-7** | acc | 0.5300 | 0.5300 |" in rows
+    assert any(r.startswith("| boolq | acc | 0.5000 ± 0.0100 |") for r in rows)
 
 
-def test_generation_samples_are_greedy_and_repeatable(tiny_tokenizer):
-    model = tiny_model("llama")
-    first = generation_samples(model, tiny_tokenizer, ["The quick brown", "Pruning"], max_new_tokens=3)
-    again = generation_samples(model, tiny_tokenizer, ["The quick brown", "Pruning"], max_new_tokens=3)
-    assert first == again and [s["prompt"] for s in first] == ["The quick brown", "Pruning"]
-    assert all(isinstance(s["completion"], str) and s["completion"] for s in first)
+def test_search_with_a_zero_shot_accuracy_budget():
+    from hfprune.workflows.sweep import format_probes, search
+
+    def fn(s):  # accuracy falls with sparsity, perplexity rises
+        return {"perplexity": 10.0 + 10 * s, "zeroshot_acc": 0.60 - 0.2 * s * s}
+
+    result = search(method="wanda", max_acc_drop=0.02, evaluate_fn=fn, tol=0.01, progress=False)
+    edge = math.sqrt(0.02 / 0.2)  # 0.316
+    assert edge - 0.01 <= result["sparsity"] <= edge
+    assert result["budget_metric"] == "zeroshot_acc" and result["budget_acc"] == pytest.approx(0.58)
+    assert result["dense_zeroshot_acc"] == 0.60 and result["zeroshot_acc"] >= 0.58
+    assert all(p["within_budget"] == (p["zeroshot_acc"] >= 0.58) for p in result["probes"])
+    assert "| zero-shot acc |" in format_probes(result)
+    with pytest.raises(ValueError, match="max_acc_drop needs tasks"):
+        search("some-model", method="wanda", max_acc_drop=0.02)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        search(method="wanda", max_acc_drop=0.02, max_ppl=3, evaluate_fn=fn)
 
 
-def test_lm_eval_adapter_names_the_install(monkeypatch):
+def test_sweep_has_a_zero_shot_column(task_data, tiny_tokenizer, tmp_path):
+    from hfprune.workflows.sweep import format_table, sweep
+
+    text = ["The quick brown fox jumps over the lazy dog. " * 30] * 2
+    rows = sweep(lambda: (tiny_model("llama"), tiny_tokenizer), "magnitude", [0.5], calibration="c4",
+                 eval_dataset=text, eval_seqlen=32, max_windows=1, output_dir=tmp_path / "sw", progress=False,
+                 plot=False, tasks="arc_easy", task_limit=2, task_batch_size=4)
+    assert [r["method"] for r in rows] == ["dense", "magnitude"]
+    for r in rows:
+        assert r["zeroshot"]["arc_easy"]["n"] == 2 and r["zeroshot_acc"] == r["zeroshot"]["arc_easy"]["acc"]
+    assert rows[0]["settings"]["tasks"] == ["arc_easy"] and rows[0]["settings"]["task_limit"] == 2
+    assert "zeroshot_acc" in (tmp_path / "sw" / "results.csv").read_text().splitlines()[0]
+    assert "| zero-shot acc |" in format_table(rows)
+
+
+def test_model_card_reports_zero_shot_next_to_perplexity():
+    from hfprune.card import render_model_card
+
+    zs = {"tasks": {"boolq": {"acc": 0.61, "acc_stderr": 0.01}}, "means": {}, "limit": None,
+          "lm_eval_version": "0.4.13"}
+    text = render_model_card(base_model="x/y", pruning_config={"method": "wanda", "sparsity": 0.5},
+                             eval_results={"before": {"perplexity": 20.0}, "after": {"perplexity": 25.0},
+                                           "zeroshot": {"before": zs, "after": zs}})
+    assert "| perplexity | 20 | 25 |" in text and "### Zero-shot accuracy" in text
+    assert "| boolq | acc | 0.6100 ± 0.0100 | 0.6100 ± 0.0100 |" in text and "zeroshot" not in text.split("```json")[0]
+
+
+def test_prune_eval_tasks_puts_zero_shot_in_the_card(task_data, model_dir, tmp_path):
+    from hfprune.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output",
+                 str(out), "--eval-tasks", "arc_easy", "--eval-limit", "2"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    before, after = results["zeroshot"]["before"], results["zeroshot"]["after"]
+    assert before["tasks"]["arc_easy"]["n"] == after["tasks"]["arc_easy"]["n"] == 2
+    card = (out / "README.md").read_text()
+    assert "### Zero-shot accuracy" in card and "| arc_easy | acc |" in card
+    assert main(["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output",
+                 str(tmp_path / "other"), "--eval-tasks", "rte"]) == 2  # missing file: nothing written
+    assert not (tmp_path / "other").exists()
+
+
+def test_missing_lm_eval_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match="pip install lm-eval"):
-        lm_eval_accuracy(None, None, ["hellaswag"])
+        zeroshot._require_lm_eval()
 
 
-def test_cli_zeroshot_on_a_jsonl_task(tmp_path, tiny_tokenizer, capsys):
-    model_dir = tmp_path / "base"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    task = tmp_path / "task.jsonl"
-    rows = [{"question": d["prompt"], "options": d["choices"], "gold": d["label"]} for d in HAND_ITEMS]
-    task.write_text("\n".join(json.dumps(r) for r in rows))
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["zeroshot", "--model", str(model_dir), "--task", str(task), "--prompt-field", "question",
-                              "--choices-field", "options", "--label-field", "gold", "--limit", "2", "--json"])
-    assert args.func(args) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 2 and 0.0 <= result["acc"] <= 1.0 and result["task"] == str(task)
+def test_zero_shot_evaluation_builds_no_autograd_graph(task_data, tiny_tokenizer):
+    from hfprune.eval.zeroshot import zeroshot_evaluate
+
+    model = tiny_model("llama")
+    with GraphRecorder(model.model.layers[0]) as graph:
+        zeroshot_evaluate(model, tiny_tokenizer, "arc_easy,boolq", limit=2, batch_size=2)
+    assert graph.grad_modes and not any(graph.grad_modes)
+    assert graph.saved_bytes == 0 and torch.is_grad_enabled()

@@ -26,6 +26,10 @@ from dataclasses import replace
 
 from torch import nn
 
+from hfprune.arch import moe
+from hfprune.arch.modules import is_linear
+from hfprune.arch.spec import ArchSpec, block_list, head_dim_of, num_heads_of, num_kv_heads_of
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["discover_spec", "activation_sizes", "text_config", "find_decoder_path", "find_block_lists", "find_roles",
@@ -120,8 +124,6 @@ def find_block_lists(model: nn.Module, under: str = "") -> list[tuple[str, nn.Mo
     if hits:
         # Nested lists (a block list inside a block) are part of a block, not the stack.
         return [(n, m) for n, m in hits if not any(n.startswith(o + ".") for o, _ in hits if o != n)]
-    from hfprune.arch.base import is_linear
-
     depth = _num_layers(text_config(model))
     return [(n, m) for n, m in lists
             if len({type(c) for c in m}) == 1 and (depth is None or len(m) == depth)
@@ -168,8 +170,6 @@ def find_roles(block: nn.Module) -> dict[str, str | None]:
     Projections are looked up by their transformers names inside the block's attention child
     (``self_attn``, ``attn``, ...) and MLP child (``mlp``, ``feed_forward``, ...), then directly in the
     block (OPT's ``fc1``/``fc2``)."""
-    from hfprune.arch.base import is_linear
-
     roles: dict[str, str | None] = {k: None for k in _ROLE_NAMES}
     attn = _child(block, _ATTN)
     mlp = _child(block, _MLP)
@@ -227,13 +227,11 @@ def check_structured(model: nn.Module, spec, heads: bool, mlp: bool) -> None:
     """Raise a clear error before structured pruning of a *discovered* layout that it cannot handle:
     missing projections, or other tensors sized by the heads / MLP width (e.g. OLMo-2's ``q_norm``
     over all heads), which head or neuron removal would leave inconsistent."""
-    from hfprune.arch.base import get_blocks, head_dim_of, num_heads_of, num_kv_heads_of
-
     cfg = text_config(model)
     model_type = getattr(model.config, "model_type", None)
     hint = (f"prune it unstructured, or describe it with hfprune.register_architecture({model_type!r}, "
             f"ArchSpec(...)) if the layout is known to work")
-    block = get_blocks(model, spec)[0]
+    block = block_list(model, spec)[0]
     if heads:
         if not spec.o or not (spec.qkv or (spec.q and spec.k and spec.v)):
             raise ValueError(f"Structured head pruning needs the q/k/v (or fused qkv) and output projections; the "
@@ -263,9 +261,6 @@ def discover_spec(model: nn.Module, layers: str | None = None):
 
     ``layers`` forces the path of the block list (everything else is still discovered).
     """
-    from hfprune.arch.base import ArchSpec
-    from hfprune.arch import moe
-
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     stacks: tuple[str, ...] = ()
     if layers is None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):

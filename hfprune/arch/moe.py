@@ -29,6 +29,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from hfprune.arch.modules import is_linear
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExpertLinear", "FusedExperts", "find_expert_containers", "find_routers", "expert_linears",
@@ -90,8 +92,6 @@ def find_expert_containers(block: nn.Module) -> list[str]:
 
 def find_routers(block: nn.Module, containers: tuple[str, ...] | list[str]) -> list[str]:
     """Block-relative paths of the linear routers next to each expert container (kept dense)."""
-    from hfprune.arch.base import is_linear
-
     out = []
     modules = dict(block.named_modules())
     for path in containers:

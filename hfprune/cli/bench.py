@@ -54,7 +54,8 @@ def _cmd_bench(ns) -> int:
     config = SpeedConfig(**{k: v for k, v in vars(ns).items() if k in names})
     output = getattr(ns, "output", None)
     if output is not None:  # before any model is read: never an input, never a file hfprune did not write
-        from hfprune.io import check_output_file, command_inputs
+        from hfprune.io import check_output_file
+        from hfprune.models import command_inputs
 
         check_output_file(output, getattr(ns, "overwrite", False), command_inputs(config.models))
     check_models(config)   # every model's config is read before any weights are loaded

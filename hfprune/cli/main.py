@@ -116,7 +116,8 @@ def _run_prune(args) -> int:
     import torch  # noqa: F401
 
     from hfprune.core.engine import resolve_calibration
-    from hfprune.io import check_output_dir, check_save_args, command_inputs, output_lock
+    from hfprune.io import check_output_dir, check_save_args, output_lock
+    from hfprune.models import command_inputs
     from hfprune.recipes import build_configs, read_recipe
 
     data = read_recipe(args.recipe) if args.recipe else {}
@@ -124,7 +125,7 @@ def _run_prune(args) -> int:
     recipe_calibration = calib.get("dataset") if isinstance(calib, dict) else None
     task_files = []
     if args.eval_tasks:
-        from hfprune.eval.harness import check_task_files
+        from hfprune.eval.zeroshot import check_task_files
 
         task_files = [f for files in check_task_files(args.eval_tasks).values() for f in files]
     # never written or replaced by --output, even with --overwrite
@@ -183,7 +184,7 @@ def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
     if args.eval and is_main:
         extra["before"] = hfprune.perplexity(model, tokenizer, "wikitext2", **eval_kw)
     if args.eval_tasks and is_main:
-        from hfprune.eval.harness import zeroshot_evaluate
+        from hfprune.eval.zeroshot import zeroshot_evaluate
 
         extra["zeroshot"] = {"before": zeroshot_evaluate(model, tokenizer, **zs_kw)}
     report = hfprune.prune(model, tokenizer, config, resolve_calibration(calibration), progress=sys.stderr.isatty())
@@ -243,7 +244,7 @@ def _run_eval(args) -> int:
     zeroshot = {}
     task_files = []
     if args.tasks:
-        from hfprune.eval.harness import check_task_files, expand_tasks
+        from hfprune.eval.zeroshot import check_task_files, expand_tasks
 
         # bad names and missing files fail before the model is loaded
         task_files = [f for files in check_task_files(args.tasks).values() for f in files]
@@ -251,7 +252,8 @@ def _run_eval(args) -> int:
         batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
         zeroshot = dict(tasks=expand_tasks(args.tasks), limit=limit, batch_size=batch, num_fewshot=args.num_fewshot)
     if args.output:
-        from hfprune.io import check_output_file, command_inputs
+        from hfprune.io import check_output_file
+        from hfprune.models import command_inputs
 
         check_output_file(args.output, args.overwrite, command_inputs(args.model, args.dataset, task_files))
     model = hfprune.load_model(args.model, dtype=args.dtype)
@@ -270,7 +272,7 @@ def _run_eval(args) -> int:
         print(f"perplexity {result['perplexity']:.4f} over {result['windows']} windows x {result['seqlen']} tokens "
               f"({result['dataset']}); linear-layer sparsity {result['linear_sparsity']:.4f}")
     if "zeroshot" in result:
-        from hfprune.eval.harness import format_results
+        from hfprune.eval.zeroshot import format_results
 
         print(format_results(result["zeroshot"]))
         print(f"linear-layer sparsity {result['linear_sparsity']:.4f}")

@@ -34,7 +34,8 @@ def add_cli(subparsers):
 
 
 def _cmd_recover(ns) -> int:
-    from hfprune.io import check_output_dir, command_inputs
+    from hfprune.io import check_output_dir
+    from hfprune.models import command_inputs
     from hfprune.models import load_model, load_tokenizer
     from hfprune.recipes import read_recipe
 

@@ -6,7 +6,8 @@ import json
 import sys
 
 from hfprune.cli.flags import model_command
-from hfprune.eval.zeroshot import cloze_task, load_task_file, task_items, zeroshot_accuracy
+from hfprune.eval.cloze import cloze_task, load_task_file, task_items, zeroshot_accuracy
+from hfprune.models import load_model, load_tokenizer
 
 
 def add_cli(subparsers):
@@ -14,10 +15,12 @@ def add_cli(subparsers):
     p = model_command(
         subparsers, "zeroshot", help="Zero-shot multiple-choice accuracy by log-likelihood.",
         description="Score each choice by the log-likelihood of its tokens after the prompt; report acc and "
-                    "acc_norm (divided by the choice's length in characters). cloze-wikitext2 / cloze-c4 are "
-                    "synthetic offline tasks built from local text (see hfprune.eval.zeroshot.build_cloze_task).")
-    p.add_argument("--task", default="cloze-wikitext2",
-                   help="cloze-wikitext2, cloze-c4, or a local .json/.jsonl file of items.")
+                    "acc_norm (divided by the choice's length in characters). The cloze task is a synthetic offline "
+                    "task built from local text (--source; see hfprune.eval.cloze.build_cloze_task).")
+    p.add_argument("--task", default="cloze", help="cloze, or a local .json/.jsonl file of items.")
+    p.add_argument("--source", default="wikitext2",
+                   help="Text the cloze items are built from: wikitext2 (test split), c4 (train documents) or a "
+                        "local text file.")
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--choices-field", default="choices")
     p.add_argument("--label-field", default="label", help="Index of the right choice, or its text.")
@@ -35,15 +38,14 @@ def add_cli(subparsers):
 
 
 def _run_zeroshot(args) -> int:
-    from hfprune.models import load_model, load_tokenizer
-
     task = args.task
     if args.output is not None:  # before the model loads
-        from hfprune.io import check_output_file, command_inputs
+        from hfprune.io import check_output_file
+        from hfprune.models import command_inputs
 
-        check_output_file(args.output, args.overwrite, command_inputs(args.model, task))
-    if task.startswith("cloze-"):
-        items = cloze_task(task[len("cloze-"):], n_items=args.limit or 500, n_choices=args.n_choices, seed=args.seed)
+        check_output_file(args.output, args.overwrite, command_inputs(args.model, args.source if task == "cloze" else task))
+    if task == "cloze":
+        items = cloze_task(args.source, n_items=args.limit or 500, n_choices=args.n_choices, seed=args.seed)
     else:
         items = load_task_file(task)
         # bad fields or labels fail here, before the model is loaded
@@ -54,6 +56,8 @@ def _run_zeroshot(args) -> int:
                                choices_field=args.choices_field, label_field=args.label_field, limit=args.limit,
                                batch_size=args.batch_size, progress=sys.stderr.isatty() and not args.json)
     result["task"] = task
+    if task == "cloze":
+        result["source"] = args.source
     if args.output is not None:
         from hfprune.fs import write_json_output
 
@@ -61,6 +65,7 @@ def _run_zeroshot(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{task}: acc {result['acc']:.4f} (+/- {result['acc_stderr']:.4f}), acc_norm {result['acc_norm']:.4f} "
+        name = f"cloze ({args.source})" if task == "cloze" else task
+        print(f"{name}: acc {result['acc']:.4f} (+/- {result['acc_stderr']:.4f}), acc_norm {result['acc_norm']:.4f} "
               f"over {result['n']} items, {result['seconds']:.1f} s")
     return 0

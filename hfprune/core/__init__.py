@@ -1,1 +1,2 @@
-"""The pruning pipeline: engine (block loop), runner (the only tensor mover), calibration, allocation, distributed."""
+"""The pruning pipeline: engine (block loop), runner (moves the blocks and their activations between
+devices), calibration, allocation, distributed."""

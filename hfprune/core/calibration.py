@@ -15,6 +15,7 @@ import torch
 
 from hfprune.config import CalibrationConfig
 from hfprune.data import load_texts
+from hfprune.core.runner import module_device
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ def self_generated_ids(model, tokenizer, nsamples: int, seqlen: int, seed: int =
     """
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    from hfprune.core.runner import module_device
-
     device = module_device(model.get_input_embeddings())  # not a disk-offloaded (meta) weight's device
     vocab = model.config.get_text_config().vocab_size
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hfprune.data import load_eval_text
+from hfprune.arch import check_seqlen, max_positions
 from hfprune.core.runner import module_device
+from hfprune.data import load_eval_text
+from hfprune.eval.zeroshot import check_task_files, zeroshot_evaluate
+from hfprune.report import layer_sparsity_report
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +37,6 @@ def eval_token_ids(tokenizer, dataset="wikitext2", *, split: str = "test", text_
 
 def resolve_eval_seqlen(config, seqlen: int | None = None) -> int | None:
     """``seqlen``, or for ``None`` the protocol's 2048 tokens or the model's positions when fewer."""
-    from hfprune.arch import max_positions
-
     if seqlen is not None:
         return seqlen
     limit = max_positions(config)
@@ -57,8 +58,6 @@ def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int | None
     Returns:
         ``{"perplexity", "nll", "windows", "tokens", "seqlen", "dataset", "seconds"}``.
     """
-    from hfprune.arch import check_seqlen
-
     seqlen = resolve_eval_seqlen(model.config, seqlen)
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise ValueError(f"seqlen must be an integer >= 2 (tokens per window), got {seqlen!r}.")
@@ -108,7 +107,7 @@ def evaluate(model, tokenizer=None, dataset=None, *, tasks=None, limit=None, bat
         dataset: perplexity text (``"wikitext2"``, ``"c4"``, a file...); default ``"wikitext2"`` when no
             ``tasks`` are given, none otherwise.
         tasks: lm-evaluation-harness tasks / suites (``"paper-7"``, ``"piqa,arc_easy"``...), scored on the
-            in-memory model from local files (:func:`hfprune.eval.harness.zeroshot_evaluate`); their
+            in-memory model from local files (:func:`hfprune.eval.zeroshot.zeroshot_evaluate`); their
             result is under ``"zeroshot"``.
         limit, batch_size, num_fewshot: for the zero-shot tasks.
         kwargs: go to :func:`perplexity` (``seqlen``, ``max_windows``, ``progress``...).
@@ -116,18 +115,12 @@ def evaluate(model, tokenizer=None, dataset=None, *, tasks=None, limit=None, bat
     Example:
         >>> # hfprune.evaluate(model, tokenizer, tasks="paper-7")["zeroshot"]["means"]["paper-7"]["acc"]
     """
-    from hfprune.report import layer_sparsity_report
-
     if tasks is not None:
-        from hfprune.eval.harness import check_task_files
-
         check_task_files(tasks)  # a missing file fails before the perplexity pass
     result = {}
     if dataset is not None or tasks is None:
         result = perplexity(model, tokenizer, "wikitext2" if dataset is None else dataset, **kwargs)
     if tasks is not None:
-        from hfprune.eval.harness import zeroshot_evaluate
-
         result["zeroshot"] = zeroshot_evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
                                                num_fewshot=num_fewshot)
     layers = layer_sparsity_report(model)

@@ -37,6 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hfprune.arch import max_positions
+from hfprune.models import ALIASES, load_model, resolve_model_path
+from hfprune.report import zero_counts
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +90,6 @@ def check_models(config: SpeedConfig) -> list[Any]:
     """Resolve every model and read its ``config.json``; returns the configs. Raises a
     ``ValueError`` naming the model and the fix when one cannot be used, before anything heavy runs."""
     from transformers import AutoConfig
-
-    from hfprune.models import ALIASES, resolve_model_path
 
     if not config.models:
         raise ValueError("Name at least one model to measure: --model A [--model B ...] (folders, Hub ids or aliases).")
@@ -226,8 +226,6 @@ def _measure(model, ids, new_tokens, device) -> dict[str, float]:
 
 def _describe(model) -> dict[str, Any]:
     """Parameters (tied weights once) and the zero fraction of the decoder Linear weights."""
-    from hfprune.report import zero_counts
-
     seen, params = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
@@ -254,8 +252,6 @@ def benchmark_speed(config: SpeedConfig, *, models: list | None = None, progress
     ``peak_memory_bytes`` and the raw ``runs``; ``speedup_vs_first`` compares decode throughput
     and latency with the first model.
     """
-    from hfprune.models import load_model
-
     device = _device(config.device)
     if models is None:
         check_models(config)

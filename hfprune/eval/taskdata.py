@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from hfprune.data import data_dir
+
 __all__ = ["task_data_dir", "resolve_data_file", "load", "READERS", "MissingTaskDataError"]
 
 _ENV = "HFPRUNE_TASK_DATA_DIR"
@@ -36,8 +38,6 @@ def task_data_dir(required: bool = True) -> Path | None:
     env = os.environ.get(_ENV)
     if env:
         return Path(env).expanduser()
-    from hfprune.data import data_dir
-
     root = data_dir()
     if root is None:
         if not required:

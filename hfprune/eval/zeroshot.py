@@ -1,492 +1,278 @@
-"""Zero-shot multiple-choice accuracy by log-likelihood, an offline cloze task, and generation samples.
+"""Zero-shot benchmarks through lm-evaluation-harness, offline, on a model in memory or on disk.
 
-Scoring follows lm-evaluation-harness: for every choice the model scores the *continuation*
-(the choice) given the *context* (the prompt); the log-likelihood of a choice is the sum of the
-log-probabilities of its tokens. ``acc`` picks the choice with the highest sum; ``acc_norm``
-divides each sum by the length of the choice in characters first (lm-eval's ``acc_norm``), which
-removes the bias towards short choices.
+The tasks are the harness's own (stock prompts, metrics and scoring: ``acc``, ``acc_norm``, their
+stderr, LAMBADA perplexity), configured in ``hfprune/eval/tasks/*.yaml`` to read local copies of
+the evaluation splits from ``$HFPRUNE_DATA_DIR/tasks`` (see :mod:`hfprune.eval.taskdata`). The same
+folder works with the harness's command line::
 
-Items come from a :class:`datasets.Dataset` or a list of dicts: fields ``prompt`` / ``choices`` /
-``label`` by default (rename them with ``prompt_field=`` etc., or pass a callable
-``mapping(doc) -> (prompt, choices, label)``). The label is the index of the right choice or
-the right choice's text.
+    lm_eval --model hf --model_args pretrained=DIR --include_path hfprune/eval/tasks --tasks piqa,boolq
 
-Real benchmarks (HellaSwag, ARC, PIQA, BoolQ...) run through lm-evaluation-harness itself on local
-copies of their splits: :mod:`hfprune.eval.harness` (``hfprune eval --tasks paper-7``); use those for
-numbers comparable with papers. :func:`build_cloze_task` makes a *synthetic* multiple-choice task
-from any local text (WikiText-2, C4): the prompt is the first part of a sentence, the right choice
-its true ending, the distractors endings of other sentences. It is kept because it needs no task
-data and no extra package and runs in seconds, a quick dense-vs-pruned check; it is no published
-benchmark, so compare its numbers only with each other (dense vs pruned).
+:func:`zeroshot_evaluate` wraps an in-memory model in ``lm_eval.models.huggingface.HFLM`` and runs
+``lm_eval.simple_evaluate`` on these configs only (the stock task index is not searched), so a
+pruned model is scored without saving it. Task lists may name suites: ``paper-7`` (Wanda,
+SparseGPT, ADMM: BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA) and
+``llm-pruner-7`` (LLM-Pruner, FLAP: PIQA in place of RTE). The result carries the papers' mean:
+the mean ``acc`` over a suite's seven tasks, for every suite the evaluated tasks cover.
 
-Example:
-    >>> items = build_cloze_task(["One two three four five six seven eight nine ten.",
-    ...                           "Alpha beta gamma delta epsilon zeta eta theta iota kappa."],
-    ...                          n_items=2, n_choices=2, min_words=4)
-    >>> sorted(items[0])
-    ['choices', 'label', 'prompt', 'source_index']
+Notes:
+    ``hellaswag`` is a 1,000-item subset of the validation split in the harness's exact format
+    (the original file is not in the data folder); ``hellaswag_full_approx`` has all 10,042 items
+    with a slightly different text clean-up (close to, not comparable with, papers' numbers).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import random
-import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from hfprune.card import metric_cell
+from hfprune.eval.taskdata import resolve_data_file, task_data_dir
+from hfprune.models import load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "zeroshot_accuracy",
-    "task_items",
-    "score_choices",
-    "build_cloze_task",
-    "cloze_task",
-    "load_task_file",
-    "generation_samples",
-    "lm_eval_accuracy",
-]
+__all__ = ["TASK_DIR", "SUITES", "MEAN_METRIC", "available_tasks", "expand_tasks", "task_files",
+           "check_task_files", "zeroshot_evaluate", "mean_accuracy", "format_results"]
 
-Item = tuple[str, list[str], int]
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+LM_EVAL_VERSION = "0.4.13"
 
-
-# ----------------------------------------------------------------------------------------- items
-def _label_index(label: Any, choices: list[str], where: str) -> int:
-    if isinstance(label, bool) or (isinstance(label, float) and not label.is_integer()):
-        kind = "a boolean" if isinstance(label, bool) else "not a whole number"
-        raise ValueError(f"{where}: label {label!r} is {kind}: give the 0-based index of the right choice "
-                         f"(0..{len(choices) - 1}) or its text, one of {choices} (for yes/no tasks map true/false "
-                         f"to the index of the matching choice, e.g. with a mapping callable).")
-    if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
-        if label not in choices:
-            raise ValueError(f"{where}: label {label!r} is not one of the choices {choices}; give the index "
-                             f"of the right choice or its exact text.")
-        return choices.index(label)
-    try:
-        index = int(label)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: label {label!r} is neither a choice index nor a choice text.") from None
-    if not 0 <= index < len(choices):
-        raise ValueError(f"{where}: label {index} is out of range for {len(choices)} choices (0-based index).")
-    return index
+SUITES: dict[str, tuple[str, ...]] = {
+    "paper-7": ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"),
+    "llm-pruner-7": ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"),
+}
+# The metric averaged in the papers' mean (Wanda / SparseGPT tables report lm-eval's ``acc``).
+MEAN_METRIC = "acc"
 
 
-def task_items(dataset: Iterable, prompt_field: str, choices_field: str, label_field: str,
-           mapping: Callable | dict | None, limit: int | None) -> list[Item]:
-    """``(prompt, choices, label_index)`` for every document of ``dataset`` (the first ``limit``)."""
-    if isinstance(mapping, dict):
-        prompt_field = mapping.get("prompt", prompt_field)
-        choices_field = mapping.get("choices", choices_field)
-        label_field = mapping.get("label", label_field)
-        mapping = None
-    if isinstance(dataset, (str, os.PathLike)):
-        raise TypeError("Pass the items (a datasets.Dataset or a list of dicts), not a path: "
-                        "load a file with hfprune.eval.zeroshot.load_task_file(path).")
-    out: list[Item] = []
-    for i, doc in enumerate(dataset):
-        if limit is not None and len(out) >= limit:
-            break
-        where = f"item {i}"
-        if mapping is not None:
-            prompt, choices, label = mapping(doc)
-        else:
-            missing = [f for f in (prompt_field, choices_field, label_field) if f not in doc]
-            if missing:
-                raise ValueError(f"{where} has no field(s) {missing} (fields: {sorted(doc)}); set prompt_field=, "
-                                 f"choices_field=, label_field= (--prompt-field ...) or pass a mapping callable.")
-            prompt, choices, label = doc[prompt_field], doc[choices_field], doc[label_field]
-        if not isinstance(prompt, str):
-            raise ValueError(f"{where}: the prompt must be a string, got {type(prompt).__name__}.")
-        if isinstance(choices, str) or not all(isinstance(c, str) for c in choices):
-            raise ValueError(f"{where}: choices must be a list of strings, got {choices!r}.")
-        choices = list(choices)
-        if len(choices) < 2:
-            raise ValueError(f"{where}: a multiple-choice item needs at least 2 choices, got {len(choices)}.")
-        out.append((prompt, choices, _label_index(label, choices, where)))
-    if not out:
-        raise ValueError("The task has no items: give at least one (and check --limit).")
+# ------------------------------------------------------------------------------------ configs
+def _read_config(path: Path) -> dict:
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    # `!function module.name` stays a string here; the harness resolves it when it builds the task.
+    _Loader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
+    with open(path, encoding="utf-8") as fh:
+        return yaml.load(fh, Loader=_Loader)
+
+
+def task_configs() -> dict[str, dict]:
+    """``{task name: its config}`` for every task config shipped in :data:`TASK_DIR`."""
+    out = {}
+    for path in sorted(TASK_DIR.glob("*.yaml")):
+        cfg = _read_config(path)
+        if isinstance(cfg, dict) and "task" in cfg:
+            out[cfg["task"]] = {**cfg, "_path": str(path)}
     return out
 
 
-# --------------------------------------------------------------------------------------- scoring
-def _model_device(model) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
+def available_tasks() -> list[str]:
+    """Names of the shipped tasks (suites: :data:`SUITES`)."""
+    return sorted(task_configs())
 
 
-def _prefix_ids(tokenizer) -> list[int]:
-    """Tokens the tokenizer puts before any text (BOS for Llama-style tokenizers, nothing for GPT-2 style)."""
-    ids = tokenizer("", add_special_tokens=True)["input_ids"]
-    return list(ids)
-
-
-def _encode_pair(tokenizer, context: str, continuation: str, prefix: list[int]) -> tuple[list[int], list[int]]:
-    """Context and continuation token ids the way lm-eval makes them: trailing spaces of the
-    context move to the continuation, the pair is encoded as one string and split where the
-    context's own encoding ends (so word-boundary merges stay as in normal text)."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-    cont = whole[len(ctx):]
-    ctx = list(prefix) + list(ctx)
-    if not ctx:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if start is None:
-            raise ValueError("An empty prompt needs a BOS or EOS token to condition on: give every item a prompt.")
-        ctx = [start]
-    return ctx, list(cont)
-
-
-@torch.no_grad()
-def _loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int, max_length: int,
-                    pad_id: int, progress: bool) -> list[float]:
-    """Sum of log p(continuation | context) for every ``(context_ids, continuation_ids)``."""
-    from tqdm.auto import tqdm
-
-    device = _model_device(model)
-    results = [0.0] * len(requests)
-    # Longest first: batches of similar length waste less on padding.
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-    for start in tqdm(range(0, len(order), batch_size), desc="zero-shot", disable=not progress, unit="batch"):
-        chunk = order[start:start + batch_size]
-        inputs, spans = [], []
-        for i in chunk:
-            ctx, cont = requests[i]
-            full = (ctx + cont)[-(max_length + 1):]
-            inp = full[:-1]
-            n = min(len(cont), len(inp))
-            inputs.append(inp)
-            spans.append((len(inp) - n, len(inp), full[len(full) - n:]))
-        width = max(len(x) for x in inputs)
-        ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(inputs), width), dtype=torch.long)
-        for r, inp in enumerate(inputs):  # right padding: causal positions before the pad are unaffected
-            ids[r, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-            mask[r, :len(inp)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for r, (i, (a, b, target)) in enumerate(zip(chunk, spans)):
-            logp = F.log_softmax(logits[r, a:b].float(), dim=-1)
-            tgt = torch.tensor(target, dtype=torch.long, device=logp.device)
-            results[i] = float(logp.gather(-1, tgt[:, None]).sum())
-        del logits
-    return results
-
-
-def score_choices(model, tokenizer, prompt: str, choices: Sequence[str], *, batch_size: int = 16,
-                  max_length: int | None = None) -> list[float]:
-    """Log-likelihood (sum of token log-probs) of every choice as the continuation of ``prompt``."""
-    prefix = _prefix_ids(tokenizer)
-    reqs = [_encode_pair(tokenizer, prompt, c, prefix) for c in choices]
-    return _loglikelihoods(model, reqs, batch_size, max_length or _max_length(model), _pad_id(tokenizer), False)
-
-
-def _pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def _max_length(model) -> int:
-    from hfprune.arch import max_positions
-
-    return max_positions(model.config) or 2048
-
-
-def _accuracy(predictions: list[int], references: list[int], use_evaluate: bool) -> tuple[float, str]:
-    # `evaluate.load("accuracy")` fetches the metric script from the Hugging Face Hub: checked offline
-    # (HF_HUB_OFFLINE=1, evaluate 0.4.6) it raises FileNotFoundError "Module 'accuracy' doesn't exist on the
-    # Hugging Face Hub either", and `import evaluate` alone costs seconds. So by default the accuracy is
-    # computed here; it is the same number the metric returns, mean(prediction == reference).
-    # `use_evaluate=True` tries the metric first and falls back to this when it does not load.
-    if use_evaluate:
-        try:
-            import evaluate
-
-            metric = evaluate.load("accuracy")
-            return float(metric.compute(predictions=predictions, references=references)["accuracy"]), "evaluate"
-        except Exception as err:  # offline / not cached: the Hub lookup fails with several error types
-            logger.warning("evaluate.load('accuracy') failed (%s: %s); computing accuracy directly.",
-                           type(err).__name__, err)
-    hits = sum(int(p == r) for p, r in zip(predictions, references))
-    return hits / len(references), "builtin"
-
-
-def zeroshot_accuracy(model, tokenizer, dataset: Iterable, *, prompt_field: str = "prompt",
-                      choices_field: str = "choices", label_field: str = "label",
-                      mapping: Callable[[Any], tuple[str, Sequence[str], Any]] | dict | None = None,
-                      limit: int | None = None, batch_size: int = 16, max_length: int | None = None,
-                      use_evaluate: bool = False, return_items: bool = False, progress: bool = False) -> dict:
-    """Zero-shot multiple-choice accuracy of ``model`` on ``dataset`` by log-likelihood.
-
-    Args:
-        dataset: a :class:`datasets.Dataset`, a list of dicts, or any iterable of documents.
-        prompt_field, choices_field, label_field: the document fields (label: index or text of the
-            right choice).
-        mapping: a callable ``doc -> (prompt, choices, label)``, or a dict with keys
-            ``prompt``/``choices``/``label`` naming the fields; wins over the ``*_field`` arguments.
-        limit: score only the first ``limit`` items.
-        batch_size: sequences (prompt + one choice) per forward pass.
-        max_length: longest sequence fed to the model (the prompt is cut from the left); default the
-            model's ``max_position_embeddings``.
-        use_evaluate: compute the accuracy with ``evaluate.load("accuracy")`` (needs the Hub or a cached
-            copy; falls back to the same formula computed here).
-        return_items: add per-item log-likelihoods and predictions under ``"items"``.
-
-    Returns:
-        ``{"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n", "n_choices_mean", "metric_backend", "seconds"}``
-        (plus ``"items"``).
-
-    Example:
-        >>> # zeroshot_accuracy(model, tok, [{"prompt": "2 + 2 =", "choices": [" 4", " 5"], "label": 0}])["acc"]
-    """
-    items = task_items(dataset, prompt_field, choices_field, label_field, mapping, limit)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    start = time.perf_counter()
-    prefix = _prefix_ids(tokenizer)
-    requests, owner = [], []
-    for k, (prompt, choices, _label) in enumerate(items):
-        for j, choice in enumerate(choices):
-            ctx, cont = _encode_pair(tokenizer, prompt, choice, prefix)
-            if not cont:
-                raise ValueError(f"item {k}: choice {j} ({choice!r}) encodes to no tokens: give it some text.")
-            requests.append((ctx, cont))
-            owner.append((k, j))
-    was_training = model.training
-    model.eval()
-    try:
-        lls = _loglikelihoods(model, requests, batch_size, max_length or _max_length(model), _pad_id(tokenizer),
-                              progress)
-    finally:
-        model.train(was_training)
-    per_item: list[list[float]] = [[0.0] * len(c) for _p, c, _l in items]
-    for (k, j), ll in zip(owner, lls):
-        per_item[k][j] = ll
-    preds, preds_norm, labels = [], [], []
-    for (prompt, choices, label), scores in zip(items, per_item):
-        norm = [s / max(1, len(c)) for s, c in zip(scores, choices)]
-        preds.append(max(range(len(scores)), key=scores.__getitem__))
-        preds_norm.append(max(range(len(norm)), key=norm.__getitem__))
-        labels.append(label)
-    acc, backend = _accuracy(preds, labels, use_evaluate)
-    acc_norm, _ = _accuracy(preds_norm, labels, use_evaluate)
-    n = len(items)
-
-    def stderr(p: float) -> float:
-        return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
-
-    result = {
-        "acc": acc,
-        "acc_norm": acc_norm,
-        "acc_stderr": stderr(acc),
-        "acc_norm_stderr": stderr(acc_norm),
-        "n": n,
-        "n_choices_mean": sum(len(c) for _p, c, _l in items) / n,
-        "metric_backend": backend,
-        "seconds": time.perf_counter() - start,
-    }
-    if return_items:
-        result["items"] = [{"loglikelihoods": s, "pred": p, "pred_norm": q, "label": lab}
-                           for s, p, q, lab in zip(per_item, preds, preds_norm, labels)]
-    return result
-
-
-# ------------------------------------------------------------------------------------ cloze task
-_WIKITEXT_FIXES = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" ; ", "; "),
-                   (" : ", ": "), (" ? ", "? "), (" ! ", "! "), (" 's ", "'s "), ("( ", "("), (" )", ")"), (" n't", "n't")]
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def _clean(text: str) -> str:
-    text = " " + text.strip() + " "
-    for old, new in _WIKITEXT_FIXES:
-        text = text.replace(old, new)
-    text = re.sub(r" ([.,;:!?])$", r"\1", text.strip())
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def _sentences(texts: Iterable[str], min_words: int, max_words: int) -> list[tuple[int, list[str]]]:
-    seen, out = set(), []
-    for t, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"build_cloze_task needs strings; text {t} is a {type(text).__name__}.")
-        stripped = text.strip()
-        if not stripped or (stripped.startswith("=") and stripped.endswith("=")):  # WikiText headings
-            continue
-        for sentence in _SENTENCE_END.split(_clean(stripped)):
-            words = sentence.split()
-            if not min_words <= len(words) <= max_words or sentence[-1:] not in ".!?":
-                continue
-            if sentence in seen:
-                continue
-            seen.add(sentence)
-            out.append((t, words))
-    return out
-
-
-def build_cloze_task(texts: Iterable[str], n_items: int, n_choices: int = 4, seed: int = 0, *,
-                     min_words: int = 10, max_words: int = 40, prompt_fraction: float = 0.5) -> list[dict]:
-    """A **synthetic** multiple-choice cloze task made from local text (no published benchmark).
-
-    Every text is cut into sentences (WikiText's `` @-@ `` / `` , `` spacing is undone first;
-    ``= Heading =`` lines are skipped); sentences of ``min_words``..``max_words`` words are kept.
-    For ``n_items`` of them, drawn with ``seed``: the prompt is the first ``prompt_fraction`` of the
-    words, the right choice the rest of the sentence (with its leading space), and the
-    ``n_choices - 1`` distractors are the endings of other sentences, preferably of about the same
-    number of words so that length alone gives little away. The right choice's position is random.
-
-    Returns:
-        ``n_items`` dicts ``{"prompt", "choices" (n_choices strings), "label" (int), "source_index"}``
-        (``source_index``: which text the sentence came from). The same arguments give the same items.
-    """
-    if n_items < 1:
-        raise ValueError(f"n_items must be >= 1, got {n_items}.")
-    if n_choices < 2:
-        raise ValueError(f"n_choices must be >= 2, got {n_choices}.")
-    if not 0.0 < prompt_fraction < 1.0:
-        raise ValueError(f"prompt_fraction must be in (0, 1), got {prompt_fraction}.")
-    if min_words < 2 or max_words < min_words:
-        raise ValueError(f"Need 2 <= min_words <= max_words, got {min_words}, {max_words}.")
-    if isinstance(texts, str):
-        texts = [texts]
-    sentences = _sentences(texts, min_words, max_words)
-    splits = []
-    for source, words in sentences:
-        cut = min(len(words) - 1, max(1, round(prompt_fraction * len(words))))
-        splits.append((source, " ".join(words[:cut]), " " + " ".join(words[cut:]), len(words) - cut))
-    if len(splits) < max(n_items, n_choices):
-        raise ValueError(
-            f"The text holds {len(splits)} usable sentences ({min_words}..{max_words} words), but {n_items} items with "
-            f"{n_choices} choices need at least {max(n_items, n_choices)}: lower n_items / n_choices or give more text."
-        )
-    rng = random.Random(seed)
-    chosen = rng.sample(range(len(splits)), n_items)
-    by_length: dict[int, list[int]] = {}
-    for i, (_s, _p, _c, n_words) in enumerate(splits):
-        by_length.setdefault(n_words, []).append(i)
-    items = []
-    for i in chosen:
-        source, prompt, truth, n_words = splits[i]
-        distractors: list[str] = []
-        for width in range(0, max_words + 1):  # widen the length window until there are enough endings
-            pool = sorted({j for d in {-width, width} for j in by_length.get(n_words + d, [])} - {i})
-            pool = [j for j in pool if splits[j][2] != truth and splits[j][2] not in distractors]
-            rng.shuffle(pool)
-            for j in pool:
-                if splits[j][2] not in distractors:
-                    distractors.append(splits[j][2])
-                if len(distractors) == n_choices - 1:
-                    break
-            if len(distractors) == n_choices - 1:
-                break
-        if len(distractors) < n_choices - 1:
-            raise ValueError(f"Found only {len(distractors)} distinct distractor endings: lower n_choices or give more text.")
-        label = rng.randrange(n_choices)
-        choices = distractors[:label] + [truth] + distractors[label:]
-        items.append({"prompt": prompt, "choices": choices, "label": label, "source_index": source})
-    return items
-
-
-def cloze_task(source: str = "wikitext2", n_items: int = 500, n_choices: int = 4, seed: int = 0, **kwargs) -> list[dict]:
-    """:func:`build_cloze_task` over a text source of :func:`hfprune.data.load_texts` (``"wikitext2"``:
-    the WikiText-2 *test* rows, ``"c4"``: the local C4 train documents, a file, a list of strings)."""
-    from hfprune.data import load_texts
-
-    split = "test" if isinstance(source, str) and source.lower().startswith("wikitext") else "train"
-    texts = load_texts(source, split=split)
-    return build_cloze_task(texts, n_items, n_choices, seed, **kwargs)
-
-
-def load_task_file(path: str | os.PathLike) -> list[dict]:
-    """Items from a local ``.jsonl`` (one JSON object per line) or ``.json`` (a list of objects, or an
-    object with the list under ``"data"``/``"items"``) file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Task file {path} does not exist: pass a .json/.jsonl file or cloze-wikitext2.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
-        docs = [json.loads(line) for line in text.splitlines() if line.strip()]
-    elif path.suffix.lower() == ".json":
-        data = json.loads(text)
-        if isinstance(data, dict):
-            data = data.get("data", data.get("items"))
-        if not isinstance(data, list):
-            raise ValueError(f"{path} must hold a list of items (or {{'data': [...]}}).")
-        docs = data
-    else:
-        raise ValueError(f"Cannot read {path}: use a .json or .jsonl file.")
-    if not all(isinstance(d, dict) for d in docs):
-        raise ValueError(f"Every item in {path} must be a JSON object.")
-    return docs
-
-
-# ------------------------------------------------------------------------------------ generation
-@torch.no_grad()
-def generation_samples(model, tokenizer, prompts: Sequence[str] | str, max_new_tokens: int = 32, *,
-                       do_sample: bool = False, seed: int = 0) -> list[dict]:
-    """Greedy (or seeded sampled) completions of ``prompts``, one at a time, for a quick look.
-
-    Returns ``[{"prompt", "completion"}]``; the completion excludes the prompt.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    device = _model_device(model)
-    pad = _pad_id(tokenizer)
-    was_training = model.training
-    model.eval()
-    out = []
-    state = torch.random.get_rng_state()
-    try:
-        for prompt in prompts:
-            torch.manual_seed(seed)
-            enc = tokenizer(prompt, return_tensors="pt")
-            ids = enc["input_ids"].to(device)
-            mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"])).to(device)
-            if ids.shape[1] == 0:
-                raise ValueError("An empty prompt cannot be continued: give each prompt some text.")
-            kwargs = {"do_sample": True, "top_k": 50} if do_sample else {"do_sample": False}
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, **kwargs)
-            text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-            out.append({"prompt": prompt, "completion": text})
-    finally:
-        torch.random.set_rng_state(state)
-        model.train(was_training)
-    return out
-
-
-# ------------------------------------------------------------------------------------ lm-eval
-def lm_eval_accuracy(model, tokenizer, tasks: Sequence[str] | str, *, num_fewshot: int = 0,
-                     limit: int | float | None = None, batch_size: int | str = 1, **kwargs) -> dict:
-    """Scores on lm-evaluation-harness tasks (``"hellaswag"``, ``"arc_easy"``, ``"paper-7"``...).
-
-    Kept for compatibility: the same as :func:`hfprune.eval.harness.zeroshot_evaluate` (the harness's
-    HFLM on the in-memory model, task data from the local files in ``$HFPRUNE_DATA_DIR/tasks``),
-    returning only its per-task metrics.
-
-    Returns:
-        ``{task: {"acc": ..., "acc_norm": ..., "acc_stderr": ..., "n": ...}}``.
+def expand_tasks(tasks: str | Iterable[str]) -> list[str]:
+    """Task names from a comma list / sequence of task and suite names, in order, without repeats.
 
     Raises:
-        ImportError: when ``lm_eval`` is not installed.
+        ValueError: on an empty list or an unknown name (the message lists what is known).
     """
-    from hfprune.eval.harness import _require_lm_eval, zeroshot_evaluate
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    known = available_tasks()
+    out: list[str] = []
+    for name in (t.strip() for t in tasks):
+        if not name:
+            continue
+        members = SUITES.get(name, (name,))
+        for task in members:
+            if task not in known:
+                raise ValueError(f"Unknown zero-shot task {task!r}: use one of {', '.join(known)} or a suite "
+                                 f"({', '.join(SUITES)}), comma-separated.")
+            if task not in out:
+                out.append(task)
+    if not out:
+        raise ValueError(f"No zero-shot task given: pass e.g. --tasks paper-7 or --tasks piqa,arc_easy "
+                         f"(tasks: {', '.join(known)}).")
+    return out
 
-    _require_lm_eval()
-    return zeroshot_evaluate(model, tokenizer, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                             **kwargs)["tasks"]
+
+def task_files(tasks: str | Iterable[str], root: Path | None = None) -> dict[str, list[Path]]:
+    """``{task: [data file paths]}`` as the task configs name them (whether or not they exist)."""
+    root = task_data_dir() if root is None else root
+    configs = task_configs()
+    out = {}
+    for task in expand_tasks(tasks):
+        files = (configs[task].get("dataset_kwargs") or {}).get("data_files") or {}
+        out[task] = [Path(p) if Path(p).is_absolute() else root / p for p in files.values()]
+    return out
+
+
+def check_task_files(tasks: str | Iterable[str]) -> dict[str, list[Path]]:
+    """:func:`task_files`, raising before any model work when one is missing.
+
+    Raises:
+        MissingTaskDataError: (a ``FileNotFoundError``) naming the first missing file and where it goes.
+    """
+    root = task_data_dir()
+    configs = task_configs()
+    out = {}
+    for task in expand_tasks(tasks):
+        files = (configs[task].get("dataset_kwargs") or {}).get("data_files") or {}
+        out[task] = [resolve_data_file(relative, task, root) for relative in files.values()]
+    return out
+
+
+def _require_lm_eval():
+    try:
+        import lm_eval
+    except ImportError as err:
+        raise ImportError("Zero-shot tasks run through lm-evaluation-harness: `pip install 'hfprune[eval]'` "
+                          f"(or `pip install lm-eval=={LM_EVAL_VERSION}`).") from err
+    if getattr(lm_eval, "__version__", LM_EVAL_VERSION) != LM_EVAL_VERSION:
+        logger.warning("lm-eval %s is installed; the task configs were written for %s.", lm_eval.__version__,
+                       LM_EVAL_VERSION)
+    return lm_eval
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def _metrics(raw: dict) -> dict:
+    """``{"acc,none": x, "acc_stderr,none": s, "alias": ...}`` -> ``{"acc": x, "acc_stderr": s}``."""
+    out = {}
+    for key, value in raw.items():
+        name, _, flt = key.partition(",")
+        if flt in ("", "none") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def _means(tasks: dict[str, dict]) -> dict[str, dict]:
+    out = {}
+    for suite, members in SUITES.items():
+        if all(t in tasks and MEAN_METRIC in tasks[t] for t in members):
+            values = [tasks[t][MEAN_METRIC] for t in members]
+            out[suite] = {MEAN_METRIC: sum(values) / len(values), "tasks": list(members)}
+    return out
+
+
+def zeroshot_evaluate(model, tokenizer=None, tasks: str | Sequence[str] = "paper-7", *, limit: int | float | None = None,
+                      batch_size: int | str = 16, num_fewshot: int = 0, max_length: int | None = None,
+                      bootstrap_iters: int = 100000, log_samples: bool = False,
+                      **simple_evaluate_kwargs) -> dict:
+    """Zero-shot scores of ``model`` on lm-evaluation-harness tasks read from local files.
+
+    Args:
+        model: a loaded ``transformers`` causal LM (pruned in memory or loaded from disk), or a local
+            checkpoint path (then loaded with :func:`hfprune.load_model`, which also reads hfprune's
+            sparse format).
+        tokenizer: its tokenizer (loaded from ``model``'s path when ``model`` is a path).
+        tasks: task and suite names, comma-separated or a list (:func:`expand_tasks`).
+        limit: score only the first ``limit`` documents of every task (a float in (0, 1): that fraction).
+        batch_size: requests per forward pass (harness ``batch_size``; ``"auto"`` searches for the largest).
+        num_fewshot: 0 for the papers' zero-shot protocol.
+        max_length: longest input; default the model's ``max_position_embeddings``.
+        bootstrap_iters: bootstrap resamples for stderrs that have no closed form (LAMBADA perplexity).
+        log_samples: keep per-document outputs under ``"samples"``.
+
+    The harness draws its own progress bars (stderr) for the loglikelihood requests.
+
+    Returns:
+        ``{"tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity", ...,
+        "n": documents scored}}, "means": {suite: {"acc", "tasks"}}, "limit", "batch_size",
+        "num_fewshot", "lm_eval_version", "task_dir", "data_dir", "seconds"}``.
+
+    Raises:
+        MissingTaskDataError: a task's data file is missing (raised before the model is touched).
+        ImportError: lm-eval is not installed.
+    """
+    names = expand_tasks(tasks)
+    check_task_files(names)
+    lm_eval = _require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if isinstance(model, (str, os.PathLike)):
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+        model = load_model(model)
+    if tokenizer is None:
+        raise ValueError("Pass the model's tokenizer: zeroshot_evaluate(model, tokenizer, tasks=...).")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    # The harness logs at INFO for every task and request type; keep it to warnings unless asked.
+    harness_logger = logging.getLogger("lm_eval")
+    old_level = harness_logger.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        harness_logger.setLevel(logging.WARNING)
+    offline = os.environ.get("HF_DATASETS_OFFLINE")
+    os.environ["HF_DATASETS_OFFLINE"] = "1"  # the task data are local files: never look for Hub copies
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
+        with torch.no_grad():  # the harness's HFLM scores under no_grad too; this holds for any version
+            raw = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, bootstrap_iters=bootstrap_iters,
+                                          log_samples=log_samples, **simple_evaluate_kwargs)
+    finally:
+        harness_logger.setLevel(old_level)
+        if offline is None:
+            os.environ.pop("HF_DATASETS_OFFLINE", None)
+        else:
+            os.environ["HF_DATASETS_OFFLINE"] = offline
+        model.train(was_training)
+    if raw is None:  # only on non-zero ranks of a multi-process run
+        return {}
+    seconds = time.perf_counter() - start
+    results: dict[str, dict] = {}
+    for task in names:
+        metrics = _metrics(raw["results"].get(task, {}))
+        n = (raw.get("n-samples") or {}).get(task) or {}
+        metrics["n"] = int(n.get("effective", n.get("original", 0)) or 0)
+        metrics["n_total"] = int(n.get("original", 0) or 0)
+        results[task] = metrics
+    out: dict[str, Any] = {
+        "tasks": results,
+        "means": _means(results),
+        "mean_metric": MEAN_METRIC,
+        "limit": limit,
+        "batch_size": batch_size,
+        "num_fewshot": num_fewshot,
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+        "task_dir": str(TASK_DIR),
+        "data_dir": str(task_data_dir()),
+        "seconds": seconds,
+    }
+    if log_samples:
+        out["samples"] = raw.get("samples")
+    return out
+
+
+# ------------------------------------------------------------------------------------ reports
+def format_results(result: dict) -> str:
+    """A plain-text table of :func:`zeroshot_evaluate`'s result: one row per task, then the means."""
+    lines = [f"{'task':<22} {'n':>6} {'acc':>8} {'± stderr':>9} {'acc_norm':>9} {'± stderr':>9} {'perplexity':>11}"]
+    for task, m in result["tasks"].items():
+        lines.append(f"{task:<22} {m.get('n', 0):>6} {metric_cell(m.get('acc')):>8} "
+                     f"{metric_cell(m.get('acc_stderr')):>9} "
+                     f"{metric_cell(m.get('acc_norm')):>9} {metric_cell(m.get('acc_norm_stderr')):>9} "
+                     f"{metric_cell(m.get('perplexity'), '.3f'):>11}")
+    for suite, m in result.get("means", {}).items():
+        lines.append(f"{'mean ' + suite:<22} {'':>6} {metric_cell(m[MEAN_METRIC]):>8}")
+    limit = result.get("limit")
+    lines.append(f"lm-eval {result.get('lm_eval_version')}, {result.get('num_fewshot', 0)}-shot"
+                 + (f", --limit {limit}" if limit else ", full splits") + f", {result.get('seconds', 0):.1f} s")
+    return "\n".join(lines)
+
+
+def mean_accuracy(result: dict) -> float | None:
+    """Mean ``acc`` over the evaluated tasks that report it (for a suite's tasks: the papers' mean);
+    the single number :func:`hfprune.workflows.sweep.sweep` tabulates and :func:`hfprune.workflows.sweep.search` budgets."""
+    values = [m[MEAN_METRIC] for m in (result.get("tasks") or {}).values() if MEAN_METRIC in m]
+    return sum(values) / len(values) if values else None

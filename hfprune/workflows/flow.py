@@ -30,6 +30,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hfprune.core.engine import prune
+from hfprune.hub import check_repo_id, push_to_hub
+from hfprune.io import check_output_dir, check_save_args, save_pretrained
+from hfprune.models import command_inputs, load_model, load_tokenizer
+from hfprune.recipes import build_configs
+from hfprune.workflows.recovery import arguments_from, recover as run_recovery, recovery_record
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_flow", "parse_flow"]
@@ -43,9 +50,6 @@ def parse_flow(data: dict[str, Any]) -> dict[str, Any]:
     """Check a flow recipe and build its configs: ``{"prune": (config, calibration), "recover":
     RecoveryArguments | None, "save": {...}, "push": {...} | None}``. Raises ``ValueError`` naming
     the section and key to fix."""
-    from hfprune.recipes import build_configs
-    from hfprune.workflows.recovery import arguments_from
-
     unknown = sorted(set(data) - {*_SECTIONS, "description"})
     if unknown:
         raise ValueError(f"Unknown flow recipe section(s) {unknown}: use {', '.join(_SECTIONS)} (and description).")
@@ -84,11 +88,6 @@ def run_flow(model_name: str, data: dict[str, Any], output, *, repo: str | None 
     recipe file; the model and the recipe's data files are added here). Returns ``{"prune":
     PruneReport, "recover": result dict or None, "output": Path, "url": str or None}``.
     """
-    import hfprune
-    from hfprune.hub import check_repo_id
-    from hfprune.io import check_output_dir, check_save_args, command_inputs, save_pretrained
-    from hfprune.workflows.recovery import recover as run_recovery, recovery_record
-
     if repo:
         data = {**data, "push": {**(data.get("push") or {}), "repo": repo}}
     flow = parse_flow(data)
@@ -102,12 +101,12 @@ def run_flow(model_name: str, data: dict[str, Any], output, *, repo: str | None 
     save = flow["save"]
     check_save_args(save["format"], save.get("bits"), save.get("group_size"))
 
-    model = hfprune.load_model(model_name)
-    tokenizer = hfprune.load_tokenizer(model_name)
+    model = load_model(model_name)
+    tokenizer = load_tokenizer(model_name)
     teacher = copy.deepcopy(model).eval() if args is not None and args.distill else None
 
     logger.info("flow 1/4: prune (%s)", config.method if hasattr(config, "method") else type(config).__name__)
-    report = hfprune.prune(model, tokenizer, config, calibration, progress=progress)
+    report = prune(model, tokenizer, config, calibration, progress=progress)
     report.base_model = report.base_model or str(model_name)
     result = None
     if args is not None:
@@ -123,8 +122,6 @@ def run_flow(model_name: str, data: dict[str, Any], output, *, repo: str | None 
                     overwrite=overwrite, extra_files=extra, inputs=inputs)
     url = None
     if flow["push"] is not None:
-        from hfprune.hub import push_to_hub
-
         push = flow["push"]
         logger.info("flow 4/4: push to %s", push["repo"])
         url = push_to_hub(out, push["repo"], private=bool(push.get("private", False)),

@@ -29,7 +29,12 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
+from hfprune.data import _ALIASES, load_texts
+from hfprune.eval.perplexity import eval_token_ids, perplexity
+from hfprune.io import check_output_dir, save_pretrained
+from hfprune.models import command_inputs
 from hfprune.report import zero_counts
+from hfprune.training import DistillationTrainer, merge_lora_keep_sparsity
 from hfprune.training.masks import MaskPreservingCallback, _prunable_weights, canonical_name, masks_from_zeros
 
 logger = logging.getLogger(__name__)
@@ -201,7 +206,6 @@ class _WindowDataset(torch.utils.data.Dataset):
 def _same_source(a, b) -> bool:
     if not isinstance(a, (str, os.PathLike)) or not isinstance(b, (str, os.PathLike)):
         return False
-    from hfprune.data import _ALIASES
 
     def norm(x):
         x = os.fspath(x)
@@ -281,7 +285,6 @@ class RecoveryLogCallback(TrainerCallback):
             return
         if self.evals and self.evals[-1]["step"] == step:
             return
-        from hfprune.eval.perplexity import perplexity
 
         t0 = time.perf_counter()
         res = perplexity(model, self.tokenizer, seqlen=self.eval_seqlen, max_windows=self.eval_max_windows,
@@ -385,8 +388,6 @@ def check_masks(model, masks: dict[str, torch.Tensor]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def _load_train_texts(args: RecoveryArguments) -> list[str]:
-    from hfprune.data import load_texts
-
     if args.eval_enabled and _same_source(args.dataset, args.eval_dataset):
         raise ValueError(f"The training data set ({args.dataset}) is the evaluation text ({args.eval_dataset}): "
                          f"train on other text (--dataset c4) or evaluate elsewhere (--eval-dataset).")
@@ -454,9 +455,6 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
     """
     from transformers import PrinterCallback, Trainer
 
-    from hfprune.io import check_output_dir, command_inputs, save_pretrained
-    from hfprune.training import DistillationTrainer, merge_lora_keep_sparsity
-
     args = args if args is not None else RecoveryArguments()
     inputs = command_inputs(args.model, args.teacher, args.dataset, args.eval_dataset)
     if args.output is not None:
@@ -495,8 +493,6 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
                     windows.shape[0], args.max_steps, needed)
     eval_ids = None
     if args.eval_enabled:
-        from hfprune.eval.perplexity import eval_token_ids
-
         eval_ids = eval_token_ids(tokenizer, args.eval_dataset)
 
     # ---- model ------------------------------------------------------------------------------

@@ -39,7 +39,16 @@ from typing import Any, Callable
 
 import torch
 
-from hfprune.fs import atomic_write
+from hfprune.arch import get_blocks, get_spec
+from hfprune.config import PruningConfig
+from hfprune.core.distributed import get_context
+from hfprune.core.engine import prune, resolve_calibration
+from hfprune.core.runner import LayerRunner
+from hfprune.formats.base import safetensors_header
+from hfprune.fs import atomic_output_dir, atomic_write, check_output_dir, output_lock
+from hfprune.io import write_companions
+from hfprune.models import _parse_dtype, load_tokenizer, resolve_model_path
+from hfprune.report import PruneReport, peak_rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +89,6 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _fingerprint(model_path: Path, config, calibration, dtype, world_size: int) -> str:
-    from hfprune.core.engine import resolve_calibration
-
     calib = resolve_calibration(calibration)
     cal = calib.to_dict()
     if isinstance(calib.dataset, torch.Tensor):
@@ -116,8 +123,6 @@ def _files_identity(folder: Path, names: list[str], sample: int = 1 << 20) -> di
 
 def _readable_safetensors(path: Path) -> str | None:
     """``None`` when ``path`` is a complete safetensors file, else why not."""
-    from hfprune.formats.base import safetensors_header
-
     try:
         size = path.stat().st_size
         header = safetensors_header(path)
@@ -272,11 +277,6 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, config
         command: recorded in ``config.pruning_config["command"]``.
         after_prune: ``f(model, tokenizer) -> {file name: JSON object}`` run before saving (e.g. evaluation).
     """
-    from hfprune.config import PruningConfig
-    from hfprune.core.distributed import get_context
-    from hfprune.io import check_output_dir, output_lock
-    from hfprune.models import resolve_model_path
-
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
     ctx = get_context()
@@ -323,10 +323,6 @@ def _prune_into(path: Path, model, output, config, calibration, ctx, weight_map,
                 low_memory, resume, overwrite, progress, command, after_prune):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hfprune.arch import get_blocks, get_spec
-    from hfprune.core.engine import prune
-    from hfprune.models import _parse_dtype, load_tokenizer
-
     torch_dtype = _parse_dtype(dtype)
 
     # The module layout (no weights) tells which tensors belong to which block.
@@ -364,7 +360,6 @@ def _prune_into(path: Path, model, output, config, calibration, ctx, weight_map,
     report.base_model, report.command = str(model), command or None
     report.save_to(net.config)
     extra = after_prune(net, tokenizer) if after_prune is not None else {}
-    from hfprune.report import peak_rss_mb
 
     report.peak_rss_mb = max(report.peak_rss_mb, peak_rss_mb())  # includes loading and evaluation
     if torch.cuda.is_available():
@@ -401,13 +396,7 @@ def _disk_device_map(skeleton, layers: str, n_blocks: int) -> dict[str, str]:
 def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str, str], output, overwrite: bool,
               extra: dict[str, Any], inputs=()) -> None:
     """Move the block shards into the output with the other tensors, index, config and tokenizer."""
-    from hfprune.formats.base import safetensors_header
-    from hfprune.io import atomic_output_dir, write_companions
-    from hfprune.report import PruneReport
-
     work = session.work
-    from hfprune.core.runner import LayerRunner
-
     in_blocks = set().union(*session.expected)
     rest_keys = [k for k in weight_map if k not in in_blocks]
     # Tensors outside the blocks, onloaded one module at a time when offloaded (embeddings).

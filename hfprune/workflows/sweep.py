@@ -42,7 +42,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from hfprune.config import PruningConfig
+from hfprune.core.calibration import get_calibration_ids
+from hfprune.core.engine import prune, resolve_calibration
+from hfprune.eval.perplexity import eval_token_ids, perplexity, resolve_eval_seqlen
+from hfprune.eval.zeroshot import check_task_files, expand_tasks, mean_accuracy, zeroshot_evaluate
 from hfprune.fs import atomic_write, check_output_dir, claim_output_dir
+from hfprune.models import command_inputs, load_model, load_tokenizer
+from hfprune.registry import available_methods, get_pruner_cls
+from hfprune.solvers.masks import parse_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +67,6 @@ _SWEEP_FILES = (RESULTS_JSONL, "results.csv", "results.json", "sweep.png")
 
 def _inputs(*candidates) -> tuple:
     """The command's inputs that are paths (model folder, calibration / evaluation files), for the output checks."""
-    from hfprune.io import command_inputs
 
     return command_inputs(*(c for c in candidates if isinstance(c, (str, os.PathLike))))
 
@@ -137,11 +144,8 @@ class _PointRunner:
     def __init__(self, model_or_loader, tokenizer=None, *, calibration="c4", nsamples=None, seqlen=None, seed=None,
                  eval_dataset="wikitext2", eval_seqlen=None, max_windows=None, dtype=None,
                  method_kwargs: dict[str, dict] | None = None, tasks=None, task_limit=None, task_batch_size=16):
-        from hfprune.models import load_model, load_tokenizer
-
         self.tasks = None
         if tasks:  # zero-shot column: bad names / missing task files fail before the model is loaded
-            from hfprune.eval.harness import check_task_files, expand_tasks
 
             self.tasks = expand_tasks(tasks)
             check_task_files(self.tasks)
@@ -172,7 +176,6 @@ class _PointRunner:
         self.calibration = calibration
         self.calib_overrides = {"nsamples": nsamples, "seqlen": seqlen, "seed": seed}
         self.eval_dataset = eval_dataset
-        from hfprune.eval.perplexity import resolve_eval_seqlen
 
         self.eval_seqlen = resolve_eval_seqlen(model.config, eval_seqlen)
         self.max_windows = max_windows
@@ -196,8 +199,6 @@ class _PointRunner:
         self.weights_digest = digest.hexdigest()[:16]
 
     def settings(self) -> dict:
-        from hfprune.core.engine import resolve_calibration
-
         calib = resolve_calibration(self.calibration, **self.calib_overrides)
         return {
             "model": self.model_label,
@@ -216,9 +217,6 @@ class _PointRunner:
 
     def calibration_ids(self) -> torch.Tensor:
         if self._calib_ids is None:
-            from hfprune.core.calibration import get_calibration_ids
-            from hfprune.core.engine import resolve_calibration
-
             calib = resolve_calibration(self.calibration, **self.calib_overrides)
             self.restore()
             self._calib_ids = get_calibration_ids(calib, self.tokenizer, self.model)
@@ -227,8 +225,6 @@ class _PointRunner:
 
     def eval_ids(self) -> torch.Tensor:
         if self._eval_ids is None:
-            from hfprune.eval.perplexity import eval_token_ids
-
             if self.tokenizer is None and not isinstance(self.eval_dataset, torch.Tensor):
                 raise ValueError("Evaluating on text needs a tokenizer: pass tokenizer= (or token ids as eval_dataset).")
             self._eval_ids = eval_token_ids(self.tokenizer, self.eval_dataset)
@@ -241,9 +237,6 @@ class _PointRunner:
             del self.model.config.pruning_config
 
     def config(self, method: str, pattern: str, sparsity: float):
-        from hfprune.config import PruningConfig
-        from hfprune.solvers.masks import parse_pattern
-
         data = {"method": method, "pattern": pattern, **self.method_kwargs.get(method, {})}
         if not parse_pattern(pattern).is_nm:
             data["sparsity"] = sparsity
@@ -251,10 +244,6 @@ class _PointRunner:
 
     def run(self, method: str, pattern: str, sparsity: float) -> dict:
         """Restore the dense weights, prune (unless ``method == "dense"``) and measure perplexity."""
-        from hfprune.core.engine import prune
-        from hfprune.eval.perplexity import perplexity
-        from hfprune.registry import get_pruner_cls
-
         start = time.perf_counter()
         self.restore()
         row: dict[str, Any] = {"method": method, "pattern": pattern, "sparsity": float(sparsity)}
@@ -273,8 +262,6 @@ class _PointRunner:
         row.update(perplexity=result["perplexity"], nll=result["nll"], windows=result["windows"],
                    tokens=result["tokens"], eval_seconds=result["seconds"])
         if self.tasks:
-            from hfprune.eval.harness import mean_accuracy, zeroshot_evaluate
-
             zs = zeroshot_evaluate(self.model, self.tokenizer, self.tasks, limit=self.task_limit,
                                    batch_size=self.task_batch_size)
             row.update(zeroshot_acc=mean_accuracy(zs), zeroshot=zs["tasks"], zeroshot_seconds=zs["seconds"])
@@ -288,9 +275,6 @@ def _key(method: str, pattern: str, sparsity: float) -> str:
 
 
 def _grid(methods: Sequence[str], sparsities: Sequence[float], patterns: Sequence[str]) -> list[tuple[str, str, float]]:
-    from hfprune.solvers.masks import parse_pattern
-    from hfprune.registry import available_methods
-
     known = available_methods()
     for m in methods:
         if m not in known:
@@ -383,7 +367,7 @@ def sweep(model_name_or_loader, methods: Sequence[str] | str = ("magnitude", "wa
         method_kwargs: extra config fields per method, e.g. ``{"sparsegpt": {"blocksize": 64}}``.
         plot: write ``sweep.png`` (needs matplotlib).
         tasks, task_limit, task_batch_size: also score lm-evaluation-harness zero-shot tasks / suites
-            (``"paper-7"``) at every point (:func:`hfprune.eval.harness.zeroshot_evaluate`): the row gets
+            (``"paper-7"``) at every point (:func:`hfprune.eval.zeroshot.zeroshot_evaluate`): the row gets
             ``zeroshot`` (per-task metrics) and ``zeroshot_acc`` (mean ``acc`` over the tasks).
 
     Returns:
@@ -562,7 +546,7 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
     Then bisection until the bracket is narrower than ``tol``.
 
     With ``max_acc_drop`` (and ``tasks``, e.g. ``"paper-7"``) the budget is zero-shot quality instead:
-    the mean ``acc`` over the tasks (lm-evaluation-harness, :func:`hfprune.eval.harness.zeroshot_evaluate`)
+    the mean ``acc`` over the tasks (lm-evaluation-harness, :func:`hfprune.eval.zeroshot.zeroshot_evaluate`)
     may fall at most ``max_acc_drop`` (absolute, e.g. ``0.02`` = two points) below dense.
 
     Args:
@@ -582,8 +566,6 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
         "budget_ppl", "converged", "probes": [{"step", "phase", "sparsity", "perplexity",
         "within_budget", ...}], ...}``.
     """
-    from hfprune.solvers.masks import parse_pattern
-
     if sum(b is not None for b in (max_ppl_increase, max_ppl, max_acc_drop)) != 1:
         raise ValueError("Give exactly one budget: max_ppl_increase (relative, e.g. 0.1 for +10 %), "
                          "max_ppl (absolute perplexity) or max_acc_drop (zero-shot accuracy points, with tasks=).")

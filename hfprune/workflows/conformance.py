@@ -24,6 +24,14 @@ import traceback
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
+
+from hfprune import methods as _methods  # noqa: F401  (registers the methods PruningConfig.from_dict names)
+from hfprune.arch import find_linears, get_blocks, get_spec, moe, weight_matrix
+from hfprune.arch.tiny import tiny_config
+from hfprune.config import PruningConfig
+from hfprune.core.engine import prune
+from hfprune.solvers.masks import check_nm, parse_pattern, prune_count
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +49,6 @@ def _err(e: BaseException) -> str:
 
 def build_tiny_model(model_type: str, seed: int = 0, auto_class=None):
     """``(model, config)``: a tiny random model of ``model_type`` in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from hfprune.arch.tiny import tiny_config
-
     config = tiny_config(model_type)
     torch.manual_seed(seed)
     model = (auto_class or AutoModelForCausalLM).from_config(config)
@@ -73,9 +77,6 @@ def _logits(model, ids):
 def _block_weights(model, spec):
     """``(checked, dense)``: checked ``{name: [out, in] matrix}`` (expert slices included) and the
     names of the other >= 2-D block tensors (left dense: routers, convolutions, ...)."""
-    from hfprune.arch.base import find_linears, get_blocks, weight_matrix
-    from hfprune.arch import moe
-
     checked, dense = {}, []
     slices = set()
     for i, block in enumerate(get_blocks(model, spec)):
@@ -102,8 +103,6 @@ def _block_weights(model, spec):
 
 def _at_target(W: torch.Tensor, before_zeros: int, case: dict) -> str | None:
     """``None`` when ``W`` is at the target of ``case``, else what is wrong."""
-    from hfprune.solvers.masks import check_nm, parse_pattern, prune_count
-
     pattern = parse_pattern(case.get("pattern", "unstructured"))
     zeros = int((W == 0).sum())
     if pattern.is_nm:
@@ -123,12 +122,6 @@ def check_model_type(model_type: str, cases: dict[str, dict] | None = None, *, s
     ``status`` is ``"no_config"`` / ``"no_model"`` / ``"no_forward"`` when the tiny model cannot be
     built or its stock dense forward fails (``reason`` says why), else ``"pass"`` or ``"fail"``.
     """
-    import hfprune
-    from transformers import AutoModelForCausalLM
-
-    from hfprune.arch.base import get_spec
-    from hfprune.arch.tiny import tiny_config
-
     cases = cases or DEFAULT_CASES
     out: dict[str, Any] = {"model_type": model_type}
     start = time.perf_counter()
@@ -165,8 +158,7 @@ def check_model_type(model_type: str, cases: dict[str, dict] | None = None, *, s
             if spec.experts:
                 run["experts"] = list(spec.experts)
             before = {n: int((w == 0).sum()) for n, w in _block_weights(model, spec)[0].items()}
-            report = hfprune.prune(model, config=hfprune.PruningConfig.from_dict(dict(case)), calibration=ids,
-                                   progress=False)
+            report = prune(model, config=PruningConfig.from_dict(dict(case)), calibration=ids, progress=False)
             checked, left_dense, slices = _block_weights(model, spec)
             bad = {n: why for n, w in checked.items() if (why := _at_target(w, before.get(n, 0), case))}
             run.update(checked=len(checked), expert_matrices=len(slices),
