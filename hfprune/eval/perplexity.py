@@ -27,7 +27,9 @@ def eval_token_ids(tokenizer, dataset="wikitext2", *, split: str = "test", text_
                    config_name: str | None = None) -> torch.Tensor:
     """The whole evaluation text as one row of token ids ``[1, T]``."""
     if isinstance(dataset, torch.Tensor):
-        return dataset.reshape(1, -1).long()
+        from hfprune.core.checks import check_token_ids
+
+        return check_token_ids(dataset, None, "Evaluation token ids").reshape(1, -1)
     text = load_eval_text(dataset, split=split, text_column=text_column, config_name=config_name)
     return torch.tensor([tokenizer(text, verbose=False)["input_ids"]], dtype=torch.long)
 
@@ -58,6 +60,7 @@ def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int | None
         ``{"perplexity", "nll", "windows", "tokens", "seqlen", "dataset", "seconds"}``.
     """
     from hfprune.arch import check_seqlen
+    from hfprune.core.checks import check_loaded, check_token_ids
 
     seqlen = resolve_eval_seqlen(model.config, seqlen)
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
@@ -66,8 +69,10 @@ def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int | None
                                     or max_windows < 1):
         raise ValueError(f"max_windows must be a positive integer or None (all windows), got {max_windows!r}.")
     check_seqlen(model.config, seqlen, "The evaluation seqlen (--seqlen)")
+    check_loaded(model, "Evaluation")
     ids = token_ids if token_ids is not None else eval_token_ids(
         tokenizer, dataset, split=split, text_column=text_column, config_name=config_name)
+    ids = check_token_ids(ids, model, "The evaluation token ids")
     n_windows = ids.shape[1] // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
