@@ -119,6 +119,10 @@ class RecoveryArguments:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}: change --learning-rate.")
         if self.eval_steps < 0:
             raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}: change --eval-steps.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}: change --weight-decay.")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}: change --lora-alpha.")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}: change --warmup-steps.")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -457,6 +461,11 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
     args = args if args is not None else RecoveryArguments()
     if args.output is not None:
         check_output_dir(args.output, args.overwrite, (args.model, args.teacher))  # fail before the slow part
+    from hfprune.arch import check_seqlen
+
+    check_seqlen(model.config, args.seqlen, "The training seqlen (--seqlen)")  # not one endless step later
+    if args.eval_enabled and args.eval_seqlen is not None:
+        check_seqlen(model.config, args.eval_seqlen, "The evaluation seqlen (--eval-seqlen)")
     if args.distill and teacher is None:
         raise ValueError("distill=True needs the dense teacher: pass recover(..., teacher=dense_model) "
                          "(CLI: --teacher DIR).")
