@@ -391,7 +391,7 @@ def _load_train_texts(args: RecoveryArguments) -> list[str]:
     if args.eval_enabled and _same_source(args.dataset, args.eval_dataset):
         raise ValueError(f"The training data set ({args.dataset}) is the evaluation text ({args.eval_dataset}): "
                          f"train on other text (--dataset c4) or evaluate elsewhere (--eval-dataset).")
-    return load_texts(args.dataset, split=args.split, text_column=args.text_column)
+    return load_texts(args.dataset, split=args.split, text_column=args.text_column, purpose="training")
 
 
 def _lora_targets(value: str):
