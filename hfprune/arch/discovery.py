@@ -14,6 +14,10 @@ fused qkv row orders). What is read, in order:
    gate/up/down or a fused gate_up, expert containers, routers);
 4. **sizes** from ``config.get_text_config()`` (heads, key/value heads, head_dim, MLP width).
 
+An encoder-decoder (``config.is_encoder_decoder``) gets its encoder stack as ``layers`` and its
+decoder stack in ``stacks`` (both are pruned, encoder first), or an error when the two cannot be
+told apart; blocks made of 2-D/3-D convolutions (ConvNeXt) are refused.
+
 A model whose layout cannot be found gets a :class:`ValueError` that lists the candidate module
 lists and says what to register, e.g.
 ``hfprune.register_architecture("my_type", ArchSpec(layers="model.decoder.layers"))``.
