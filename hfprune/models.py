@@ -136,6 +136,24 @@ class _HeldLoadReport(logging.Filter):
         self.held = []
 
 
+def _refuse_encoder_decoder(name, path: Path) -> None:
+    """A local encoder-decoder checkpoint (T5, BART, Whisper) is refused before loading: as a causal LM it would
+    load without its encoder (or not at all)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a local folder, or a config the loader reports on itself
+    if isinstance(config, dict) and config.get("is_encoder_decoder"):
+        raise ValueError(
+            f"{name!r} is an encoder-decoder ({config.get('model_type')!r}); hfprune's commands load causal LMs, "
+            f"which would keep only its decoder. Prune it from Python, where both stacks are pruned: "
+            f"`model = AutoModelForSeq2SeqLM.from_pretrained(path)` (AutoModelForSpeechSeq2Seq for Whisper), "
+            f"`hfprune.prune(model, tokenizer, hfprune.WandaConfig(sparsity=0.5), calibration=...)`, "
+            f"`hfprune.save_pretrained(model, out)`.")
+
+
 def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` for a path, Hub id or alias; dtype defaults to the checkpoint's."""
     path = resolve_model_path(name)
@@ -143,6 +161,7 @@ def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs
         logger.info("%s is not a local folder; trying the Hugging Face Hub.", path)
     from hfprune.structured import AutoPrunedModelForCausalLM  # every checkpoint hfprune writes, structured ones too
 
+    _refuse_encoder_decoder(name, Path(path))
     report = _HeldLoadReport()
     try:
         with report:

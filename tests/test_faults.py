@@ -850,3 +850,19 @@ def test_damaged_sparse_checkpoint_is_one_message(tmp_path):
     assert "cannot be loaded: Damaged hfprune-sparse checkpoint: a bitmask holds" in res.stderr
     assert "(weight model.layers." in res.stderr
     assert "Traceback" not in res.stderr and "LOAD REPORT" not in res.stderr
+
+
+def test_cli_refuses_an_encoder_decoder_checkpoint_before_loading(tmp_path, calib_file, caplog):
+    import transformers
+
+    path = tmp_path / "bart"
+    config = transformers.BartConfig(vocab_size=320, d_model=64, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                     decoder_ffn_dim=128, max_position_embeddings=64)
+    transformers.BartForConditionalGeneration(config).save_pretrained(path)
+    import hfprune.models as models
+
+    with pytest.raises(ValueError, match="is an encoder-decoder \\('bart'\\).*keep only its decoder.*Prune it from Python"):
+        models._refuse_encoder_decoder("bart", path)
+    rc = main(["prune", "--model", str(path), "--method", "magnitude", "--output", str(tmp_path / "out")])
+    assert rc == 2 and "is an encoder-decoder" in caplog.text and not (tmp_path / "out").exists()
