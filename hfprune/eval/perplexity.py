@@ -124,9 +124,10 @@ def evaluate(model, tokenizer=None, dataset=None, *, tasks=None, limit=None, bat
     from hfprune.report import layer_sparsity_report
 
     if tasks is not None:
-        from hfprune.eval.harness import check_task_files
+        from hfprune.eval.harness import check_task_files, check_zeroshot_args
 
-        check_task_files(tasks)  # a missing file fails before the perplexity pass
+        check_task_files(tasks)  # a missing file or a bad number fails before the perplexity pass
+        limit, batch_size, num_fewshot = check_zeroshot_args(limit, batch_size, num_fewshot)
     result = {}
     if dataset is not None or tasks is None:
         result = perplexity(model, tokenizer, "wikitext2" if dataset is None else dataset, **kwargs)
