@@ -113,26 +113,45 @@ def _load_file(path: Path, text_column: str, split: str | None = None) -> list[s
     return values
 
 
-def _load_hub(name: str, config_name: str | None, split: str, text_column: str, **kwargs) -> list[str]:
+def _load_hub(name: str, config_name: str | None, split: str, text_column: str, purpose: str = "calibration",
+              **kwargs) -> list[str]:
     import datasets
 
     try:
         ds = datasets.load_dataset(name, config_name, split=split, **kwargs)
     except Exception as err:  # network errors, missing data sets, offline mode: all mean "not reachable"
+        hint = ", or calibrate on text sampled from the model itself with calibration='self' (--calibration self)" \
+            if purpose == "calibration" else ""
         raise RuntimeError(
             f"Could not load the data set {name!r} (config {config_name!r}, split {split!r}) from the Hub: "
-            f"{type(err).__name__}: {err}. Use a local file, a list of strings, set HFPRUNE_DATA_DIR to a folder "
-            f"with the c4/wikitext files, or calibrate on text sampled from the model itself with "
-            f"calibration='self' (--calibration self)."
+            f"{type(err).__name__}: {err}. Use a local file, a list of strings, or set HFPRUNE_DATA_DIR to a folder "
+            f"with the c4/wikitext files{hint}."
         ) from err
     if text_column not in ds.column_names:
         raise ValueError(f"{name} has no column {text_column!r} (columns: {ds.column_names}); set text_column.")
     return list(ds[text_column])
 
 
+def _local_split_error(path: Path, split: str, purpose: str) -> ValueError:
+    """The local wikitext2 holds only its test split: what to do instead, for what the text is for."""
+    if purpose == "evaluation":
+        return ValueError(
+            f"The local wikitext2 ({path}) holds only the test split, and the {split!r} split is not kept locally: "
+            f"evaluate on the test split (--split test, the default), or pass the {split} text as a file "
+            f"(--dataset path/to/wiki.{split}.raw).")
+    use, flag = ("fine-tune", "--dataset c4") if purpose == "training" else ("calibrate", "--calibration c4")
+    return ValueError(
+        f"The local wikitext2 ({path}) holds only the test split, which is the text perplexity is measured on: "
+        f"{'training' if purpose == 'training' else 'calibrating'} on it makes that number meaningless. "
+        f"{use.capitalize()} on c4 ({flag}), or pass split='test' (--split test) to do it knowingly.")
+
+
 def load_texts(source, *, split: str = "train", text_column: str = "text",
-               config_name: str | None = None) -> list[str]:
-    """Documents of ``source`` as a list of strings (see the module docstring for sources)."""
+               config_name: str | None = None, purpose: str = "calibration") -> list[str]:
+    """Documents of ``source`` as a list of strings (see the module docstring for sources).
+
+    ``purpose`` (``"calibration"``, ``"training"`` or ``"evaluation"``) only words the errors: what the
+    text was for and what to pass instead."""
     if isinstance(source, (list, tuple)):
         if not all(isinstance(t, str) for t in source):
             raise ValueError("A calibration list must hold strings; pass token ids as a torch.Tensor instead.")
@@ -148,10 +167,7 @@ def load_texts(source, *, split: str = "train", text_column: str = "text",
             path = root / spec["file"]
             if split != spec["file_split"]:
                 if key == "wikitext2":  # the only local split is the evaluation text: no silent leakage
-                    raise ValueError(
-                        f"The local wikitext2 ({root / spec['file']}) holds only the test split, which is the text "
-                        f"perplexity is measured on: calibrating on it makes that number meaningless. Calibrate on "
-                        f"c4 (--calibration c4), or pass split='test' (--split test) to do it knowingly.")
+                    raise _local_split_error(path, split, purpose)
                 logger.warning("Using %s (the %s split) from %s for split %r: it is the only split kept locally.",
                                key, spec["file_split"], root, split)
             if key == "wikitext2":
@@ -159,7 +175,7 @@ def load_texts(source, *, split: str = "train", text_column: str = "text",
             return _load_file(path, "text")
         name, cfg, kwargs = spec["hub"]
         hub_split = "test" if key == "wikitext2" and split == "test" else split
-        return _load_hub(name, cfg, hub_split, "text", **kwargs)
+        return _load_hub(name, cfg, hub_split, "text", purpose, **kwargs)
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
@@ -169,10 +185,11 @@ def load_texts(source, *, split: str = "train", text_column: str = "text",
         raise FileNotFoundError(
             f"Data file {source} does not exist: check the path (relative paths start at {Path.cwd()})."
         )
-    return _load_hub(source, config_name, split, text_column)
+    return _load_hub(source, config_name, split, text_column, purpose)
 
 
 def load_eval_text(source, *, split: str = "test", text_column: str = "text",
                    config_name: str | None = None) -> str:
     """The evaluation string of the papers' protocol: ``"\\n\\n".join(rows)``."""
-    return "\n\n".join(load_texts(source, split=split, text_column=text_column, config_name=config_name))
+    return "\n\n".join(load_texts(source, split=split, text_column=text_column, config_name=config_name,
+                                   purpose="evaluation"))

@@ -91,15 +91,91 @@ def _parse_dtype(dtype):
     return table[dtype]
 
 
+class _HeldLoadReport(logging.Filter):
+    """Holds back transformers' loading report (a table, with tracebacks for weights that failed to convert)
+    while a model loads, so that a damaged hfprune-sparse checkpoint is one message of ours;
+    :meth:`release` logs what was held when the report is still worth reading."""
+
+    _LOGGER = "transformers.modeling_utils"
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+    def __enter__(self):
+        logging.getLogger(self._LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger(self._LOGGER).removeFilter(self)
+        return False
+
+    def damage(self) -> str | None:
+        """Our decoder's error for a damaged weight, with the weight's name, if the report holds one."""
+        import re
+
+        for record in self.held:
+            text = record.getMessage()
+            # the exception's own text is the last occurrence (the traceback before it quotes the source line)
+            found = re.findall(r"^(?:ValueError: )?(Damaged hfprune-sparse checkpoint:[^\n]*)$", text, re.MULTILINE)
+            if found:
+                weight = re.search(r"on tensors destined for (\S+?)\.? Ckpt", text) or \
+                    re.search(r"when processing parameter (\S+)", text)
+                where = f" (weight {weight.group(1)})" if weight else ""
+                return found[-1].rstrip() + where
+        return None
+
+    def release(self) -> None:
+        target = logging.getLogger(self._LOGGER)
+        for record in self.held:
+            target.handle(record)
+        self.held = []
+
+
+def _refuse_encoder_decoder(name, path: Path) -> None:
+    """A local encoder-decoder checkpoint (T5, BART, Whisper) is refused before loading: as a causal LM it would
+    load without its encoder (or not at all)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a local folder, or a config the loader reports on itself
+    if isinstance(config, dict) and config.get("is_encoder_decoder"):
+        raise ValueError(
+            f"{name!r} is an encoder-decoder ({config.get('model_type')!r}); hfprune's commands load causal LMs, "
+            f"which would keep only its decoder. Prune it from Python, where both stacks are pruned: "
+            f"`model = AutoModelForSeq2SeqLM.from_pretrained(path)` (AutoModelForSpeechSeq2Seq for Whisper), "
+            f"`hfprune.prune(model, tokenizer, hfprune.WandaConfig(sparsity=0.5), calibration=...)`, "
+            f"`hfprune.save_pretrained(model, out)`.")
+
+
 def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` for a path, Hub id or alias; dtype defaults to the checkpoint's."""
     path = resolve_model_path(name)
     if not Path(path).exists() and os.sep not in path.strip("/") and "/" not in path and name not in ALIASES:
         logger.info("%s is not a local folder; trying the Hugging Face Hub.", path)
+    _refuse_encoder_decoder(name, Path(path))
+    report = _HeldLoadReport()
     try:
-        model, info = AutoPrunedModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype), device_map=device_map,
-                                                                 output_loading_info=True, **kwargs)
+        with report:
+            model, info = AutoPrunedModelForCausalLM.from_pretrained(path, dtype=_parse_dtype(dtype),
+                                                                     device_map=device_map, output_loading_info=True,
+                                                                     **kwargs)
+    except RuntimeError as err:
+        damage = report.damage()
+        if damage is None:
+            report.release()
+            raise
+        raise ValueError(f"{name!r} cannot be loaded: {damage}") from None
     except OSError as err:
+        report.release()
         raise OSError(
             f"Could not load a model from {name!r}: {err}\nPass a local checkpoint folder, a Hub id that is reachable, "
             f"or one of the aliases: {', '.join(ALIASES)}."
@@ -114,12 +190,15 @@ def load_model(name: str | os.PathLike, *, dtype=None, device_map=None, **kwargs
             f"`AutoModelForCausalLM.from_pretrained(path, weights_only=False).save_pretrained(new_path)`, "
             f"and pass the new folder.") from None
     except Exception as err:  # a damaged file (truncated safetensors, bad header) is an input error, not a bug
+        report.release()
         if type(err).__name__ in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeaderDeserialization") \
                 or "safetensors" in str(err).lower() or "header" in str(err).lower():
             raise ValueError(f"The weights of {name!r} cannot be read ({type(err).__name__}: {err}): the file is "
                              f"damaged or incomplete (an interrupted download or copy?). Copy it again.") from None
         raise
     missing = sorted(info.get("missing_keys") or [])
+    if not missing:
+        report.release()  # what transformers had to say about a model that loaded (unexpected keys, ...)
     if missing:
         raise ValueError(
             f"{name!r} lacks {len(missing)} weight(s) that its config needs, e.g. {', '.join(missing[:3])}: the config "

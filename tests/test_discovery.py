@@ -391,3 +391,88 @@ def test_per_expert_linear_lists():
     assert tokens["model.layers.0.mlp.experts.7.w1"] == 0
     assert report.layers["model.layers.0.mlp.experts.7.w1"]["statistics"] == "none (magnitude)"
     assert sum(v for k, v in tokens.items() if k.startswith("model.layers.0.") and k.endswith(".w1")) == 4 * 32 * 2
+
+
+# --- encoder-decoders laid out as model.encoder.layers / model.decoder.layers (issue 28, item 10) ----------------
+
+_SEQ2SEQ = dict(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, decoder_start_token_id=1)
+
+
+def _seq2seq(model_type):
+    extra = dict(max_target_positions=64, max_source_positions=16, num_mel_bins=8) if model_type == "whisper" \
+        else dict(max_position_embeddings=64)
+    config = transformers.AutoConfig.for_model(model_type, **_SEQ2SEQ, **extra)
+    auto = transformers.AutoModelForSpeechSeq2Seq if model_type == "whisper" else transformers.AutoModelForSeq2SeqLM
+    torch.manual_seed(0)
+    return auto.from_config(config).eval()
+
+
+def _block_linears(model, spec):
+    return {f"{stack}.{i}.{n}" for stack in (spec.layers, *spec.stacks)
+            for i, block in enumerate(model.get_submodule(stack)) for n, m in block.named_modules()
+            if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "pegasus", "marian", "blenderbot"])
+def test_encoder_decoder_layouts_prune_both_stacks(model_type, tmp_path):
+    model = _seq2seq(model_type)
+    spec = get_spec(model)
+    assert (spec.layers, spec.stacks) == ("model.encoder.layers", ("model.decoder.layers",))
+    encoder, decoder = model.get_encoder(), model.get_decoder()
+    seen = []  # the encoder's sparsity each time a decoder cross-attention projection reads its output
+
+    def record(module, args):
+        seen.append(float((encoder.layers[0].fc1.weight == 0).float().mean()))
+
+    cross = decoder.layers[0].encoder_attn.k_proj
+    handle = cross.register_forward_pre_hook(record)
+    ids = torch.randint(3, 300, (4, 16))
+    report = hfprune.prune(model, config=hfprune.WandaConfig(sparsity=0.5), calibration=ids, progress=False)
+    handle.remove()
+    # every linear layer of every encoder and decoder block is pruned (nothing left dense without a word)
+    assert set(report.layers) == _block_linears(model, spec)
+    assert all(v["sparsity"] == pytest.approx(0.5) for v in report.layers.values())
+    assert (encoder.layers[1].self_attn.q_proj.weight == 0).float().mean() == pytest.approx(0.5)
+    # the encoder ran first: the decoder's cross-attention was calibrated on the pruned encoder's outputs
+    assert seen and all(s == pytest.approx(0.5) for s in seen)
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, decoder_input_ids=ids).logits,
+                           model(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_whisper_prunes_both_stacks_from_audio_inputs_and_refuses_token_ids():
+    model = _seq2seq("whisper")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="reads 'input_features', not token ids"):
+        hfprune.prune(model, config=hfprune.WandaConfig(sparsity=0.5), calibration=torch.randint(3, 300, (2, 16)),
+                      progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before any work
+    batches = [{"input_features": torch.randn(2, 8, 32), "decoder_input_ids": torch.randint(3, 300, (2, 8))}
+               for _ in range(2)]
+    report = hfprune.prune(model, config=hfprune.WandaConfig(sparsity=0.5), calibration=batches, progress=False)
+    assert set(report.layers) == _block_linears(model, get_spec(model)) and report.sparsity == pytest.approx(0.5)
+
+
+def test_one_stack_methods_refuse_encoder_decoders_before_work():
+    from hfprune.methods.structured import StructuredConfig
+    from hfprune.structured.depth import DepthPruningConfig
+
+    model = _seq2seq("bart")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    for config in (StructuredConfig(heads_ratio=0.5, importance="magnitude"), DepthPruningConfig(num_blocks=1)):
+        with pytest.raises(ValueError, match="one block stack.*model.encoder.layers and model.decoder.layers"):
+            hfprune.prune(model, config=config, calibration=torch.randint(3, 300, (2, 16)), progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_convolutional_models_are_refused_before_work():
+    config = transformers.ConvNextConfig(depths=[1, 1], hidden_sizes=[16, 32], num_stages=2, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.ConvNextForImageClassification(config).eval()
+    images = [{"pixel_values": torch.randn(2, 3, 32, 32)}]
+    with pytest.raises(ValueError, match=r"'convnext'\) is a convolutional network .*Conv2d.*not convolutions"):
+        hfprune.prune(model, config=hfprune.WandaConfig(sparsity=0.5), calibration=images, progress=False)

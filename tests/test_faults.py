@@ -684,3 +684,185 @@ def test_alias_converted_once_when_processes_start_together(tmp_path, monkeypatc
         t.join()
     assert errors == [] and calls == ["smollm2-135m"]
     assert paths == [str(tmp_path / "smollm2-135m")] * 3
+
+
+# --- issue 28: every flag checked before the model loads, combinations refused up front -----------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if a command gets as far as loading a model."""
+    import hfprune.models as models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def test_recover_seqlen_beyond_positions_is_refused_before_loading(gpt2_dir, calib_file, tmp_path, caplog,
+                                                                    no_model_load):
+    rc = main(["recover", "--model", str(gpt2_dir), "--dataset", str(calib_file), "--max-steps", "1",
+               "--seqlen", "100000", "--output", str(tmp_path / "rec")])
+    assert rc == 2 and "training seqlen (--seqlen) is 100000 tokens" in caplog.text
+    assert "at most 256 positions" in caplog.text and not (tmp_path / "rec").exists()
+
+
+def test_recover_library_checks_the_seqlen_before_training(calib_file):
+    from hfprune.workflows.recovery import RecoveryArguments, recover
+
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="at most 256 positions"):
+        recover(model, None, RecoveryArguments(dataset=str(calib_file), seqlen=100_000, max_steps=1))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--num-fewshot", "-1"], "num_fewshot (--num-fewshot) must be a whole number >= 0"),
+    (["--batch-size", "-3"], "batch_size (--batch-size) must be a whole number >= 1, 'auto'"),
+    (["--limit", "-5"], "limit (--limit) must be a whole number of documents >= 1 or a fraction in (0, 1)"),
+    (["--limit", "0"], "limit (--limit) must be a whole number"),
+    (["--limit", "nan"], "got nan"),
+])
+def test_eval_zero_shot_numbers_are_checked_before_loading(tmp_path, caplog, no_model_load, flags, needle):
+    rc = main(["eval", "--model", str(tmp_path / "not-loaded"), "--tasks", "piqa", *flags])
+    assert rc == 2 and needle in caplog.text and "Traceback" not in caplog.text
+
+
+def test_float_calibration_tensor_is_refused():
+    import hfprune
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="must be integer token ids .* got a torch.float32 tensor"):
+        hfprune.prune(model, None, hfprune.WandaConfig(), calibration=torch.rand(2, 16), progress=False)
+    assert not any((m.weight == 0).any() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_out_of_vocabulary_ids_name_the_vocabulary():
+    import hfprune
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 300, (2, 16))
+    ids[0, 0], ids[1, 5] = 3, 5000
+    with pytest.raises(ValueError, match="ids from 3 to 5000, but the model's vocabulary has 320 entries"):
+        hfprune.prune(model, None, hfprune.WandaConfig(), calibration=ids, progress=False)
+    with pytest.raises(ValueError, match="vocabulary has 320 entries"):
+        hfprune.perplexity(model, None, ids, seqlen=16, progress=False)
+
+
+def test_meta_device_model_is_refused_before_work():
+    import hfprune
+    import transformers
+
+    from conftest import tiny_config
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    for config in (hfprune.MagnitudeConfig(), hfprune.WandaConfig()):
+        with pytest.raises(ValueError, match="weights, but they are not loaded .*meta device.*--low-memory"):
+            hfprune.prune(model, None, config, calibration=torch.randint(3, 300, (2, 16)), progress=False)
+    with pytest.raises(ValueError, match="Evaluation needs the model's weights"):
+        hfprune.perplexity(model, None, torch.randint(3, 300, (1, 64)), seqlen=16, progress=False)
+
+
+def test_a_method_name_is_a_config_and_anything_else_a_type_error():
+    import hfprune
+
+    ids = torch.randint(3, 300, (2, 16))
+    by_name, by_config = tiny_model("llama"), tiny_model("llama")
+    report = hfprune.prune(by_name, None, "wanda", calibration=ids, progress=False)
+    hfprune.prune(by_config, None, hfprune.WandaConfig(), calibration=ids, progress=False)
+    assert report.method == "wanda" and report.sparsity == pytest.approx(0.5)
+    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_config.state_dict().values()))
+    with pytest.raises(TypeError, match="a method name such as 'wanda'; got int"):
+        hfprune.prune(tiny_model("llama"), None, 42)
+    with pytest.raises(ValueError, match="Unknown pruning method 'wandaa'"):
+        hfprune.prune(tiny_model("llama"), None, "wandaa")
+
+
+def test_malformed_task_line_names_the_file_and_line(tmp_path, caplog, no_model_load):
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"prompt": "2 + 2 =", "choices": [" 4", " 5"], "label": 0}\n\n'
+                    '{"prompt": "3 + 3 =", "choices": [" 6", " 7"], "label": 0\n')
+    rc = main(["zeroshot", "--model", str(tmp_path / "not-loaded"), "--task", str(task)])
+    assert rc == 2 and f"{task}, line 3, column" in caplog.text and "not valid JSON" in caplog.text
+
+
+def test_eval_split_error_is_about_evaluation(model_dir, caplog, data_dir):
+    rc = main(["eval", "--model", str(model_dir), "--dataset", "wikitext2", "--split", "validation"])
+    assert rc == 2 and "evaluate on the test split (--split test" in caplog.text
+    assert "calibrat" not in caplog.text.lower()
+
+
+def _non_uniform(tmp_path):
+    import hfprune
+    from hfprune.methods.structured import StructuredConfig
+
+    model = tiny_model("llama")
+    hfprune.prune(model, None, StructuredConfig(mlp_ratio=0.25, importance="magnitude", uniform=False), progress=False)
+    out = tmp_path / "non-uniform"
+    hfprune.save_pretrained(model, out)
+    assert json.loads((out / "config.json").read_text()).get("pruned_shapes")
+    return out
+
+
+def _sparse(tmp_path):
+    import hfprune
+
+    model = tiny_model("llama")
+    hfprune.prune(model, None, hfprune.MagnitudeConfig())
+    out = tmp_path / "sparse"
+    hfprune.save_pretrained(model, out, format="sparse")
+    return out
+
+
+@pytest.mark.parametrize("make,flags,needle", [
+    (_non_uniform, ["--method", "depth", "--num-blocks", "1", "--keep-first", "0"],
+     "Depth pruning of a non-uniform structured model"),
+    (_non_uniform, ["--method", "wanda", "--low-memory"], "this is a non-uniform structured model"),
+    (_sparse, ["--method", "wanda", "--low-memory"], "stored 'hfprune-sparse'-compressed"),
+    (_sparse, ["--method", "wanda", "--resume"], "stored 'hfprune-sparse'-compressed"),
+])
+def test_unsupported_combinations_are_refused_before_loading(tmp_path, calib_file, caplog, tiny_tokenizer, make,
+                                                             flags, needle, no_model_load):
+    model = make(tmp_path)
+    tiny_tokenizer.save_pretrained(model)
+    out = tmp_path / "out"
+    rc = main(["prune", "--model", str(model), "--calibration", str(calib_file), "--nsamples", "2", "--seqlen",
+               "32", *flags, "--output", str(out)])
+    assert rc == 2 and needle in caplog.text and "please report" not in caplog.text
+    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir() if "out" in p.name)
+
+
+def test_depth_on_a_non_uniform_model_is_refused_by_the_library(tmp_path):
+    import hfprune
+    from hfprune.structured.depth import DepthPruningConfig
+
+    model = hfprune.load_model(_non_uniform(tmp_path))
+    with pytest.raises(ValueError, match="Depth pruning of a non-uniform structured model"):
+        hfprune.prune(model, None, DepthPruningConfig(num_blocks=1, keep_first=0), progress=False)
+
+
+def test_damaged_sparse_checkpoint_is_one_message(tmp_path):
+    out = _sparse(tmp_path)
+    _tamper(out, "bitmask", lambda t: t[: t.numel() // 2].clone())
+    res = subprocess.run([sys.executable, "-m", "hfprune.cli", "eval", "--model", str(out), "--seqlen", "16"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "cannot be loaded: Damaged hfprune-sparse checkpoint: a bitmask holds" in res.stderr
+    assert "(weight model.layers." in res.stderr
+    assert "Traceback" not in res.stderr and "LOAD REPORT" not in res.stderr
+
+
+def test_cli_refuses_an_encoder_decoder_checkpoint_before_loading(tmp_path, calib_file, caplog):
+    import transformers
+
+    path = tmp_path / "bart"
+    config = transformers.BartConfig(vocab_size=320, d_model=64, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                     decoder_ffn_dim=128, max_position_embeddings=64)
+    transformers.BartForConditionalGeneration(config).save_pretrained(path)
+    import hfprune.models as models
+
+    with pytest.raises(ValueError, match="is an encoder-decoder \\('bart'\\).*keep only its decoder.*Prune it from Python"):
+        models._refuse_encoder_decoder("bart", path)
+    rc = main(["prune", "--model", str(path), "--method", "magnitude", "--output", str(tmp_path / "out")])
+    assert rc == 2 and "is an encoder-decoder" in caplog.text and not (tmp_path / "out").exists()

@@ -14,6 +14,10 @@ fused qkv row orders). What is read, in order:
    gate/up/down or a fused gate_up, expert containers, routers);
 4. **sizes** from ``config.get_text_config()`` (heads, key/value heads, head_dim, MLP width).
 
+An encoder-decoder (``config.is_encoder_decoder``) gets its encoder stack as ``layers`` and its
+decoder stack in ``stacks`` (both are pruned, encoder first), or an error when the two cannot be
+told apart; blocks made of 2-D/3-D convolutions (ConvNeXt) are refused.
+
 A model whose layout cannot be found gets a :class:`ValueError` that lists the candidate module
 lists and says what to register, e.g.
 ``hfprune.register_architecture("my_type", ArchSpec(layers="model.decoder.layers"))``.
@@ -256,6 +260,45 @@ def check_structured(model: nn.Module, spec, heads: bool, mlp: bool) -> None:
                              f"mlp_ratio=0, or {hint}.")
 
 
+_CONV = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _check_not_convolutional(model: nn.Module, blocks: nn.ModuleList, path: str) -> None:
+    """Refuse, before any work, a convolutional network (ConvNeXt, ResNet): its repeated stages hold 2-D/3-D
+    convolutions, not transformer blocks of linear layers."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for name, module in blocks.named_modules():
+        if isinstance(module, _CONV):
+            name = f"{path}.{name}"
+            raise ValueError(
+                f"{type(model).__name__} (model type {model_type!r}) is a convolutional network ({name} is a "
+                f"{type(module).__name__}); hfprune prunes the linear layers of transformer blocks (decoder, encoder "
+                f"or encoder-decoder language and vision transformers), not convolutions. Use a transformer model.")
+
+
+def _stack_paths(found: list[tuple[str, nn.ModuleList]], side: str) -> list[str]:
+    """Block lists whose path (not counting the list's own name) has a component naming ``side``."""
+    return [n for n, _ in found if any(side in part for part in n.lower().split(".")[:-1]) and not _tower(n)]
+
+
+def _encoder_decoder_stacks(model: nn.Module) -> tuple[str, tuple[str, ...]]:
+    """``(encoder blocks, (decoder blocks,))`` of an encoder-decoder (T5's ``encoder.block``, BART's
+    ``model.encoder.layers``): the encoder is pruned first, then the decoder on the pruned encoder's
+    outputs. Raises when the two stacks cannot be told apart (pruning one would leave the other dense)."""
+    found = find_block_lists(model)
+    enc, dec = _stack_paths(found, "encoder"), _stack_paths(found, "decoder")
+    dec = [n for n in dec if n not in enc]
+    if len(enc) == 1 and len(dec) == 1:
+        return enc[0], (dec[0],)
+    model_type = getattr(model.config, "model_type", None)
+    listed = ", ".join(f"{n} ({len(m)} x {type(m[0]).__name__})" for n, m in found) or "none found"
+    raise ValueError(
+        f"hfprune could not tell the encoder and decoder blocks of the encoder-decoder {model_type!r} "
+        f"({type(model).__name__}) apart (candidate module lists: {listed}); pruning one stack only would leave "
+        f"the other dense. Name both: `hfprune.register_architecture({model_type!r}, ArchSpec(layers='<encoder "
+        f"blocks>', stacks=('<decoder blocks>',)))`.")
+
+
 def discover_spec(model: nn.Module, layers: str | None = None):
     """An :class:`~hfprune.arch.ArchSpec` for ``model`` found from transformers metadata.
 
@@ -264,12 +307,7 @@ def discover_spec(model: nn.Module, layers: str | None = None):
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     stacks: tuple[str, ...] = ()
     if layers is None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        # Encoder-decoder (T5, BART): the encoder stack first, then the decoder stack.
-        found = find_block_lists(model)
-        enc = [n for n, _ in found if "encoder" in n.rsplit(".", 2)[0].lower() and not _tower(n)]
-        dec = [n for n, _ in found if "decoder" in n.rsplit(".", 2)[0].lower() and not _tower(n)]
-        if len(enc) == 1 and len(dec) == 1:
-            layers, stacks = enc[0], (dec[0],)
+        layers, stacks = _encoder_decoder_stacks(model)
     if layers is None:
         decoder = find_decoder_path(model)
         candidates = find_block_lists(model, decoder) or (find_block_lists(model) if decoder else [])
@@ -286,6 +324,8 @@ def discover_spec(model: nn.Module, layers: str | None = None):
     except AttributeError as err:
         raise ValueError(f"{type(model).__name__} has no module at {layers!r}; pass the dotted path of its "
                          f"decoder-block ModuleList.") from err
+    for path in (layers, *stacks):
+        _check_not_convolutional(model, model.get_submodule(path), path)
     block = blocks[0]
     roles = find_roles(block)
     cfg = text_config(model)

@@ -9,7 +9,7 @@ import dataclasses
 import types
 import typing
 
-__all__ = ["add_fields", "model_command", "positive_int"]
+__all__ = ["add_fields", "model_command", "positive_int", "local_config"]
 
 
 def _scalar(tp):
@@ -82,3 +82,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def local_config(model: str):
+    """The ``PretrainedConfig`` of a local checkpoint folder, read without its weights (``None`` for a Hub id,
+    an alias, or a folder without a readable ``config.json``: then the checks wait for the loaded model)."""
+    import os
+    from pathlib import Path
+
+    path = Path(os.fspath(model)).expanduser()
+    if not (path / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - an unreadable config is reported by the loader, with its own message
+        return None

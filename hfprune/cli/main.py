@@ -11,7 +11,7 @@ import signal
 import sys
 
 from hfprune.cli import bench, flow, push, recover, sweep, zeroshot
-from hfprune.cli.flags import add_fields, model_command, positive_int
+from hfprune.cli.flags import add_fields, local_config, model_command, positive_int
 
 logger = logging.getLogger("hfprune.cli")
 
@@ -64,11 +64,11 @@ def _add_prune(sub) -> None:
                                                        "(recorded in eval_results.json and the model card).")
     p.add_argument("--eval-seqlen", type=positive_int, default=None,
                    help="Evaluation window length (default 2048, or the model's positions when fewer).")
-    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--max-windows", type=positive_int, default=None)
     p.add_argument("--eval-tasks", dest="eval_tasks",
                    help="Also score zero-shot tasks / suites (e.g. paper-7) before and after pruning through "
                         "lm-evaluation-harness (see `hfprune eval --tasks`); recorded like --eval.")
-    p.add_argument("--eval-limit", dest="eval_limit", type=int, default=None,
+    p.add_argument("--eval-limit", dest="eval_limit", type=positive_int, default=None,
                    help="With --eval-tasks: first N documents per task.")
     p.set_defaults(func=_run_prune, method_keys=method_keys + ["method", "target", "non_uniform"], calib_keys=calib_keys)
 
@@ -87,7 +87,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--limit", type=float, default=None, help="Zero-shot: first N documents per task (quick runs).")
     p.add_argument("--batch-size", dest="batch_size", default="16", help="Zero-shot requests per forward pass, "
                                                                          "or auto.")
-    p.add_argument("--num-fewshot", dest="num_fewshot", type=int, default=0)
+    p.add_argument("--num-fewshot", dest="num_fewshot", type=int, default=0,
+                   help="Zero-shot: examples shown before each question (0, the default: the papers' protocol).")
     p.add_argument("--output", help="Also write the JSON result to this file (not overwritten unless --overwrite).")
     p.add_argument("--overwrite", action="store_true",
                    help="Replace an existing --output file that hfprune wrote (never an input or a model's file).")
@@ -143,6 +144,7 @@ def _run_prune(args) -> int:
         data.pop("sparsity", None)
     calib_overrides = {k: getattr(args, k) for k in args.calib_keys}
     config, calibration = build_configs(data, overrides, calib_overrides)
+    _check_prune_combination(args, config)
     from hfprune.core.distributed import requested_cpu_processes, start_cpu_workers
 
     start_cpu_workers(requested_cpu_processes())  # `accelerate launch --cpu --num_processes N` without mpirun
@@ -157,6 +159,22 @@ def _run_prune(args) -> int:
     is_main = get_context().is_main  # under `accelerate launch`, only process 0 evaluates and writes
     with output_lock(args.output) if is_main else contextlib.nullcontext():
         return _prune_in_memory(args, config, calibration, is_main)
+
+
+def _check_prune_combination(args, config) -> None:
+    """What the input checkpoint cannot go through, from its config.json alone: refused before any weight loads."""
+    from hfprune.core.checks import check_checkpoint_combination
+
+    if args.eval_seqlen is not None and args.eval_seqlen < 2:
+        raise ValueError(f"--eval-seqlen {args.eval_seqlen} leaves nothing to predict: a window needs at least 2 "
+                         f"tokens.")
+    model_config = local_config(args.model)
+    if model_config is None:
+        return
+    if getattr(config, "method", None) == "depth":
+        check_checkpoint_combination(model_config, "depth")
+    if args.low_memory or args.resume:
+        check_checkpoint_combination(model_config, "low_memory")
 
 
 def _needs_tokenizer(args, config, calibration) -> bool:
@@ -244,13 +262,25 @@ def _run_eval(args) -> int:
     zeroshot = {}
     task_files = []
     if args.tasks:
-        from hfprune.eval.zeroshot import check_task_files, expand_tasks
+        from hfprune.eval.zeroshot import check_task_files, check_zeroshot_args, expand_tasks
 
-        # bad names and missing files fail before the model is loaded
+        # bad names, missing files and bad numbers fail before the model is loaded
         task_files = [f for files in check_task_files(args.tasks).values() for f in files]
-        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-        batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
-        zeroshot = dict(tasks=expand_tasks(args.tasks), limit=limit, batch_size=batch, num_fewshot=args.num_fewshot)
+        limit, batch, fewshot = check_zeroshot_args(args.limit, args.batch_size, args.num_fewshot)
+        zeroshot = dict(tasks=expand_tasks(args.tasks), limit=limit, batch_size=batch, num_fewshot=fewshot)
+    else:
+        given = [f for f, v, d in (("--limit", args.limit, None), ("--num-fewshot", args.num_fewshot, 0),
+                                   ("--batch-size", args.batch_size, "16")) if v != d]
+        if given:
+            raise ValueError(f"{', '.join(given)} set(s) how zero-shot tasks are scored: add --tasks (e.g. --tasks "
+                             f"piqa), or drop {'them' if len(given) > 1 else 'it'} for a perplexity run.")
+    if args.seqlen is not None and args.seqlen < 2:
+        raise ValueError(f"--seqlen {args.seqlen} leaves nothing to predict: a window needs at least 2 tokens.")
+    config = local_config(args.model)
+    if config is not None and args.seqlen is not None:
+        from hfprune.arch import check_seqlen
+
+        check_seqlen(config, args.seqlen, "The evaluation seqlen (--seqlen)")  # before the weights load
     if args.output:
         from hfprune.io import check_output_file
         from hfprune.models import command_inputs

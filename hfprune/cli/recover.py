@@ -8,7 +8,7 @@ import logging
 import shlex
 import sys
 
-from hfprune.cli.flags import add_fields
+from hfprune.cli.flags import add_fields, local_config
 from hfprune.report import PruneReport
 from hfprune.workflows.recovery import RecoveryArguments, arguments_from, recover
 
@@ -34,9 +34,9 @@ def add_cli(subparsers):
 
 
 def _cmd_recover(ns) -> int:
+    from hfprune.arch import check_seqlen
     from hfprune.io import check_output_dir
-    from hfprune.models import command_inputs
-    from hfprune.models import load_model, load_tokenizer
+    from hfprune.models import command_inputs, load_model, load_tokenizer
     from hfprune.recipes import read_recipe
 
     names = {f.name for f in dataclasses.fields(RecoveryArguments)}
@@ -48,6 +48,11 @@ def _cmd_recover(ns) -> int:
         raise ValueError("Pass an output folder: --output OUT.")
     inputs = command_inputs(args.model, args.teacher, args.dataset, args.eval_dataset, getattr(ns, "recipe", None))
     check_output_dir(args.output, args.overwrite, inputs)  # before loading anything
+    config = local_config(args.model)
+    if config is not None:  # window lengths against the model's positions, before its weights load
+        check_seqlen(config, args.seqlen, "The training seqlen (--seqlen)")
+        if args.eval_enabled and args.eval_seqlen is not None:
+            check_seqlen(config, args.eval_seqlen, "The evaluation seqlen (--eval-seqlen)")
 
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)

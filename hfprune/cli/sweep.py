@@ -13,20 +13,20 @@ def _command(subparsers, name: str, **kw):
     """The ``sweep`` / ``search`` parser ``name`` with the flags both take."""
     p = model_command(subparsers, name, **kw)
     p.add_argument("--calibration", default="c4", help="c4, wikitext2, self, or a data file (drawn once, reused).")
-    p.add_argument("--nsamples", type=int, default=None, help="Calibration windows (default 128).")
-    p.add_argument("--seqlen", type=int, default=None, help="Tokens per calibration window (default 2048).")
+    p.add_argument("--nsamples", type=positive_int, default=None, help="Calibration windows (default 128).")
+    p.add_argument("--seqlen", type=positive_int, default=None, help="Tokens per calibration window (default 2048).")
     p.add_argument("--seed", type=int, default=None, help="Calibration sampling seed (default 0).")
     p.add_argument("--eval-dataset", default="wikitext2", help="wikitext2, c4, or a text file.")
     p.add_argument("--eval-seqlen", type=positive_int, default=None,
                    help="Evaluation window length (default 2048, or the model's positions when fewer).")
-    p.add_argument("--max-windows", type=int, default=None,
+    p.add_argument("--max-windows", type=positive_int, default=None,
                    help="Evaluate only the first K windows (all by default; a few to fit CPU time).")
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--output", required=True, help="Results folder (resumed unless --overwrite).")
     p.add_argument("--overwrite", action="store_true", help="Discard results already in --output.")
     p.add_argument("--tasks", help="Also score lm-evaluation-harness zero-shot tasks / suites at every point "
                                    "(e.g. paper-7; see `hfprune eval --tasks`).")
-    p.add_argument("--task-limit", dest="task_limit", type=int, default=None,
+    p.add_argument("--task-limit", dest="task_limit", type=positive_int, default=None,
                    help="With --tasks: first N documents per task (CPU time).")
     return p
 

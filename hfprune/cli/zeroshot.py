@@ -5,9 +5,18 @@ from __future__ import annotations
 import json
 import sys
 
-from hfprune.cli.flags import model_command
+from hfprune.cli.flags import model_command, positive_int
 from hfprune.eval.cloze import cloze_task, load_task_file, task_items, zeroshot_accuracy
 from hfprune.models import load_model, load_tokenizer
+
+
+def _at_least_two(text: str) -> int:
+    import argparse
+
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 2 (a question needs two choices)")
+    return value
 
 
 def add_cli(subparsers):
@@ -24,10 +33,10 @@ def add_cli(subparsers):
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--choices-field", default="choices")
     p.add_argument("--label-field", default="label", help="Index of the right choice, or its text.")
-    p.add_argument("--limit", type=int, default=None, help="Score the first N items (cloze tasks: build N items, default 500).")
-    p.add_argument("--n-choices", type=int, default=4, help="Choices per cloze item.")
+    p.add_argument("--limit", type=positive_int, default=None, help="Score the first N items (cloze tasks: build N items, default 500).")
+    p.add_argument("--n-choices", type=_at_least_two, default=4, help="Choices per cloze item.")
     p.add_argument("--seed", type=int, default=0, help="Cloze item sampling seed.")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--json", action="store_true", help="Print one JSON object.")
     p.add_argument("--output", help="Also write the JSON result to this file (not overwritten unless --overwrite).")

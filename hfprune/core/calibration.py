@@ -14,6 +14,7 @@ import random
 import torch
 
 from hfprune.config import CalibrationConfig
+from hfprune.core.checks import check_token_ids
 from hfprune.data import load_texts
 from hfprune.core.runner import module_device
 
@@ -162,12 +163,14 @@ def get_calibration_ids(calibration: CalibrationConfig, tokenizer=None, model=No
     if batches is not None:
         return batches
     if isinstance(source, torch.Tensor):
-        ids = source.long()
+        ids = check_token_ids(source, model)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2:
             raise ValueError(f"Calibration token ids must be [nsamples, seqlen], got shape {tuple(ids.shape)}.")
         return ids
+    if model is not None:
+        check_token_ids(torch.zeros(1, dtype=torch.long), model)  # a model that reads no token ids: say so first
     if isinstance(source, str) and source == "self":
         if model is None:
             raise ValueError("calibration='self' samples text from the model: pass the model.")
@@ -177,4 +180,5 @@ def get_calibration_ids(calibration: CalibrationConfig, tokenizer=None, model=No
         raise ValueError("Text calibration data needs a tokenizer: pass `tokenizer=` (or token ids as a tensor).")
     texts = load_texts(source, split=calibration.split, text_column=calibration.text_column,
                        config_name=calibration.config_name)
-    return sample_windows(tokenizer, texts, calibration.nsamples, calibration.seqlen, calibration.seed)
+    return check_token_ids(sample_windows(tokenizer, texts, calibration.nsamples, calibration.seqlen, calibration.seed),
+                           model, "The tokenizer's ids")

@@ -8,6 +8,7 @@ next block sees the *pruned* outputs (the sequential scheme of SparseGPT and Wan
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from hfprune.arch import moe
 from hfprune.arch import check_seqlen, get_blocks, get_spec, in_features, find_linears, weight_matrix
 from hfprune.core.calibration import get_calibration_ids
+from hfprune.core.checks import check_prune_request
 from hfprune.config import CalibrationConfig, PruningConfig
 from hfprune.solvers.masks import global_budgets, parse_pattern
 from hfprune.registry import get_pruner_cls
@@ -204,8 +206,8 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     Args:
         model: a transformers causal LM (any architecture in :mod:`hfprune.arch`).
         tokenizer: its tokenizer (needed for text calibration data).
-        config: a method config such as ``WandaConfig(sparsity=0.5, pattern="2:4")``, or a dict
-            with a ``method`` key.
+        config: a method config such as ``WandaConfig(sparsity=0.5, pattern="2:4")``, a dict
+            with a ``method`` key, or a method name (``"wanda"``: its config with the defaults).
         calibration: ``"c4"``, ``"wikitext2"``, ``"self"``, a file path, a Hub data set name, a list
             of strings, a ``[nsamples, seqlen]`` token tensor, or a :class:`CalibrationConfig`.
             Ignored by data-free methods (magnitude).
@@ -225,13 +227,17 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     """
     if config is None:
         raise ValueError("Pass a pruning config, e.g. hfprune.WandaConfig(sparsity=0.5).")
+    if isinstance(config, (str, dict)):  # a method name: its config with the defaults; a dict: with these fields
+        config = PruningConfig.from_dict({"method": config} if isinstance(config, str) else config)
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config must be a pruning config (e.g. hfprune.WandaConfig(sparsity=0.5)), a dict with a "
+                        f"'method' key, or a method name such as 'wanda'; got {type(config).__name__}.")
+    check_prune_request(model, config)  # weights loaded, layout known, method fits the model: before any work
     from hfprune.structured.experts import ExpertPruningConfig, run_expert_pruning
 
     if isinstance(config, ExpertPruningConfig):  # whole experts removed: its own flow (router-weighted importance)
         return run_expert_pruning(model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                   progress=progress)
-    if isinstance(config, dict):
-        config = PruningConfig.from_dict(config)
     from hfprune.structured.depth import DepthPruningConfig, run_depth_pruning
     from hfprune.structured.hidden import HiddenPruningConfig, run_hidden_pruning
 

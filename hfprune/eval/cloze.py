@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from hfprune.arch import max_positions
 from hfprune.data import load_texts
+from hfprune.eval.taskdata import parse_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -417,11 +418,18 @@ def load_task_file(path: str | os.PathLike) -> list[dict]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Task file {path} does not exist: pass a .json/.jsonl file, or --task cloze.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}): save it as UTF-8.") from None
     if path.suffix.lower() == ".jsonl":
-        docs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        docs = parse_json_lines(text.split("\n"), path)
     elif path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}): fix the "
+                             f"file.") from None
         if isinstance(data, dict):
             data = data.get("data", data.get("items"))
         if not isinstance(data, list):

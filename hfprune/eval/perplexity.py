@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hfprune.arch import check_seqlen, max_positions
+from hfprune.core.checks import check_loaded, check_token_ids
 from hfprune.core.runner import module_device
 from hfprune.data import load_eval_text
-from hfprune.eval.zeroshot import check_task_files, zeroshot_evaluate
+from hfprune.eval.zeroshot import check_task_files, check_zeroshot_args, zeroshot_evaluate
 from hfprune.report import layer_sparsity_report
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def eval_token_ids(tokenizer, dataset="wikitext2", *, split: str = "test", text_
                    config_name: str | None = None) -> torch.Tensor:
     """The whole evaluation text as one row of token ids ``[1, T]``."""
     if isinstance(dataset, torch.Tensor):
-        return dataset.reshape(1, -1).long()
+        return check_token_ids(dataset, None, "Evaluation token ids").reshape(1, -1)
     text = load_eval_text(dataset, split=split, text_column=text_column, config_name=config_name)
     return torch.tensor([tokenizer(text, verbose=False)["input_ids"]], dtype=torch.long)
 
@@ -65,8 +66,10 @@ def perplexity(model, tokenizer=None, dataset="wikitext2", *, seqlen: int | None
                                     or max_windows < 1):
         raise ValueError(f"max_windows must be a positive integer or None (all windows), got {max_windows!r}.")
     check_seqlen(model.config, seqlen, "The evaluation seqlen (--seqlen)")
+    check_loaded(model, "Evaluation")
     ids = token_ids if token_ids is not None else eval_token_ids(
         tokenizer, dataset, split=split, text_column=text_column, config_name=config_name)
+    ids = check_token_ids(ids, model, "The evaluation token ids")
     n_windows = ids.shape[1] // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -116,7 +119,8 @@ def evaluate(model, tokenizer=None, dataset=None, *, tasks=None, limit=None, bat
         >>> # hfprune.evaluate(model, tokenizer, tasks="paper-7")["zeroshot"]["means"]["paper-7"]["acc"]
     """
     if tasks is not None:
-        check_task_files(tasks)  # a missing file fails before the perplexity pass
+        check_task_files(tasks)  # a missing file or a bad number fails before the perplexity pass
+        limit, batch_size, num_fewshot = check_zeroshot_args(limit, batch_size, num_fewshot)
     result = {}
     if dataset is not None or tasks is None:
         result = perplexity(model, tokenizer, "wikitext2" if dataset is None else dataset, **kwargs)

@@ -71,9 +71,24 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
+def parse_json_lines(lines, path) -> list:
+    """One JSON value per non-blank line; a line that does not parse is an error naming ``path`` and its
+    1-based line number (blank lines count)."""
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}, column {err.colno}: not valid JSON ({err.msg}). Every line of a "
+                             f".jsonl file must be one complete JSON object: fix that line.") from None
+    return out
+
+
 def _jsonl(path: Path) -> list[dict]:
     with _open_text(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        return parse_json_lines(fh, path)
 
 
 def read_save_to_disk(path: Path) -> list[dict] | Any:

@@ -162,6 +162,35 @@ def _means(tasks: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def check_zeroshot_args(limit=None, batch_size=16, num_fewshot=0) -> tuple[int | float | None, int | str, int]:
+    """``(limit, batch_size, num_fewshot)`` checked and normalised before the harness sees them (its own
+    errors for these are internal ``islice`` / ``NaN`` messages, or none at all).
+
+    ``limit``: ``None``, a whole number of documents >= 1, or a fraction in (0, 1); ``batch_size``: a whole
+    number >= 1, ``"auto"`` or ``"auto:N"``; ``num_fewshot``: a whole number >= 0."""
+    import math
+
+    if limit is not None:
+        bad = isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0 \
+            or (limit >= 1 and limit != int(limit))
+        if bad:
+            raise ValueError(f"limit (--limit) must be a whole number of documents >= 1 or a fraction in (0, 1), "
+                             f"got {limit!r}: e.g. --limit 100, or leave it out to score every document.")
+        limit = int(limit) if limit >= 1 else float(limit)
+    text = str(batch_size).strip().lower()
+    if isinstance(batch_size, bool):
+        text = ""
+    if text.isdigit() and int(text) >= 1:
+        batch_size = int(text)
+    elif not (text == "auto" or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) >= 1)):
+        raise ValueError(f"batch_size (--batch-size) must be a whole number >= 1, 'auto' or 'auto:N', got "
+                         f"{batch_size!r}.")
+    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise ValueError(f"num_fewshot (--num-fewshot) must be a whole number >= 0 (0: the papers' zero-shot "
+                         f"protocol), got {num_fewshot!r}.")
+    return limit, batch_size, num_fewshot
+
+
 def zeroshot_evaluate(model, tokenizer=None, tasks: str | Sequence[str] = "paper-7", *, limit: int | float | None = None,
                       batch_size: int | str = 16, num_fewshot: int = 0, max_length: int | None = None,
                       bootstrap_iters: int = 100000, log_samples: bool = False,
@@ -194,6 +223,7 @@ def zeroshot_evaluate(model, tokenizer=None, tasks: str | Sequence[str] = "paper
     """
     names = expand_tasks(tasks)
     check_task_files(names)
+    limit, batch_size, num_fewshot = check_zeroshot_args(limit, batch_size, num_fewshot)
     lm_eval = _require_lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

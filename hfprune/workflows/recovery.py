@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
+from hfprune.arch import check_seqlen
 from hfprune.data import _ALIASES, load_texts
 from hfprune.eval.perplexity import eval_token_ids, perplexity
 from hfprune.io import check_output_dir, save_pretrained
@@ -127,6 +128,10 @@ class RecoveryArguments:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}: change --learning-rate.")
         if self.eval_steps < 0:
             raise ValueError(f"eval_steps must be >= 0, got {self.eval_steps}: change --eval-steps.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}: change --weight-decay.")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}: change --lora-alpha.")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}: change --warmup-steps.")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -391,7 +396,7 @@ def _load_train_texts(args: RecoveryArguments) -> list[str]:
     if args.eval_enabled and _same_source(args.dataset, args.eval_dataset):
         raise ValueError(f"The training data set ({args.dataset}) is the evaluation text ({args.eval_dataset}): "
                          f"train on other text (--dataset c4) or evaluate elsewhere (--eval-dataset).")
-    return load_texts(args.dataset, split=args.split, text_column=args.text_column)
+    return load_texts(args.dataset, split=args.split, text_column=args.text_column, purpose="training")
 
 
 def _lora_targets(value: str):
@@ -459,6 +464,9 @@ def recover(model, tokenizer, args: RecoveryArguments | None = None, *, teacher=
     inputs = command_inputs(args.model, args.teacher, args.dataset, args.eval_dataset)
     if args.output is not None:
         check_output_dir(args.output, args.overwrite, inputs)  # fail before the slow part
+    check_seqlen(model.config, args.seqlen, "The training seqlen (--seqlen)")  # not one endless step later
+    if args.eval_enabled and args.eval_seqlen is not None:
+        check_seqlen(model.config, args.eval_seqlen, "The evaluation seqlen (--eval-seqlen)")
     if args.distill and teacher is None:
         raise ValueError("distill=True needs the dense teacher: pass recover(..., teacher=dense_model) "
                          "(CLI: --teacher DIR).")

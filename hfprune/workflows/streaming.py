@@ -285,6 +285,11 @@ def prune_checkpoint(model: str | os.PathLike, output: str | os.PathLike, config
         raise FileNotFoundError(f"{model} is not a local folder: --low-memory / --resume need a local safetensors "
                                 f"checkpoint folder.")
     weight_map = _weight_map(path)
+    from transformers import AutoConfig
+
+    from hfprune.core.checks import check_checkpoint_combination
+
+    check_checkpoint_combination(AutoConfig.from_pretrained(path), "low_memory")  # before any work
     check_output_dir(output, overwrite, inputs=(path,))
     # One run at a time per output: its progress folder beside the output is shared by name.
     with output_lock(output) if ctx.is_main else contextlib.nullcontext():

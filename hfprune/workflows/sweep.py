@@ -569,6 +569,10 @@ def search(model=None, tokenizer=None, method: str = "wanda", *, max_ppl_increas
     if sum(b is not None for b in (max_ppl_increase, max_ppl, max_acc_drop)) != 1:
         raise ValueError("Give exactly one budget: max_ppl_increase (relative, e.g. 0.1 for +10 %), "
                          "max_ppl (absolute perplexity) or max_acc_drop (zero-shot accuracy points, with tasks=).")
+    for name, value in (("max_ppl_increase", max_ppl_increase), ("max_ppl", max_ppl), ("max_acc_drop", max_acc_drop)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number, got {value!r}.")
     if max_acc_drop is not None and (max_acc_drop < 0 or not tasks and evaluate_fn is None):
         raise ValueError(f"max_acc_drop needs tasks= (e.g. 'paper-7', --tasks) and must be >= 0 (0.02 = two "
                          f"points below dense), got {max_acc_drop} with tasks={tasks!r}.")
