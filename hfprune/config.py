@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from hfprune.registry import get_pruner_cls
 from hfprune.solvers.masks import parse_pattern
 
-__all__ = ["ConfigDictMixin", "PruningConfig", "CalibrationConfig", "SCOPES", "__version__"]
+__all__ = ["ConfigDictMixin", "config_from_dict", "PruningConfig", "CalibrationConfig", "SCOPES", "__version__"]
 
 __version__ = "0.1.0"
 """Stamped into every saved config (``hfprune_version``); ``hfprune.__version__`` is this value."""
@@ -83,6 +83,16 @@ class ConfigDictMixin:
             return config_cls(**data)
         except TypeError as err:  # e.g. a list where a number belongs, found by a comparison in validation
             raise ValueError(f"Bad value in the {config_cls.method!r} config {data}: {err}.") from None
+
+
+def config_from_dict(data: dict[str, Any]):
+    """The config of any registered method from a dict with a ``method`` key (``to_dict``'s output,
+    a recipe's keys, a user's dict)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"A method config dict is needed, got {type(data).__name__}.")
+    if not data.get("method"):
+        raise ValueError("The config needs a `method` (for example 'wanda' or 'magnitude'; see `hfprune methods`).")
+    return ConfigDictMixin.from_dict(data)
 
 
 @dataclass

@@ -113,7 +113,7 @@ def _save_args(args) -> tuple:
 def _run_prune(args) -> int:
     import torch  # noqa: F401
 
-    from hfprune.core.engine import resolve_calibration
+    from hfprune.core.calibration import resolve_calibration
     from hfprune.io import check_output_dir, check_save_args, output_lock
     from hfprune.recipes import build_configs, read_recipe
 
@@ -165,7 +165,7 @@ def _needs_tokenizer(args, config, calibration) -> bool:
 
 def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
     import hfprune
-    from hfprune.core.engine import resolve_calibration
+    from hfprune.core.calibration import resolve_calibration
     from hfprune.io import check_save_args
 
     model = hfprune.load_model(args.model, dtype=args.dtype)

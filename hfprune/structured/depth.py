@@ -42,7 +42,7 @@ from hfprune.config import ConfigDictMixin, check_field_types
 logger = logging.getLogger(__name__)
 
 __all__ = ["DepthPruningConfig", "CRITERIA", "block_influence", "angular_distance", "choose_blocks",
-           "depth_scores", "remove_blocks", "run_depth_pruning"]
+           "depth_scores", "remove_blocks"]
 
 CRITERIA = ("block_influence", "angular", "perplexity")
 
@@ -144,8 +144,6 @@ def _boundary_scores(model: nn.Module, ids: torch.Tensor, n: int, max_tokens: in
                      progress: bool) -> tuple[list[float], list[float]]:
     """(block influence of every block over all tokens, angular distance d(x_l, x_{l+n}) for every l
     over a token subsample), from one layer-by-layer pass."""
-    from tqdm.auto import tqdm
-
     from hfprune.core.runner import LayerRunner
 
     runner = LayerRunner(model, batch_size=batch_size)
@@ -161,15 +159,12 @@ def _boundary_scores(model: nn.Module, ids: torch.Tensor, n: int, max_tokens: in
 
     boundaries = [sample()]
     bi_sum = [0.0] * n_blocks
-    try:
-        for i in tqdm(range(n_blocks), desc="hfprune depth scores", disable=not progress, unit="block"):
-            before = [h for h in runner.hidden]
-            runner.run(i, update=True)
-            bi_sum[i] = sum(float(block_influence(a, b).sum()) for a, b in zip(before, runner.hidden))
-            boundaries.append(sample())
-            del before
-    finally:
-        runner.release()
+
+    def measure(i, before):
+        bi_sum[i] = sum(float(block_influence(a, b).sum()) for a, b in zip(before, runner.hidden))
+        boundaries.append(sample())
+
+    runner.collect(None, after_block=measure, update_last=True, desc="hfprune depth scores", progress=progress)
     bi = [s / total for s in bi_sum]
     angular = [float(angular_distance(boundaries[l], boundaries[l + n]).mean()) for l in range(n_blocks - n + 1)]
     return bi, angular
@@ -284,61 +279,3 @@ def remove_blocks(model: nn.Module, remove: list[int]) -> dict[str, Any]:
         reindex_block(block, new)
     setattr(owner, attr, kept)
     return {field: {"before": b, "after": a} for field, (b, a) in changes.items()}
-
-
-def run_depth_pruning(model: nn.Module, tokenizer, config: DepthPruningConfig, calibration, *, nsamples=None,
-                      seqlen=None, seed=None, batch_size=None, progress: bool = True):
-    """:func:`hfprune.prune` for a :class:`DepthPruningConfig`: a :class:`~hfprune.report.PruneReport`."""
-    from hfprune.arch import get_blocks
-    from hfprune.core.calibration import get_calibration_ids
-    from hfprune.core.engine import resolve_calibration
-    from hfprune.core.runner import is_offloaded
-    from hfprune.report import DepthRemoval
-    from hfprune.structured.stock import check_stock_reload
-
-    if is_offloaded(model):
-        raise ValueError("Depth pruning changes the model's structure and needs it in memory (no offloading).")
-    n_before = len(get_blocks(model))
-    config.blocks_to_remove(n_before)  # bad counts fail before calibration
-    calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
-    params_before = sum(p.numel() for p in model.parameters())
-    start = time.perf_counter()
-    was_training = model.training
-    use_cache = getattr(model.config, "use_cache", None)
-    model.eval()
-    try:
-        ids = get_calibration_ids(calib, tokenizer, model)
-        if not isinstance(ids, torch.Tensor):
-            raise ValueError("Depth pruning calibrates on token windows; pass text or a [n, seqlen] token tensor.")
-        measured = depth_scores(model, ids, config, seed=calib.seed, batch_size=calib.batch_size or 4,
-                                progress=progress)
-        changes = remove_blocks(model, measured["removed"])
-    finally:
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-    check_stock_reload(model, "Depth pruning")
-    params_after = sum(p.numel() for p in model.parameters())
-    record = DepthRemoval(criterion=config.criterion, blocks_before=n_before, blocks_after=n_before - len(measured["removed"]),
-                          removed=measured["removed"], scores=[round(float(s), 6) for s in measured["scores"]],
-                          config_changes=changes,
-                          block_influence=[round(v, 6) for v in measured.get("block_influence", [])] or None,
-                          angular_distance=[round(v, 6) for v in measured.get("angular_distance", [])] or None)
-    report = _resize_report(config, calib, params_before, params_after, time.perf_counter() - start, depth=record)
-    report.save_to_model(model)
-    logger.info("Depth pruning (%s) removed blocks %s: %d -> %d blocks, %d -> %d parameters.", config.criterion,
-                record.removed, n_before, record.blocks_after, params_before, params_after)
-    return report
-
-
-def _resize_report(config, calib, params_before: int, params_after: int, seconds: float, **records):
-    from hfprune.report import PruneReport, peak_rss_mb
-
-    removed = 1.0 - params_after / params_before
-    cfg = config.to_dict()
-    return PruneReport(method=cfg["method"], config=cfg, calibration=calib.to_dict(), layers={}, prune_seconds=seconds,
-                       peak_rss_mb=peak_rss_mb(),
-                       peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-                       sparsity=removed, model_sparsity=removed,
-                       structured={"params_before": params_before, "params_after": params_after,
-                                   "reload_with": "transformers"}, **records)

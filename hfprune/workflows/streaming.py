@@ -80,7 +80,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _fingerprint(model_path: Path, config, calibration, dtype, world_size: int) -> str:
-    from hfprune.core.engine import resolve_calibration
+    from hfprune.core.calibration import resolve_calibration
 
     calib = resolve_calibration(calibration)
     cal = calib.to_dict()

@@ -184,7 +184,7 @@ class _PointRunner:
         self.weights_digest = digest.hexdigest()[:16]
 
     def settings(self) -> dict:
-        from hfprune.core.engine import resolve_calibration
+        from hfprune.core.calibration import resolve_calibration
 
         calib = resolve_calibration(self.calibration, **self.calib_overrides)
         return {
@@ -205,7 +205,7 @@ class _PointRunner:
     def calibration_ids(self) -> torch.Tensor:
         if self._calib_ids is None:
             from hfprune.core.calibration import get_calibration_ids
-            from hfprune.core.engine import resolve_calibration
+            from hfprune.core.calibration import resolve_calibration
 
             calib = resolve_calibration(self.calibration, **self.calib_overrides)
             self.restore()
