@@ -120,7 +120,7 @@ def render_model_card(*, base_model: str | None, pruning_config: dict, report: d
     lines.append(f"| pattern | {_fmt(pattern or 'unstructured')} |")
     if sparsity is not None:
         lines.append(f"| target sparsity | {_pct(float(sparsity))} |")
-    skip = {"method", "pattern", "sparsity", "calibration", "per_layer_sparsity", "layers", "license"}
+    skip = {"method", "pattern", "sparsity", "calibration", "per_layer_sparsity", "layers", "license", "stages"}
     for key, value in pc.items():
         if key not in skip and value is not None and not isinstance(value, dict):
             lines.append(f"| {key} | {_fmt(value)} |")

@@ -140,8 +140,9 @@ class PruneReport:
     def scales_for(self, bits: int | None, group_size: int | None) -> dict[str, torch.Tensor]:
         """:attr:`quant_scales` by weight name (``<module>.weight``) when this run quantized to
         ``bits`` with ``group_size`` (what a format is asked to store), else ``{}``."""
-        if not self.quant_scales or bits is None or self.config.get("bits") != bits \
-                or self.config.get("group_size") != group_size:
+        config = next((st["config"] for st in reversed(self.stages or []) if st["config"].get("bits")), self.config)
+        if not self.quant_scales or bits is None or config.get("bits") != bits \
+                or config.get("group_size") != group_size:
             return {}
         return {f"{name}.weight": scale for name, scale in self.quant_scales.items()}
 
@@ -177,8 +178,8 @@ class PruneReport:
             if self.hidden is not None:
                 out.update(hidden_before=self.hidden.hidden_before, hidden_after=self.hidden.hidden_after)
         if self.structured is None or self.layers:
-            out.update(achieved_sparsity=self.sparsity,
-                       layer_sparsity={n: round(v["sparsity"], 6) for n, v in self.layers.items()})
+            out.update(achieved_sparsity=self.sparsity,  # not `layer_sparsity`: that is the config's field
+                       per_layer_sparsity={n: round(v["sparsity"], 6) for n, v in self.layers.items()})
         out["calibration"] = self.calibration
         out.update({k: v for k, v in (("command", self.command), ("base_model", self.base_model)) if v})
         return out

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from hfprune.cli import bench, flow, push, recover, sweep, zeroshot
-from hfprune.cli.flags import add_fields, model_command, positive_int
+from hfprune.cli.flags import add_fields, add_method_fields, model_command, positive_int
 
 logger = logging.getLogger("hfprune.cli")
 
@@ -23,33 +23,28 @@ def _comma_floats(value: str) -> list[float]:
 def _add_prune(sub) -> None:
     from hfprune.config import CalibrationConfig, PruningConfig
     from hfprune.formats import FORMATS
-    from hfprune.methods import ADMMConfig, SparseGPTConfig, StructuredConfig
-    from hfprune.structured.depth import DepthPruningConfig
-    from hfprune.structured.hidden import HiddenPruningConfig
+    from hfprune.registry import METHODS
 
     p = model_command(sub, "prune", help="Prune a model and save it.",
                       description="Prune a causal LM one decoder block at a time and save a standard checkpoint.")
-    p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); the flags below override its values.")
+    p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); the flags below override its values. A recipe "
+                                    "with `stages:` runs several methods in order.")
     p.add_argument("--method", help="Pruning method (see `hfprune methods`).")
-    # Method and calibration flags come from the config dataclasses (help text in their field metadata).
-    method_keys = add_fields(p, PruningConfig, extra={"layer_sparsity": {"type": _comma_floats, "nargs": None}})
-    method_keys += add_fields(p, SparseGPTConfig, only=("block_size", "dampening", "act_order"))
-    method_keys += add_fields(p, ADMMConfig, only=("iterations", "prune_iterations", "rho", "dense_targets"))
     p.add_argument("--bits", type=int, choices=[4, 8], help="Quantize kept weights: jointly with sparsegpt, and/or "
                                                            "stored as int8/int4 by --format sparse.")
     p.add_argument("--group-size", type=int, dest="group_size", help="Quantization group size (default: per channel).")
     p.add_argument("--format", choices=list(FORMATS), default="dense",
                    help="Checkpoint format: dense save_pretrained, hfprune's compressed sparse format (reloads "
                         "after `import hfprune`), or compressed-tensors int4/int8 for vLLM.")
-    p.add_argument("--target", help="Structured pruning: heads, mlp or heads,mlp (physically removes them; "
-                                    "--method is then the importance: obs, magnitude, wanda or fluctuation).")
-    method_keys += add_fields(p, StructuredConfig, only=("heads_ratio", "mlp_ratio", "gqa_mode", "bias_compensation",
-                                                                 "compensation", "compensation_target", "damp"))
+    p.add_argument("--target", help="Structured pruning the older way: heads, mlp or heads,mlp (physically removes "
+                                    "them; --method is then the importance: obs, magnitude, wanda or fluctuation). "
+                                    "Same as --method structured --importance ... .")
     p.add_argument("--non-uniform", action="store_true", default=None, dest="non_uniform",
-                   help="Structured: per-block counts from a global ranking (reload with hfprune).")
-    # --method depth / --method hidden: whole decoder blocks / residual channels (stock reload).
-    method_keys += add_fields(p, DepthPruningConfig)
-    method_keys += add_fields(p, HiddenPruningConfig)
+                   help="Structured: per-block counts from a global ranking (reload with hfprune); same as --no-uniform.")
+    # Method flags come from every registered method's config (help text in the field metadata): a method
+    # registered with @register_pruner gets its flags here with nothing else to edit.
+    configs = {"": PruningConfig, **{name: cls.config_cls for name, cls in sorted(METHODS.items())}}
+    method_keys = add_method_fields(p, configs, extra={"layer_sparsity": {"type": _comma_floats, "nargs": None}})
     calib_keys = add_fields(p, CalibrationConfig, skip=("config_name",), flags={"dataset": ["--calibration"]})
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--output", required=True, help="Output folder for the pruned checkpoint.")
@@ -100,8 +95,18 @@ def _add_eval(sub) -> None:
 
 
 def _add_methods(sub) -> None:
-    p = sub.add_parser("methods", help="List the pruning methods.")
-    p.set_defaults(func=lambda args: print("\n".join(__import__("hfprune").available_methods())) or 0)
+    p = sub.add_parser("methods", help="List the pruning methods, one line each.")
+    p.set_defaults(func=_run_methods)
+
+
+def _run_methods(args) -> int:
+    from hfprune.registry import describe_methods
+
+    rows = describe_methods()
+    width = max(len(name) for name in rows)
+    for name, line in rows.items():
+        print(f"{name:{width}s}  {line}")
+    return 0
 
 
 def _save_args(args) -> tuple:
@@ -127,7 +132,9 @@ def _run_prune(args) -> int:
     data = read_recipe(args.recipe) if args.recipe else {}
     overrides = {k: getattr(args, k) for k in args.method_keys}
     method = args.method or data.get("method")
-    if method in ("sparsegpt", "admm"):
+    from hfprune.registry import METHODS
+
+    if method in METHODS and "bits" in METHODS[method].config_cls.field_names() and not args.target:
         overrides.update(bits=args.bits, group_size=args.group_size)
     elif args.bits and args.format == "dense":
         raise ValueError("--bits quantizes weights when they are saved with --format sparse or compressed-tensors, "

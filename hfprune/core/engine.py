@@ -164,7 +164,7 @@ def _staged_report(model: nn.Module, reports: list[PruneReport]) -> PruneReport:
         last, method="+".join(r.method for r in reports), prune_seconds=sum(r.prune_seconds for r in reports),
         peak_rss_mb=max(r.peak_rss_mb for r in reports),
         pattern=next((r.pattern for r in reversed(reports) if r.pattern != "unstructured"), "unstructured"),
-        config={"method": "stages", "stages": [r.config for r in reports]},
+        config={"method": "+".join(r.method for r in reports), "stages": [r.config for r in reports]},
         quant_scales={k: v for r in reports for k, v in r.quant_scales.items()},
         stages=[r.summary() for r in reports])
     if first_params is not None:

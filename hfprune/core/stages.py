@@ -26,6 +26,7 @@ def check_stages(model: nn.Module, pruners: list) -> None:
     names = [p.report_name for p in pruners]
     widths: dict[str, int] = {}  # layers whose input width an earlier stage changes -> the width after it
     removed_by = None  # the earlier stage that removed weights
+    nm_by = None  # the earlier stage that made N:M groups
     for k, pruner in enumerate(pruners):
         this = f"stage {k + 1} ({names[k]})"
         if pruner.quantizes and k < len(pruners) - 1:
@@ -38,8 +39,8 @@ def check_stages(model: nn.Module, pruners: list) -> None:
                 if pruner.refits_weights:
                     raise ValueError(f"{this} re-fits the kept weights by least squares, which would fill in the "
                                      f"zeros {removed_by} left: run it first, or with compensation='none'.")
-                if changed and removed_by.endswith("(N:M)"):
-                    raise ValueError(f"{this} removes input columns, which breaks the N:M groups {removed_by} "
+                if changed and nm_by is not None:
+                    raise ValueError(f"{this} removes input columns, which breaks the N:M groups {nm_by} "
                                      f"made: run it before that stage.")
             widths.update(changed)
             continue
@@ -53,7 +54,8 @@ def check_stages(model: nn.Module, pruners: list) -> None:
                 raise ValueError(f"{this} and {removed_by} both remove weights; the second would re-rank or "
                                  f"re-solve what the first left. Use one sparsity stage (a quantization-only "
                                  f"stage, sparsity=0 with bits, may follow it).")
-            removed_by = f"stage {k + 1} ({names[k]}" + (", N:M)" if pattern.is_nm else ")")
+            removed_by = f"stage {k + 1} ({names[k]})"
+            nm_by = removed_by if pattern.is_nm else None
         if pattern.is_nm:
             for block in select_targets(model, pruner.config):
                 for name, module in block.items():

@@ -55,7 +55,7 @@ class SparseGPTConfig(PruningConfig):
 
 @register_pruner("sparsegpt", config_cls=SparseGPTConfig)
 class SparseGPTPruner(HessianPruner):
-    """SparseGPT (OBS reconstruction); with sparsity=0 and bits, GPTQ quantization only."""
+    """SparseGPT: unstructured / N:M with OBS reconstruction; bits: joint quantization (sparsity=0: GPTQ only)."""
 
     fixed_mask_solver = True
 

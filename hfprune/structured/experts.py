@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin
+from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExpertPruningConfig", "prune_experts", "expert_importance", "experts_to_keep"]
 
+EXPERT_IMPORTANCES = ("reap", "frequency")
 _COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 
 
@@ -37,23 +38,32 @@ class ExpertPruningConfig(ConfigDictMixin):
 
     Example:
         >>> from hfprune import ExpertPruningConfig
-        >>> ExpertPruningConfig(num_experts=6).importance
+        >>> ExpertPruningConfig(keep_experts=6).importance
         'reap'
     """
 
-    method = "experts"
-    num_experts: int | None = field(default=None, metadata={"help": "Experts to keep in every MoE layer."})
-    ratio: float | None = field(default=None, metadata={"help": "Fraction of the experts to remove (if num_experts is unset)."})
-    importance: str = field(default="reap", metadata={"help": "'reap' (mean router weight x expert output norm over routed tokens) or 'frequency' (routed token count)."})
+    method: ClassVar[str] = "experts"
+    keep_experts: int | None = field(default=None, metadata={
+        "help": "Experts: experts every MoE layer keeps (the new expert count; if --experts-ratio is unset)."})
+    experts_ratio: float | None = field(default=None, metadata={
+        "help": "Experts: fraction of the experts removed from every MoE layer (rounded)."})
+    importance: str = field(default="reap", metadata={
+        "help": "reap (mean router weight x expert output norm over routed tokens) or frequency (routed token "
+                "count).", "choices": EXPERT_IMPORTANCES})
+    num_experts: int | None = renamed("keep_experts")
+    ratio: float | None = renamed("experts_ratio")
 
     def __post_init__(self) -> None:
-        if (self.num_experts is None) == (self.ratio is None):
-            raise ValueError("Give exactly one of num_experts (experts to keep) or ratio (fraction to remove).")
-        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
-            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}.")
-        if self.num_experts is not None and self.num_experts < 1:
-            raise ValueError(f"num_experts must be at least 1, got {self.num_experts}.")
-        if self.importance not in ("reap", "frequency"):
+        resolve_renamed(self)
+        check_field_types(self)
+        if (self.keep_experts is None) == (self.experts_ratio is None):
+            raise ValueError("Give exactly one of keep_experts (--keep-experts, experts kept) or experts_ratio "
+                             "(--experts-ratio, the fraction removed).")
+        if self.experts_ratio is not None and not 0.0 < self.experts_ratio < 1.0:
+            raise ValueError(f"experts_ratio must be in (0, 1) (the fraction removed), got {self.experts_ratio}.")
+        if self.keep_experts is not None and self.keep_experts < 1:
+            raise ValueError(f"keep_experts must be at least 1, got {self.keep_experts}.")
+        if self.importance not in EXPERT_IMPORTANCES:
             raise ValueError(f"importance must be 'reap' or 'frequency', got {self.importance!r}.")
 
 
@@ -143,7 +153,7 @@ def experts_to_keep(model: nn.Module, config: ExpertPruningConfig) -> int:
     from hfprune.arch.discovery import text_config
 
     n = moe_num(_moe_modules(model, get_spec(model)))
-    keep_n = config.num_experts if config.num_experts is not None else n - int(round(config.ratio * n))
+    keep_n = config.keep_experts if config.keep_experts is not None else n - int(round(config.experts_ratio * n))
     cfg = text_config(model)
     top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "num_experts_per_token", None) or 1
     if not top_k <= keep_n < n:
