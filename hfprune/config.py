@@ -81,7 +81,8 @@ class ConfigDictMixin:
     method: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
-        shown = {f.name for f in dataclasses.fields(self) if f.repr}
+        shown = {f.name for f in dataclasses.fields(self)
+                 if f.repr and not (f.metadata.get("deprecated") and getattr(self, f.name) is None)}
         return {"method": self.method, **{k: v for k, v in dataclasses.asdict(self).items() if k in shown},
                 "hfprune_version": __version__}
 

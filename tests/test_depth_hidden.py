@@ -336,8 +336,10 @@ def test_report_json_and_save_pretrained_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("flags, check", [
-    (["--method", "depth", "--num-blocks", "2", "--criterion", "angular"],
-     lambda cfg: cfg["num_hidden_layers"] == LAYERS - 2 and cfg["pruning_config"]["criterion"] == "angular"),
+    (["--method", "depth", "--num-blocks", "2", "--criterion", "angular"],  # the old names still work
+     lambda cfg: cfg["num_hidden_layers"] == LAYERS - 2 and cfg["pruning_config"]["importance"] == "angular"),
+    (["--method", "depth", "--keep-blocks", str(LAYERS - 2), "--importance", "angular"],
+     lambda cfg: cfg["num_hidden_layers"] == LAYERS - 2 and cfg["pruning_config"]["importance"] == "angular"),
     (["--method", "hidden", "--keep-hidden", "48"],
      lambda cfg: cfg["hidden_size"] == 48 and cfg["head_dim"] == 16),
 ])

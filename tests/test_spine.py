@@ -96,7 +96,7 @@ def test_experts_through_dict_recipe_and_cli(tmp_path, tiny_tokenizer):
 
 def test_depth_and_hidden_through_dicts():
     model = tiny_model("llama")
-    hfprune.prune(model, None, {"method": "depth", "num_blocks": 1, "keep_first": 0}, _ids(), progress=False)
+    hfprune.prune(model, None, {"method": "depth", "keep_blocks": 1, "keep_first": 0}, _ids(), progress=False)
     assert model.config.num_hidden_layers == 1
     model = tiny_model("llama")
     hfprune.prune(model, None, {"method": "hidden", "keep_hidden": 48}, _ids(), progress=False)
@@ -148,7 +148,7 @@ def test_three_stages_width_admm_int4_saved_as_compressed_tensors(tmp_path):
     ([{"method": "wanda", "pattern": "2:4"},
       {"method": "structured", "mlp_ratio": 0.25, "importance": "magnitude"}], "breaks the N:M groups"),
     ([{"method": "wanda", "pattern": "2:4"}, {"method": "admm", "sparsity": 0.0, "bits": 4}], "keeping the zeros"),
-    ([{"method": "depth", "num_blocks": 1, "keep_first": 0}, {"method": "experts", "keep_experts": 2}],
+    ([{"method": "depth", "keep_blocks": 1, "keep_first": 0}, {"method": "experts", "keep_experts": 2}],
      "no fused MoE experts"),
 ])
 def test_bad_stage_orders_are_refused_before_any_work(stages, message):
@@ -173,7 +173,7 @@ def test_structured_without_compensation_after_unstructured_keeps_the_zeros():
 
 def test_recipe_with_stages_runs_them_in_order(tmp_path):
     recipe = tmp_path / "stages.yaml"
-    recipe.write_text(yaml.safe_dump({"stages": [{"method": "depth", "num_blocks": 1, "keep_first": 0},
+    recipe.write_text(yaml.safe_dump({"stages": [{"method": "depth", "keep_blocks": 1, "keep_first": 0},
                                                  {"method": "wanda", "pattern": "2:4"}],
                                       "calibration": {"nsamples": 4, "seqlen": 16}}))
     configs, calib = hfprune.load_recipe(recipe)
@@ -220,3 +220,14 @@ def test_saved_pruning_config_round_trips_with_unknown_keys_warned():
         config = hfprune.PruningConfig.from_saved(saved)
     assert config == hfprune.WandaConfig(sparsity=0.5)
     assert any("achieved_sparsity" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("name,methods", [("stages-mlp25-admm24-int4", ["structured", "admm", "sparsegpt"]),
+                                          ("stages-mlp25-int4", ["structured", "sparsegpt"])])
+def test_shipped_stage_recipes_load(name, methods):
+    from conftest import REPO
+
+    configs, calib = hfprune.load_recipe(REPO / "recipes" / f"{name}.yaml")
+    assert [c.method for c in configs] == methods and calib.nsamples == 128
+    assert configs[-1].bits == 4 and configs[-1].group_size == 128 and configs[-1].sparsity == 0
+    assert configs[0].mlp_ratio == 0.25

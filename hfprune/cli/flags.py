@@ -71,11 +71,11 @@ def add_method_fields(parser, configs: dict[str, type], *, extra=None) -> list[s
     the method registry), so a newly registered method gets its flags with nothing else to edit.
     A field several methods share is one flag: its choices are the union of theirs (none when one of
     them takes any value) and its help names each method whose text differs. Fields hidden from the
-    repr (internal sizes, deprecated aliases) get no flag. Returns the destinations added."""
+    repr (internal sizes, renamed fields) and deprecated fields get no flag. Returns the destinations added."""
     by_name: dict[str, list[tuple[str, dataclasses.Field]]] = {}
     for method, cls in configs.items():
         for f in dataclasses.fields(cls):
-            if f.repr:
+            if f.repr and not f.metadata.get("deprecated"):
                 by_name.setdefault(f.name, []).append((method, f))
     merged = {}
     for name, entries in by_name.items():
@@ -90,6 +90,11 @@ def add_method_fields(parser, configs: dict[str, type], *, extra=None) -> list[s
             kw.setdefault("choices", list(dict.fromkeys(c for cs in choices for c in cs)))
         merged[name] = (entries[0][1], text, kw)
     added = []
+    for cls in configs.values():  # old names: still accepted, not shown (the config warns and says the new one)
+        for f in dataclasses.fields(cls):
+            if (f.metadata.get("renamed_to") or f.metadata.get("deprecated")) and f.name not in by_name:
+                by_name[f.name] = []
+                merged[f.name] = (f, argparse.SUPPRESS, {})
     hints = {}
     for cls in configs.values():
         hints.update({k: v for k, v in typing.get_type_hints(cls).items() if k not in hints})

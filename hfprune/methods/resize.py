@@ -52,12 +52,12 @@ class DepthPruner(ModelPruner):
                                 progress=progress)
         changes = remove_blocks(model, measured["removed"])
         check_stock_reload(model, "Depth pruning")
-        record = DepthRemoval(criterion=config.criterion, blocks_before=n_before,
+        record = DepthRemoval(criterion=config.importance, blocks_before=n_before,
                               blocks_after=n_before - len(measured["removed"]), removed=measured["removed"],
                               scores=[round(float(s), 6) for s in measured["scores"]], config_changes=changes,
                               block_influence=[round(v, 6) for v in measured.get("block_influence", [])] or None,
                               angular_distance=[round(v, 6) for v in measured.get("angular_distance", [])] or None)
-        logger.info("Depth pruning (%s) removed blocks %s: %d -> %d blocks.", config.criterion, record.removed,
+        logger.info("Depth pruning (%s) removed blocks %s: %d -> %d blocks.", config.importance, record.removed,
                     n_before, record.blocks_after)
         return {"depth": record, "structured": {"reload_with": "transformers"}}
 
@@ -87,7 +87,7 @@ class HiddenPruner(ModelPruner):
         if ids is not None:
             ids = _token_windows(ids, "Hidden-size pruning")
         norm_inputs: dict[str, torch.Tensor] = {}
-        scores = channel_importance(model, plan, ids, config.channel_importance, batch_size=calib.batch_size or 4,
+        scores = channel_importance(model, plan, ids, config.importance, batch_size=calib.batch_size or 4,
                                     progress=progress, norm_inputs=norm_inputs)
         keep = scores.argsort(descending=True, stable=True)[:plan.keep_count].sort().values
         norm_scale = norm_corrections(norm_inputs, keep) if config.norm_correction and norm_inputs else None

@@ -66,7 +66,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin
+from hfprune.config import ConfigDictMixin, check_field_types
 from hfprune.core.calibration import calibration_batch_size
 from hfprune.core.runner import LayerRunner, is_offloaded
 from hfprune.methods.base import ModelPruner
@@ -127,6 +127,7 @@ class StructuredConfig(ConfigDictMixin):
     intermediate_size: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("heads_ratio", "mlp_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfprune.config import ConfigDictMixin, check_field_types
+from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
 
 logger = logging.getLogger(__name__)
 
@@ -53,40 +53,57 @@ class DepthPruningConfig(ConfigDictMixin):
 
     Example:
         >>> from hfprune import DepthPruningConfig
-        >>> cfg = DepthPruningConfig(num_blocks=4)
-        >>> cfg.criterion, DepthPruningConfig.from_dict(cfg.to_dict()) == cfg
+        >>> cfg = DepthPruningConfig(keep_blocks=26)
+        >>> cfg.importance, DepthPruningConfig.from_dict(cfg.to_dict()) == cfg
         ('block_influence', True)
     """
 
     method: ClassVar[str] = "depth"
 
-    num_blocks: int | None = field(default=None, metadata={"help": "Depth: number of decoder blocks to remove."})
+    keep_blocks: int | None = field(default=None, metadata={
+        "help": "Depth: decoder blocks kept (the new num_hidden_layers; if --depth-ratio is unset)."})
     depth_ratio: float | None = field(default=None, metadata={
-        "help": "Depth: fraction of the decoder blocks to remove (rounded; if --num-blocks is unset)."})
-    criterion: str = field(default="block_influence", metadata={
+        "help": "Depth: fraction of the decoder blocks to remove (rounded; if --keep-blocks is unset)."})
+    importance: str = field(default="block_influence", metadata={
         "help": "Depth: block_influence (ShortGPT 1 - cos), angular (Gromov et al., a consecutive run) or "
                 "perplexity (calibration loss with each block left out).", "choices": CRITERIA})
     keep_first: int = field(default=1, metadata={"help": "Depth: never remove the first K blocks."})
     keep_last: int = field(default=1, metadata={"help": "Depth: never remove the last K blocks."})
     max_tokens: int = field(default=8192, metadata={
         "help": "Depth, angular: calibration tokens per block boundary (a seeded subsample)."})
+    num_blocks: int | None = field(default=None, metadata={
+        "deprecated": "keep_blocks", "help": "Deprecated: blocks removed; use keep_blocks (blocks kept) or depth_ratio."})
+    criterion: str | None = renamed("importance")
 
     def __post_init__(self) -> None:
+        resolve_renamed(self)
         check_field_types(self)
-        if (self.num_blocks is None) == (self.depth_ratio is None):
-            raise ValueError("Give exactly one of num_blocks (--num-blocks, blocks to remove) or depth_ratio "
-                             "(--depth-ratio, the fraction of blocks removed).")
+        if self.num_blocks is not None:
+            warnings.warn("`num_blocks` (blocks removed) is deprecated: every method's amounts now count what is "
+                          "kept (keep_blocks, keep_hidden, keep_experts) or the fraction removed (*_ratio); use "
+                          "keep_blocks = blocks - num_blocks, or depth_ratio.", FutureWarning, stacklevel=3)
+        given = [k for k in ("keep_blocks", "depth_ratio", "num_blocks") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("Give exactly one of keep_blocks (--keep-blocks, blocks kept) or depth_ratio "
+                             "(--depth-ratio, the fraction of blocks removed)" + (f"; got {given}." if given else "."))
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1 (blocks removed), got {self.num_blocks}.")
+        if self.keep_blocks is not None and self.keep_blocks < 1:
+            raise ValueError(f"keep_blocks must be at least 1 (blocks kept), got {self.keep_blocks}.")
         if self.depth_ratio is not None and not 0.0 < self.depth_ratio < 1.0:
             raise ValueError(f"depth_ratio must be in (0, 1) (the fraction of blocks removed), got {self.depth_ratio}.")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion={self.criterion!r} is unknown; use one of {', '.join(CRITERIA)}.")
+        if self.importance not in CRITERIA:
+            raise ValueError(f"importance={self.importance!r} is unknown; use one of {', '.join(CRITERIA)}.")
         if self.keep_first < 0 or self.keep_last < 0 or self.max_tokens < 1:
             raise ValueError("keep_first and keep_last must be >= 0 and max_tokens >= 1.")
 
     def blocks_to_remove(self, n_blocks: int) -> int:
-        n = self.num_blocks if self.num_blocks is not None else int(round(self.depth_ratio * n_blocks))
+        if self.keep_blocks is not None:
+            if self.keep_blocks >= n_blocks:
+                raise ValueError(f"keep_blocks={self.keep_blocks} keeps every one of the {n_blocks} blocks: keep fewer.")
+            n = n_blocks - self.keep_blocks
+        else:
+            n = self.num_blocks if self.num_blocks is not None else int(round(self.depth_ratio * n_blocks))
         free = n_blocks - self.keep_first - self.keep_last
         if n < 1:
             raise ValueError(f"depth_ratio={self.depth_ratio} removes no block of {n_blocks}: raise it to at least "
@@ -229,7 +246,7 @@ def depth_scores(model: nn.Module, ids: torch.Tensor, config: DepthPruningConfig
     n_blocks = len(get_blocks(model))
     n = config.blocks_to_remove(n_blocks)
     out: dict[str, Any] = {}
-    if config.criterion == "perplexity":
+    if config.importance == "perplexity":
         base, delta = _perplexity_scores(model, ids, batch_size, progress)
         out.update(base_loss=base, loss_increase=delta)
         remove = choose_blocks(delta, n, config.keep_first, config.keep_last)
@@ -237,7 +254,7 @@ def depth_scores(model: nn.Module, ids: torch.Tensor, config: DepthPruningConfig
     else:
         bi, angular = _boundary_scores(model, ids, n, config.max_tokens, seed, batch_size, progress)
         out.update(block_influence=bi, angular_distance=angular)
-        if config.criterion == "block_influence":
+        if config.importance == "block_influence":
             remove, scores = choose_blocks(bi, n, config.keep_first, config.keep_last), bi
         else:
             remove = choose_blocks(angular, n, config.keep_first, config.keep_last, consecutive=True)

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin, check_field_types
+from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class HiddenPruningConfig(ConfigDictMixin):
 
     Example:
         >>> from hfprune import HiddenPruningConfig
-        >>> HiddenPruningConfig.from_dict({"method": "hidden", "hidden_ratio": 0.25}).channel_importance
+        >>> HiddenPruningConfig.from_dict({"method": "hidden", "hidden_ratio": 0.25}).importance
         'activation'
     """
 
@@ -64,7 +64,7 @@ class HiddenPruningConfig(ConfigDictMixin):
         "help": "Hidden: fraction of the residual (embedding) channels to remove."})
     keep_hidden: int | None = field(default=None, metadata={
         "help": "Hidden: residual channels to keep (the new hidden_size; if --hidden-ratio is unset)."})
-    channel_importance: str = field(default="activation", metadata={
+    importance: str = field(default="activation", metadata={
         "help": "Hidden: activation (Minitron: norm outputs on calibration data) or magnitude (data-free).",
         "choices": CHANNEL_IMPORTANCES})
     multiple_of: int = field(default=1, metadata={
@@ -73,7 +73,10 @@ class HiddenPruningConfig(ConfigDictMixin):
         "help": "Hidden, activation importance: rescale every norm weight by the measured ratio of the kept "
                 "channels' RMS to all channels' RMS of its input (the norm divides by an RMS over fewer channels)."})
 
+    channel_importance: str | None = renamed("importance")
+
     def __post_init__(self) -> None:
+        resolve_renamed(self)
         check_field_types(self)
         if (self.hidden_ratio is None) == (self.keep_hidden is None):
             raise ValueError("Give exactly one of hidden_ratio (--hidden-ratio, fraction of channels removed) or "
@@ -82,15 +85,15 @@ class HiddenPruningConfig(ConfigDictMixin):
             raise ValueError(f"hidden_ratio must be in (0, 1) (the fraction removed), got {self.hidden_ratio}.")
         if self.keep_hidden is not None and self.keep_hidden < 1:
             raise ValueError(f"keep_hidden must be at least 1, got {self.keep_hidden}.")
-        if self.channel_importance not in CHANNEL_IMPORTANCES:
-            raise ValueError(f"channel_importance={self.channel_importance!r} is unknown; use one of "
+        if self.importance not in CHANNEL_IMPORTANCES:
+            raise ValueError(f"importance={self.importance!r} is unknown; use one of "
                              f"{', '.join(CHANNEL_IMPORTANCES)}.")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be at least 1, got {self.multiple_of}.")
 
     @property
     def needs_data(self) -> bool:
-        return self.channel_importance == "activation"
+        return self.importance == "activation"
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,11 +225,11 @@ def channel_importance(model: nn.Module, plan: HiddenPlan, ids: torch.Tensor | N
                 score += sq / sq.mean().clamp_min(1e-30)
         return score
     if ids is None:
-        raise ValueError("channel_importance='activation' needs calibration data; or use 'magnitude'.")
+        raise ValueError("importance='activation' needs calibration data; or use 'magnitude'.")
     norms = _norm_modules(model, plan)
     if not norms:
         raise ValueError(f"{type(model).__name__} has no norm with a per-channel weight to measure; use "
-                         f"channel_importance='magnitude'.")
+                         f"importance='magnitude'.")
     sums = {name: torch.zeros(hidden, dtype=torch.float64) for name in norms}
     in_sums = {name: torch.zeros(hidden, dtype=torch.float64) for name in norms}
     counts = dict.fromkeys(norms, 0)
