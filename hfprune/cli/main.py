@@ -163,10 +163,7 @@ def _needs_tokenizer(args, config, calibration) -> bool:
     """Text calibration and --eval need one; data-free methods and self-generated calibration do not."""
     from hfprune.registry import get_pruner_cls
 
-    try:
-        calibrated = get_pruner_cls(config.method).requires_calibration or getattr(config, "owl", False)
-    except (ValueError, KeyError):
-        calibrated = True  # structured importances other than magnitude read activations
+    calibrated = any(get_pruner_cls(c.method)(c).needs_data for c in (config if isinstance(config, list) else [config]))
     return bool(args.eval) or (calibrated and getattr(calibration, "dataset", None) != "self")
 
 
@@ -215,9 +212,13 @@ def _run_streaming(args, config, calibration):
     if getattr(args, "format", "dense") != "dense":
         raise ValueError("--low-memory / --resume write dense safetensors shards: drop --format, or convert the "
                          "output afterwards with hfprune.save_pretrained(..., format=...).")
-    if getattr(args, "target", None) or config.method in ("depth", "hidden"):
-        raise ValueError("--low-memory / --resume support unstructured and N:M pruning, not structured --target or "
-                         "--method depth / hidden (they change the model's structure in memory).")
+    from hfprune.registry import get_pruner_cls
+
+    if isinstance(config, list):
+        raise ValueError("--low-memory / --resume run one method: run a recipe's stages in memory (drop the flag).")
+    if getattr(args, "target", None) or get_pruner_cls(config.method).model_level:
+        raise ValueError(f"--low-memory / --resume support unstructured and N:M pruning, not structured --target or "
+                         f"--method {config.method} (it changes the model's structure in memory).")
     after = None
     if getattr(args, "eval", False):
         def after(model, tokenizer):

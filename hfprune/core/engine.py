@@ -116,6 +116,9 @@ def _run(model: nn.Module, tokenizer, pruner, calib, *, progress: bool, session:
     """One method on ``model``: the wrapper every pruner runs in (see the module docstring)."""
     config = pruner.config
     if pruner.model_level:
+        if session is not None:
+            raise ValueError(f"Streaming / resumable pruning (--low-memory, --resume) writes block shards of "
+                             f"the same shapes; {config.method} changes the model's structure: prune in memory.")
         pruner.check(model)  # every refusal before calibration
     was_training = model.training
     model.eval()
