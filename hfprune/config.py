@@ -128,8 +128,10 @@ class ConfigDictMixin:
         allowed = config_cls.field_names()
         unknown = sorted(set(data) - set(allowed))
         if unknown:
+            current = [f.name for f in dataclasses.fields(config_cls)
+                       if not (f.metadata.get("renamed_to") or f.metadata.get("deprecated"))]
             raise ValueError(
-                f"Unknown key(s) {unknown} for method {config_cls.method!r}; allowed keys: {sorted(allowed)}."
+                f"Unknown key(s) {unknown} for method {config_cls.method!r}; allowed keys: {sorted(current)}."
             )
         try:
             return config_cls(**data)

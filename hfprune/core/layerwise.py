@@ -26,6 +26,7 @@ from hfprune.core.distributed import ChunkedStats, DistContext, finalize_stats, 
 from hfprune.core.runner import LayerRunner, is_offloaded, module_device
 from hfprune.core.targets import check_called, check_finite, layer_sparsities, select_targets, validate_pattern
 from hfprune.report import count_zeros, zero_counts
+from hfprune.solvers import scores
 from hfprune.solvers.masks import parse_pattern
 
 logger = logging.getLogger(__name__)
