@@ -344,7 +344,7 @@ def render_model_card(*, base_model: str | None, pruning_config: dict, report: d
     if pc.get("achieved_sparsity") is not None:
         lines.append(f"| sparsity of the saved weights | {_pct(float(pc['achieved_sparsity']))} |")
     skip = {"method", "pattern", "sparsity", "calibration", "per_layer_sparsity", "layers", "license",
-            "achieved_sparsity", "base_model", "command"}
+            "achieved_sparsity", "base_model", "command", "stages"}
     for key, value in pc.items():
         if key not in skip and value is not None and not isinstance(value, dict):
             lines.append(f"| {key} | {_fmt(_public(value))} |")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from hfprune.registry import get_pruner_cls
+from hfprune.registry import METHODS as _METHODS, get_pruner_cls
 from hfprune.solvers.masks import parse_pattern
 
-__all__ = ["ConfigDictMixin", "PruningConfig", "CalibrationConfig", "SCOPES", "__version__"]
+__all__ = ["ConfigDictMixin", "config_from_dict", "renamed", "resolve_renamed", "PruningConfig", "CalibrationConfig", "SCOPES", "__version__"]
 
 __version__ = "0.1.0"
 """Stamped into every saved config (``hfprune_version``); ``hfprune.__version__`` is this value."""
@@ -44,6 +45,33 @@ def check_field_types(config) -> None:
                              f"({type(value).__name__}): fix it in the recipe or on the command line.")
 
 
+def _registered() -> set[str]:
+    return set(_METHODS)
+
+
+def renamed(new: str):
+    """A config field kept under its old name as a deprecated alias of field ``new`` (saved configs and
+    recipes still load; a ``FutureWarning`` names the new key). Not shown in ``to_dict`` or the CLI."""
+    return field(default=None, repr=False, metadata={"renamed_to": new})
+
+
+def resolve_renamed(config) -> None:
+    """Move every deprecated alias's value (see :func:`renamed`) to its new field, with a warning."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for f in fields.values():
+        new = f.metadata.get("renamed_to")
+        value = getattr(config, f.name)
+        if new is None or value is None:
+            continue
+        warnings.warn(f"`{f.name}` is deprecated: use `{new}` (the {type(config).__name__} field it now "
+                      f"is).", FutureWarning, stacklevel=4)
+        current, default = getattr(config, new), fields[new].default
+        if current is not None and current != default and current != value:
+            raise ValueError(f"`{f.name}` is the old name of `{new}`: give only `{new}`.")
+        setattr(config, new, value)
+        setattr(config, f.name, None)
+
+
 class ConfigDictMixin:
     """The dict / JSON round trip of every method config dataclass: ``to_dict`` is ``method``, the fields
     shown in the repr and ``hfprune_version``; ``from_dict`` builds the config of ``data["method"]`` (through
@@ -53,7 +81,8 @@ class ConfigDictMixin:
     method: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
-        shown = {f.name for f in dataclasses.fields(self) if f.repr}
+        shown = {f.name for f in dataclasses.fields(self)
+                 if f.repr and not (f.metadata.get("deprecated") and getattr(self, f.name) is None)}
         return {"method": self.method, **{k: v for k, v in dataclasses.asdict(self).items() if k in shown},
                 "hfprune_version": __version__}
 
@@ -63,6 +92,29 @@ class ConfigDictMixin:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]):
+        """The config a saved ``config.pruning_config`` (or ``pruning_report.json``'s ``config``) was made
+        with. Keys this version does not know (the run's record: ``achieved_sparsity``, ``calibration``,
+        ...; fields of a newer hfprune) are dropped with one warning, as peft does for adapter configs;
+        a ``user``'s dict or recipe goes through :meth:`from_dict`, which refuses them. A multi-stage
+        record gives the list of its stages' configs."""
+        data = dict(data)
+        if data.get("stages") is not None:
+            return [cls.from_saved(st) for st in data["stages"]]
+        method = str(data.get("method") or cls.method)
+        if method not in _registered():  # e.g. "structured-obs", "experts-reap": the method and its importance
+            method = method.split("-", 1)[0]
+        config_cls = get_pruner_cls(method).config_cls
+        allowed = set(config_cls.field_names())
+        dropped = sorted(k for k in data if k not in allowed and k not in ("method", "hfprune_version"))
+        if dropped:
+            warnings.warn(f"Keys {dropped} of the saved {method!r} config are not {config_cls.__name__} fields "
+                          f"(the run's record, or a newer hfprune's options); they were ignored.", stacklevel=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # a saved config may use old names: that is fine
+            return config_cls.from_dict({**{k: v for k, v in data.items() if k in allowed}, "method": method})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -76,13 +128,25 @@ class ConfigDictMixin:
         allowed = config_cls.field_names()
         unknown = sorted(set(data) - set(allowed))
         if unknown:
+            current = [f.name for f in dataclasses.fields(config_cls)
+                       if not (f.metadata.get("renamed_to") or f.metadata.get("deprecated"))]
             raise ValueError(
-                f"Unknown key(s) {unknown} for method {config_cls.method!r}; allowed keys: {sorted(allowed)}."
+                f"Unknown key(s) {unknown} for method {config_cls.method!r}; allowed keys: {sorted(current)}."
             )
         try:
             return config_cls(**data)
         except TypeError as err:  # e.g. a list where a number belongs, found by a comparison in validation
             raise ValueError(f"Bad value in the {config_cls.method!r} config {data}: {err}.") from None
+
+
+def config_from_dict(data: dict[str, Any]):
+    """The config of any registered method from a dict with a ``method`` key (``to_dict``'s output,
+    a recipe's keys, a user's dict)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"A method config dict is needed, got {type(data).__name__}.")
+    if not data.get("method"):
+        raise ValueError("The config needs a `method` (for example 'wanda' or 'magnitude'; see `hfprune methods`).")
+    return ConfigDictMixin.from_dict(data)
 
 
 @dataclass

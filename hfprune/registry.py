@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["Registry", "METHODS", "FORMATS", "ARCHITECTURES", "register_pruner", "get_pruner_cls",
-           "available_methods"]
+           "available_methods", "describe_methods"]
 
 
 class Registry(dict):
@@ -65,3 +65,13 @@ def get_pruner_cls(name: str) -> type:
 
 def available_methods() -> list[str]:
     return sorted(METHODS)
+
+
+def describe_methods() -> dict[str, str]:
+    """``{method: one line}``: the first line of each registered pruner's docstring (else its config's)."""
+    out = {}
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        doc = cls.__dict__.get("__doc__") or getattr(cls, "config_cls", cls).__doc__ or ""
+        out[name] = doc.strip().splitlines()[0].rstrip(".") if doc.strip() else ""
+    return out

@@ -19,7 +19,7 @@ import torch
 
 from hfprune.arch import is_linear, weight_matrix
 
-__all__ = ["PruneReport", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report",
+__all__ = ["PruneReport", "PruneResult", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report",
            "recount_sparsity"]
 
 
@@ -113,6 +113,21 @@ def recount_sparsity(model, record: "PruneReport | None", report_dict: dict | No
 
 
 @dataclass
+class PruneResult:
+    """What a layer-wise pruner returns for one weight (see :class:`hfprune.methods.Pruner`)."""
+
+    pruned: torch.Tensor
+    """Boolean ``[out, in]`` mask, True where the weight is removed."""
+    weight: torch.Tensor | None = None
+    """New ``[out, in]`` weight for methods that update kept weights; ``None`` keeps them."""
+    info: dict | None = None
+    """Per-layer numbers for the report (``report.layers[name]``), e.g. a reconstruction error."""
+    scale: torch.Tensor | None = None
+    """Joint quantization: the float32 ``[out, groups]`` scales of the symmetric grid the kept weights
+    were rounded to (the formats store the integers on it); ``None`` otherwise."""
+
+
+@dataclass
 class DepthRemoval:
     """What depth pruning removed (:mod:`hfprune.structured.depth`)."""
 
@@ -176,6 +191,9 @@ class PruneReport:
     """Depth pruning: the blocks removed and the criterion's scores."""
     hidden: HiddenRemoval | None = None
     """Hidden-size pruning: the residual channels removed."""
+    stages: list[dict[str, Any]] | None = None
+    """A run of several methods (:func:`hfprune.prune` with a list of configs): each stage's summary
+    (:meth:`summary`), in order."""
     quant_scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """Joint quantization (``bits`` in :attr:`config`): per pruned layer, the float32 ``[out, groups]``
     scales of the symmetric grid its kept weights lie on (``weight = scale * q``); the formats store
@@ -185,8 +203,9 @@ class PruneReport:
     def scales_for(self, bits: int | None, group_size: int | None) -> dict[str, torch.Tensor]:
         """:attr:`quant_scales` by weight name (``<module>.weight``) when this run quantized to
         ``bits`` with ``group_size`` (what a format is asked to store), else ``{}``."""
-        if not self.quant_scales or bits is None or self.config.get("bits") != bits \
-                or self.config.get("group_size") != group_size:
+        config = next((st["config"] for st in reversed(self.stages or []) if st["config"].get("bits")), self.config)
+        if not self.quant_scales or bits is None or config.get("bits") != bits \
+                or config.get("group_size") != group_size:
             return {}
         return {f"{name}.weight": scale for name, scale in self.quant_scales.items()}
 
@@ -199,20 +218,32 @@ class PruneReport:
             entry["previous"] = earlier
         model.config.pruning_config = entry
 
+    def summary(self) -> dict[str, Any]:
+        """One stage of a multi-stage run: method, config, time, and what it changed."""
+        out = {"method": self.method, "config": self.config, "prune_seconds": self.prune_seconds}
+        if self.structured is not None:
+            out.update(params_before=self.structured.get("params_before"),
+                       params_after=self.structured.get("params_after"))
+        if self.layers:
+            out.update(sparsity=self.sparsity, pattern=self.pattern)
+        return out
+
     def pruning_config(self) -> dict[str, Any]:
         """The ``config.pruning_config`` entry written to ``config.json`` (serialisation only)."""
+        out = {**self.config}
         if self.structured is not None:
             s = self.structured
-            out = {**self.config, "params_before": s["params_before"], "params_after": s["params_after"],
-                   "reload_with": s["reload_with"], "calibration": self.calibration}
+            out.update(params_before=s["params_before"], params_after=s["params_after"], reload_with=s["reload_with"])
+            if s.get("experts_kept"):
+                out["experts_kept"] = s["experts_kept"]
             if self.depth is not None:
                 out["removed_blocks"] = list(self.depth.removed)
             if self.hidden is not None:
                 out.update(hidden_before=self.hidden.hidden_before, hidden_after=self.hidden.hidden_after)
-        else:
-            out = {**self.config, "achieved_sparsity": self.sparsity,
-                   "layer_sparsity": {n: round(v["sparsity"], 6) for n, v in self.layers.items()},
-                   "calibration": self.calibration}
+        if self.structured is None or self.layers:
+            out.update(achieved_sparsity=self.sparsity,  # not `layer_sparsity`: that is the config's field
+                       per_layer_sparsity={n: round(v["sparsity"], 6) for n, v in self.layers.items()})
+        out["calibration"] = self.calibration
         out.update({k: v for k, v in (("command", self.command), ("base_model", self.base_model)) if v})
         return out
 
@@ -254,6 +285,18 @@ class PruneReport:
         return {k: z / n for k, (z, n) in agg.items()}
 
     def __str__(self) -> str:
+        if self.stages:
+            lines = [f"hfprune {len(self.stages)} stages, {self.prune_seconds:.1f} s, peak RSS {self.peak_rss_mb:.0f} MiB:"]
+            for k, st in enumerate(self.stages, 1):
+                parts = [f"  {k}. {st['method']}"]
+                if st.get("params_before") is not None:
+                    parts.append(f"parameters {st['params_before']:,} -> {st['params_after']:,}")
+                if "sparsity" in st:
+                    parts.append(f"sparsity {st['sparsity']:.4f} ({st['pattern']})")
+                if st["config"].get("bits"):
+                    parts.append(f"int{st['config']['bits']} g{st['config'].get('group_size') or 'channel'}")
+                lines.append(", ".join(parts) + f", {st['prune_seconds']:.1f} s")
+            return "\n".join(lines)
         if self.structured is not None:
             s = self.structured
             lines = [f"hfprune {self.method}: parameters {s['params_before']:,} -> {s['params_after']:,} "

@@ -98,8 +98,10 @@ def test_choose_blocks_protects_ends_and_picks_runs():
 def test_configs_validate_before_any_work():
     with pytest.raises(ValueError, match="exactly one"):
         DepthPruningConfig()
-    with pytest.raises(ValueError, match="criterion"):
+    with pytest.raises(ValueError, match="importance='random'"):  # `criterion` is the old name of `importance`
         DepthPruningConfig(num_blocks=1, criterion="random")
+    with pytest.raises(ValueError, match="importance='random'"):
+        DepthPruningConfig(keep_blocks=1, importance="random")
     with pytest.raises(ValueError, match="at most 4 can go"):
         DepthPruningConfig(num_blocks=5).blocks_to_remove(6)
     with pytest.raises(ValueError, match="exactly one"):
@@ -336,8 +338,10 @@ def test_report_json_and_save_pretrained_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("flags, check", [
-    (["--method", "depth", "--num-blocks", "2", "--criterion", "angular"],
-     lambda cfg: cfg["num_hidden_layers"] == LAYERS - 2 and cfg["pruning_config"]["criterion"] == "angular"),
+    (["--method", "depth", "--num-blocks", "2", "--criterion", "angular"],  # the old names still work
+     lambda cfg: cfg["num_hidden_layers"] == LAYERS - 2 and cfg["pruning_config"]["importance"] == "angular"),
+    (["--method", "depth", "--keep-blocks", str(LAYERS - 2), "--importance", "angular"],
+     lambda cfg: cfg["num_hidden_layers"] == LAYERS - 2 and cfg["pruning_config"]["importance"] == "angular"),
     (["--method", "hidden", "--keep-hidden", "48"],
      lambda cfg: cfg["hidden_size"] == 48 and cfg["head_dim"] == 16),
 ])
@@ -370,9 +374,11 @@ def test_cli_help_lists_the_generated_flags(capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--num-blocks", "--depth-ratio", "--criterion", "--hidden-ratio", "--keep-hidden",
-                 "--channel-importance"):
+    for flag in ("--keep-blocks", "--depth-ratio", "--importance", "--hidden-ratio", "--keep-hidden",
+                 "--keep-experts", "--experts-ratio"):
         assert flag in text
+    for old in ("--num-blocks", "--criterion", "--channel-importance"):  # deprecated: still parsed, not shown
+        assert old not in text
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3_moe"])

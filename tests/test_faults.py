@@ -602,12 +602,12 @@ def test_pickle_with_code_is_refused_with_a_message(tmp_path, caplog, capsys):
 
 
 def test_internal_errors_say_they_are_bugs(model_dir, calib_file, tmp_path, caplog, monkeypatch):
-    import hfprune.core.engine as engine
+    import hfprune.core.layerwise as layerwise
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("an internal bug")
 
-    monkeypatch.setattr(engine, "_block_report", broken)  # a bug inside the library, not an input error
+    monkeypatch.setattr(layerwise, "_block_report", broken)  # a bug inside the library, not an input error
     assert _prune(model_dir, calib_file, tmp_path / "out") == 1
     assert "This is a bug, not a problem with your input: please report it" in caplog.text
     assert not (tmp_path / "out").exists()

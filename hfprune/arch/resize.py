@@ -30,8 +30,12 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PER_LAYER_LISTS", "LAYER_INDEX_SETS", "LAYER_INDEX_ATTRS", "SQRT_HIDDEN_EMBED_SCALE", "NORM_WEIGHT_OFFSET",
+__all__ = ["PRUNED_SHAPES_KEY", "PER_LAYER_LISTS", "LAYER_INDEX_SETS", "LAYER_INDEX_ATTRS", "SQRT_HIDDEN_EMBED_SCALE", "NORM_WEIGHT_OFFSET",
            "num_layers_of", "remove_layers_from_config", "reindex_block", "layer_order_warnings"]
+
+PRUNED_SHAPES_KEY = "pruned_shapes"
+"""The config.json key of a non-uniform structured checkpoint: each block's head and neuron counts
+(:class:`hfprune.structured.AutoPrunedModelForCausalLM` rebuilds the blocks from it)."""
 
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "indexer_types", "kv_sharing_modes",
                    "layers_block_type", "layers_num_experts", "per_layer_config", "swiglu_limits",

@@ -9,7 +9,7 @@ import dataclasses
 import types
 import typing
 
-__all__ = ["add_fields", "model_command", "positive_int", "local_config"]
+__all__ = ["add_fields", "add_method_fields", "model_command", "positive_int", "local_config"]
 
 
 def _scalar(tp):
@@ -63,6 +63,56 @@ def add_fields(parser, cls, *, only=None, skip=(), flags=None, extra=None, defau
             kw.pop("default")
         parser.add_argument(*(flags or {}).get(f.name, ["--" + f.name.replace("_", "-")]), **kw)
         added.append(f.name)
+    return added
+
+
+def add_method_fields(parser, configs: dict[str, type], *, extra=None) -> list[str]:
+    """One flag per field of every method config in ``configs`` (``{method: config class}``, e.g. from
+    the method registry), so a newly registered method gets its flags with nothing else to edit.
+    A field several methods share is one flag: its choices are the union of theirs (none when one of
+    them takes any value) and its help names each method whose text differs. Fields hidden from the
+    repr (internal sizes, renamed fields) and deprecated fields get no flag. Returns the destinations added."""
+    by_name: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for method, cls in configs.items():
+        for f in dataclasses.fields(cls):
+            if f.repr and not f.metadata.get("deprecated"):
+                by_name.setdefault(f.name, []).append((method, f))
+    merged = {}
+    for name, entries in by_name.items():
+        helps: dict[str, list[str]] = {}
+        for method, f in entries:
+            helps.setdefault(f.metadata.get("help", ""), []).append(method)
+        text = next(iter(helps)) if len(helps) == 1 else " | ".join(
+            f"{'/'.join(methods)}: {h}" for h, methods in helps.items())
+        choices = [f.metadata.get("choices") for _, f in entries]
+        kw = dict((extra or {}).get(name, {}))
+        if all(choices):
+            kw.setdefault("choices", list(dict.fromkeys(c for cs in choices for c in cs)))
+        merged[name] = (entries[0][1], text, kw)
+    added = []
+    for cls in configs.values():  # old names: still accepted, not shown (the config warns and says the new one)
+        for f in dataclasses.fields(cls):
+            if (f.metadata.get("renamed_to") or f.metadata.get("deprecated")) and f.name not in by_name:
+                by_name[f.name] = []
+                merged[f.name] = (f, argparse.SUPPRESS, {})
+    hints = {}
+    for cls in configs.values():
+        hints.update({k: v for k, v in typing.get_type_hints(cls).items() if k not in hints})
+    taken = {a.dest for a in parser._actions}
+    for name, (f, text, kw) in merged.items():
+        if name in taken:
+            continue
+        tp, is_list = _scalar(hints[name])
+        args = {"dest": name, "help": text, "default": None}
+        if tp is bool:
+            args["action"] = argparse.BooleanOptionalAction
+        elif is_list:
+            args.update(nargs="+", type=tp)
+        else:
+            args.update(type=_optional(tp) if tp is not hints[name] else tp, metavar=name.upper())
+        args.update(kw)
+        parser.add_argument("--" + name.replace("_", "-"), **args)
+        added.append(name)
     return added
 
 

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from hfprune.cli import bench, flow, push, recover, sweep, zeroshot
-from hfprune.cli.flags import add_fields, local_config, model_command, positive_int
+from hfprune.cli.flags import add_fields, add_method_fields, local_config, model_command, positive_int
 
 logger = logging.getLogger("hfprune.cli")
 
@@ -23,33 +23,28 @@ def _comma_floats(value: str) -> list[float]:
 def _add_prune(sub) -> None:
     from hfprune.config import CalibrationConfig, PruningConfig
     from hfprune.formats import FORMATS
-    from hfprune.methods import ADMMConfig, SparseGPTConfig, StructuredConfig
-    from hfprune.structured.depth import DepthPruningConfig
-    from hfprune.structured.hidden import HiddenPruningConfig
+    from hfprune.registry import METHODS
 
     p = model_command(sub, "prune", help="Prune a model and save it.",
                       description="Prune a causal LM one decoder block at a time and save a standard checkpoint.")
-    p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); the flags below override its values.")
+    p.add_argument("--recipe", help="YAML recipe (recipes/*.yaml); the flags below override its values. A recipe "
+                                    "with `stages:` runs several methods in order.")
     p.add_argument("--method", help="Pruning method (see `hfprune methods`).")
-    # Method and calibration flags come from the config dataclasses (help text in their field metadata).
-    method_keys = add_fields(p, PruningConfig, extra={"layer_sparsity": {"type": _comma_floats, "nargs": None}})
-    method_keys += add_fields(p, SparseGPTConfig, only=("block_size", "dampening", "act_order"))
-    method_keys += add_fields(p, ADMMConfig, only=("iterations", "prune_iterations", "rho", "dense_targets"))
     p.add_argument("--bits", type=int, choices=[4, 8], help="Quantize kept weights: jointly with sparsegpt, and/or "
                                                            "stored as int8/int4 by --format sparse.")
     p.add_argument("--group-size", type=int, dest="group_size", help="Quantization group size (default: per channel).")
     p.add_argument("--format", choices=list(FORMATS), default="dense",
                    help="Checkpoint format: dense save_pretrained, hfprune's compressed sparse format (reloads "
                         "after `import hfprune`), or compressed-tensors int4/int8 for vLLM.")
-    p.add_argument("--target", help="Structured pruning: heads, mlp or heads,mlp (physically removes them; "
-                                    "--method is then the importance: obs, magnitude, wanda or fluctuation).")
-    method_keys += add_fields(p, StructuredConfig, only=("heads_ratio", "mlp_ratio", "gqa_mode", "bias_compensation",
-                                                                 "compensation", "compensation_target", "damp"))
+    p.add_argument("--target", help="Structured pruning the older way: heads, mlp or heads,mlp (physically removes "
+                                    "them; --method is then the importance: obs, magnitude, wanda or fluctuation). "
+                                    "Same as --method structured --importance ... .")
     p.add_argument("--non-uniform", action="store_true", default=None, dest="non_uniform",
-                   help="Structured: per-block counts from a global ranking (reload with hfprune).")
-    # --method depth / --method hidden: whole decoder blocks / residual channels (stock reload).
-    method_keys += add_fields(p, DepthPruningConfig)
-    method_keys += add_fields(p, HiddenPruningConfig)
+                   help="Structured: per-block counts from a global ranking (reload with hfprune); same as --no-uniform.")
+    # Method flags come from every registered method's config (help text in the field metadata): a method
+    # registered with @register_pruner gets its flags here with nothing else to edit.
+    configs = {"": PruningConfig, **{name: cls.config_cls for name, cls in sorted(METHODS.items())}}
+    method_keys = add_method_fields(p, configs, extra={"layer_sparsity": {"type": _comma_floats, "nargs": None}})
     calib_keys = add_fields(p, CalibrationConfig, skip=("config_name",), flags={"dataset": ["--calibration"]})
     p.add_argument("--dtype", default=None, help="auto (the checkpoint's), float32, bfloat16 or float16.")
     p.add_argument("--output", required=True, help="Output folder for the pruned checkpoint.")
@@ -103,8 +98,18 @@ def _add_eval(sub) -> None:
 
 
 def _add_methods(sub) -> None:
-    p = sub.add_parser("methods", help="List the pruning methods.")
-    p.set_defaults(func=lambda args: print("\n".join(__import__("hfprune").available_methods())) or 0)
+    p = sub.add_parser("methods", help="List the pruning methods, one line each.")
+    p.set_defaults(func=_run_methods)
+
+
+def _run_methods(args) -> int:
+    from hfprune.registry import describe_methods
+
+    rows = describe_methods()
+    width = max(len(name) for name in rows)
+    for name, line in rows.items():
+        print(f"{name:{width}s}  {line}")
+    return 0
 
 
 def _save_args(args) -> tuple:
@@ -116,7 +121,7 @@ def _save_args(args) -> tuple:
 def _run_prune(args) -> int:
     import torch  # noqa: F401
 
-    from hfprune.core.engine import resolve_calibration
+    from hfprune.core.calibration import resolve_calibration
     from hfprune.io import check_output_dir, check_save_args, output_lock
     from hfprune.models import command_inputs
     from hfprune.recipes import build_configs, read_recipe
@@ -135,7 +140,9 @@ def _run_prune(args) -> int:
     check_save_args(*_save_args(args))
     overrides = {k: getattr(args, k) for k in args.method_keys}
     method = args.method or data.get("method")
-    if method in ("sparsegpt", "admm"):
+    from hfprune.registry import METHODS
+
+    if method in METHODS and "bits" in METHODS[method].config_cls.field_names() and not args.target:
         overrides.update(bits=args.bits, group_size=args.group_size)
     elif args.bits and args.format == "dense":
         raise ValueError("--bits quantizes weights when they are saved with --format sparse or compressed-tensors, "
@@ -181,16 +188,13 @@ def _needs_tokenizer(args, config, calibration) -> bool:
     """Text calibration and --eval need one; data-free methods and self-generated calibration do not."""
     from hfprune.registry import get_pruner_cls
 
-    try:
-        calibrated = get_pruner_cls(config.method).requires_calibration or getattr(config, "owl", False)
-    except (ValueError, KeyError):
-        calibrated = True  # structured importances other than magnitude read activations
+    calibrated = any(get_pruner_cls(c.method)(c).needs_data for c in (config if isinstance(config, list) else [config]))
     return bool(args.eval) or (calibrated and getattr(calibration, "dataset", None) != "self")
 
 
 def _prune_in_memory(args, config, calibration, is_main: bool) -> int:
     import hfprune
-    from hfprune.core.engine import resolve_calibration
+    from hfprune.core.calibration import resolve_calibration
     from hfprune.io import check_save_args
 
     model = hfprune.load_model(args.model, dtype=args.dtype)
@@ -233,9 +237,13 @@ def _run_streaming(args, config, calibration):
     if getattr(args, "format", "dense") != "dense":
         raise ValueError("--low-memory / --resume write dense safetensors shards: drop --format, or convert the "
                          "output afterwards with hfprune.save_pretrained(..., format=...).")
-    if getattr(args, "target", None) or config.method in ("depth", "hidden"):
-        raise ValueError("--low-memory / --resume support unstructured and N:M pruning, not structured --target or "
-                         "--method depth / hidden (they change the model's structure in memory).")
+    from hfprune.registry import get_pruner_cls
+
+    if isinstance(config, list):
+        raise ValueError("--low-memory / --resume run one method: run a recipe's stages in memory (drop the flag).")
+    if getattr(args, "target", None) or get_pruner_cls(config.method).model_level:
+        raise ValueError(f"--low-memory / --resume support unstructured and N:M pruning, not structured --target or "
+                         f"--method {config.method} (it changes the model's structure in memory).")
     after = None
     if getattr(args, "eval", False):
         def after(model, tokenizer):

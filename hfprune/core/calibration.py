@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 import torch
+from torch import nn
 
 from hfprune.config import CalibrationConfig
 from hfprune.core.checks import check_token_ids
-from hfprune.data import load_texts
 from hfprune.core.runner import module_device
+from hfprune.data import load_texts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["get_calibration_ids", "sample_windows", "self_generated_ids"]
+__all__ = ["get_calibration_ids", "sample_windows", "self_generated_ids", "resolve_calibration", "calibration_batch_size",
+           "CPU_BATCH_TOKENS"]
 
 _TOKENIZE_ALL_LIMIT = 20_000  # documents; above this, tokenize lazily while sampling
 # Characters per needed token beyond which a document (or the joined text) is cut before tokenizing:
@@ -182,3 +185,74 @@ def get_calibration_ids(calibration: CalibrationConfig, tokenizer=None, model=No
                        config_name=calibration.config_name)
     return check_token_ids(sample_windows(tokenizer, texts, calibration.nsamples, calibration.seqlen, calibration.seed),
                            model, "The tokenizer's ids")
+
+
+def resolve_calibration(calibration: Any = None, **overrides) -> CalibrationConfig:
+    """A :class:`CalibrationConfig` from a config, a dict, a source (name/path/list/tensor) or ``None``."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(calibration, CalibrationConfig):
+        base = calibration.to_dict()
+        base["dataset"] = calibration.dataset
+    elif isinstance(calibration, dict):
+        base = dict(calibration)
+    elif calibration is None:
+        base = {}
+    else:
+        base = {"dataset": calibration}
+    base.update(overrides)
+    if isinstance(base.get("dataset"), torch.Tensor):
+        ids = base["dataset"]
+        base.setdefault("nsamples", int(ids.shape[0]) if ids.dim() == 2 else 1)
+        base.setdefault("seqlen", int(ids.shape[-1]))
+    return CalibrationConfig.from_dict(base)
+
+
+
+# Tokens per block call on CPU when a block takes several passes anyway: small batches keep the
+# element-wise work (norms, rotary embeddings, activations) in cache. On SmolLM2-135M (2-core CPU)
+# the model body over 64 x 512 tokens took 54-63 s in batches of 2-8 windows (1024-4096 tokens)
+# and 75.7 s as one 32768-token batch; `scripts/bench_oneshot.py --runs forward` times the whole
+# model at batch 8 and at batch 64.
+CPU_BATCH_TOKENS = 2048
+
+
+def calibration_batch_size(calib: CalibrationConfig, ids: torch.Tensor, model: nn.Module, low_memory: bool = False,
+                one_pass: bool = True) -> int:
+    """Calibration windows per block call: the configured value, or (``batch_size=0``, the
+    default) an automatic choice.
+
+    ``one_pass`` (true-sequential pruning in one process): as many windows as fit a memory
+    budget for the block's intermediate activations, so that when all of them fit, each block is
+    pruned in a single pass. Otherwise each block is run more than once anyway, and on CPU the
+    batch holds about :data:`CPU_BATCH_TOKENS` tokens, which runs faster than one large batch.
+
+    ``low_memory`` (streaming): the budget is the size of the hidden states that are kept
+    anyway (``nsamples x seqlen x hidden`` in the model dtype; at least 64 MB), so the block's
+    working memory stays about the size of the calibration activations whatever the model width;
+    when that splits the windows into several batches, each block takes one pass per
+    true-sequential group instead of one pass."""
+    if calib.batch_size:
+        return calib.batch_size
+    if not isinstance(ids, torch.Tensor):
+        return 1  # model-input dicts: each one is a batch
+    from hfprune.arch.discovery import activation_sizes
+
+    hidden, inter, heads = activation_sizes(model.config)
+    seqlen = ids.shape[1]
+    bytes_per_token = 4 * (6 * hidden + 4 * inter + 2 * heads * seqlen)
+    device = module_device(model.get_input_embeddings())
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = 0.25 * free
+    else:
+        import psutil
+
+        budget = min(4 * 2**30, 0.25 * psutil.virtual_memory().available)
+    if low_memory:
+        dtype_bytes = next(model.parameters()).element_size()
+        budget = min(budget, max(64 * 2**20, dtype_bytes * hidden * ids.numel()))
+    per_window = bytes_per_token * seqlen
+    windows = int(max(1, min(ids.shape[0], budget // per_window)))
+    if not one_pass and device.type != "cuda":
+        windows = min(windows, max(1, CPU_BATCH_TOKENS // seqlen))
+    return windows

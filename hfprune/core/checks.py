@@ -29,17 +29,10 @@ def check_loaded(model: nn.Module, what: str = "Pruning") -> None:
 
 
 def _kind(config) -> str | None:
-    """``"structured"``, ``"depth"``, ``"hidden"``, ``"experts"`` or ``None`` (unstructured / N:M)."""
-    from hfprune.methods.structured import StructuredConfig
-    from hfprune.structured.depth import DepthPruningConfig
-    from hfprune.structured.experts import ExpertPruningConfig
-    from hfprune.structured.hidden import HiddenPruningConfig
-
-    for cls, name in ((StructuredConfig, "structured"), (DepthPruningConfig, "depth"),
-                      (HiddenPruningConfig, "hidden"), (ExpertPruningConfig, "experts")):
-        if isinstance(config, cls):
-            return name
-    return None
+    """``"structured"``, ``"depth"``, ``"hidden"``, ``"experts"`` (the registered model-level methods that act on
+    one block stack) or ``None`` (unstructured / N:M, which prune every stack)."""
+    method = getattr(config, "method", None)
+    return method if method in _WHAT else None
 
 
 _WHAT = {"structured": "Structured head/MLP pruning", "depth": "Depth pruning (--method depth)",
@@ -70,7 +63,7 @@ def check_checkpoint_combination(model_config, operation: str) -> None:
     ``operation``: ``"depth"`` (remove blocks) or ``"low_memory"`` (``--low-memory`` / ``--resume``: stream
     dense safetensors shards block by block).
     """
-    from hfprune.structured.checkpoint import PRUNED_SHAPES_KEY
+    from hfprune.arch.resize import PRUNED_SHAPES_KEY
 
     get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
     non_uniform = bool(get(PRUNED_SHAPES_KEY, None))

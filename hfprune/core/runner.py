@@ -474,6 +474,46 @@ class LayerRunner:
             if update:
                 self.hidden[b] = out.to(hidden.device)
 
+    @torch.no_grad()
+    def collect(self, ids: torch.Tensor | list[dict] | None, attach: Callable[[nn.Module], tuple] | None = None, *,
+                around_block: Callable[[int], Any] | None = None,
+                after_block: Callable[[int, list[torch.Tensor]], None] | None = None, update_last: bool = False,
+                desc: str = "hfprune calibration", progress: bool = False, release: bool = True) -> Any:
+        """One calibration pass over every block in order, each on the previous block's outputs: the
+        loop behind every statistics pass (structured channel statistics, expert, channel and depth
+        importance, global / OWL budgets); only the pruning loop itself is elsewhere.
+
+        Args:
+            ids: the calibration windows, captured first (``None``: use what :meth:`capture` recorded).
+            attach: ``model -> (result, remove)``: hooks for the whole pass (e.g.
+                :func:`hfprune.structured.attach_channel_stats`), attached after the capture and
+                removed at the end; its ``result`` is returned.
+            around_block: ``i -> context manager`` entered around running block ``i`` (onload,
+                per-block hooks, work to do while the block is onloaded).
+            after_block: ``(i, inputs)`` called after block ``i`` ran, with the block's inputs
+                (one tensor per batch; ``self.hidden`` holds its outputs).
+            update_last: also keep the last block's outputs (the final norm's inputs).
+            release: drop the activations at the end (``False``: the caller goes on with them).
+        """
+        from tqdm.auto import tqdm
+
+        if ids is not None:
+            self.capture(ids)
+        result, remove = attach(self.model) if attach is not None else (None, None)
+        try:
+            for i in tqdm(range(len(self)), desc=desc, disable=not progress, unit="block"):
+                before = list(self.hidden) if after_block is not None else None
+                with around_block(i) if around_block is not None else contextlib.nullcontext():
+                    self.run(i, update=update_last or i < len(self) - 1)
+                if after_block is not None:
+                    after_block(i, before)
+        finally:
+            if remove is not None:
+                remove()
+            if release:
+                self.release()
+        return result
+
     def start_dense_stream(self) -> None:
         """Keep a second copy of the captured activations that only dense blocks will update
         (:meth:`record_dense_inputs`); call right after :meth:`capture`."""

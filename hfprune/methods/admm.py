@@ -66,6 +66,8 @@ class ADMMConfig(PruningConfig):
 
 @register_pruner("admm", config_cls=ADMMConfig)
 class ADMMPruner(HessianPruner):
+    """ADMM: unstructured / N:M with a gradually grown mask on SparseGPT's Hessians (optional joint quantization)."""
+
     def solve(self, W, H, sparsity, scope):
         c = self.config
         return admm_prune(W, H, sparsity, c.pattern, scope=scope, iterations=c.iterations,

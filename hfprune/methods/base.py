@@ -18,11 +18,12 @@ from typing import Any, ClassVar
 import torch
 
 from hfprune.config import PruningConfig
+from hfprune.report import PruneResult
 from hfprune.solvers.masks import parse_pattern, prune_count, select_mask
 from hfprune.solvers.sparsegpt import dense_target_weight, output_error
 from hfprune.stats import DenseTargetHessianStats, HessianStats
 
-__all__ = ["Pruner", "PruneResult", "HessianPruner", "check_quant_config", "check_dense_targets", "DENSE_TARGETS",
+__all__ = ["Pruner", "ModelPruner", "PruneResult", "HessianPruner", "check_quant_config", "check_dense_targets", "DENSE_TARGETS",
            "dense_targets_field"]
 
 DENSE_TARGETS = {
@@ -47,25 +48,18 @@ ROW_CHUNK_ELEMENTS = 1 << 20
 is then a few MB plus its boolean mask, not several float32/int64 copies of the matrix."""
 
 
-@dataclass
-class PruneResult:
-    pruned: torch.Tensor
-    """Boolean ``[out, in]`` mask, True where the weight is removed."""
-    weight: torch.Tensor | None = None
-    """New ``[out, in]`` weight for methods that update kept weights; ``None`` keeps them."""
-    info: dict | None = None
-    """Per-layer numbers for the report (``report.layers[name]``), e.g. a reconstruction error."""
-    scale: torch.Tensor | None = None
-    """Joint quantization: the float32 ``[out, groups]`` scales of the symmetric grid the kept weights
-    were rounded to (the formats store the integers on it); ``None`` otherwise."""
-
-
 class Pruner:
+    """A layer-wise pruner: :func:`hfprune.prune` runs its per-linear loop
+    (:func:`hfprune.core.layerwise.prune_layers`) and asks the pruner for statistics, scores and
+    pruned weights, one linear layer at a time."""
+
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[PruningConfig]] = PruningConfig
     requires_calibration: ClassVar[bool] = False
+    model_level: ClassVar[bool] = False
+    """False: layer-wise (this class); True: a :class:`ModelPruner` (plan, then apply, on the whole model)."""
     structured: ClassVar[bool] = False
-    """True for methods that change layer shapes (heads, neurons) instead of masking weights."""
+    """True for methods that change tensor shapes (heads, neurons, blocks, channels, experts) instead of masking weights."""
     stats_cls: ClassVar[type | None] = None
     """Calibration statistic accumulated from each layer's inputs (``None``: none)."""
 
@@ -73,6 +67,30 @@ class Pruner:
         if not isinstance(config, self.config_cls):
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}.")
         self.config = config
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether this run reads calibration data (OWL needs a dense pass even for magnitude)."""
+        return self.requires_calibration or bool(getattr(self.config, "owl", False))
+
+    @property
+    def report_name(self) -> str:
+        """The ``method`` of the report (e.g. ``structured-obs``: the method and its importance)."""
+        return self.config.method
+
+    # What a stage does, for the checks of a multi-stage run (hfprune.core.stages).
+    refits_weights: ClassVar[bool] = False
+    """True when kept weights are re-solved (SparseGPT, ADMM, compensated structured pruning)."""
+
+    @property
+    def removes_weights(self) -> bool:
+        """Layer-wise: the stage zeroes weights (``sparsity > 0`` or an N:M pattern)."""
+        return bool(self.config.sparsity) or parse_pattern(self.config.pattern).is_nm
+
+    @property
+    def quantizes(self) -> bool:
+        """The stage rounds the kept weights to a grid (``bits``)."""
+        return getattr(self.config, "bits", None) is not None
 
     def make_stats(self, in_features: int, device: torch.device) -> Any | None:
         """A fresh statistics accumulator for a layer with ``in_features`` inputs."""
@@ -105,6 +123,37 @@ class Pruner:
         return PruneResult(pruned=pruned)
 
 
+class ModelPruner(Pruner):
+    """A model-level pruner (heads / MLP neurons, whole blocks, residual channels, experts): it plans
+    on calibration statistics of the whole model, then applies the plan (tensor shapes and the
+    config change). :func:`hfprune.prune` calls :meth:`check` before any calibration, then
+    :meth:`prune_model`; the wrapper there sets eval mode and ``use_cache``, counts parameters,
+    times the run and writes the report and ``pruning_config``."""
+
+    model_level = True
+    structured = True
+    requires_calibration = True
+
+    removes_weights = False
+
+    def check(self, model) -> None:
+        """Every refusal that does not need calibration data (raise ``ValueError`` naming the fix)."""
+
+    def input_widths(self, model) -> dict[str, int]:
+        """The input width of the block's linear layers (names inside a block, e.g. ``mlp.down_proj``)
+        that this method changes, as they will be after it ran (``{}``: none change); raise a
+        ``ValueError`` when that depends on the calibration data (a non-uniform plan)."""
+        return {}
+
+    def prune_model(self, model, ids, calib, *, progress: bool = True) -> dict[str, Any]:
+        """Prune ``model`` in place. ``ids``: the calibration token windows (``None`` when
+        :attr:`needs_data` is False); ``calib``: the :class:`~hfprune.config.CalibrationConfig`
+        (batch size, seed). Returns :class:`~hfprune.report.PruneReport` fields: ``structured``
+        (``params_before`` / ``params_after`` are filled in by the caller), and ``blocks``,
+        ``depth`` or ``hidden`` where they apply."""
+        raise NotImplementedError
+
+
 class HessianPruner(Pruner):
     """Base of the methods whose solver reconstructs each layer from its Hessian (one per layer input,
     merged across processes) and chooses the mask itself (SparseGPT, ADMM): a subclass gives
@@ -112,6 +161,10 @@ class HessianPruner(Pruner):
 
     requires_calibration = True
     stats_cls = HessianStats
+    refits_weights = True
+    fixed_mask_solver: ClassVar[bool] = False
+    """:meth:`solve` takes ``mask=`` (a fixed pruned-mask): a quantization-only run (``sparsity=0``
+    with ``bits``) then keeps the zeros already in the weights."""
 
     def score(self, W, stats):
         # The solvers' saliency is block-adaptive; for global budgets the engine uses Wanda scores instead.
@@ -138,7 +191,12 @@ class HessianPruner(Pruner):
         if getattr(stats, "has_target", False):
             target = dense_target_weight(W, H, stats.cross())
             info["dense_target_shift"] = output_error(W, target, H)  # how far the dense fit moved the layer
-        solved = self.solve(target, H, sparsity, scope)
+        kw = {}
+        if sparsity == 0 and self.quantizes and self.fixed_mask_solver:
+            zeros = W == 0  # quantization only, on weights an earlier stage pruned: their zeros stay zeros
+            if bool(zeros.any()):
+                kw["mask"] = zeros
+        solved = self.solve(target, H, sparsity, scope, **kw)
         new_w, pruned, scale = solved if len(solved) == 3 else (*solved, None)
         info["output_error"] = output_error(target, new_w, H)
         return PruneResult(pruned=pruned, weight=new_w, info=info, scale=scale)

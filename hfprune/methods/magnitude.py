@@ -26,6 +26,8 @@ class MagnitudeConfig(PruningConfig):
 
 @register_pruner("magnitude", config_cls=MagnitudeConfig)
 class MagnitudePruner(Pruner):
+    """Unstructured / N:M by weight magnitude (no calibration data)."""
+
     requires_calibration = False
 
     def score(self, W, stats):

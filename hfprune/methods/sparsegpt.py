@@ -55,8 +55,12 @@ class SparseGPTConfig(PruningConfig):
 
 @register_pruner("sparsegpt", config_cls=SparseGPTConfig)
 class SparseGPTPruner(HessianPruner):
-    def solve(self, W, H, sparsity, scope):
+    """SparseGPT: unstructured / N:M with OBS reconstruction; bits: joint quantization (sparsity=0: GPTQ only)."""
+
+    fixed_mask_solver = True
+
+    def solve(self, W, H, sparsity, scope, mask=None):
         c = self.config
         return sparsegpt_prune(W, H, sparsity, c.pattern, block_size=c.block_size, dampening=c.dampening,
                                bits=c.bits, group_size=c.group_size, sym=c.sym, act_order=c.act_order,
-                               return_scale=True)
+                               return_scale=True, mask=mask)

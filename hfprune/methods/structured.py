@@ -66,13 +66,15 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin
-from hfprune.methods.base import Pruner
+from hfprune.config import ConfigDictMixin, check_field_types
+from hfprune.core.calibration import calibration_batch_size
+from hfprune.core.runner import LayerRunner, is_offloaded
+from hfprune.methods.base import ModelPruner
 from hfprune.registry import register_pruner
 from hfprune.arch import get_blocks, get_spec, get_submodule, weight_matrix
 from hfprune.stats import ChannelStats
 from hfprune.structured.checkpoint import PRUNED_SHAPES_KEY, write_config
-from hfprune.structured.importance import channel_scores, heads_from_channels, magnitude_head_scores, magnitude_neuron_scores
+from hfprune.structured.importance import attach_channel_stats, channel_scores, heads_from_channels, magnitude_head_scores, magnitude_neuron_scores
 from hfprune.structured.selection import (global_removal_counts, head_units, removal_count, select_heads, select_neurons,
                                           unit_scores)
 from hfprune.structured.surgery import (add_bias_delta, block_report, block_shapes, complement, count_params,
@@ -125,6 +127,7 @@ class StructuredConfig(ConfigDictMixin):
     intermediate_size: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("heads_ratio", "mlp_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -417,8 +420,113 @@ def prune_structured(
 
 
 @register_pruner("structured", config_cls=StructuredConfig)
-class StructuredPruner(Pruner):
-    """Removes whole heads / neurons: the engine runs :func:`prune_structured` on the whole model
-    instead of its per-layer loop (the ``structured`` capability flag)."""
+class StructuredPruner(ModelPruner):
+    """Attention heads and MLP neurons removed (importance obs, magnitude, wanda or fluctuation; --target heads,mlp)."""
 
-    structured = True
+    @property
+    def needs_data(self) -> bool:
+        cfg = self.config
+        return cfg.importance != "magnitude" or cfg.bias_compensation or cfg.sequential
+
+    @property
+    def report_name(self) -> str:
+        return f"structured-{self.config.importance}"
+
+    @property
+    def refits_weights(self) -> bool:
+        return self.config.sequential
+
+    def input_widths(self, model: nn.Module) -> dict[str, int]:
+        cfg = self.config
+        if not cfg.uniform:
+            raise ValueError("With uniform=False (--non-uniform) the widths each block keeps are chosen from the "
+                             "calibration data, so a later stage cannot be checked against them: use uniform counts.")
+        spec = get_spec(model)
+        head_remove, mlp_remove = removal_counts(model, cfg)
+        out = {}
+        for i, block in enumerate(get_blocks(model, spec)):
+            n_heads, n_kv, hd, inter = block_shapes(block, spec, model.config)
+            if cfg.heads_ratio > 0 and head_remove[i]:
+                kind, _ = head_units(n_heads, n_kv, cfg.gqa_mode)
+                heads = head_remove[i] * (n_kv if kind == "slice" else n_heads // n_kv)
+                out[f"{spec.layers}.{i}.{spec.o}"] = (n_heads - heads) * hd
+            if cfg.mlp_ratio > 0 and mlp_remove[i]:
+                out[f"{spec.layers}.{i}.{spec.down}"] = inter - mlp_remove[i]
+        return out
+
+    def check(self, model: nn.Module) -> None:
+        cfg = self.config
+        spec = get_spec(model)
+        if spec.discovered:
+            from hfprune.arch.discovery import check_structured
+
+            check_structured(model, spec, heads=cfg.heads_ratio > 0, mlp=cfg.mlp_ratio > 0)
+        if is_offloaded(model):
+            raise ValueError("Structured pruning changes layer shapes and needs the model in memory: load it without "
+                             "offloading (no device_map offload / --low-memory).")
+        if cfg.sequential:
+            blocks = list(get_blocks(model, spec))
+            check_prunable(model, spec, cfg, [block_shapes(b, spec, model.config) for b in blocks])
+            if cfg.heads_ratio > 0 and cfg.uniform:
+                for b in blocks:  # ratio / GQA grouping problems surface now, before calibration
+                    n_heads, n_kv, _, _ = block_shapes(b, spec, model.config)
+                    cfg.head_removal(n_heads, n_kv, strict=True)
+
+    def prune_model(self, model, ids, calib, *, progress=True):
+        """With compensation, block by block (:mod:`hfprune.structured.sequential`); otherwise channel
+        statistics from one dense calibration pass (when the importance or bias compensation needs
+        data), then :func:`prune_structured`."""
+        cfg = self.config
+        if cfg.sequential:
+            result = self._sequential(model, ids, calib, progress)
+        else:
+            stats = None
+            if ids is not None:
+                runner = LayerRunner(model, get_spec(model),
+                                     batch_size=calibration_batch_size(calib, ids, model, one_pass=False))
+                stats = runner.collect(ids, attach_channel_stats, desc="hfprune structured stats", progress=progress)
+            result = prune_structured(model, heads_ratio=cfg.heads_ratio, mlp_ratio=cfg.mlp_ratio,
+                                      importance=cfg.importance, stats=stats, uniform=cfg.uniform,
+                                      gqa_mode=cfg.gqa_mode, bias_compensation=cfg.bias_compensation)
+        blocks = [{"index": i, **{k: v for k, v in b.items() if not isinstance(v, list)}}
+                  for i, b in enumerate(result["blocks"])]
+        return {"structured": result, "blocks": blocks}
+
+    def _sequential(self, model, ids, calib, progress) -> dict:
+        """Block by block with least-squares compensation; with ``uniform=False`` the per-block counts
+        come from one dense statistics pass first."""
+        from hfprune.structured.sequential import prune_sequential
+
+        cfg = self.config
+        spec = get_spec(model)
+        blocks = list(get_blocks(model, spec))
+        params_before = count_params(model)
+        runner = LayerRunner(model, spec, batch_size=calibration_batch_size(calib, ids, model, one_pass=False))
+        stats = None
+        if not cfg.uniform and cfg.importance != "magnitude":
+            stats = runner.collect(ids, attach_channel_stats, desc="hfprune structured allocation",
+                                   progress=progress, release=False)
+        head_remove, mlp_remove = removal_counts(model, cfg, stats)
+        del stats
+        comp_attn = cfg.bias_compensation and cfg.heads_ratio > 0 and \
+            ensure_output_bias(model, spec, blocks, "attention")
+        comp_mlp = cfg.bias_compensation and cfg.mlp_ratio > 0 and ensure_output_bias(model, spec, blocks, "mlp")
+        runner.capture(ids)
+        dense_runner = None
+        if cfg.compensation_target == "dense":
+            dense_runner = LayerRunner(model, spec, batch_size=runner.batch_size)
+            dense_runner.capture(ids)
+        entries = prune_sequential(runner, spec, cfg, head_remove, mlp_remove, progress=progress,
+                                   dense_runner=dense_runner)
+        runner.release()
+        if dense_runner is not None:
+            dense_runner.release()
+        reload_with = write_config(model, spec, blocks)
+        if reload_with == "hfprune":
+            logger.info("Per-block shapes stored in config.%s; reload with "
+                        "hfprune.structured.AutoPrunedModelForCausalLM.from_pretrained.", PRUNED_SHAPES_KEY)
+        return {"importance": cfg.importance, "uniform": cfg.uniform, "gqa_mode": cfg.gqa_mode,
+                "heads_ratio": cfg.heads_ratio, "mlp_ratio": cfg.mlp_ratio, "compensation": cfg.resolved_compensation,
+                "bias_compensation": {"attention": bool(comp_attn), "mlp": bool(comp_mlp)},
+                "params_before": params_before, "params_after": count_params(model), "reload_with": reload_with,
+                "blocks": entries}

@@ -35,6 +35,8 @@ class WandaConfig(PruningConfig):
 
 @register_pruner("wanda", config_cls=WandaConfig)
 class WandaPruner(Pruner):
+    """Wanda: unstructured / N:M by |weight| x input activation norm."""
+
     requires_calibration = True
     stats_cls = RowNormStats
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from hfprune.arch import (ArchSpec, get_blocks, get_spec, head_dim_configurable, num_heads_of, num_kv_heads_of)
+from hfprune.arch.resize import PRUNED_SHAPES_KEY
 from hfprune.structured.surgery import block_shapes, parent, set_attention_attrs, set_mlp_attrs, slice_attention, slice_mlp
 
 logger = logging.getLogger(__name__)
 
-PRUNED_SHAPES_KEY = "pruned_shapes"
 _SHAPES_FORMAT = "hfprune.structured/1"
 
 

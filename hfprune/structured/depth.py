@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfprune.config import ConfigDictMixin, check_field_types
+from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DepthPruningConfig", "CRITERIA", "block_influence", "angular_distance", "choose_blocks",
-           "depth_scores", "remove_blocks", "run_depth_pruning"]
+           "depth_scores", "remove_blocks"]
 
 CRITERIA = ("block_influence", "angular", "perplexity")
 
@@ -53,40 +53,57 @@ class DepthPruningConfig(ConfigDictMixin):
 
     Example:
         >>> from hfprune import DepthPruningConfig
-        >>> cfg = DepthPruningConfig(num_blocks=4)
-        >>> cfg.criterion, DepthPruningConfig.from_dict(cfg.to_dict()) == cfg
+        >>> cfg = DepthPruningConfig(keep_blocks=26)
+        >>> cfg.importance, DepthPruningConfig.from_dict(cfg.to_dict()) == cfg
         ('block_influence', True)
     """
 
     method: ClassVar[str] = "depth"
 
-    num_blocks: int | None = field(default=None, metadata={"help": "Depth: number of decoder blocks to remove."})
+    keep_blocks: int | None = field(default=None, metadata={
+        "help": "Depth: decoder blocks kept (the new num_hidden_layers; if --depth-ratio is unset)."})
     depth_ratio: float | None = field(default=None, metadata={
-        "help": "Depth: fraction of the decoder blocks to remove (rounded; if --num-blocks is unset)."})
-    criterion: str = field(default="block_influence", metadata={
+        "help": "Depth: fraction of the decoder blocks to remove (rounded; if --keep-blocks is unset)."})
+    importance: str = field(default="block_influence", metadata={
         "help": "Depth: block_influence (ShortGPT 1 - cos), angular (Gromov et al., a consecutive run) or "
                 "perplexity (calibration loss with each block left out).", "choices": CRITERIA})
     keep_first: int = field(default=1, metadata={"help": "Depth: never remove the first K blocks."})
     keep_last: int = field(default=1, metadata={"help": "Depth: never remove the last K blocks."})
     max_tokens: int = field(default=8192, metadata={
         "help": "Depth, angular: calibration tokens per block boundary (a seeded subsample)."})
+    num_blocks: int | None = field(default=None, metadata={
+        "deprecated": "keep_blocks", "help": "Deprecated: blocks removed; use keep_blocks (blocks kept) or depth_ratio."})
+    criterion: str | None = renamed("importance")
 
     def __post_init__(self) -> None:
+        resolve_renamed(self)
         check_field_types(self)
-        if (self.num_blocks is None) == (self.depth_ratio is None):
-            raise ValueError("Give exactly one of num_blocks (--num-blocks, blocks to remove) or depth_ratio "
-                             "(--depth-ratio, the fraction of blocks removed).")
+        if self.num_blocks is not None:
+            warnings.warn("`num_blocks` (blocks removed) is deprecated: every method's amounts now count what is "
+                          "kept (keep_blocks, keep_hidden, keep_experts) or the fraction removed (*_ratio); use "
+                          "keep_blocks = blocks - num_blocks, or depth_ratio.", FutureWarning, stacklevel=3)
+        given = [k for k in ("keep_blocks", "depth_ratio", "num_blocks") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("Give exactly one of keep_blocks (--keep-blocks, blocks kept) or depth_ratio "
+                             "(--depth-ratio, the fraction of blocks removed)" + (f"; got {given}." if given else "."))
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1 (blocks removed), got {self.num_blocks}.")
+        if self.keep_blocks is not None and self.keep_blocks < 1:
+            raise ValueError(f"keep_blocks must be at least 1 (blocks kept), got {self.keep_blocks}.")
         if self.depth_ratio is not None and not 0.0 < self.depth_ratio < 1.0:
             raise ValueError(f"depth_ratio must be in (0, 1) (the fraction of blocks removed), got {self.depth_ratio}.")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion={self.criterion!r} is unknown; use one of {', '.join(CRITERIA)}.")
+        if self.importance not in CRITERIA:
+            raise ValueError(f"importance={self.importance!r} is unknown; use one of {', '.join(CRITERIA)}.")
         if self.keep_first < 0 or self.keep_last < 0 or self.max_tokens < 1:
             raise ValueError("keep_first and keep_last must be >= 0 and max_tokens >= 1.")
 
     def blocks_to_remove(self, n_blocks: int) -> int:
-        n = self.num_blocks if self.num_blocks is not None else int(round(self.depth_ratio * n_blocks))
+        if self.keep_blocks is not None:
+            if self.keep_blocks >= n_blocks:
+                raise ValueError(f"keep_blocks={self.keep_blocks} keeps every one of the {n_blocks} blocks: keep fewer.")
+            n = n_blocks - self.keep_blocks
+        else:
+            n = self.num_blocks if self.num_blocks is not None else int(round(self.depth_ratio * n_blocks))
         free = n_blocks - self.keep_first - self.keep_last
         if n < 1:
             raise ValueError(f"depth_ratio={self.depth_ratio} removes no block of {n_blocks}: raise it to at least "
@@ -144,8 +161,6 @@ def _boundary_scores(model: nn.Module, ids: torch.Tensor, n: int, max_tokens: in
                      progress: bool) -> tuple[list[float], list[float]]:
     """(block influence of every block over all tokens, angular distance d(x_l, x_{l+n}) for every l
     over a token subsample), from one layer-by-layer pass."""
-    from tqdm.auto import tqdm
-
     from hfprune.core.runner import LayerRunner
 
     runner = LayerRunner(model, batch_size=batch_size)
@@ -161,15 +176,12 @@ def _boundary_scores(model: nn.Module, ids: torch.Tensor, n: int, max_tokens: in
 
     boundaries = [sample()]
     bi_sum = [0.0] * n_blocks
-    try:
-        for i in tqdm(range(n_blocks), desc="hfprune depth scores", disable=not progress, unit="block"):
-            before = [h for h in runner.hidden]
-            runner.run(i, update=True)
-            bi_sum[i] = sum(float(block_influence(a, b).sum()) for a, b in zip(before, runner.hidden))
-            boundaries.append(sample())
-            del before
-    finally:
-        runner.release()
+
+    def measure(i, before):
+        bi_sum[i] = sum(float(block_influence(a, b).sum()) for a, b in zip(before, runner.hidden))
+        boundaries.append(sample())
+
+    runner.collect(None, after_block=measure, update_last=True, desc="hfprune depth scores", progress=progress)
     bi = [s / total for s in bi_sum]
     angular = [float(angular_distance(boundaries[l], boundaries[l + n]).mean()) for l in range(n_blocks - n + 1)]
     return bi, angular
@@ -234,7 +246,7 @@ def depth_scores(model: nn.Module, ids: torch.Tensor, config: DepthPruningConfig
     n_blocks = len(get_blocks(model))
     n = config.blocks_to_remove(n_blocks)
     out: dict[str, Any] = {}
-    if config.criterion == "perplexity":
+    if config.importance == "perplexity":
         base, delta = _perplexity_scores(model, ids, batch_size, progress)
         out.update(base_loss=base, loss_increase=delta)
         remove = choose_blocks(delta, n, config.keep_first, config.keep_last)
@@ -242,7 +254,7 @@ def depth_scores(model: nn.Module, ids: torch.Tensor, config: DepthPruningConfig
     else:
         bi, angular = _boundary_scores(model, ids, n, config.max_tokens, seed, batch_size, progress)
         out.update(block_influence=bi, angular_distance=angular)
-        if config.criterion == "block_influence":
+        if config.importance == "block_influence":
             remove, scores = choose_blocks(bi, n, config.keep_first, config.keep_last), bi
         else:
             remove = choose_blocks(angular, n, config.keep_first, config.keep_last, consecutive=True)
@@ -284,61 +296,3 @@ def remove_blocks(model: nn.Module, remove: list[int]) -> dict[str, Any]:
         reindex_block(block, new)
     setattr(owner, attr, kept)
     return {field: {"before": b, "after": a} for field, (b, a) in changes.items()}
-
-
-def run_depth_pruning(model: nn.Module, tokenizer, config: DepthPruningConfig, calibration, *, nsamples=None,
-                      seqlen=None, seed=None, batch_size=None, progress: bool = True):
-    """:func:`hfprune.prune` for a :class:`DepthPruningConfig`: a :class:`~hfprune.report.PruneReport`."""
-    from hfprune.arch import get_blocks
-    from hfprune.core.calibration import get_calibration_ids
-    from hfprune.core.engine import resolve_calibration
-    from hfprune.core.runner import is_offloaded
-    from hfprune.report import DepthRemoval
-    from hfprune.structured.stock import check_stock_reload
-
-    if is_offloaded(model):
-        raise ValueError("Depth pruning changes the model's structure and needs it in memory (no offloading).")
-    n_before = len(get_blocks(model))
-    config.blocks_to_remove(n_before)  # bad counts fail before calibration
-    calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
-    params_before = sum(p.numel() for p in model.parameters())
-    start = time.perf_counter()
-    was_training = model.training
-    use_cache = getattr(model.config, "use_cache", None)
-    model.eval()
-    try:
-        ids = get_calibration_ids(calib, tokenizer, model)
-        if not isinstance(ids, torch.Tensor):
-            raise ValueError("Depth pruning calibrates on token windows; pass text or a [n, seqlen] token tensor.")
-        measured = depth_scores(model, ids, config, seed=calib.seed, batch_size=calib.batch_size or 4,
-                                progress=progress)
-        changes = remove_blocks(model, measured["removed"])
-    finally:
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-    check_stock_reload(model, "Depth pruning")
-    params_after = sum(p.numel() for p in model.parameters())
-    record = DepthRemoval(criterion=config.criterion, blocks_before=n_before, blocks_after=n_before - len(measured["removed"]),
-                          removed=measured["removed"], scores=[round(float(s), 6) for s in measured["scores"]],
-                          config_changes=changes,
-                          block_influence=[round(v, 6) for v in measured.get("block_influence", [])] or None,
-                          angular_distance=[round(v, 6) for v in measured.get("angular_distance", [])] or None)
-    report = _resize_report(config, calib, params_before, params_after, time.perf_counter() - start, depth=record)
-    report.save_to_model(model)
-    logger.info("Depth pruning (%s) removed blocks %s: %d -> %d blocks, %d -> %d parameters.", config.criterion,
-                record.removed, n_before, record.blocks_after, params_before, params_after)
-    return report
-
-
-def _resize_report(config, calib, params_before: int, params_after: int, seconds: float, **records):
-    from hfprune.report import PruneReport, peak_rss_mb
-
-    removed = 1.0 - params_after / params_before
-    cfg = config.to_dict()
-    return PruneReport(method=cfg["method"], config=cfg, calibration=calib.to_dict(), layers={}, prune_seconds=seconds,
-                       peak_rss_mb=peak_rss_mb(),
-                       peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-                       sparsity=removed, model_sparsity=removed,
-                       structured={"params_before": params_before, "params_after": params_after,
-                                   "reload_with": "transformers"}, **records)

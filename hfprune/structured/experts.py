@@ -1,7 +1,5 @@
 """Structured expert pruning: remove whole MoE experts by router-weighted importance (REAP).
 
-Final place in the package layout: ``hfprune/structured/experts.py``.
-
 Importance of expert ``j`` in one MoE layer (REAP, Lasby et al. 2025, "router-weighted expert
 activation pruning"): the mean, over the calibration tokens the router sent to ``j``, of the router
 weight times the norm of the expert's output,
@@ -19,17 +17,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin
+from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExpertPruningConfig", "prune_experts", "expert_importance"]
+__all__ = ["ExpertPruningConfig", "prune_experts", "expert_importance", "experts_to_keep"]
 
+EXPERT_IMPORTANCES = ("reap", "frequency")
 _COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 
 
@@ -39,23 +38,32 @@ class ExpertPruningConfig(ConfigDictMixin):
 
     Example:
         >>> from hfprune import ExpertPruningConfig
-        >>> ExpertPruningConfig(num_experts=6).importance
+        >>> ExpertPruningConfig(keep_experts=6).importance
         'reap'
     """
 
-    method = "experts"
-    num_experts: int | None = field(default=None, metadata={"help": "Experts to keep in every MoE layer."})
-    ratio: float | None = field(default=None, metadata={"help": "Fraction of the experts to remove (if num_experts is unset)."})
-    importance: str = field(default="reap", metadata={"help": "'reap' (mean router weight x expert output norm over routed tokens) or 'frequency' (routed token count)."})
+    method: ClassVar[str] = "experts"
+    keep_experts: int | None = field(default=None, metadata={
+        "help": "Experts: experts every MoE layer keeps (the new expert count; if --experts-ratio is unset)."})
+    experts_ratio: float | None = field(default=None, metadata={
+        "help": "Experts: fraction of the experts removed from every MoE layer (rounded)."})
+    importance: str = field(default="reap", metadata={
+        "help": "reap (mean router weight x expert output norm over routed tokens) or frequency (routed token "
+                "count).", "choices": EXPERT_IMPORTANCES})
+    num_experts: int | None = renamed("keep_experts")
+    ratio: float | None = renamed("experts_ratio")
 
     def __post_init__(self) -> None:
-        if (self.num_experts is None) == (self.ratio is None):
-            raise ValueError("Give exactly one of num_experts (experts to keep) or ratio (fraction to remove).")
-        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
-            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}.")
-        if self.num_experts is not None and self.num_experts < 1:
-            raise ValueError(f"num_experts must be at least 1, got {self.num_experts}.")
-        if self.importance not in ("reap", "frequency"):
+        resolve_renamed(self)
+        check_field_types(self)
+        if (self.keep_experts is None) == (self.experts_ratio is None):
+            raise ValueError("Give exactly one of keep_experts (--keep-experts, experts kept) or experts_ratio "
+                             "(--experts-ratio, the fraction removed).")
+        if self.experts_ratio is not None and not 0.0 < self.experts_ratio < 1.0:
+            raise ValueError(f"experts_ratio must be in (0, 1) (the fraction removed), got {self.experts_ratio}.")
+        if self.keep_experts is not None and self.keep_experts < 1:
+            raise ValueError(f"keep_experts must be at least 1, got {self.keep_experts}.")
+        if self.importance not in EXPERT_IMPORTANCES:
             raise ValueError(f"importance must be 'reap' or 'frequency', got {self.importance!r}.")
 
 
@@ -84,8 +92,6 @@ def _moe_modules(model: nn.Module, spec) -> list[tuple[int, str, nn.Module]]:
 def expert_importance(model: nn.Module, ids: torch.Tensor, importance: str = "reap", batch_size: int = 4,
                       progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """Per MoE layer (``"{block}.{path}"``): ``score`` and ``tokens`` of every expert, from the dense model."""
-    from tqdm.auto import tqdm
-
     from hfprune.arch import get_spec
     from hfprune.arch import moe
     from hfprune.core.runner import LayerRunner
@@ -110,15 +116,11 @@ def expert_importance(model: nn.Module, ids: torch.Tensor, importance: str = "re
                     stats[key]["score"][e] += float((g * y.float().norm(dim=-1)).sum())
 
         handles.append(module.register_forward_hook(hook))
-    runner = LayerRunner(model, spec, batch_size=batch_size)
     try:
-        runner.capture(ids)
-        for b in tqdm(range(len(runner)), desc="hfprune expert importance", disable=not progress, unit="block"):
-            runner.run(b, update=b < len(runner) - 1)
+        LayerRunner(model, spec, batch_size=batch_size).collect(ids, desc="hfprune expert importance", progress=progress)
     finally:
         for h in handles:
             h.remove()
-        runner.release()
     for s in stats.values():
         if importance == "reap":
             s["score"] = s["score"] / s["tokens"].clamp_min(1)
@@ -145,6 +147,21 @@ def _shrink_first_dim(module: nn.Module, n: int, keep: torch.Tensor, skip: tuple
                 setattr(sub, attr, int(keep.numel()))
 
 
+def experts_to_keep(model: nn.Module, config: ExpertPruningConfig) -> int:
+    """Experts every MoE layer keeps under ``config`` (raises when that is not possible)."""
+    from hfprune.arch import get_spec
+    from hfprune.arch.discovery import text_config
+
+    n = moe_num(_moe_modules(model, get_spec(model)))
+    keep_n = config.keep_experts if config.keep_experts is not None else n - int(round(config.experts_ratio * n))
+    cfg = text_config(model)
+    top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "num_experts_per_token", None) or 1
+    if not top_k <= keep_n < n:
+        raise ValueError(f"Keeping {keep_n} of {n} experts is not possible: keep at least num_experts_per_tok="
+                         f"{top_k} and fewer than {n}.")
+    return keep_n
+
+
 @torch.no_grad()
 def prune_experts(model: nn.Module, config: ExpertPruningConfig, ids: torch.Tensor | None, *,
                   progress: bool = False) -> dict[str, Any]:
@@ -155,12 +172,8 @@ def prune_experts(model: nn.Module, config: ExpertPruningConfig, ids: torch.Tens
     spec = get_spec(model)
     mods = _moe_modules(model, spec)
     n = moe_count = moe_num(mods)
-    keep_n = config.num_experts if config.num_experts is not None else n - int(round(config.ratio * n))
+    keep_n = experts_to_keep(model, config)
     cfg = text_config(model)
-    top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "num_experts_per_token", None) or 1
-    if not top_k <= keep_n < n:
-        raise ValueError(f"Keeping {keep_n} of {n} experts is not possible: keep at least num_experts_per_tok="
-                         f"{top_k} and fewer than {n}.")
     if ids is None:
         raise ValueError("Expert pruning needs calibration data (router weights and expert outputs).")
     scores = expert_importance(model, ids, config.importance, progress=progress)
@@ -190,36 +203,3 @@ def moe_num(mods) -> int:
     if len(counts) != 1:
         raise ValueError(f"MoE layers with different expert counts {sorted(counts)} are not supported.")
     return counts.pop()
-
-
-def run_expert_pruning(model: nn.Module, tokenizer, config: ExpertPruningConfig, calibration, *, nsamples=None,
-                       seqlen=None, seed=None, progress: bool = True):
-    """:func:`hfprune.prune` for an :class:`ExpertPruningConfig`: a :class:`~hfprune.report.PruneReport`."""
-    import time
-
-    from hfprune.core.calibration import get_calibration_ids
-    from hfprune.core.engine import resolve_calibration
-    from hfprune.report import PruneReport, peak_rss_mb
-    from hfprune.core.runner import is_offloaded
-
-    if is_offloaded(model):
-        raise ValueError("Expert pruning changes tensor shapes and needs the model in memory (no offloading).")
-    calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    params_before = sum(p.numel() for p in model.parameters())
-    start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        ids = get_calibration_ids(calib, tokenizer, model)
-        result = prune_experts(model, config, ids, progress=progress)
-    finally:
-        model.train(was_training)
-    params_after = sum(p.numel() for p in model.parameters())
-    result.update(params_before=params_before, params_after=params_after, reload_with="AutoModelForCausalLM")
-    removed = 1.0 - params_after / params_before
-    report = PruneReport(method="experts-" + config.importance, config=config.to_dict(), calibration=calib.to_dict(),
-                         layers={}, prune_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
-                         sparsity=removed, model_sparsity=removed, structured=result)
-    model.config.pruning_config = {**config.to_dict(), "params_before": params_before, "params_after": params_after,
-                                   "experts_kept": {k: v["kept"] for k, v in result["layers"].items()}}
-    return report

@@ -38,13 +38,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin, check_field_types
+from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["HiddenPruningConfig", "CHANNEL_IMPORTANCES", "hidden_plan", "channel_importance", "norm_corrections",
-           "prune_hidden",
-           "run_hidden_pruning"]
+           "prune_hidden"]
 
 CHANNEL_IMPORTANCES = ("activation", "magnitude")
 
@@ -55,7 +54,7 @@ class HiddenPruningConfig(ConfigDictMixin):
 
     Example:
         >>> from hfprune import HiddenPruningConfig
-        >>> HiddenPruningConfig.from_dict({"method": "hidden", "hidden_ratio": 0.25}).channel_importance
+        >>> HiddenPruningConfig.from_dict({"method": "hidden", "hidden_ratio": 0.25}).importance
         'activation'
     """
 
@@ -65,7 +64,7 @@ class HiddenPruningConfig(ConfigDictMixin):
         "help": "Hidden: fraction of the residual (embedding) channels to remove."})
     keep_hidden: int | None = field(default=None, metadata={
         "help": "Hidden: residual channels to keep (the new hidden_size; if --hidden-ratio is unset)."})
-    channel_importance: str = field(default="activation", metadata={
+    importance: str = field(default="activation", metadata={
         "help": "Hidden: activation (Minitron: norm outputs on calibration data) or magnitude (data-free).",
         "choices": CHANNEL_IMPORTANCES})
     multiple_of: int = field(default=1, metadata={
@@ -74,7 +73,10 @@ class HiddenPruningConfig(ConfigDictMixin):
         "help": "Hidden, activation importance: rescale every norm weight by the measured ratio of the kept "
                 "channels' RMS to all channels' RMS of its input (the norm divides by an RMS over fewer channels)."})
 
+    channel_importance: str | None = renamed("importance")
+
     def __post_init__(self) -> None:
+        resolve_renamed(self)
         check_field_types(self)
         if (self.hidden_ratio is None) == (self.keep_hidden is None):
             raise ValueError("Give exactly one of hidden_ratio (--hidden-ratio, fraction of channels removed) or "
@@ -83,15 +85,15 @@ class HiddenPruningConfig(ConfigDictMixin):
             raise ValueError(f"hidden_ratio must be in (0, 1) (the fraction removed), got {self.hidden_ratio}.")
         if self.keep_hidden is not None and self.keep_hidden < 1:
             raise ValueError(f"keep_hidden must be at least 1, got {self.keep_hidden}.")
-        if self.channel_importance not in CHANNEL_IMPORTANCES:
-            raise ValueError(f"channel_importance={self.channel_importance!r} is unknown; use one of "
+        if self.importance not in CHANNEL_IMPORTANCES:
+            raise ValueError(f"importance={self.importance!r} is unknown; use one of "
                              f"{', '.join(CHANNEL_IMPORTANCES)}.")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be at least 1, got {self.multiple_of}.")
 
     @property
     def needs_data(self) -> bool:
-        return self.channel_importance == "activation"
+        return self.importance == "activation"
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,8 +209,6 @@ def channel_importance(model: nn.Module, plan: HiddenPlan, ids: torch.Tensor | N
     """Score of every hidden channel (``[hidden]``, float64; higher is kept). With
     ``importance="activation"``, ``norm_inputs`` (a dict) receives every norm's mean squared input
     per channel (``E_t[x_t,i^2]``, for :func:`norm_corrections`)."""
-    from tqdm.auto import tqdm
-
     from hfprune.arch import get_blocks
     from hfprune.core.runner import LayerRunner
 
@@ -225,11 +225,11 @@ def channel_importance(model: nn.Module, plan: HiddenPlan, ids: torch.Tensor | N
                 score += sq / sq.mean().clamp_min(1e-30)
         return score
     if ids is None:
-        raise ValueError("channel_importance='activation' needs calibration data; or use 'magnitude'.")
+        raise ValueError("importance='activation' needs calibration data; or use 'magnitude'.")
     norms = _norm_modules(model, plan)
     if not norms:
         raise ValueError(f"{type(model).__name__} has no norm with a per-channel weight to measure; use "
-                         f"channel_importance='magnitude'.")
+                         f"importance='magnitude'.")
     sums = {name: torch.zeros(hidden, dtype=torch.float64) for name in norms}
     in_sums = {name: torch.zeros(hidden, dtype=torch.float64) for name in norms}
     counts = dict.fromkeys(norms, 0)
@@ -246,15 +246,18 @@ def channel_importance(model: nn.Module, plan: HiddenPlan, ids: torch.Tensor | N
 
     blocks = get_blocks(model)
     inside = {id(m) for b in blocks for m in b.modules()}
+
+    # Hooked before the capture, which runs block 0 once on the first batch to learn its output
+    # structure: that batch is counted twice in block 0's norms (kept so that outputs stay as they were).
     handles = [m.register_forward_hook(make_hook(n)) for n, m in norms.items() if id(m) in inside]
+
+    def attach(_model):
+        return None, lambda: [h.remove() for h in handles]
+
     runner = LayerRunner(model, batch_size=batch_size)
     try:
-        runner.capture(ids)
-        for i in tqdm(range(len(runner)), desc="hfprune hidden importance", disable=not progress, unit="block"):
-            runner.run(i, update=True)
-        for h in handles:
-            h.remove()
-        handles = []
+        runner.collect(ids, attach, update_last=True, release=False, desc="hfprune hidden importance",
+                       progress=progress)
         for name, module in norms.items():  # the final norm(s), outside the blocks, see the last block's output
             if id(module) not in inside:
                 hook = make_hook(name)
@@ -372,56 +375,3 @@ def prune_hidden(model: nn.Module, plan: HiddenPlan, keep: torch.Tensor,
         modules[owner]._buffers[attr] = value
         logger.info("Hidden pruning: buffer %s recomputed from the new config.", name)
     return resized
-
-
-def run_hidden_pruning(model: nn.Module, tokenizer, config: HiddenPruningConfig, calibration, *, nsamples=None,
-                       seqlen=None, seed=None, batch_size=None, progress: bool = True):
-    """:func:`hfprune.prune` for a :class:`HiddenPruningConfig`: a :class:`~hfprune.report.PruneReport`."""
-    from hfprune.arch import get_spec
-    from hfprune.core.calibration import get_calibration_ids
-    from hfprune.core.engine import resolve_calibration
-    from hfprune.core.runner import is_offloaded
-    from hfprune.report import HiddenRemoval
-    from hfprune.structured.depth import _resize_report
-    from hfprune.structured.stock import check_stock_reload
-
-    if is_offloaded(model):
-        raise ValueError("Hidden-size pruning changes every tensor's shape and needs the model in memory.")
-    plan = hidden_plan(model, config)  # every refusal before calibration
-    calib = resolve_calibration(calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
-    params_before = sum(p.numel() for p in model.parameters())
-    start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        ids = None
-        if config.needs_data:
-            ids = get_calibration_ids(calib, tokenizer, model)
-            if not isinstance(ids, torch.Tensor):
-                raise ValueError("Hidden-size pruning calibrates on token windows; pass text or a token tensor.")
-        norm_inputs: dict[str, torch.Tensor] = {}
-        scores = channel_importance(model, plan, ids, config.channel_importance,
-                                    batch_size=calib.batch_size or 4, progress=progress, norm_inputs=norm_inputs)
-        keep = scores.argsort(descending=True, stable=True)[:plan.keep_count].sort().values
-        norm_scale = norm_corrections(norm_inputs, keep) if config.norm_correction and norm_inputs else None
-        removed = sorted(set(range(plan.hidden)) - set(keep.tolist()))
-        spec = get_spec(model)
-        head_dim_before = getattr(model.config, spec.head_dim_attr, None) if spec.head_dim_attr else None
-        resized = prune_hidden(model, plan, keep, norm_scale)
-    finally:
-        model.train(was_training)
-    check_stock_reload(model, "Hidden-size pruning")
-    params_after = sum(p.numel() for p in model.parameters())
-    changes = {spec.hidden_attr: {"before": plan.hidden, "after": plan.keep_count}}
-    if spec.o is not None and head_dim_before != getattr(model.config, spec.head_dim_attr):
-        changes[spec.head_dim_attr] = {"before": head_dim_before, "after": getattr(model.config, spec.head_dim_attr)}
-    record = HiddenRemoval(hidden_before=plan.hidden, hidden_after=plan.keep_count, removed_channels=removed,
-                           resized=resized, config_changes=changes,
-                           norm_scale={k: round(v, 6) for k, v in (norm_scale or {}).items()} or None)
-    report = _resize_report(config, calib, params_before, params_after, time.perf_counter() - start, hidden=record)
-    if not config.needs_data:
-        report.calibration = None
-    report.save_to_model(model)
-    logger.info("Hidden-size pruning: hidden %d -> %d, %d -> %d parameters.", plan.hidden, plan.keep_count,
-                params_before, params_after)
-    return report
