@@ -10,7 +10,8 @@ import sys
 
 from hfprune.cli.flags import add_fields
 from hfprune.report import PruneReport
-from hfprune.workflows.recovery import RecoveryArguments, arguments_from, recover
+# The training code (Trainer, peft) is imported only when the command runs: every command builds this parser.
+from hfprune.workflows.recovery_args import RecoveryArguments, arguments_from
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def _cmd_recover(ns) -> int:
     from hfprune.io import check_output_dir
     from hfprune.models import load_model, load_tokenizer
     from hfprune.recipes import read_recipe
+    from hfprune.workflows.recovery import recover
 
     names = {f.name for f in dataclasses.fields(RecoveryArguments)}
     recipe = read_recipe(ns.recipe) if getattr(ns, "recipe", None) else {}
