@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["PruneReport", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report"]
+__all__ = ["PruneReport", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "peak_cuda_mb", "reset_peak_cuda", "count_zeros", "zero_counts", "layer_sparsity_report"]
 
 
 def peak_rss_mb() -> float:
@@ -35,6 +35,28 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024.0 if sys.platform != "darwin" else peak / (1024.0 * 1024.0)
+
+
+def _cuda_in_use() -> bool:
+    # A process that never touched CUDA allocated nothing there; asking would create a CUDA context
+    # (hundreds of MB of host and device memory) on a GPU machine running a CPU prune.
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def reset_peak_cuda() -> None:
+    """Start a new peak for :func:`peak_cuda_mb` on every visible CUDA device (no-op without CUDA in use)."""
+    if _cuda_in_use():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_cuda_mb() -> float | None:
+    """Peak CUDA memory held by tensors (``torch.cuda.max_memory_allocated``) since the last
+    :func:`reset_peak_cuda`, in MiB: the largest over the visible devices (a model split across
+    GPUs with ``device_map`` reports its fullest GPU). ``None`` when this process has not used CUDA."""
+    if not _cuda_in_use():
+        return None
+    return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**20
 
 
 def count_zeros(t: torch.Tensor, chunk: int = 1 << 20) -> int:

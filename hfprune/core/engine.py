@@ -24,7 +24,7 @@ from hfprune.config import CalibrationConfig, PruningConfig
 from hfprune.solvers.masks import global_budgets, parse_pattern
 from hfprune.registry import get_pruner_cls
 from hfprune.core.distributed import ChunkedStats, DistContext, finalize_stats, get_context, shard_windows
-from hfprune.report import PruneReport, count_zeros, peak_rss_mb, zero_counts
+from hfprune.report import PruneReport, count_zeros, peak_cuda_mb, peak_rss_mb, reset_peak_cuda, zero_counts
 from hfprune.core.runner import LayerRunner, is_offloaded, module_device
 from hfprune.stats import RowNormStats
 from hfprune.solvers import scores
@@ -225,6 +225,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     """
     if config is None:
         raise ValueError("Pass a pruning config, e.g. hfprune.WandaConfig(sparsity=0.5).")
+    reset_peak_cuda()  # the report's peak_cuda_mb is this run's, whichever flow runs it
     from hfprune.structured.experts import ExpertPruningConfig, run_expert_pruning
 
     if isinstance(config, ExpertPruningConfig):  # whole experts removed: its own flow (router-weighted importance)
@@ -274,8 +275,6 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache is not None:
         model.config.use_cache = False
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     runner = LayerRunner(model, spec)
     if session is not None:
@@ -371,7 +370,7 @@ def prune(model: nn.Module, tokenizer=None, config: PruningConfig | dict | None 
         layers=layers,
         prune_seconds=elapsed,
         peak_rss_mb=peak_rss_mb(),
-        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        peak_cuda_mb=peak_cuda_mb(),
         sparsity=zeros / max(1, numel),
         model_sparsity=_sparsity_from_counts(runner, counts),
         blocks=block_rows,
@@ -580,6 +579,8 @@ def _prune_stacks(model, tokenizer, config, calibration, spec, *, session=None, 
     numel = sum(v["numel"] for v in layers.values())
     report = dataclasses.replace(first, layers=layers, prune_seconds=sum(r.prune_seconds for r in reports),
                                  peak_rss_mb=max(r.peak_rss_mb for r in reports), sparsity=zeros / max(1, numel),
+                                 peak_cuda_mb=max((r.peak_cuda_mb for r in reports if r.peak_cuda_mb is not None),
+                                                  default=None),
                                  model_sparsity=reports[-1].model_sparsity,
                                  blocks=[{**b, "stack": s} for s, r in zip((spec.layers, *spec.stacks), reports)
                                          for b in r.blocks])
@@ -772,7 +773,7 @@ def _structured_report(model: nn.Module, config, result: dict, calib, elapsed: f
     report = PruneReport(
         method=cfg["method"], config=cfg, calibration=calib.to_dict() if calib is not None else None, layers={},
         prune_seconds=elapsed, peak_rss_mb=peak_rss_mb(),
-        peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        peak_cuda_mb=peak_cuda_mb(),
         sparsity=removed, model_sparsity=removed,
         blocks=[{"index": i, **{k: v for k, v in b.items() if not isinstance(v, list)}}
                 for i, b in enumerate(result["blocks"])],

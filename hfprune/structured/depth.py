@@ -332,13 +332,13 @@ def run_depth_pruning(model: nn.Module, tokenizer, config: DepthPruningConfig, c
 
 
 def _resize_report(config, calib, params_before: int, params_after: int, seconds: float, **records):
-    from hfprune.report import PruneReport, peak_rss_mb
+    from hfprune.report import PruneReport, peak_cuda_mb, peak_rss_mb
 
     removed = 1.0 - params_after / params_before
     cfg = config.to_dict()
     return PruneReport(method=cfg["method"], config=cfg, calibration=calib.to_dict(), layers={}, prune_seconds=seconds,
                        peak_rss_mb=peak_rss_mb(),
-                       peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+                       peak_cuda_mb=peak_cuda_mb(),
                        sparsity=removed, model_sparsity=removed,
                        structured={"params_before": params_before, "params_after": params_after,
                                    "reload_with": "transformers"}, **records)

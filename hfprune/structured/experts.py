@@ -199,7 +199,7 @@ def run_expert_pruning(model: nn.Module, tokenizer, config: ExpertPruningConfig,
 
     from hfprune.core.calibration import get_calibration_ids
     from hfprune.core.engine import resolve_calibration
-    from hfprune.report import PruneReport, peak_rss_mb
+    from hfprune.report import PruneReport, peak_cuda_mb, peak_rss_mb
     from hfprune.core.runner import is_offloaded
 
     if is_offloaded(model):
@@ -218,7 +218,7 @@ def run_expert_pruning(model: nn.Module, tokenizer, config: ExpertPruningConfig,
     result.update(params_before=params_before, params_after=params_after, reload_with="AutoModelForCausalLM")
     removed = 1.0 - params_after / params_before
     report = PruneReport(method="experts-" + config.importance, config=config.to_dict(), calibration=calib.to_dict(),
-                         layers={}, prune_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+                         layers={}, prune_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(), peak_cuda_mb=peak_cuda_mb(),
                          sparsity=removed, model_sparsity=removed, structured=result)
     model.config.pruning_config = {**config.to_dict(), "params_before": params_before, "params_after": params_after,
                                    "experts_kept": {k: v["kept"] for k, v in result["layers"].items()}}

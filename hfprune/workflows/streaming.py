@@ -364,11 +364,11 @@ def _prune_into(path: Path, model, output, config, calibration, ctx, weight_map,
     report.base_model, report.command = str(model), command or None
     report.save_to(net.config)
     extra = after_prune(net, tokenizer) if after_prune is not None else {}
-    from hfprune.report import peak_rss_mb
+    from hfprune.report import peak_cuda_mb, peak_rss_mb
 
     report.peak_rss_mb = max(report.peak_rss_mb, peak_rss_mb())  # includes loading and evaluation
-    if torch.cuda.is_available():
-        report.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+    if peak_cuda_mb() is not None:  # since the prune started, evaluation included
+        report.peak_cuda_mb = max(report.peak_cuda_mb or 0.0, peak_cuda_mb())
     if ctx.is_main:
         _finalize(net, tokenizer, report, session, weight_map, output, overwrite, extra)
         shutil.rmtree(work, ignore_errors=True)
