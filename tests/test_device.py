@@ -73,3 +73,32 @@ def test_no_cuda_no_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert report_mod.peak_cuda_mb() is None
     report_mod.reset_peak_cuda()  # nothing to reset, no error
+
+
+def test_activations_leave_a_full_gpu_for_cpu_memory(monkeypatch):
+    from hfprune.core import runner as runner_mod
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
+    gpu = torch.device("cuda", 0)
+    assert runner_mod.activation_storage(gpu, 2 * 2**30) == gpu  # 2 GiB of 8 GiB free: stays
+    assert runner_mod.activation_storage(gpu, 3 * 2**30) == torch.device("cpu")  # > 25 %: CPU memory
+    assert runner_mod.activation_storage(torch.device("cpu"), 10**15) == torch.device("cpu")
+
+
+def test_capture_decides_the_storage_once_from_the_whole_calibration_set(monkeypatch):
+    """The runner asks with all batches' bytes (not one batch's) and keeps the answer."""
+    from hfprune.core import runner as runner_mod
+
+    asked = []
+
+    def fake_storage(device, total):
+        asked.append(total)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(runner_mod, "activation_storage", fake_storage)
+    model = tiny_model("llama")
+    run = runner_mod.LayerRunner(model, batch_size=2)
+    run.capture(torch.randint(3, 300, (5, 16)))
+    hidden = model.config.hidden_size
+    assert asked == [2 * 16 * hidden * 4 * 3]  # first batch [2, 16, hidden] fp32 x 3 batches
+    assert run.storage_device == torch.device("cpu") and len(run.hidden) == 3
