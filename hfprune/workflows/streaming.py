@@ -424,7 +424,9 @@ def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str,
                 if name in rest_keys:
                     if t.device.type == "meta":
                         raise RuntimeError(f"Tensor {name} is not loaded; please report this.")
-                    rest[name] = t.detach().to("cpu").clone()
+                    # No copy: the materialized tensor outlives its module's offload (the module gets a new
+                    # meta tensor), and a copy of a large embedding was the run's peak.
+                    rest[name] = t.detach().to("cpu")
     missing = [k for k in rest_keys if k not in rest]
     if missing:
         raise RuntimeError(f"Tensors {missing[:3]} outside the decoder blocks were not found; please report this.")
