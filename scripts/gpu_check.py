@@ -135,18 +135,20 @@ def finite_logits(model: nn.Module, ids: torch.Tensor, device: torch.device) -> 
     return bool(torch.isfinite(model(ids[:1, :64].to(device)).logits.float()).all())
 
 
-def target_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: [out, in] weight}`` of every linear layer inside the decoder blocks."""
+def target_weights(model: nn.Module):
+    """``(name, [out, in] weight)`` of every linear layer inside the decoder blocks, one block at a
+    time on its execution device (an offloaded block is onloaded while its weights are read)."""
     from hfprune.arch import find_linears, get_blocks, weight_matrix
+    from hfprune.core.runner import LayerRunner
 
-    out = {}
+    runner = LayerRunner(model)
     for i, block in enumerate(get_blocks(model)):
-        for name, module in find_linears(block).items():
-            out[f"{i}.{name}"] = weight_matrix(module)
-    return out
+        with runner.onload(i):
+            for name, module in find_linears(block).items():
+                yield f"{i}.{name}", weight_matrix(module)
 
 
-def check_counts(weights: dict[str, torch.Tensor], config, kind: str) -> dict:
+def check_counts(weights, config, kind: str) -> dict:
     """Exact zeros in every pruned layer: per group of M (N:M), per row (unstructured, ``scope="row"``)
     or per layer (``scope="layer"``, and SparseGPT, whose mask is chosen per block of columns over all
     rows with the layer total exact)."""
@@ -155,7 +157,9 @@ def check_counts(weights: dict[str, torch.Tensor], config, kind: str) -> dict:
     pat = parse_pattern(config.pattern)
     bad_counts, bad_nm = [], []
     zeros = numel = 0
-    for name, W in weights.items():
+    n_layers = 0
+    for name, W in (weights.items() if isinstance(weights, dict) else weights):
+        n_layers += 1
         z = (W == 0)
         zeros += int(z.sum())
         numel += W.numel()
@@ -171,7 +175,7 @@ def check_counts(weights: dict[str, torch.Tensor], config, kind: str) -> dict:
                 bad_counts.append(name)
         elif int(z.sum()) != prune_count(W.numel(), config.sparsity):
             bad_counts.append(name)
-    return {"layers_checked": len(weights), "sparsity": zeros / max(1, numel), "counts_ok": not bad_counts,
+    return {"layers_checked": n_layers, "sparsity": zeros / max(1, numel), "counts_ok": not bad_counts,
             "bad_count_layers": bad_counts[:10], "nm_ok": (not bad_nm) if pat.is_nm else None,
             "bad_nm_layers": bad_nm[:10]}
 
@@ -219,7 +223,7 @@ def decisions(model: nn.Module, dense: nn.Module, kind: str, report) -> torch.Te
             out.append(torch.tensor([i in neurons for i in range(bd.mlp.up_proj.out_features)]))
             out.append(torch.tensor([h in heads for h in range(cfg.num_attention_heads)]))
         return torch.cat(out)
-    return torch.cat([(W == 0).reshape(-1).cpu() for W in target_weights(model).values()])
+    return torch.cat([(W == 0).reshape(-1).cpu() for _name, W in target_weights(model)])
 
 
 def prune_once(name: str, dense: nn.Module, ids: torch.Tensor, device: torch.device, *, offload: bool = False):
@@ -228,18 +232,31 @@ def prune_once(name: str, dense: nn.Module, ids: torch.Tensor, device: torch.dev
 
     kind, config = method_config(name)
     model = copy.deepcopy(dense)
-    if offload:
+    if offload:  # the first half of the blocks on the device, the rest offloaded (CPU RAM; on a CPU run, disk)
+        import tempfile
+
         from accelerate import dispatch_model
 
         from hfprune.arch import get_blocks
 
         n = len(get_blocks(model))
-        device_map = {"model.embed_tokens": device.index or 0, "model.rotary_emb": device.index or 0,
-                      "model.norm": device.index or 0, "lm_head": device.index or 0}
-        device_map.update({f"model.layers.{i}": (device.index or 0) if i < n // 2 else "cpu" for i in range(n)})
-        model = dispatch_model(model, device_map=device_map, main_device=device)
+        here = (device.index or 0) if device.type == "cuda" else "cpu"
+        away = "cpu" if device.type == "cuda" else "disk"
+        device_map = {"model.embed_tokens": here, "model.rotary_emb": here, "model.norm": here, "lm_head": here}
+        device_map.update({f"model.layers.{i}": here if i < n // 2 else away for i in range(n)})
+        offload_dir = None
+        if away == "disk":
+            import atexit
+            import shutil
+
+            offload_dir = tempfile.mkdtemp(prefix="gpu_check_offload_")
+            atexit.register(shutil.rmtree, offload_dir, True)
+        model = dispatch_model(model, device_map=device_map, main_device=device, offload_dir=offload_dir)
     else:
         model = model.to(device)
+    from hfprune.core.runner import is_offloaded
+
+    offloaded = is_offloaded(model)
     before = structured_shapes(model)
     reset_peak(device)
     sync(device)
@@ -257,6 +274,7 @@ def prune_once(name: str, dense: nn.Module, ids: torch.Tensor, device: torch.dev
         row.update(check_counts(target_weights(model), config, kind))
     devices = {p.device.type for p in model.parameters()}
     row["weights_on"] = sorted(devices)
+    row["offloaded"] = offloaded
     return model, report, row
 
 
@@ -270,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-compare", action="store_true", help="Skip the small-model device vs CPU mask comparison.")
     ap.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
-                    help="Also prune Wanda with half the blocks CPU-offloaded through Accelerate (default: on CUDA).")
+                    help="Also prune Wanda with half the blocks offloaded through Accelerate: to CPU memory on CUDA "
+                         "(the default there), to disk on a CPU run.")
     ap.add_argument("--output", help="Write the JSON here (it is also printed).")
     args = ap.parse_args(argv)
 
