@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from hfprune.arch.discovery import LAYER_TYPE_ORDER
+from hfprune.report import public_command, public_value
 from hfprune.structured.checkpoint import PRUNED_SHAPES_KEY
 
 logger = logging.getLogger(__name__)
@@ -105,44 +106,14 @@ def hub_model_id(name: str | None) -> str | None:
     return name
 
 
-_LOCAL_PATH = re.compile(r"^(~|/|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
-
-
-def _public(value: Any) -> Any:
-    """``value`` with every local path (absolute, ``~``, ``./``, ``../``) cut to its last component, in strings,
-    lists and dicts: a card shows no one's folders."""
-    if isinstance(value, str):
-        if _LOCAL_PATH.match(value):
-            return Path(value.replace("\\", "/").rstrip("/")).name or "<local path>"
-        return value
-    if isinstance(value, dict):
-        return {k: _public(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_public(v) for v in value]
-    return value
-
-
-def _public_command(command: str) -> str:
-    """The command line with its local paths cut to their last component (``--flag=PATH`` too)."""
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        return " ".join(_public(w) for w in command.split())
-    out = []
-    for word in words:
-        flag, eq, rest = word.partition("=")
-        out.append(f"{flag}={_public(rest)}" if eq and flag.startswith("-") else _public(word))
-    return shlex.join(out)
-
-
 def _public_record(pc: dict, base_name: str | None) -> dict:
-    """The pruning record as the card shows it: local paths cut (:func:`_public`), in earlier runs' too."""
-    out = _public(pc)
+    """The pruning record as the card shows it: local paths cut (:func:`public_value`), in earlier runs' too."""
+    out = public_value(pc)
     for original, entry in zip(_chain(pc), _chain(out)):
         if isinstance(entry.get("command"), str):
-            entry["command"] = _public_command(entry["command"])
+            entry["command"] = public_command(entry["command"])
         if original.get("base_model") and not hub_model_id(original["base_model"]):
-            entry["base_model"] = base_name if original is pc else _public(original["base_model"])
+            entry["base_model"] = base_name if original is pc else public_value(original["base_model"])
     return out
 
 
@@ -347,7 +318,7 @@ def render_model_card(*, base_model: str | None, pruning_config: dict, report: d
             "achieved_sparsity", "base_model", "command", "stages"}
     for key, value in pc.items():
         if key not in skip and value is not None and not isinstance(value, dict):
-            lines.append(f"| {key} | {_fmt(_public(value))} |")
+            lines.append(f"| {key} | {_fmt(public_value(value))} |")
     if bits:
         lines.append(f"| stored weights | {_int_desc(bits, group_size)} |")
     lines.append("")
@@ -366,7 +337,7 @@ def render_model_card(*, base_model: str | None, pruning_config: dict, report: d
             lines.append(f"| `{name}` | {_pct(float(value))} |")
         lines.append("")
 
-    calib = _public(pc.get("calibration"))
+    calib = public_value(pc.get("calibration"))
     lines += ["## Calibration data", ""]
     if not calib:
         lines += ["None (data-free method).", ""]
@@ -390,7 +361,7 @@ def render_model_card(*, base_model: str | None, pruning_config: dict, report: d
             lines.append("")
 
     if command:
-        lines += ["## Reproduce", "", "```bash", _public_command(command.strip()), "```", ""]
+        lines += ["## Reproduce", "", "```bash", public_command(command.strip()), "```", ""]
 
     repo = repo_id or "<this-repo>"
     lines += _how_to_load(repo, repo if has_tokenizer or not base_id else base_id, quant, bits, non_uniform)

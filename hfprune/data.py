@@ -6,7 +6,7 @@ A *source* is one of:
   directory when present (``$HFPRUNE_DATA_DIR``, else ``../shared/data`` beside the project
   checkout or the working directory), otherwise to the Hub data sets;
 * a local file: ``.txt``/``.raw`` (one document per line), ``.json``/``.jsonl``, ``.parquet``,
-  ``.csv`` (optionally ``.gz``), read through :mod:`datasets`;
+  ``.csv`` (optionally ``.gz``), read through :mod:`datasets` (JSON Lines with the standard library);
 * a Hub data set name (with ``config_name``, ``split`` and ``text_column``);
 * a list of strings.
 """
@@ -77,6 +77,42 @@ def _read_wikitext_rows(path: Path) -> list[str]:
     return [line if line.strip() else "" for line in lines]
 
 
+def _read_json_lines(path: Path, text_column: str) -> list[str] | None:
+    """The non-empty ``text_column`` values of a JSON Lines file (one object per line, optionally .gz) read
+    with the standard library, as :mod:`datasets`' JSON loader gives them; ``None`` for anything else (a
+    JSON array, a damaged file), which then goes through :mod:`datasets` and its messages. Importing
+    :mod:`datasets` (with pyarrow and pandas) costs a process about 80 MB of RSS, so the common case
+    (the c4 calibration file) stays without it."""
+    import json
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    values, columns = [], {}
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    return None
+                columns.update(dict.fromkeys(row))
+                values.append(row.get(text_column))
+    except (ValueError, OSError, EOFError):  # not JSON Lines (or unreadable): datasets decides and explains
+        return None
+    if not values:
+        return None
+    if text_column not in columns:
+        raise ValueError(
+            f"{path} has no column {text_column!r} (columns: {list(columns)}); pass text_column=... / --text-column."
+        )
+    values = [t for t in values if t]
+    wrong = next((v for v in values if not isinstance(v, str)), None)
+    if wrong is not None:
+        raise ValueError(f"Column {text_column!r} of {path} holds {type(wrong).__name__} values (e.g. {wrong!r}), "
+                         f"not text: name the text column with --text-column (columns: {list(columns)}).")
+    return values
+
+
 def _load_file(path: Path, text_column: str, split: str | None = None) -> list[str]:
     kind = _file_kind(path)
     if kind is None:
@@ -93,6 +129,10 @@ def _load_file(path: Path, text_column: str, split: str | None = None) -> list[s
                              f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`.") from None
         except (OSError, EOFError) as err:  # a damaged .gz
             raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): is the file complete?") from None
+    if kind == "json":
+        rows = _read_json_lines(path, text_column)
+        if rows is not None:
+            return rows
     import datasets
 
     try:

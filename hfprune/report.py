@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import resource
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from hfprune.arch import is_linear, weight_matrix
 
-__all__ = ["PruneReport", "PruneResult", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "count_zeros", "zero_counts", "layer_sparsity_report",
-           "recount_sparsity"]
+__all__ = ["PruneReport", "PruneResult", "DepthRemoval", "HiddenRemoval", "peak_rss_mb", "peak_cuda_mb", "reset_peak_cuda",
+           "count_zeros", "zero_counts", "layer_sparsity_report", "recount_sparsity", "public_value",
+           "public_command"]
 
 
 def peak_rss_mb() -> float:
@@ -38,6 +42,28 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024.0 if sys.platform != "darwin" else peak / (1024.0 * 1024.0)
+
+
+def _cuda_in_use() -> bool:
+    # A process that never touched CUDA allocated nothing there; asking would create a CUDA context
+    # (hundreds of MB of host and device memory) on a GPU machine running a CPU prune.
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def reset_peak_cuda() -> None:
+    """Start a new peak for :func:`peak_cuda_mb` on every visible CUDA device (no-op without CUDA in use)."""
+    if _cuda_in_use():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_cuda_mb() -> float | None:
+    """Peak CUDA memory held by tensors (``torch.cuda.max_memory_allocated``) since the last
+    :func:`reset_peak_cuda`, in MiB: the largest over the visible devices (a model split across
+    GPUs with ``device_map`` reports its fullest GPU). ``None`` when this process has not used CUDA."""
+    if not _cuda_in_use():
+        return None
+    return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**20
 
 
 def count_zeros(t: torch.Tensor, chunk: int = 1 << 20) -> int:
@@ -110,6 +136,37 @@ def recount_sparsity(model, record: "PruneReport | None", report_dict: dict | No
                                          if n in layers and isinstance(row, dict) else row)
                                      for n, row in report_dict["layers"].items()}
     return report_dict
+
+
+
+_LOCAL_PATH = re.compile(r"^(~|/|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\])")
+
+
+def public_value(value: Any) -> Any:
+    """``value`` with every local path (absolute, ``~``, ``./``, ``../``) cut to its last component, in strings,
+    lists and dicts: a card shows no one's folders."""
+    if isinstance(value, str):
+        if _LOCAL_PATH.match(value):
+            return Path(value.replace("\\", "/").rstrip("/")).name or "<local path>"
+        return value
+    if isinstance(value, dict):
+        return {k: public_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_value(v) for v in value]
+    return value
+
+
+def public_command(command: str) -> str:
+    """The command line with its local paths cut to their last component (``--flag=PATH`` too)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return " ".join(public_value(w) for w in command.split())
+    out = []
+    for word in words:
+        flag, eq, rest = word.partition("=")
+        out.append(f"{flag}={public_value(rest)}" if eq and flag.startswith("-") else public_value(word))
+    return shlex.join(out)
 
 
 @dataclass
@@ -243,8 +300,17 @@ class PruneReport:
         if self.structured is None or self.layers:
             out.update(achieved_sparsity=self.sparsity,  # not `layer_sparsity`: that is the config's field
                        per_layer_sparsity={n: round(v["sparsity"], 6) for n, v in self.layers.items()})
-        out["calibration"] = self.calibration
-        out.update({k: v for k, v in (("command", self.command), ("base_model", self.base_model)) if v})
+        # config.json travels with the checkpoint (push, sharing): no local path goes into it. A local base
+        # model is kept as its folder name under base_model_folder (base_model is for Hub ids only).
+        out["calibration"] = public_value(self.calibration)
+        if self.command:
+            out["command"] = public_command(self.command)
+        if self.base_model:
+            local = bool(_LOCAL_PATH.match(str(self.base_model))) or Path(str(self.base_model)).expanduser().exists()
+            if local:
+                out["base_model_folder"] = public_value(str(Path(str(self.base_model)).expanduser().resolve()))
+            else:
+                out["base_model"] = self.base_model
         return out
 
     def save_to(self, config) -> None:

@@ -38,6 +38,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "0.1b": (768, 2048, 10, 12, 4),
     "0.5b": (1280, 3584, 24, 20, 4),
     "1.5b": (2048, 5632, 31, 32, 8),
+    "3b": (2560, 6912, 40, 32, 8),  # scripts/bench_scaling.py (Wanda only)
 }
 VOCAB = 49152
 NSAMPLES, SEQLEN = 16, 256

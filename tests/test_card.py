@@ -141,3 +141,9 @@ def test_cli_card_and_config_carry_no_local_path(model_dir, calib_file, tmp_path
     assert str(tmp_path) not in card and "huggingface.co//" not in card and "base_model:" not in card
     assert "_name_or_path" not in config
     assert "from a local model (`base`)" in card and "--model base" in card and "--calibration calib.txt" in card
+    # config.json travels with the checkpoint: no local path anywhere in it (the record's command, base model,
+    # calibration file), the base model's folder name only
+    assert str(tmp_path) not in (out / "config.json").read_text()
+    pc = config["pruning_config"]
+    assert "base_model" not in pc and pc["base_model_folder"] == "base"
+    assert "--model base" in pc["command"] and pc["calibration"]["dataset"] == "calib.txt"

@@ -219,3 +219,19 @@ def test_hidden_state_loss_matches_blocks_by_depth():
         hidden_state_loss([torch.randn(2, 5, 4)] * 2, t)
     with pytest.raises(ValueError, match="--distill"):
         RecoveryArguments(hidden_weight=1.0)
+
+
+def test_distill_default_teacher_from_a_local_base_names_the_fix(model_dir, calib_file, tmp_path, caplog):
+    """config.json keeps no local path, so the default teacher of a model pruned from a local folder is
+    not known: recover --distill says so and names --teacher, before any training."""
+    from hfprune.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--calibration", str(calib_file), "--nsamples", "4",
+                 "--seqlen", "32", "--method", "wanda", "--sparsity", "0.5", "--output", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["pruning_config"]["base_model_folder"] == "base"
+    rc = main(["recover", "--model", str(out), "--distill", "--dataset", str(calib_file), "--max-steps", "1",
+               "--seqlen", "32", "--eval-dataset", "none", "--output", str(tmp_path / "rec")])
+    assert rc == 2
+    assert "--teacher DIR" in caplog.text and "local folder named `base`" in caplog.text
+    assert not (tmp_path / "rec").exists()

@@ -10,7 +10,8 @@ import sys
 
 from hfprune.cli.flags import add_fields, local_config
 from hfprune.report import PruneReport
-from hfprune.workflows.recovery import RecoveryArguments, arguments_from, recover
+# The training code (Trainer, peft) is imported only when the command runs: every command builds this parser.
+from hfprune.workflows.recovery_args import RecoveryArguments, arguments_from
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def _cmd_recover(ns) -> int:
     from hfprune.io import check_output_dir
     from hfprune.models import command_inputs, load_model, load_tokenizer
     from hfprune.recipes import read_recipe
+    from hfprune.workflows.recovery import recover
 
     names = {f.name for f in dataclasses.fields(RecoveryArguments)}
     recipe = read_recipe(ns.recipe) if getattr(ns, "recipe", None) else {}
@@ -61,7 +63,10 @@ def _cmd_recover(ns) -> int:
         record = PruneReport.from_model(model)
         name = args.teacher or (record.base_model if record is not None else None)
         if not name:
-            raise ValueError("--distill needs the dense teacher: pass --teacher DIR (the model before pruning).")
+            folder = (record.config.get("base_model_folder") if record is not None else None)
+            where = (f" (it was pruned from a local folder named `{folder}`; config.json keeps no local paths)"
+                     if folder else "")
+            raise ValueError(f"--distill needs the dense teacher: pass --teacher DIR (the model before pruning){where}.")
         teacher = load_model(name, dtype=args.dtype)
     result = recover(model, tokenizer, args, teacher=teacher)
     argv = getattr(ns, "argv", None)

@@ -28,7 +28,7 @@ from hfprune.core.layerwise import _prune_block, prune_layers
 from hfprune.core.stages import check_stages
 from hfprune.core.targets import select_targets
 from hfprune.registry import get_pruner_cls
-from hfprune.report import PruneReport, peak_rss_mb
+from hfprune.report import PruneReport, peak_cuda_mb, peak_rss_mb, reset_peak_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def _run(model: nn.Module, tokenizer, pruner, calib, *, progress: bool, session:
     use_cache = getattr(model.config, "use_cache", None)
     if use_cache is not None:
         model.config.use_cache = False
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_cuda()  # the report's peak_cuda_mb is this run's (a CPU run creates no CUDA context)
     params_before = _count_params(model) if pruner.model_level else None
     start = time.perf_counter()
     try:
@@ -155,7 +154,7 @@ def _run(model: nn.Module, tokenizer, pruner, calib, *, progress: bool, session:
                     params_before, params_after, elapsed)
     record = {**config.to_dict(), "method": pruner.report_name}
     report = PruneReport(method=pruner.report_name, config=record, prune_seconds=elapsed, peak_rss_mb=peak_rss_mb(),
-                         peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+                         peak_cuda_mb=peak_cuda_mb(),
                          **{"layers": {}, **fields})
     report.save_to_model(model)  # serialised into config.json; an earlier run's entry is kept under "previous"
     logger.info("%s", report)
@@ -171,6 +170,7 @@ def _staged_report(model: nn.Module, reports: list[PruneReport]) -> PruneReport:
     report = dataclasses.replace(
         last, method="+".join(r.method for r in reports), prune_seconds=sum(r.prune_seconds for r in reports),
         peak_rss_mb=max(r.peak_rss_mb for r in reports),
+        peak_cuda_mb=max((r.peak_cuda_mb for r in reports if r.peak_cuda_mb is not None), default=None),
         pattern=next((r.pattern for r in reversed(reports) if r.pattern != "unstructured"), "unstructured"),
         config={"method": "+".join(r.method for r in reports), "stages": [r.config for r in reports]},
         quant_scales={k: v for r in reports for k, v in r.quant_scales.items()},

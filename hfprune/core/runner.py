@@ -213,6 +213,25 @@ def _model_inputs(model: nn.Module, inputs: torch.Tensor | list[dict], batch_siz
         yield {**extra, **_to(dict(batch), device)}
 
 
+# Calibration activations stay on a CUDA device while all batches together take at most this
+# fraction of its free memory (the block's own working memory and the solvers need the rest);
+# otherwise they are kept in CPU memory and each batch is moved to the block's device when it runs.
+ACTIVATION_CUDA_FRACTION = 0.25
+
+
+def activation_storage(device: torch.device, total_bytes: int) -> torch.device:
+    """Where :meth:`LayerRunner.capture` keeps ``total_bytes`` of activations first seen on ``device``."""
+    if device.type != "cuda":
+        return device
+    free, _total = torch.cuda.mem_get_info(device)
+    if total_bytes <= ACTIVATION_CUDA_FRACTION * free:
+        return device
+    logger.info("Calibration activations (%.0f MiB) exceed %.0f%% of the free memory of %s (%.0f MiB): keeping them "
+                "in CPU memory; each batch moves to the GPU when its block runs.", total_bytes / 2**20,
+                100 * ACTIVATION_CUDA_FRACTION, device, free / 2**20)
+    return torch.device("cpu")
+
+
 class LayerRunner:
     """Runs calibration activations through the decoder blocks of ``model`` one at a time.
 
@@ -221,7 +240,8 @@ class LayerRunner:
         spec: its :class:`~hfprune.arch.ArchSpec` (looked up when ``None``).
         batch_size: calibration windows per block call.
         storage_device: where activations live between blocks (default: where the model's
-            first block receives them).
+            first block receives them, or CPU memory when they would take more than
+            :data:`ACTIVATION_CUDA_FRACTION` of that CUDA device's free memory).
     """
 
     def __init__(self, model: nn.Module, spec: ArchSpec | None = None, *, batch_size: int = 1,
@@ -258,6 +278,11 @@ class LayerRunner:
         self.calls = [[] for _ in range(n_blocks)]
         self._out_tuple_len = None
         stateful = []  # set when a block returns state later blocks read (T5's position bias)
+        if isinstance(input_ids, torch.Tensor):
+            n_batches = -(-input_ids.shape[0] // max(1, self.batch_size))
+        else:
+            input_ids = list(input_ids)
+            n_batches = len(input_ids)
         as_list: list[bool] = []
         originals = {}
 
@@ -275,8 +300,10 @@ class LayerRunner:
                 if "output_attentions" in kwargs:
                     kwargs["output_attentions"] = False
                 if index == 0:
-                    store = self.storage_device or hidden.device
-                    self.hidden.append(hidden.detach().to(store))
+                    if self.storage_device is None:  # decided once, from the first batch's size
+                        self.storage_device = activation_storage(
+                            hidden.device, hidden.numel() * hidden.element_size() * n_batches)
+                    self.hidden.append(hidden.detach().to(self.storage_device))
                 self.calls[index].append((rest, kwargs))
                 out = None
                 if self._out_tuple_len is None:

@@ -321,8 +321,9 @@ def sparsegpt_prune(
         if i2 < cols:
             work[:, i2:] -= err1.t() @ hinv[i1:i2, i2:]
 
-    logger.debug("SparseGPT: pruned %d of %d weights (%s, block %d%s).", int(pruned.sum()),
-                 pruned.numel(), pat, block, f", int{bits}" if bits else "")
+    if logger.isEnabledFor(logging.DEBUG):  # the count is a device sync: only when it is printed
+        logger.debug("SparseGPT: pruned %d of %d weights (%s, block %d%s).", int(pruned.sum()),
+                     pruned.numel(), pat, block, f", int{bits}" if bits else "")
     if not return_scale:
         return work.to(W.dtype), pruned
     grid = torch.cat(scales, dim=1) if (scales and sym) else None

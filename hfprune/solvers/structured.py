@@ -236,6 +236,6 @@ def greedy_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, n_remo
         alive[chosen] = False
         if taken is not None:
             taken.index_add_(0, buckets[chosen], torch.ones_like(chosen))
-        removed.extend(int(g) for g in chosen)
-        errors.extend(float(err[g]) for g in chosen)
+        removed.extend(chosen.tolist())  # one device sync per round, not one per group
+        errors.extend(err[chosen].tolist())
     return torch.tensor(removed, dtype=torch.long), errors

@@ -9,11 +9,31 @@
   :class:`GradualPruningCallback`: train-time gradual pruning (Zhu & Gupta 2017).
 """
 
-from hfprune.training.distill import DistillationTrainer, distillation_loss, hidden_state_loss
-from hfprune.training.gradual import GradualPruner, GradualPruningCallback, cubic_sparsity
-from hfprune.training.lora import merge_lora_keep_sparsity
-from hfprune.training.masks import PRUNABLE_TYPES, MaskPreservingCallback, canonical_name, masks_from_zeros, sparsity_report
+import importlib
+
+# Resolved on first use (PEP 562): importing one submodule (e.g. ``hfprune.training.masks`` for the
+# recovery CLI's flags) must not import ``Trainer``, ``datasets`` and ``peft`` through the others; every
+# ``hfprune`` command builds its whole parser, so eager imports here cost each run ~190 MB of RSS.
+_EXPORTS = {
+    "DistillationTrainer": "distill", "distillation_loss": "distill", "hidden_state_loss": "distill",
+    "GradualPruner": "gradual", "GradualPruningCallback": "gradual", "cubic_sparsity": "gradual",
+    "merge_lora_keep_sparsity": "lora",
+    "PRUNABLE_TYPES": "masks", "MaskPreservingCallback": "masks", "canonical_name": "masks",
+    "masks_from_zeros": "masks", "sparsity_report": "masks",
+}
 
 __all__ = ["PRUNABLE_TYPES", "canonical_name", "masks_from_zeros", "sparsity_report", "MaskPreservingCallback",
            "merge_lora_keep_sparsity", "distillation_loss", "hidden_state_loss", "DistillationTrainer",
            "cubic_sparsity", "GradualPruner", "GradualPruningCallback"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -48,7 +48,7 @@ from hfprune.formats.base import safetensors_header
 from hfprune.fs import atomic_output_dir, atomic_write, check_output_dir, output_lock
 from hfprune.io import write_companions
 from hfprune.models import _parse_dtype, load_tokenizer, resolve_model_path
-from hfprune.report import PruneReport, peak_rss_mb
+from hfprune.report import PruneReport, peak_cuda_mb, peak_rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -367,8 +367,8 @@ def _prune_into(path: Path, model, output, config, calibration, ctx, weight_map,
     extra = after_prune(net, tokenizer) if after_prune is not None else {}
 
     report.peak_rss_mb = max(report.peak_rss_mb, peak_rss_mb())  # includes loading and evaluation
-    if torch.cuda.is_available():
-        report.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+    if peak_cuda_mb() is not None:  # since the prune started, evaluation included
+        report.peak_cuda_mb = max(report.peak_cuda_mb or 0.0, peak_cuda_mb())
     if ctx.is_main:
         _finalize(net, tokenizer, report, session, weight_map, output, overwrite, extra, inputs=(path,))
         shutil.rmtree(work, ignore_errors=True)
@@ -418,7 +418,9 @@ def _finalize(model, tokenizer, report, session: _Session, weight_map: dict[str,
                 if name in rest_keys:
                     if t.device.type == "meta":
                         raise RuntimeError(f"Tensor {name} is not loaded; please report this.")
-                    rest[name] = t.detach().to("cpu").clone()
+                    # No copy: the materialized tensor outlives its module's offload (the module gets a new
+                    # meta tensor), and a copy of a large embedding was the run's peak.
+                    rest[name] = t.detach().to("cpu")
     missing = [k for k in rest_keys if k not in rest]
     if missing:
         raise RuntimeError(f"Tensors {missing[:3]} outside the decoder blocks were not found; please report this.")
