@@ -65,12 +65,14 @@ def section(name: str, title: str, script: str):
 
 
 def _merged(*names):
+    """Runs of the JSON ``names`` in order (a later file's run of the same name replaces an earlier one), their
+    commands (a file's ``commands`` list or its ``command``) and the first file's metadata."""
     runs, commands, meta = {}, [], None
     for name in names:
         data = load(name)
         if data:
             runs.update(data["runs"])
-            commands.append(data.get("command", ""))
+            commands.extend(data.get("commands") or [data.get("command", "")])
             meta = meta or data
     return (runs, commands, meta) if meta else (None, commands, None)
 
@@ -123,16 +125,12 @@ SPARSEGPT_PARITY_FINDINGS = [  # printed below the table: what the comparison fo
 
 
 def section_oneshot(lines):
-    # Later files override earlier runs of the same name (reruns after code changes).
-    # oneshot_q8/q9: Wanda after its default became the paper's order (stop 12); they replace the
-    # older wanda-50/wanda-2of4 rows, and the older "-ref" rows measured that order before the change.
-    # oneshot_q10/q11: dense, magnitude and Wanda 70 % (uniform, OWL) re-measured at the same stop (q11 ran
-    # beside a test run: its times are not idle).
-    ours, our_cmds, ours_meta = _merged("oneshot", "oneshot_q5", "oneshot_q6", "oneshot_q7", "oneshot_q8",
-                                          "oneshot_q9", "oneshot_q10", "oneshot_q11")
+    # docs/results/oneshot.json: the current runs (the earlier separate runs merged, later over earlier; which ran
+    # idle in "idle_runs"); docs/results/llmcompressor.json: llm-compressor's. A new bench_out/oneshot.json replaces it.
+    ours, our_cmds, ours_meta = _merged("oneshot")
     if ours:
         ours = {k: v for k, v in ours.items() if not k.endswith("-ref")}
-    theirs, their_cmds, theirs_meta = _merged("llmcompressor", "timing_llmc_sgpt")
+    theirs, their_cmds, theirs_meta = _merged("llmcompressor")
     lines.append("## One-shot pruning: hfprune vs llm-compressor 0.14 (SmolLM2-135M)\n")
     if not ours:
         lines.append("_not run yet: `scripts/bench_oneshot.py` and `scripts/bench_llmcompressor.py`_\n")
@@ -144,9 +142,11 @@ def section_oneshot(lines):
                  f"CPU cores, torch {ours_meta['machine'].get('torch')}, transformers {ours_meta['machine'].get('transformers')}"
                  + (f"; llm-compressor {theirs_meta['machine'].get('llmcompressor')} (transformers "
                     f"{theirs_meta['machine'].get('transformers')}) in its own venv" if theirs_meta else "") + ".\n")
-    lines.append("Commands: " + " ; ".join(f"`{c}`" for c in our_cmds + their_cmds) + "\n")
-    idle = {name for q in ("oneshot_q6", "oneshot_q8", "oneshot_q9", "oneshot_q10")
-            for name in ((load(q) or {}).get("runs") or {})}
+    lines.append("Files: `docs/results/oneshot.json` (hfprune: the separate runs of the commands below merged, a later "
+                 "run of a name over an earlier one; `idle_runs` lists the quietly timed ones), "
+                 "`docs/results/llmcompressor.json` (llm-compressor). "
+                 "Commands: " + " ; ".join(f"`{c}`" for c in our_cmds + their_cmds) + "\n")
+    idle = set(ours_meta.get("idle_runs", []))
     lines.append("Times: every timed run also timed one plain forward pass over the same 64 x 512 calibration tokens "
                  "(batch 8) in the same process right before pruning (`forward_ref`); `prune / forward` divides by "
                  "it; the time ratio is hfprune's prune seconds over llm-compressor's, and the normalised time ratio "
@@ -537,7 +537,7 @@ def section_admm(lines):
                  "(`rel_sgpt`). Seconds: the solvers alone on a shared, heavily oversubscribed machine, so only roughly "
                  "comparable within one table. Variants: " + "; ".join(f"`{k}` {v}" for k, v in PROXY_NOTES.items()) + ".\n")
     proxy = load("admm_proxy")
-    logs = sorted(RESULTS.glob("admm_proxy*.log"))
+    logs = (load("admm_proxy_logs") or {}).get("runs", [])  # earlier proxy runs, converted from their logs
     if proxy:
         for setting, rows in proxy["settings"].items():
             lines.append(f"Command: `{proxy['command']}`; layers {', '.join(proxy['layers'])}; setting **{setting}**\n")
@@ -546,14 +546,10 @@ def section_admm(lines):
                 lines.append(f"| {name} | {row['mean_error']:.4f} | {row['vs_sparsegpt']:.3f} | {row['seconds']:.1f} |")
             lines.append("")
     for log in logs:
-        text = log.read_text().splitlines()
-        lines.append(f"`docs/results/{log.name}` ({text[0].lstrip('# ')})\n")
+        lines.append(f"`docs/results/admm_proxy_logs.json`, run `{log['source']}` ({log['command']})\n")
         _table_head(lines, "| setting | solver | mean error | rel_sgpt | seconds |")
-        for row in text[1:]:
-            parts = row.split()
-            if len(parts) == 5:
-                vals = dict(p.split("=") for p in parts[2:])
-                lines.append(f"| {parts[0]} | {parts[1]} | {vals['mean_err']} | {vals['rel_sgpt']} | {vals['time'].rstrip('s')} |")
+        for r in log["rows"]:
+            lines.append(f"| {r['setting']} | {r['solver']} | {r['mean_error']} | {r['rel_sgpt']} | {r['seconds']} |")
         lines.append("")
     if not proxy and not logs:
         lines.append("_not run yet: `scripts/bench_admm_proxy.py dump` then `compare`_\n")
