@@ -607,13 +607,13 @@ def _zs_rows(data: dict) -> tuple[dict, object]:
     return {(r["model"], r["task"]): r for r in rows if r["limit"] == limit}, limit
 
 
-@section("zeroshot_harness", "Zero-shot benchmarks through lm-evaluation-harness (SmolLM2-135M)",
-         "scripts/bench_zeroshot.py")
-def section_zeroshot_harness(lines, data):
-    """Full-split zero-shot table (scripts/bench_zeroshot.py: one row per model and task), then the earlier
-    ``--limit 20`` pipeline check (docs/results/zeroshot_limit20.json)."""
+def section_zeroshot_harness(lines):
+    """Full-split zero-shot table (scripts/bench_zeroshot.py: one row per model and task; every cell "not run yet"
+    until its row exists), then the earlier ``--limit 20`` pipeline check (docs/results/zeroshot_limit20.json)."""
     from hfprune.eval import SUITES
 
+    lines.append("## Zero-shot benchmarks through lm-evaluation-harness (SmolLM2-135M)\n")
+    data = load("zeroshot_harness") or {"models": {}, "rows": []}
     rows, limit = _zs_rows(data)
     models = list(ZS_MODELS)
     made = data.get("models", {})
@@ -623,12 +623,13 @@ def section_zeroshot_harness(lines, data):
     batch = sorted({r.get("batch_size") for r in rows.values()}, key=str)
     cores = sorted({r["load"]["cores"] for r in rows.values() if r.get("load")})
     lines.append(
-        f"lm-evaluation-harness {', '.join(versions) or '-'}, zero-shot, the stock prompts and metrics on the local "
+        f"lm-evaluation-harness {', '.join(versions) or '0.4.13'}, zero-shot, the stock prompts and metrics on the local "
         f"splits (`hfprune/eval/tasks`, data in `$HFPRUNE_DATA_DIR/tasks`). "
         + ("**Full splits**; HellaSwag is the 1,000-item exact-format subset of its validation split (the task "
            "`hellaswag`). " if limit is None else f"**Only the first {limit} documents of every task.** ")
-        + f"SmolLM2-135M float32, batch size {', '.join(map(str, batch)) or '-'}, on "
-        f"{', '.join(map(str, cores)) or '-'} CPU cores; cells are `value ± stderr` as lm-eval reports them; "
+        + (f"SmolLM2-135M float32, batch size {', '.join(map(str, batch))}, on {', '.join(map(str, cores))} CPU "
+           f"cores; " if rows else "No row has been scored yet. ")
+        + f"Cells are `value ± stderr` as lm-eval reports them; "
         f"\"{NOT_RUN}\": no row for that model and task in the file yet.\n")
     lines.append(f"File: `docs/results/zeroshot_harness.json` ({len(rows)} rows; each names its task config file and "
                  f"data with their sha256, the lm-eval version, the limit, the wall time and the load during the row). "
@@ -703,7 +704,10 @@ def section_zeroshot_harness(lines, data):
             noisy = (r.get("load") or {}).get("quiet") is False
             cells.append(f"{r['wall_seconds']:.0f}" + (f" † ({r['load']['max_1min']:.1f})" if noisy else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(total, '.0f') if total else '-'} |")
-    lines.append("\nn per task: " + ", ".join(f"{ZS_SHORT.get(t, t)} {n:,}" for t, n in ns.items() if n) + ".\n")
+    if ns:
+        lines.append("\nn per task: " + ", ".join(f"{ZS_SHORT.get(t, t)} {n:,}" for t, n in ns.items() if n) + ".\n")
+    else:
+        lines.append("")
     old = load("zeroshot_limit20")
     if old:
         _zeroshot_limit20(lines, old)
