@@ -335,9 +335,14 @@ ADMM_RENAMES = {"oneshot_admm": {"admm-2of4": "admm-2of4-off", "admm-50": "admm-
 def _admm_rows():
     """``[(file, name, row, same-file runs)]`` over ADMM_RUNS, names as in ADMM_RENAMES."""
     rows, commands, meta = [], [], None
+    # docs/results/oneshot_admm.json holds every run of the table as "parts"; a new bench_out/<part>.json replaces
+    # its part (splice_admm writes it into the results file).
+    path = RESULTS / "oneshot_admm.json"
+    parts = json.loads(path.read_text()).get("parts", {}) if path.exists() else {}
     for name in ADMM_RUNS:
-        data = load(name)
-        if not data:
+        fresh = BENCH / f"{name}.json"
+        data = json.loads(fresh.read_text()) if fresh.exists() else parts.get(name)
+        if not data or "runs" not in data:
             continue
         meta = meta or data
         commands.append(data.get("command", ""))
@@ -357,7 +362,7 @@ PROXY_FINDINGS = [
     "Penalty rho 0.3 instead of Boza's 1: worse than SparseGPT at 10 iterations (1.02): not converged.",
     "Ridge 0.03 / 0.3 instead of Boza's 0.1: 0.861 vs 0.866 on the undamped layer error (0.03). On the full protocol "
     "at 2:4 (`scripts/bench_oneshot.py --runs admm-2of4-d.03` and `--runs admm-2of4-d.3`, 1 thread, at c63df93; "
-    "`docs/results/oneshot_admm_d.03.json`, `oneshot_admm_d.3.json`): perplexity 79.17 (0.03) and 80.42 (0.3) against "
+    "parts `oneshot_admm_d.03` and `oneshot_admm_d.3` of `docs/results/oneshot_admm.json`): perplexity 79.17 (0.03) and 80.42 (0.3) against "
     "79.33 (0.1), within 1.6 %: the ridge is not what stands between ADMM and 76.1; 0.1 kept. (Their prune times, "
     "1,340-1,438 s, ran at nice 19 beside other jobs and do not count.)",
     "SparseGPT's act_order (for comparison): helps 2:4 (0.978-0.980; perplexity 92.1 -> 85.2 above) and hurts 50 % "
@@ -398,7 +403,7 @@ FULL_FINDINGS = [
     "**Dense model targets: worse, not used.** Each layer fitted to the dense *model's* outputs (`dense_targets="
     "'model'`: a second, dense activation stream through all blocks, so each layer also corrects every earlier "
     "block's error): `admm-2of4-model` perplexity 90.91 against 79.33 off, and 1.51x the time (694 s vs 461 s), "
-    "measured at commit 3b13b1e (`docs/results/oneshot_admm2.json`). On tiny random models it halved the logit error "
+    "measured at commit 3b13b1e (part `oneshot_admm2` of `docs/results/oneshot_admm.json`). On tiny random models it halved the logit error "
     "on the calibration tokens, so it fits the calibration set, not the language; the same correction confined to "
     "one block (`block`) generalises.",
 ]
@@ -491,7 +496,8 @@ def section_admm(lines):
                      "`<method>-2of4`, `<method>-4of8` of the same script._\n")
     else:
         lines.append("Protocol: " + ", ".join(f"{k} {v}" for k, v in meta["protocol"].items()) + ".\n")
-        lines.append("Commands: " + " ; ".join(f"`{c}`" for c in commands) + "\n")
+        lines.append("File: `docs/results/oneshot_admm.json` (one part per run below). Commands: "
+                     + " ; ".join(f"`{c}`" for c in commands) + "\n")
         _table_head(lines, "| run | ppl | vs sparsegpt same setting | prune s | forward_ref s | prune / forward | time vs sparsegpt "
                            "(same run) | mean layer output error | every layer exact |")
         latest = {n: r for _, n, r, _ in rows}  # a later file's run of the same name replaces an earlier one
@@ -577,7 +583,16 @@ def splice_admm() -> None:
         text = head.rstrip("\n") + "\n\n" + block + "\n" + (marker + tail if tail else "")
     doc.write_text(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in (*ADMM_RUNS, "admm_proxy", "oneshot_curve"):
+    merged_path = RESULTS / "oneshot_admm.json"
+    merged = json.loads(merged_path.read_text()) if merged_path.exists() else {}
+    parts = merged.get("parts") or {}
+    for name in ADMM_RUNS:  # a new run of the table becomes (or replaces) its part of the one results file
+        if (BENCH / f"{name}.json").exists():
+            part = json.loads((BENCH / f"{name}.json").read_text())
+            parts[name] = part.get("parts", {}).get(name, part) if "parts" in part else part
+    if parts:
+        merged_path.write_text(json.dumps({**merged, "parts": parts}, indent=2) + "\n")
+    for name in ("admm_proxy", "oneshot_curve"):
         if (BENCH / f"{name}.json").exists():
             shutil.copy(BENCH / f"{name}.json", RESULTS / f"{name}.json")
     print("updated the admm section of docs/BENCHMARKS.md")
