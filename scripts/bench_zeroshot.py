@@ -19,13 +19,15 @@ sha256 of the task config file and of its data files, limit, batch size, wall se
 average sampled every 5 s during the row (max / mean, cores; ``quiet`` when max <= cores + 0.5), the
 hfprune commit and the torch threads.
 
-    python scripts/bench_zeroshot.py --output bench_out/zeroshot_harness.json --cache ~/.cache/hfprune/zs
-    python scripts/bench_zeroshot.py --plan                       # what is done and what is left
+    python scripts/bench_zeroshot.py --output OUT.json --cache DIR        # everything, in the order above
+    python scripts/bench_zeroshot.py --output OUT.json --plan             # what is done and what is left
     python scripts/bench_zeroshot.py --models dense --tasks arc_easy --limit 5 --output /tmp/smoke.json
-    python scripts/bench_report.py --section zeroshot_harness    # the table in docs/BENCHMARKS.md
+    python scripts/bench_report.py --section zeroshot_harness --from OUT.json   # the table in docs/BENCHMARKS.md
 
-Long runs: start it in the background at low priority (``nohup nice -n 19 ...``) and rerun the same
-command to resume.
+Long runs: start it in the background at low priority and rerun the same command to resume (rows already in
+OUT.json are skipped, pruned checkpoints already in DIR are reused)::
+
+    nohup nice -n 19 python scripts/bench_zeroshot.py --output OUT.json --cache DIR > log.txt 2>&1 &
 """
 
 from __future__ import annotations
