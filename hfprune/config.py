@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from hfprune.registry import METHODS as _METHODS, get_pruner_cls
 from hfprune.solvers.masks import parse_pattern
 
-__all__ = ["ConfigDictMixin", "config_from_dict", "renamed", "resolve_renamed", "PruningConfig", "CalibrationConfig", "SCOPES", "__version__"]
+__all__ = ["ConfigDictMixin", "config_from_dict", "renamed", "resolve_renamed", "check_keep_or_ratio", "check_choice", "PruningConfig", "CalibrationConfig", "SCOPES", "__version__"]
 
 __version__ = "0.1.0"
 """Stamped into every saved config (``hfprune_version``); ``hfprune.__version__`` is this value."""
@@ -47,6 +47,31 @@ def check_field_types(config) -> None:
 
 def _registered() -> set[str]:
     return set(_METHODS)
+
+
+def check_keep_or_ratio(config, keep: str, ratio: str, unit: str, *others: str) -> None:
+    """The one convention of the structured amounts: exactly one of ``keep`` (how many ``unit`` are kept, at
+    least 1) or ``ratio`` (the fraction of ``unit`` removed, in (0, 1)); ``others``: deprecated names of the
+    same amount that count as given too."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    given = [k for k in (keep, ratio, *others) if getattr(config, k) is not None]
+    if len(given) != 1:
+        raise ValueError(f"Give exactly one of {keep} ({flag(keep)}, {unit} kept) or {ratio} ({flag(ratio)}, the "
+                         f"fraction of {unit} removed)" + (f"; got {given}." if given else "."))
+    kept, removed = getattr(config, keep), getattr(config, ratio)
+    if kept is not None and kept < 1:
+        raise ValueError(f"{keep} must be at least 1 ({unit} kept), got {kept}.")
+    if removed is not None and not 0.0 < removed < 1.0:
+        raise ValueError(f"{ratio} must be in (0, 1) (the fraction of {unit} removed), got {removed}.")
+
+
+def check_choice(config, name: str, choices) -> None:
+    """``config.<name>`` is one of ``choices``, else a ``ValueError`` listing them."""
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is unknown; use one of {', '.join(choices)}.")
 
 
 def renamed(new: str):

@@ -124,12 +124,7 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / MANIFEST
     if path.is_symlink() or not path.is_file():
         return None
-    try:
-        if path.stat().st_size > _MAX_MARKER_BYTES:
-            return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    data = _small_json(path)
     if not isinstance(data, dict) or data.get("written_by") != WRITTEN_BY or not isinstance(data.get("files"), list):
         return None
     return {**data, "files": sorted({f for f in data["files"] if _safe_relative(f)})}
@@ -194,13 +189,18 @@ def _names(items: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _is_marked_json(path: Path) -> bool:
+def _small_json(path: Path) -> Any:
+    """The JSON in ``path``, or ``None`` when it is unreadable, not JSON or larger than a marker can be."""
     try:
         if path.stat().st_size > _MAX_MARKER_BYTES:
-            return False
-        data = json.loads(path.read_text(encoding="utf-8"))
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _is_marked_json(path: Path) -> bool:
+    data = _small_json(path)
     return isinstance(data, dict) and data.get("written_by") == WRITTEN_BY
 
 

@@ -32,10 +32,27 @@ RUNS = {
 }
 
 
+def oneshot_sparsity(model, ds, recipe, nsamples: int, seqlen: int) -> tuple[float, float]:
+    """llm-compressor's ``oneshot`` with its sequential pipeline on ``ds``: (seconds, zero fraction of the
+    decoder blocks' linear weights). scripts/bench_scaling.py runs its llm-compressor side through this too."""
+    import torch
+    from llmcompressor import oneshot
+
+    start = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=nsamples, max_seq_length=seqlen,
+            pipeline="sequential", shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - start
+    zeros = numel = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            zeros += int((module.weight == 0).sum())
+            numel += module.weight.numel()
+    return seconds, zeros / numel
+
+
 def child(name: str, args) -> dict:
     import datasets
     import torch
-    from llmcompressor import oneshot
     from llmcompressor.modifiers import pruning
     from transformers import AutoModelForCausalLM
 
@@ -61,16 +78,8 @@ def child(name: str, args) -> dict:
     cls_name, kwargs = RUNS[name]
     modifier_cls = getattr(pruning, cls_name)
     recipe = modifier_cls(targets=["re:.*layers.*proj$"], **kwargs)
-    start = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=args.nsamples,
-            max_seq_length=args.seqlen, pipeline="sequential", shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - start
-    zeros = numel = 0
-    for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in module_name:
-            zeros += int((module.weight == 0).sum())
-            numel += module.weight.numel()
-    row.update({"modifier": cls_name, "prune_seconds": seconds, "sparsity": zeros / numel,
+    seconds, sparsity = oneshot_sparsity(model, ds, recipe, args.nsamples, args.seqlen)
+    row.update({"modifier": cls_name, "prune_seconds": seconds, "sparsity": sparsity,
                 "lm_head_sparsity": float((model.lm_head.weight == 0).float().mean())})
     if "forward_ref_seconds" in row:
         row["prune_over_forward"] = seconds / row["forward_ref_seconds"]

@@ -62,26 +62,14 @@ def block_params(size) -> int:
 def build(size) -> Path:
     """The cached random checkpoint of ``size`` (made once)."""
     import torch
-    from transformers import LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from gpu_check import random_llama  # the one random-Llama builder (imports torch: kept inside)
 
     import hfprune
 
     path = CACHE / f"llama-{size}"
     if (path / "config.json").is_file():
         return path
-    cfg = _config(size)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to(torch.bfloat16).to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
-    model.model.rotary_emb = LlamaRotaryEmbedding(cfg)
+    model = random_llama(_config(size), torch.bfloat16, seed=0)
     model.tie_weights()
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -90,7 +90,7 @@ def llmc_child(model: str, method: str, output: str) -> None:
     import datasets
     import llmcompressor
     import torch
-    from llmcompressor import oneshot
+    from bench_llmcompressor import oneshot_sparsity
     from llmcompressor.modifiers import pruning
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,17 +102,9 @@ def llmc_child(model: str, method: str, output: str) -> None:
     net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     modifier = {"wanda": pruning.WandaPruningModifier, "sparsegpt": pruning.SparseGPTModifier}[method]
-    start = time.perf_counter()
-    oneshot(model=net, dataset=ds, recipe=modifier(targets=["re:.*layers.*proj$"], sparsity=0.5, mask_structure="0:0"),
-            num_calibration_samples=NSAMPLES, max_seq_length=SEQLEN, pipeline="sequential",
-            shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - start
-    zeros = numel = 0
-    for name, module in net.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            zeros += int((module.weight == 0).sum())
-            numel += module.weight.numel()
-    Path(output).write_text(json.dumps({"prune_s": seconds, "sparsity": zeros / numel,
+    recipe = modifier(targets=["re:.*layers.*proj$"], sparsity=0.5, mask_structure="0:0")
+    seconds, sparsity = oneshot_sparsity(net, ds, recipe, NSAMPLES, SEQLEN)
+    Path(output).write_text(json.dumps({"prune_s": seconds, "sparsity": sparsity,
                                         "llmcompressor": llmcompressor.__version__}))
 
 

@@ -73,11 +73,16 @@ def llama_config(shape: str):
 
 
 def random_model(shape: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A Llama-shaped model with N(0, 0.02) weights and unit norms, built on the CPU (no init pass)."""
+    """A Llama of ``SHAPES[shape]`` with N(0, 0.02) weights and unit norms, built on the CPU (no init pass)."""
+    return random_llama(llama_config(shape), dtype, seed).eval()
+
+
+def random_llama(cfg, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A Llama of config ``cfg`` with N(0, 0.02) weights and unit norms, built on the CPU without an init pass
+    (scripts/bench_memory.py builds its large checkpoints with it too)."""
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    cfg = llama_config(shape)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to(dtype).to_empty(device="cpu")
@@ -89,7 +94,6 @@ def random_model(shape: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
     model.model.rotary_emb = LlamaRotaryEmbedding(cfg)  # its buffers are not parameters: rebuilt
-    model.eval()
     return model
 
 

@@ -48,6 +48,9 @@ def tiny_config(model_type: str, **extra):
         cfg = T.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                           num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256,
                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif model_type == "qwen3_moe":  # 8 fused experts, 2 routed per token
+        cfg = T.Qwen3MoeConfig(**{**common, "intermediate_size": 96}, head_dim=16, num_experts=8,
+                               num_experts_per_tok=2, moe_intermediate_size=32)
     elif model_type == "gpt_neox":
         common.pop("num_key_value_heads")
         cfg = T.GPTNeoXConfig(**common)

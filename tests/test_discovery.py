@@ -291,8 +291,13 @@ def test_encoder_decoder_prunes_both_stacks_in_turn(tmp_path):
     assert any(".EncDecAttention." in n for n in names)  # cross-attention is calibrated on the encoder output
     assert all(v["sparsity"] == pytest.approx(0.5) and "statistics" not in v for v in report.layers.values())
     assert report.sparsity == pytest.approx(0.5)
-    model.save_pretrained(tmp_path)
-    again = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    _assert_seq2seq_reload(model, ids, tmp_path)
+
+
+def _assert_seq2seq_reload(model, ids, folder):
+    """The saved encoder-decoder reloads with stock transformers and gives the same logits."""
+    model.save_pretrained(folder)
+    again = transformers.AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids, decoder_input_ids=ids).logits,
                            model(input_ids=ids, decoder_input_ids=ids).logits)
@@ -437,11 +442,7 @@ def test_encoder_decoder_layouts_prune_both_stacks(model_type, tmp_path):
     assert (encoder.layers[1].self_attn.q_proj.weight == 0).float().mean() == pytest.approx(0.5)
     # the encoder ran first: the decoder's cross-attention was calibrated on the pruned encoder's outputs
     assert seen and all(s == pytest.approx(0.5) for s in seen)
-    model.save_pretrained(tmp_path)
-    again = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(again(input_ids=ids, decoder_input_ids=ids).logits,
-                           model(input_ids=ids, decoder_input_ids=ids).logits)
+    _assert_seq2seq_reload(model, ids, tmp_path)
 
 
 def test_whisper_prunes_both_stacks_from_audio_inputs_and_refuses_token_ids():

@@ -18,12 +18,7 @@ from conftest import VOCAB, tiny_model
 
 
 def _moe(seed=0):
-    torch.manual_seed(seed)
-    cfg = T.AutoConfig.for_model("qwen3_moe", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
-                                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                 max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return tiny_model("qwen3_moe", seed=seed)
 
 
 def _llama(hidden=64, inter=128, layers=2, seed=0):

@@ -291,12 +291,17 @@ def _encoder_decoder_stacks(model: nn.Module) -> tuple[str, tuple[str, ...]]:
     if len(enc) == 1 and len(dec) == 1:
         return enc[0], (dec[0],)
     model_type = getattr(model.config, "model_type", None)
-    listed = ", ".join(f"{n} ({len(m)} x {type(m[0]).__name__})" for n, m in found) or "none found"
+    listed = _listed(found)
     raise ValueError(
         f"hfprune could not tell the encoder and decoder blocks of the encoder-decoder {model_type!r} "
         f"({type(model).__name__}) apart (candidate module lists: {listed}); pruning one stack only would leave "
         f"the other dense. Name both: `hfprune.register_architecture({model_type!r}, ArchSpec(layers='<encoder "
         f"blocks>', stacks=('<decoder blocks>',)))`.")
+
+
+def _listed(candidates) -> str:
+    """The candidate block lists of an error message: ``path (N x BlockClass)``, or ``none found``."""
+    return ", ".join(f"{n} ({len(m)} x {type(m[0]).__name__})" for n, m in candidates) or "none found"
 
 
 def discover_spec(model: nn.Module, layers: str | None = None):
@@ -313,7 +318,7 @@ def discover_spec(model: nn.Module, layers: str | None = None):
         candidates = find_block_lists(model, decoder) or (find_block_lists(model) if decoder else [])
         layers = _choose(model, candidates)
         if layers is None:
-            listed = ", ".join(f"{n} ({len(m)} x {type(m[0]).__name__})" for n, m in candidates) or "none found"
+            listed = _listed(candidates)
             raise ValueError(
                 f"hfprune could not find the decoder blocks of model type {model_type!r} "
                 f"({type(model).__name__}); candidate module lists: {listed}. Name the one to prune: "

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
+from hfprune.config import (ConfigDictMixin, check_choice, check_field_types, check_keep_or_ratio, renamed,
+                            resolve_renamed)
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +83,10 @@ class DepthPruningConfig(ConfigDictMixin):
             warnings.warn("`num_blocks` (blocks removed) is deprecated: every method's amounts now count what is "
                           "kept (keep_blocks, keep_hidden, keep_experts) or the fraction removed (*_ratio); use "
                           "keep_blocks = blocks - num_blocks, or depth_ratio.", FutureWarning, stacklevel=3)
-        given = [k for k in ("keep_blocks", "depth_ratio", "num_blocks") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("Give exactly one of keep_blocks (--keep-blocks, blocks kept) or depth_ratio "
-                             "(--depth-ratio, the fraction of blocks removed)" + (f"; got {given}." if given else "."))
+        check_keep_or_ratio(self, "keep_blocks", "depth_ratio", "blocks", "num_blocks")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1 (blocks removed), got {self.num_blocks}.")
-        if self.keep_blocks is not None and self.keep_blocks < 1:
-            raise ValueError(f"keep_blocks must be at least 1 (blocks kept), got {self.keep_blocks}.")
-        if self.depth_ratio is not None and not 0.0 < self.depth_ratio < 1.0:
-            raise ValueError(f"depth_ratio must be in (0, 1) (the fraction of blocks removed), got {self.depth_ratio}.")
-        if self.importance not in CRITERIA:
-            raise ValueError(f"importance={self.importance!r} is unknown; use one of {', '.join(CRITERIA)}.")
+        check_choice(self, "importance", CRITERIA)
         if self.keep_first < 0 or self.keep_last < 0 or self.max_tokens < 1:
             raise ValueError("keep_first and keep_last must be >= 0 and max_tokens >= 1.")
 

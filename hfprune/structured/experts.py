@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
+from hfprune.config import (ConfigDictMixin, check_choice, check_field_types, check_keep_or_ratio, renamed,
+                            resolve_renamed)
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +57,8 @@ class ExpertPruningConfig(ConfigDictMixin):
     def __post_init__(self) -> None:
         resolve_renamed(self)
         check_field_types(self)
-        if (self.keep_experts is None) == (self.experts_ratio is None):
-            raise ValueError("Give exactly one of keep_experts (--keep-experts, experts kept) or experts_ratio "
-                             "(--experts-ratio, the fraction removed).")
-        if self.experts_ratio is not None and not 0.0 < self.experts_ratio < 1.0:
-            raise ValueError(f"experts_ratio must be in (0, 1) (the fraction removed), got {self.experts_ratio}.")
-        if self.keep_experts is not None and self.keep_experts < 1:
-            raise ValueError(f"keep_experts must be at least 1, got {self.keep_experts}.")
-        if self.importance not in EXPERT_IMPORTANCES:
-            raise ValueError(f"importance must be 'reap' or 'frequency', got {self.importance!r}.")
+        check_keep_or_ratio(self, "keep_experts", "experts_ratio", "experts")
+        check_choice(self, "importance", EXPERT_IMPORTANCES)
 
 
 def _moe_modules(model: nn.Module, spec) -> list[tuple[int, str, nn.Module]]:

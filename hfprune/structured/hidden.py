@@ -38,7 +38,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
+from hfprune.config import (ConfigDictMixin, check_choice, check_field_types, check_keep_or_ratio, renamed,
+                            resolve_renamed)
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +79,8 @@ class HiddenPruningConfig(ConfigDictMixin):
     def __post_init__(self) -> None:
         resolve_renamed(self)
         check_field_types(self)
-        if (self.hidden_ratio is None) == (self.keep_hidden is None):
-            raise ValueError("Give exactly one of hidden_ratio (--hidden-ratio, fraction of channels removed) or "
-                             "keep_hidden (--keep-hidden, the new hidden_size).")
-        if self.hidden_ratio is not None and not 0.0 < self.hidden_ratio < 1.0:
-            raise ValueError(f"hidden_ratio must be in (0, 1) (the fraction removed), got {self.hidden_ratio}.")
-        if self.keep_hidden is not None and self.keep_hidden < 1:
-            raise ValueError(f"keep_hidden must be at least 1, got {self.keep_hidden}.")
-        if self.importance not in CHANNEL_IMPORTANCES:
-            raise ValueError(f"importance={self.importance!r} is unknown; use one of "
-                             f"{', '.join(CHANNEL_IMPORTANCES)}.")
+        check_keep_or_ratio(self, "keep_hidden", "hidden_ratio", "residual channels")
+        check_choice(self, "importance", CHANNEL_IMPORTANCES)
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be at least 1, got {self.multiple_of}.")
 
