@@ -24,7 +24,8 @@ def test_dense_target_fit_is_the_least_squares_fit():
     torch.testing.assert_close(Wt, ref, rtol=1e-4, atol=1e-4)
     assert (X @ Wt.T - Xd @ W.T).norm() < (X @ W.T - Xd @ W.T).norm()
     # Damped, it is the former `dense_target_weight`: W + W (G - H)^T (H + lambda I)^-1, lambda = 1% of mean(diag H).
-    H64, G64, W64 = H.double(), G.double(), W.double()
+    X64, Xd64, W64 = X.double(), Xd.double(), W.double()
+    H64, G64 = 2 / 400 * X64.T @ X64, 2 / 400 * X64.T @ Xd64
     lam = 0.01 * float(H64.diagonal().mean())
     old = W64 + torch.linalg.solve(H64 + lam * torch.eye(16, dtype=torch.float64), (G64 - H64) @ W64.T).T
     torch.testing.assert_close(lstsq_fit(W64, H64, G64, dampening=0.01), old, rtol=1e-10, atol=1e-10)
