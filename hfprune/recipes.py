@@ -115,7 +115,8 @@ def structured_config(data: dict[str, Any]):
     """A :class:`~hfprune.methods.structured.StructuredConfig` from recipe/CLI keys: ``method`` (the
     importance: obs, magnitude, wanda or fluctuation), ``target`` (heads, mlp or both), ``heads_ratio``,
     ``mlp_ratio``, ``non_uniform``, ``gqa_mode``, ``bias_compensation``, ``compensation``, ``dense_targets``,
-    ``dampening`` (the old names ``compensation_target``, ``damp`` still load, with a warning). Keys of a sparsity method are refused: they are a second stage, not part of this one."""
+    ``dampening`` (the old names ``compensation_target``, ``damp`` still load, with a warning). Keys of a
+    sparsity method are refused: they are a second stage, not part of this one."""
     from hfprune.methods.structured import StructuredConfig
 
     data = dict(data)
