@@ -371,3 +371,20 @@ def test_structured_dense_targets_are_the_least_squares_fit_to_the_dense_model()
     assert structured_dense_target_deviation(dense_targets="model", dampening=0.0) < 1e-5
     # Fitting to the pruned model's own outputs is another fit: the check can fail.
     assert structured_dense_target_deviation(dense_targets="off", dampening=0.0) > 1e-3
+
+
+def test_block_dense_targets_refit_down_proj_to_the_dense_block():
+    """"block": o_proj reads the block's own input in both runs (the plain fit); down_proj is fitted to the
+    dense block's MLP output on the same input, which corrects the attention pruned before it."""
+    ids = _ids()
+    runs = {}
+    for dt in ("off", "block"):
+        model = tiny_model("llama")
+        cfg = StructuredConfig(heads_ratio=0.5, mlp_ratio=0.25, importance="wanda", dense_targets=dt)
+        hfprune.prune(model, config=cfg, calibration=ids, progress=False)
+        runs[dt] = get_blocks(model, get_spec(model))[0]
+    spec = get_spec(model)
+    o = [get_submodule(runs[dt], spec.o).weight for dt in ("off", "block")]
+    down = [get_submodule(runs[dt], spec.down).weight for dt in ("off", "block")]
+    assert torch.equal(o[0], o[1])
+    assert down[0].shape == down[1].shape and not torch.allclose(down[0], down[1], atol=1e-4)
