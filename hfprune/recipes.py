@@ -83,7 +83,7 @@ def build_configs(data: dict[str, Any], overrides: dict[str, Any] | None = None,
 
 
 _STRUCTURED_KEYS = ("heads_ratio", "mlp_ratio", "non_uniform", "gqa_mode", "bias_compensation", "compensation",
-                    "compensation_target", "damp")
+                    "dense_targets", "dampening", "compensation_target", "damp")
 _SPARSITY_KEYS = ("sparsity", "pattern", "scope", "targets", "ignore", "layer_sparsity")
 
 
@@ -114,8 +114,9 @@ def stage_config(data: dict[str, Any], where: str = "the recipe"):
 def structured_config(data: dict[str, Any]):
     """A :class:`~hfprune.methods.structured.StructuredConfig` from recipe/CLI keys: ``method`` (the
     importance: obs, magnitude, wanda or fluctuation), ``target`` (heads, mlp or both), ``heads_ratio``,
-    ``mlp_ratio``, ``non_uniform``, ``gqa_mode``, ``bias_compensation``, ``compensation``, ``compensation_target``,
-    ``damp``. Keys of a sparsity method are refused: they are a second stage, not part of this one."""
+    ``mlp_ratio``, ``non_uniform``, ``gqa_mode``, ``bias_compensation``, ``compensation``, ``dense_targets``,
+    ``dampening`` (the old names ``compensation_target``, ``damp`` still load, with a warning). Keys of a
+    sparsity method are refused: they are a second stage, not part of this one."""
     from hfprune.methods.structured import StructuredConfig
 
     data = dict(data)
@@ -152,7 +153,7 @@ def structured_config(data: dict[str, Any]):
               "uniform": not bool(data.pop("non_uniform", False)) if uniform is None else bool(uniform),
               "gqa_mode": data.pop("gqa_mode", None) or "per_group",
               "bias_compensation": bool(data.pop("bias_compensation", False))}
-    for key in ("compensation", "compensation_target", "damp"):
+    for key in ("compensation", "dense_targets", "dampening", "compensation_target", "damp"):
         if data.get(key) is not None:
             kwargs[key] = data.pop(key)
         data.pop(key, None)

@@ -4,7 +4,7 @@
 SparseGPT/ADMM see (protocol calibration: c4 64 x 512 seed 0, dense model; the engine's true
 sequential order), without pruning. ``compare`` then runs SparseGPT and ADMM variants on them and
 reports the mean relative output error ``||(W - W') X|| / ||W X||`` over the layers (from the
-Hessian alone, :func:`hfprune.solvers.sparsegpt.output_error`) and its ratio to SparseGPT's.
+Hessian alone, :func:`hfprune.solvers.lstsq.relative_output_error`) and its ratio to SparseGPT's.
 
     .venv/bin/python scripts/bench_admm_proxy.py dump --blocks 0,2,5,9,15 --out bench_out/hess
     .venv/bin/python scripts/bench_admm_proxy.py compare --hess bench_out/hess \\
@@ -78,7 +78,8 @@ def compare(args) -> None:
     import torch
 
     from hfprune.solvers.admm import admm_prune
-    from hfprune.solvers.sparsegpt import output_error, sparsegpt_prune
+    from hfprune.solvers.lstsq import relative_output_error
+    from hfprune.solvers.sparsegpt import sparsegpt_prune
 
     files = [f for f in sorted(glob.glob(f"{args.hess}/*.pt")) if any(o in f for o in args.layers.split("|"))]
     layers = []
@@ -97,7 +98,7 @@ def compare(args) -> None:
         rows = {}
         for name, fn in solvers.items():
             start = time.perf_counter()
-            errs = [output_error(W, fn(W, H)[0], H) for _, W, H in layers]
+            errs = [relative_output_error(W, fn(W, H)[0], H) for _, W, H in layers]
             rows[name] = {"mean_error": sum(errs) / len(errs), "errors": errs, "seconds": time.perf_counter() - start}
             rows[name]["vs_sparsegpt"] = rows[name]["mean_error"] / rows["sparsegpt"]["mean_error"]
             print(f"{setting:5s} {name:22s} mean_err={rows[name]['mean_error']:.4f} "

@@ -220,7 +220,7 @@ def section_structured_compensation(lines, data):
             continue
         c = r["config"]
         comp = r.get("compensation", "-") + (" + bias" if c.get("bias_compensation") else "")
-        if r.get("compensation") == "lstsq" and c.get("compensation_target") == "dense":
+        if r.get("compensation") == "lstsq" and (c.get("dense_targets") == "model" or c.get("compensation_target") == "dense"):
             comp += ", dense target"
         neurons = r["neurons_after"]
         kept = f"{r['heads_after']} / {r['kv_heads_after']} / " + (

@@ -42,7 +42,7 @@ VARIANTS = {
     "flap": dict(MAIN, importance="fluctuation", bias_compensation=True, compensation="none"),  # FLAP
     "fluctuation-lstsq": dict(MAIN, importance="fluctuation", compensation="lstsq"),
     "obs-bias": dict(MAIN, importance="obs", bias_compensation=True),  # bias re-fitted with the weights
-    "obs-dense": dict(MAIN, importance="obs", compensation_target="dense"),  # re-fit to the dense model's outputs
+    "obs-dense": dict(MAIN, importance="obs", dense_targets="model"),  # re-fit to the dense model's outputs
     "magnitude": dict(MAIN, importance="magnitude", compensation="none"),
     # other splits of the same parameter budget between attention and MLP
     "obs-whole-group": dict(heads_ratio=1 / 3, mlp_ratio=0.27, gqa_mode="whole_group", importance="obs"),

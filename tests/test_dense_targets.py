@@ -7,24 +7,30 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.solvers.sparsegpt import dense_target_weight, output_error
-from hfprune.stats import DenseTargetHessianStats, HessianStats
+from hfprune.solvers.lstsq import lstsq_fit, relative_output_error
+from hfprune.stats import CrossStats, HessianStats
 
 from conftest import tiny_model
 
 
-def test_dense_target_weight_is_the_least_squares_fit():
+def test_dense_target_fit_is_the_least_squares_fit():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(12, 16, generator=g)
     Xd = torch.randn(400, 16, generator=g)
     X = Xd + 0.3 * torch.randn(400, 16, generator=g)  # the pruned model's inputs: the dense ones plus an error
     H, G = 2 / 400 * X.T @ X, 2 / 400 * X.T @ Xd
-    Wt = dense_target_weight(W, H, G, dampening=0.0)
+    Wt = lstsq_fit(W, H, G, dampening=0.0)
     ref = torch.linalg.lstsq(X.double(), (Xd @ W.T).double()).solution.T.float()
     torch.testing.assert_close(Wt, ref, rtol=1e-4, atol=1e-4)
     assert (X @ Wt.T - Xd @ W.T).norm() < (X @ W.T - Xd @ W.T).norm()
+    # Damped, it is the former `dense_target_weight`: W + W (G - H)^T (H + lambda I)^-1, lambda = 1% of mean(diag H).
+    X64, Xd64, W64 = X.double(), Xd.double(), W.double()
+    H64, G64 = 2 / 400 * X64.T @ X64, 2 / 400 * X64.T @ Xd64
+    lam = 0.01 * float(H64.diagonal().mean())
+    old = W64 + torch.linalg.solve(H64 + lam * torch.eye(16, dtype=torch.float64), (G64 - H64) @ W64.T).T
+    torch.testing.assert_close(lstsq_fit(W64, H64, G64, dampening=0.01), old, rtol=1e-10, atol=1e-10)
     # No error upstream: the target is the weight itself.
-    torch.testing.assert_close(dense_target_weight(W, 2 / 400 * Xd.T @ Xd, 2 / 400 * Xd.T @ Xd, dampening=0.0), W,
+    torch.testing.assert_close(lstsq_fit(W, 2 / 400 * Xd.T @ Xd, 2 / 400 * Xd.T @ Xd, dampening=0.0), W,
                                rtol=1e-4, atol=1e-4)
 
 
@@ -32,16 +38,16 @@ def test_stats_split_merge_and_state_equal_one_pass():
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]
     xds = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
-    one = DenseTargetHessianStats(8, dense_inputs=collections.deque(xds))
+    one = CrossStats(8, dense_inputs=collections.deque(xds))
     for x in xs:
         one.add_batch(x)
     queue = collections.deque(xds)
-    a, b = DenseTargetHessianStats(8, dense_inputs=queue), DenseTargetHessianStats(8, dense_inputs=queue)
+    a, b = CrossStats(8, dense_inputs=queue), CrossStats(8, dense_inputs=queue)
     for x in xs[:2]:
         a.add_batch(x)
     for x in xs[2:]:
         b.add_batch(x)
-    c = DenseTargetHessianStats(8, dense_inputs=collections.deque())
+    c = CrossStats(8, dense_inputs=collections.deque())
     c.load_state(a.merge(b).state())
     assert c.has_target and c.count == one.count == 40
     torch.testing.assert_close(c.cross(), one.cross())
@@ -52,11 +58,11 @@ def test_stats_split_merge_and_state_equal_one_pass():
 
 def test_stats_fall_back_when_the_streams_do_not_match():
     """A routed expert sees other tokens in the dense stream: the layer keeps the plain objective."""
-    s = DenseTargetHessianStats(8, dense_inputs=collections.deque([torch.randn(3, 8)]))
+    s = CrossStats(8, dense_inputs=collections.deque([torch.randn(3, 8)]))
     s.add_batch(torch.randn(5, 8))
     assert not s.has_target and s.count == 5
     plain = HessianStats(8)
-    s2 = DenseTargetHessianStats(8, dense_inputs=collections.deque())
+    s2 = CrossStats(8, dense_inputs=collections.deque())
     x = torch.randn(5, 8)
     s2.add_batch(x)
     plain.add_batch(x)
@@ -117,7 +123,7 @@ def test_dense_targets_with_moe_experts_fall_back_per_expert(dt):
 def test_output_error_is_measured_against_the_target():
     W = torch.randn(4, 6)
     H = torch.eye(6)
-    assert output_error(W, W, H) == 0.0
+    assert relative_output_error(W, W, H) == 0.0
 
 
 def test_block_targets_leave_the_pruned_stream_alone_and_are_the_admm_default():

@@ -13,8 +13,8 @@ import hfprune
 from hfprune.arch import get_blocks, get_spec, get_submodule
 from hfprune.cli.main import build_parser
 from hfprune.recipes import build_configs
-from hfprune.solvers.structured import (augment_bias, compensate, fit_to_target, greedy_remove, group_errors,
-                                       output_error, target_error)
+from hfprune.solvers.lstsq import lstsq_fit, squared_output_error, target_error
+from hfprune.solvers.structured import augment_bias, greedy_remove, group_errors
 from hfprune.stats import ChannelStats, MomentStats
 from hfprune.structured import StructuredConfig
 
@@ -38,15 +38,15 @@ def test_compensate_is_the_least_squares_solution():
     W, X = _layer()
     keep = torch.tensor([0, 1, 2, 4, 6, 7, 9, 10, 12, 15])
     H = X.T @ X
-    fitted = compensate(W, H, keep, damp=0.0)
+    fitted = lstsq_fit(W, H, keep=keep, dampening=0.0)
     ref = torch.linalg.lstsq(X[:, keep], X @ W.T).solution.T  # argmin ||X W^T - X_K W_K'^T||
     assert torch.allclose(fitted, ref, atol=1e-8)
     dropped = torch.zeros_like(W)
     dropped[:, keep] = W[:, keep]
     full = torch.zeros_like(W)
     full[:, keep] = fitted
-    assert output_error(W, full, H) < output_error(W, dropped, H)
-    assert output_error(W, full, H) == pytest.approx(float(((X @ W.T - X[:, keep] @ fitted.T) ** 2).sum()))
+    assert squared_output_error(W, full, H) < squared_output_error(W, dropped, H)
+    assert squared_output_error(W, full, H) == pytest.approx(float(((X @ W.T - X[:, keep] @ fitted.T) ** 2).sum()))
 
 
 def test_bias_column_contains_flap_bias_compensation():
@@ -56,7 +56,7 @@ def test_bias_column_contains_flap_bias_compensation():
     Waug = torch.cat([W, b[:, None]], 1)
     Haug = augment_bias(X.T @ X, X.sum(0), X.shape[0])
     keep = torch.tensor([0, 2, 4, 6, 8, 10, 12, 14, 16])  # 16 = the bias column
-    fitted = compensate(Waug, Haug, keep, damp=0.0)
+    fitted = lstsq_fit(Waug, Haug, keep=keep, dampening=0.0)
     Xaug = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
     ref = torch.linalg.lstsq(Xaug[:, keep], Xaug @ Waug.T).solution.T
     assert torch.allclose(fitted, ref, atol=1e-7)
@@ -75,15 +75,15 @@ def test_greedy_obs_removes_the_redundant_channel_first_and_respects_buckets():
     W, X = _layer(2)
     H = X.T @ X / X.shape[0]
     groups = torch.arange(16)[:, None]
-    removed, errors = greedy_remove(W, H, groups, 4, damp=1e-6)
+    removed, errors = greedy_remove(W, H, groups, 4, dampening=1e-6)
     assert int(removed[0]) in (0, 3, 5) and errors[0] < 1e-4 * min(errors[1:])
     # The greedy weights equal the least-squares re-fit of the kept columns.
     keep = torch.tensor([c for c in range(16) if c not in removed.tolist()])
     err_greedy = sum(errors)
-    fitted = compensate(W, H, keep, damp=1e-6)
+    fitted = lstsq_fit(W, H, keep=keep, dampening=1e-6)
     full = torch.zeros_like(W)
     full[:, keep] = fitted
-    assert output_error(W, full, H) == pytest.approx(err_greedy, rel=1e-4)
+    assert squared_output_error(W, full, H) == pytest.approx(err_greedy, rel=1e-4)
     # Buckets: 4 groups of 4 columns, at most one removed per bucket.
     heads = torch.arange(16).view(8, 2)
     removed, _ = greedy_remove(W, H, heads, 4, buckets=torch.arange(8) // 2, per_bucket=1)
@@ -222,7 +222,7 @@ def test_non_uniform_compensated_widths_reload_with_hfprune(tmp_path):
 
 def test_config_round_trip_and_validation():
     cfg = StructuredConfig(heads_ratio=0.25, mlp_ratio=0.3, importance="fluctuation", compensation="lstsq",
-                           damp=0.05, bias_compensation=True, gqa_mode="whole_group", uniform=False)
+                           dampening=0.05, bias_compensation=True, gqa_mode="whole_group", uniform=False)
     again = StructuredConfig.from_dict(json.loads(cfg.to_json_string()))
     assert again == cfg and again.to_dict()["method"] == "structured"
     assert StructuredConfig().importance == "obs" and StructuredConfig().resolved_compensation == "lstsq"
@@ -231,10 +231,10 @@ def test_config_round_trip_and_validation():
         StructuredConfig(compensation="ridge")
     with pytest.raises(ValueError, match="needs compensation"):
         StructuredConfig(importance="obs", compensation="none")
-    with pytest.raises(ValueError, match="damp"):
-        StructuredConfig(damp=-1)
+    with pytest.raises(ValueError, match="dampening"):
+        StructuredConfig(dampening=-1)
     with pytest.raises(ValueError, match="Unknown key"):
-        StructuredConfig.from_dict({"mlp_ratio": 0.2, "dampening": 0.1})
+        StructuredConfig.from_dict({"mlp_ratio": 0.2, "damping": 0.1})
     with pytest.raises(ValueError, match="prune_structured|hfprune.prune"):
         from hfprune.structured import prune_structured
 
@@ -244,11 +244,11 @@ def test_config_round_trip_and_validation():
 def test_cli_and_recipe_keys():
     args = build_parser().parse_args(["prune", "--model", "m", "--output", "o", "--method", "fluctuation",
                                       "--target", "mlp", "--mlp-ratio", "0.3", "--compensation", "none",
-                                      "--damp", "0.1"])
+                                      "--dampening", "0.1"])
     overrides = {k: getattr(args, k) for k in args.method_keys}
     cfg, _ = build_configs({}, overrides)
     assert isinstance(cfg, StructuredConfig)
-    assert (cfg.importance, cfg.compensation, cfg.damp, cfg.mlp_ratio) == ("fluctuation", "none", 0.1, 0.3)
+    assert (cfg.importance, cfg.compensation, cfg.dampening, cfg.mlp_ratio) == ("fluctuation", "none", 0.1, 0.3)
     with pytest.raises(ValueError, match="structured"):
         build_configs({"method": "wanda", "sparsity": 0.5, "compensation": "lstsq"}, {})
 
@@ -276,19 +276,29 @@ def test_compensated_engine_errors_before_calibration():
         hfprune.prune(model, config=StructuredConfig(mlp_ratio=0.5), calibration="c4", progress=False)
 
 
-def test_fit_to_target_reduces_to_compensate_and_fits_another_layer():
+def test_lstsq_fit_equals_the_old_structured_formulas_and_fits_another_layer():
     W, X = _layer(4)
     keep = torch.tensor([0, 1, 2, 4, 6, 8, 11, 13])
+    removed = torch.tensor([c for c in range(16) if c not in keep.tolist()])
     H = X.T @ X / X.shape[0]
-    same = fit_to_target(W, H, H @ W.T, keep, damp=0.01)
-    assert torch.allclose(same, compensate(W, H, keep, damp=0.01), atol=1e-9)
-    # Targets from a different ("dense") layer on different ("dense") inputs.
+    lam = 0.01 * float(H.diagonal().mean())
+    Hd = H + lam * torch.eye(16, dtype=H.dtype)
+    # The former `compensate`: W'_K = W_K + W_S H_SK (H_KK + lambda I)^-1.
+    old = W[:, keep] + W[:, removed] @ H[removed][:, keep] @ torch.linalg.inv(Hd[keep][:, keep])
+    assert torch.allclose(lstsq_fit(W, H, keep=keep, dampening=0.01), old, atol=1e-10)
+    assert torch.allclose(lstsq_fit(W, H, H, keep, dampening=0.01), old, atol=1e-10)  # G = H: the same fit
+    # The former `fit_to_target` on targets T = W X_d: W'_K^T = (H_KK + lambda I)^-1 (C_K + lambda W_K^T), C = G W^T.
     Xd = X + 0.1 * torch.randn(X.shape, generator=torch.Generator().manual_seed(5), dtype=X.dtype)
-    T = Xd @ (W + 0.05).T
-    fitted = fit_to_target(W, H, X.T @ T / X.shape[0], keep, damp=0.0)
+    G = X.T @ Xd / X.shape[0]
+    C = X.T @ (Xd @ W.T) / X.shape[0]
+    old = torch.linalg.solve(Hd[keep][:, keep], C[keep] + lam * W[:, keep].T).T
+    assert torch.allclose(lstsq_fit(W, H, G, keep, dampening=0.01), old, atol=1e-10)
+    # Undamped: the least-squares fit of the dense outputs from the kept pruned inputs.
+    fitted = lstsq_fit(W, H, G, keep, dampening=0.0)
+    T = Xd @ W.T
     ref = torch.linalg.lstsq(X[:, keep], T).solution.T
     assert torch.allclose(fitted, ref, atol=1e-8)
-    err = target_error(fitted, H[keep][:, keep], (X.T @ T / X.shape[0])[keep], float(T.pow(2).sum()) / X.shape[0])
+    err = target_error(fitted, H[keep][:, keep], C[keep], float(T.pow(2).sum()) / X.shape[0])
     assert err == pytest.approx(float((T - X[:, keep] @ fitted.T).pow(2).sum()) / X.shape[0], rel=1e-6)
 
 
@@ -298,7 +308,7 @@ def test_dense_target_compensation_through_engine(arch, extra):
     model = tiny_model(arch, **extra)
     dense_logits = model(ids).logits.detach()
     cfg = StructuredConfig(heads_ratio=0.5 if arch == "llama" else 0.25, mlp_ratio=0.25,
-                           compensation_target="dense")
+                           dense_targets="model")
     report = hfprune.prune(model, config=cfg, calibration=ids, progress=False)
     for b in report.structured["blocks"]:
         assert b["down_error"] < b["down_error_dropped"] and b["o_error"] <= b["o_error_dropped"] + 1e-9
@@ -307,3 +317,74 @@ def test_dense_target_compensation_through_engine(arch, extra):
     assert StructuredConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
     with pytest.raises(ValueError, match="compensation_target"):
         StructuredConfig(compensation_target="teacher")
+    with pytest.raises(ValueError, match="dense_targets"):
+        StructuredConfig(dense_targets="dense")
+
+
+def test_old_names_are_deprecated_aliases():
+    with pytest.warns(FutureWarning, match="compensation_target"):
+        cfg = StructuredConfig(mlp_ratio=0.25, compensation_target="dense")
+    assert cfg.dense_targets == "model" and cfg.compensation_target is None
+    with pytest.warns(FutureWarning, match="compensation_target"):
+        assert StructuredConfig(compensation_target="pruned").dense_targets == "off"
+    with pytest.warns(FutureWarning, match="damp"):
+        assert StructuredConfig.from_dict({"mlp_ratio": 0.25, "damp": 0.05}).dampening == 0.05
+    assert "damp" not in StructuredConfig(dampening=0.05).to_dict()
+
+
+def _layer_io(model, ids, key):
+    """Per block: the input of o_proj (``key="o"``) or down_proj on ``ids``, ``[tokens, in]`` float64."""
+    spec = get_spec(model)
+    path = spec.o if key == "o" else spec.down
+    seen, handles = {}, []
+    for i, block in enumerate(get_blocks(model, spec)):
+        hook = lambda m, a, i=i: seen.__setitem__(i, a[0].detach().reshape(-1, a[0].shape[-1]).double())  # noqa: E731
+        handles.append(get_submodule(block, path).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return [seen[i] for i in range(len(seen))]
+
+
+def structured_dense_target_deviation(**dense_kw) -> float:
+    """Largest relative deviation (Frobenius) of a structured run fitted to the dense model's outputs
+    (``dampening`` 0) from the float64 least-squares fit ``argmin ||W X_d - W'_K X_K||`` computed here from
+    the activations: ``X_K`` the pruned model's inputs of the kept columns (the kept heads' outputs and
+    neurons do not change when the others are removed), ``X_d`` the dense model's, ``W`` the dense weights."""
+    ids = _ids(16, 32)
+    dense, model = tiny_model("llama"), tiny_model("llama")
+    cfg = StructuredConfig(heads_ratio=0.5, mlp_ratio=0.25, importance="wanda", **dense_kw)
+    hfprune.prune(model, config=cfg, calibration=ids, progress=False)
+    spec = get_spec(model)
+    worst = 0.0
+    for key, path in (("o", spec.o), ("down", spec.down)):
+        for i, (X, Xd) in enumerate(zip(_layer_io(model, ids, key), _layer_io(dense, ids, key))):
+            W = get_submodule(get_blocks(dense, spec)[i], path).weight.detach().double()
+            ref = torch.linalg.lstsq(X, Xd @ W.T).solution.T
+            got = get_submodule(get_blocks(model, spec)[i], path).weight.detach().double()
+            worst = max(worst, float((got - ref).norm() / ref.norm()))
+    return worst
+
+
+def test_structured_dense_targets_are_the_least_squares_fit_to_the_dense_model():
+    assert structured_dense_target_deviation(dense_targets="model", dampening=0.0) < 1e-5
+    # Fitting to the pruned model's own outputs is another fit: the check can fail.
+    assert structured_dense_target_deviation(dense_targets="off", dampening=0.0) > 1e-3
+
+
+def test_block_dense_targets_refit_down_proj_to_the_dense_block():
+    """"block": o_proj reads the block's own input in both runs (the plain fit); down_proj is fitted to the
+    dense block's MLP output on the same input, which corrects the attention pruned before it."""
+    ids = _ids()
+    runs = {}
+    for dt in ("off", "block"):
+        model = tiny_model("llama")
+        cfg = StructuredConfig(heads_ratio=0.5, mlp_ratio=0.25, importance="wanda", dense_targets=dt)
+        hfprune.prune(model, config=cfg, calibration=ids, progress=False)
+        runs[dt] = get_blocks(model, get_spec(model))[0]
+    spec = get_spec(model)
+    o = [get_submodule(runs[dt], spec.o).weight for dt in ("off", "block")]
+    down = [get_submodule(runs[dt], spec.down).weight for dt in ("off", "block")]
+    assert torch.equal(o[0], o[1])
+    assert down[0].shape == down[1].shape and not torch.allclose(down[0], down[1], atol=1e-4)

@@ -20,8 +20,8 @@ import torch
 from hfprune.config import PruningConfig
 from hfprune.report import PruneResult
 from hfprune.solvers.masks import parse_pattern, prune_count, select_mask
-from hfprune.solvers.sparsegpt import dense_target_weight, output_error
-from hfprune.stats import DenseTargetHessianStats, HessianStats
+from hfprune.solvers.lstsq import lstsq_fit, relative_output_error
+from hfprune.stats import CrossStats, HessianStats
 
 __all__ = ["Pruner", "ModelPruner", "PruneResult", "HessianPruner", "check_quant_config", "check_dense_targets", "DENSE_TARGETS",
            "dense_targets_field"]
@@ -29,18 +29,19 @@ __all__ = ["Pruner", "ModelPruner", "PruneResult", "HessianPruner", "check_quant
 DENSE_TARGETS = {
     "off": "its own dense weights' outputs on its pruned inputs (the paper's objective)",
     "block": "the dense block's outputs, the dense block run on the same pruned-model input (corrects the layers "
-             "pruned before it in the block; needs true_sequential)",
+             "pruned before it in the block; Hessian methods need true_sequential)",
     "model": "the dense model's outputs (a second activation stream)",
 }
-"""What a Hessian method fits each layer to (``dense_targets``)."""
+"""What a Hessian method, or structured compensation, fits each layer to (``dense_targets``)."""
 
 
 def dense_targets_field(default: str):
-    """The ``dense_targets`` config field of a Hessian method (one help text and choice list for all)."""
+    """The ``dense_targets`` config field of a Hessian method or of structured compensation (one help text and
+    choice list for all)."""
     text = "; ".join(f"'{k}' {v}" for k, v in DENSE_TARGETS.items())
     # One flag serves every method (the CLI), so the help names each method's default.
     return field(default=default, metadata={"help": f"What each layer is fit to: {text}. Default: 'block' for admm, "
-                                                    f"'off' for sparsegpt.", "choices": tuple(DENSE_TARGETS)})
+                                                    f"'off' for sparsegpt and structured.", "choices": tuple(DENSE_TARGETS)})
 
 ROW_CHUNK_ELEMENTS = 1 << 20
 """Scores are computed for at most this many weights at a time when the mask is chosen row by row
@@ -183,14 +184,14 @@ class HessianPruner(Pruner):
     def make_stats(self, in_features, device, dense_inputs=None):
         if dense_inputs is None:
             return super().make_stats(in_features, device)
-        return DenseTargetHessianStats(in_features, device=device, dense_inputs=dense_inputs)
+        return CrossStats(in_features, device=device, dense_inputs=dense_inputs)
 
     def prune_weight(self, W, stats, sparsity, scope):
         H = stats.hessian()
         target, info = W, {}
         if getattr(stats, "has_target", False):
-            target = dense_target_weight(W, H, stats.cross())
-            info["dense_target_shift"] = output_error(W, target, H)  # how far the dense fit moved the layer
+            target = lstsq_fit(W, H, stats.cross())  # W X_d fitted on the pruned inputs: W + W (G - H)^T H^-1
+            info["dense_target_shift"] = relative_output_error(W, target, H)  # how far the dense fit moved the layer
         kw = {}
         if sparsity == 0 and self.quantizes and self.fixed_mask_solver:
             zeros = W == 0  # quantization only, on weights an earlier stage pruned: their zeros stay zeros
@@ -198,7 +199,7 @@ class HessianPruner(Pruner):
                 kw["mask"] = zeros
         solved = self.solve(target, H, sparsity, scope, **kw)
         new_w, pruned, scale = solved if len(solved) == 3 else (*solved, None)
-        info["output_error"] = output_error(target, new_w, H)
+        info["output_error"] = relative_output_error(target, new_w, H)
         return PruneResult(pruned=pruned, weight=new_w, info=info, scale=scale)
 
 

@@ -18,7 +18,7 @@ The pipeline has three parts, each usable on its own:
    blocks (:mod:`hfprune.structured.sequential`): the moments of the ``o_proj`` input are
    gathered, heads are chosen, the kept ``o_proj`` columns (and its bias, if any) are re-fitted by
    least squares to reproduce the layer's output on the calibration inputs
-   (:func:`hfprune.solvers.structured.compensate`), then the same for ``down_proj`` on the block
+   (:func:`hfprune.solvers.lstsq.lstsq_fit`; with ``dense_targets`` to the dense model's outputs), then the same for ``down_proj`` on the block
    with its attention already pruned. ``importance="obs"`` (the default) chooses the heads /
    neurons by the error left after that re-fit, greedily (ZipLM, SlimGPT:
    :func:`hfprune.solvers.structured.greedy_remove`). :func:`prune_structured` is the one-pass,
@@ -66,10 +66,10 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin, check_field_types
+from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
 from hfprune.core.calibration import calibration_batch_size
 from hfprune.core.runner import LayerRunner, is_offloaded
-from hfprune.methods.base import ModelPruner
+from hfprune.methods.base import DENSE_TARGETS, ModelPruner, dense_targets_field
 from hfprune.registry import register_pruner
 from hfprune.arch import get_blocks, get_spec, get_submodule, weight_matrix
 from hfprune.stats import ChannelStats
@@ -86,7 +86,7 @@ logger = logging.getLogger(__name__)
 IMPORTANCES = ("obs", "magnitude", "wanda", "fluctuation")
 GQA_MODES = ("per_group", "whole_group")
 COMPENSATIONS = ("auto", "lstsq", "none")
-COMPENSATION_TARGETS = ("pruned", "dense")
+_OLD_TARGETS = {"pruned": "off", "dense": "model"}  # compensation_target's values -> dense_targets'
 
 
 @dataclass
@@ -115,18 +115,21 @@ class StructuredConfig(ConfigDictMixin):
         "help": "Structured: after removing heads/neurons, re-fit the kept o_proj/down_proj columns by least squares "
                 "on the calibration inputs, block by block (lstsq), or not (none); auto = lstsq unless "
                 "importance=magnitude (data-free).", "choices": COMPENSATIONS})
-    compensation_target: str = field(default="pruned", metadata={
-        "help": "Structured compensation: re-fit each layer to its own outputs on the pruned model's inputs "
-                "(pruned, SparseGPT's scheme) or to the dense model's outputs (dense: also corrects the drift of "
-                "earlier blocks; runs the dense blocks alongside, about twice the time).",
-        "choices": COMPENSATION_TARGETS})
-    damp: float = field(default=0.01, metadata={
+    dense_targets: str = dense_targets_field("off")
+    dampening: float = field(default=0.01, metadata={
         "help": "Structured compensation / obs: ridge on the input Hessian, as a fraction of its mean diagonal."})
+    compensation_target: str | None = renamed("dense_targets")
+    damp: float | None = renamed("dampening")
     num_heads: int | None = field(default=None, repr=False)
     num_kv_heads: int | None = field(default=None, repr=False)
     intermediate_size: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.compensation_target is not None and self.compensation_target not in (*_OLD_TARGETS, *DENSE_TARGETS):
+            raise ValueError(f"compensation_target={self.compensation_target!r} is unknown; it is now dense_targets, "
+                             f"one of {', '.join(DENSE_TARGETS)}.")
+        self.compensation_target = _OLD_TARGETS.get(self.compensation_target, self.compensation_target)
+        resolve_renamed(self)
         check_field_types(self)
         for name in ("heads_ratio", "mlp_ratio"):
             value = getattr(self, name)
@@ -139,12 +142,13 @@ class StructuredConfig(ConfigDictMixin):
             raise ValueError(f"importance={self.importance!r} is unknown; use one of {', '.join(IMPORTANCES)}.")
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"compensation={self.compensation!r} is unknown; use one of {', '.join(COMPENSATIONS)}.")
-        if self.compensation_target not in COMPENSATION_TARGETS:
-            raise ValueError(f"compensation_target={self.compensation_target!r} is unknown; use one of "
-                             f"{', '.join(COMPENSATION_TARGETS)}.")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 10:
-            raise ValueError(f"damp={self.damp!r} must be a number in [0, 10) (a fraction of the mean Hessian "
-                             f"diagonal; 0.01 is the usual value).")
+        if self.dense_targets not in DENSE_TARGETS:
+            raise ValueError(f"dense_targets={self.dense_targets!r} is unknown; use one of "
+                             f"{', '.join(DENSE_TARGETS)}.")
+        if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or \
+                not 0 <= self.dampening < 10:
+            raise ValueError(f"dampening={self.dampening!r} must be a number in [0, 10) (a fraction of the mean "
+                             f"Hessian diagonal; 0.01 is the usual value).")
         if self.importance == "obs" and self.compensation == "none":
             raise ValueError("importance='obs' chooses heads/neurons by the error left after the least-squares "
                              "update, so it needs compensation='lstsq' (or 'auto'); for an uncompensated "
@@ -512,15 +516,10 @@ class StructuredPruner(ModelPruner):
             ensure_output_bias(model, spec, blocks, "attention")
         comp_mlp = cfg.bias_compensation and cfg.mlp_ratio > 0 and ensure_output_bias(model, spec, blocks, "mlp")
         runner.capture(ids)
-        dense_runner = None
-        if cfg.compensation_target == "dense":
-            dense_runner = LayerRunner(model, spec, batch_size=runner.batch_size)
-            dense_runner.capture(ids)
-        entries = prune_sequential(runner, spec, cfg, head_remove, mlp_remove, progress=progress,
-                                   dense_runner=dense_runner)
+        if cfg.dense_targets == "model":
+            runner.start_dense_stream()
+        entries = prune_sequential(runner, spec, cfg, head_remove, mlp_remove, progress=progress)
         runner.release()
-        if dense_runner is not None:
-            dense_runner.release()
         reload_with = write_config(model, spec, blocks)
         if reload_with == "hfprune":
             logger.info("Per-block shapes stored in config.%s; reload with "

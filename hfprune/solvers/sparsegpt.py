@@ -30,10 +30,11 @@ import math
 
 import torch
 
+from hfprune.solvers.lstsq import ridge
 from hfprune.solvers.masks import Pattern, lowest_k_mask, parse_pattern, prune_count
 from hfprune.solvers.quant import _fake_quant, check_quant_args, quant_grid
 
-__all__ = ["sparsegpt_prune", "output_error", "check_layer_args", "dense_target_weight"]
+__all__ = ["sparsegpt_prune", "check_layer_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def check_layer_args(solver: str, W: torch.Tensor, H: torch.Tensor, sparsity: fl
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = dampening * mean(diag H)``.
+    """Upper Cholesky factor of ``(H + lambda I)^-1`` with ``lambda = dampening * mean(diag H)``
+    (:func:`hfprune.solvers.lstsq.ridge`).
 
     Section 3.3 ("Cholesky"): the rows of this factor are, up to scale, the rows of the
     successive inverses ``(H_{F_j})^-1`` that the column-wise OBS updates need, so one
@@ -77,7 +79,7 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, dampening: float) -> torch.Tenso
     triangular with a positive diagonal and ``U^T U = H^-1``, so it is *the* upper Cholesky
     factor of ``H^-1`` (it is unique).
     """
-    mean_diag = float(torch.diagonal(H).mean())
+    mean_diag = ridge(H, 1.0)
     rel = float(dampening)
     n = H.shape[0]
     eye = torch.eye(n, dtype=H.dtype, device=H.device)
@@ -102,32 +104,6 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, dampening: float) -> torch.Tenso
         f"SparseGPT: the Hessian could not be factorised even with dampening {rel:.3g}; it is "
         f"probably not finite. Check the calibration inputs of this layer for inf/NaN."
     )
-
-
-def output_error(W: torch.Tensor, new_W: torch.Tensor, H: torch.Tensor) -> float:
-    """Relative layer-output error ``||(W - W') X|| / ||W X||`` on the calibration inputs, from the
-    Hessian alone: ``||D X||^2 = n/2 * tr(D H D^T)`` (the ``n/2`` cancels in the ratio)."""
-    H = H.to(device=W.device, dtype=torch.float32)
-    W = W.float()
-    D = W - new_W.to(device=W.device, dtype=torch.float32)
-    num = float(((D @ H) * D).sum())
-    den = float(((W @ H) * W).sum())
-    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
-
-
-def dense_target_weight(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, dampening: float = 0.01) -> torch.Tensor:
-    """The dense weight that best reproduces the dense model's outputs from the pruned model's inputs:
-    ``argmin_W' ||W X_d - W' X||^2 = W G^T H^-1`` with ``H = X^T X``, ``G = X^T X_d`` (both ``2/n``-scaled;
-    :class:`~hfprune.stats.DenseTargetHessianStats`), written as the correction
-    ``W + W (G - H)^T H^-1``. The solve is ridge-damped by ``dampening`` times the mean diagonal of ``H``
-    (SparseGPT's rule), which shrinks the correction towards ``W`` (no upstream error, ``G = H``: ``W``
-    exactly); float64, returns ``W``'s dtype and device."""
-    H64 = H.to(device=W.device, dtype=torch.float64)
-    ridge = dampening * float(torch.diagonal(H64).mean().clamp_min(1e-12))
-    W64 = W.to(torch.float64)
-    rhs = (G.to(device=W.device, dtype=torch.float64) - H64) @ W64.T  # X^T (X_d - X) W^T
-    H64 = H64 + ridge * torch.eye(H64.shape[0], dtype=torch.float64, device=W.device)
-    return (W64 + torch.linalg.solve(H64, rhs).T).to(W.dtype)
 
 
 def _cumulative_count(sparsity: float, rows: int, cols: int) -> int:

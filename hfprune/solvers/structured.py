@@ -30,9 +30,10 @@ column sums and the token count): its column is never removed and (1) then also 
 bias, which contains FLAP's bias compensation (``b += W_S mean(x_S)``) as the special case
 ``H_SK = 0``.
 
-Damping as in SparseGPT: ``H + lambda I`` with ``lambda = damp * mean(diag H)``; with it, (1)
-is a ridge regression towards the original weights. Everything is computed in float64 and
-returned in the dtype of ``W``. Pure torch; nothing here touches a model.
+(1) itself, and its generalisation to a target from the dense model, is
+:func:`hfprune.solvers.lstsq.lstsq_fit`; damping as in SparseGPT (:func:`hfprune.solvers.lstsq.ridge`),
+with which (1) is a ridge regression towards the original weights. Everything is computed in
+float64 and returned in the dtype of ``W``. Pure torch; nothing here touches a model.
 """
 
 from __future__ import annotations
@@ -41,110 +42,31 @@ import logging
 
 import torch
 
-__all__ = ["damped_hessian", "augment_bias", "compensate", "fit_to_target", "target_error", "group_errors",
-           "greedy_remove", "output_error"]
+from hfprune.solvers.lstsq import damped_hessian
+
+__all__ = ["augment_bias", "group_errors", "greedy_remove"]
 
 logger = logging.getLogger(__name__)
 
 
-def damped_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """``H + damp * mean(diag H) * I`` in float64; channels that never fired get a unit diagonal
-    (their rows and columns are zero, which would make ``H`` singular)."""
-    if not 0.0 <= damp:
-        raise ValueError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal), got {damp}.")
-    H = H.detach().double().clone()
-    diag = H.diagonal()
-    dead = diag <= 0
-    mean = diag[~dead].mean() if bool((~dead).any()) else torch.tensor(1.0, dtype=H.dtype, device=H.device)
-    diag[dead] = 1.0
-    diag += damp * mean
-    return H
-
-
-def augment_bias(H: torch.Tensor, column_sum: torch.Tensor, count: int) -> torch.Tensor:
-    """The Hessian of ``[X; 1]``: ``[[X X^T, X 1], [1^T X^T, n]]`` (the last input is the bias)."""
+def augment_bias(H: torch.Tensor, column_sum: torch.Tensor, count: int,
+                 row_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """The Hessian of ``[X; 1]``: ``[[X X^T, X 1], [1^T X^T, n]]`` (the last input is the bias).
+    For the cross moment ``X X_d^T`` pass ``row_sum = X_d 1`` (the last row; default ``column_sum``)."""
     n = H.shape[0]
     out = H.new_zeros(n + 1, n + 1, dtype=torch.float64)
     out[:n, :n] = H.double()
     s = column_sum.to(out.device, torch.float64)
     out[:n, n] = s
-    out[n, :n] = s
+    out[n, :n] = s if row_sum is None else row_sum.to(out.device, torch.float64)
     out[n, n] = float(count)
     return out
-
-
-def compensate(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Eq. (1): the kept columns ``W'_K = W_K + W_S H_SK (H_KK + lambda I)^{-1}``.
-
-    Args:
-        W: ``[out, in]`` weights (for a bias, the ``[out, in + 1]`` matrix ``[W, b]``).
-        H: ``[in, in]`` input Hessian ``X X^T`` (any positive scale; see :func:`augment_bias`).
-        keep: indices of the kept columns (sorted); every other column is removed.
-        damp: ridge, as a fraction of the mean diagonal of ``H``.
-
-    Returns:
-        ``[out, len(keep)]`` re-fitted weights (dtype of ``W``).
-    """
-    n = W.shape[1]
-    if H.shape != (n, n):
-        raise ValueError(f"H has shape {tuple(H.shape)} but W has {n} input columns.")
-    keep = keep.to(W.device)
-    removed = torch.ones(n, dtype=torch.bool, device=W.device)
-    removed[keep] = False
-    Hd = damped_hessian(H.to(W.device), damp)
-    Wd = W.detach().double()
-    if not bool(removed.any()):
-        return W.detach().clone()
-    H_KK = Hd[keep][:, keep]
-    H_SK = Hd[removed][:, keep]
-    L, info = torch.linalg.cholesky_ex(H_KK)
-    if int(info) != 0:
-        raise ValueError("The kept-column Hessian is not positive definite even after damping; raise damp.")
-    delta = torch.cholesky_solve((Wd[:, removed] @ H_SK).T, L).T
-    return (Wd[:, keep] + delta).to(W.dtype)
-
-
-def fit_to_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, keep: torch.Tensor,
-                  damp: float = 0.01) -> torch.Tensor:
-    """Re-fit the kept columns to another layer's outputs ``T`` (the dense model's, on its own
-    inputs): ``argmin ||T - W'_K X_K||^2 + lambda ||W'_K - W_K||^2``, i.e.
-
-        W'_K^T = (H_KK + lambda I)^{-1} (C_K + lambda W_K^T),   C = X T^T   ([in, out])
-
-    With ``T = W X`` (``C = H W^T``) this is :func:`compensate`. ``H`` and ``C`` must share their
-    scale (both divided by the token count, say).
-    """
-    n = W.shape[1]
-    if H.shape != (n, n) or C.shape != (n, W.shape[0]):
-        raise ValueError(f"H {tuple(H.shape)} / C {tuple(C.shape)} do not fit W {tuple(W.shape)}.")
-    keep = keep.to(W.device)
-    Hd = damped_hessian(H.to(W.device), damp)
-    lam = (Hd.diagonal() - H.to(W.device).double().diagonal()).clamp_min(0)  # the ridge added per column
-    H_KK = Hd[keep][:, keep]
-    rhs = C.to(W.device).double()[keep] + lam[keep, None] * W.detach().double()[:, keep].T
-    L, info = torch.linalg.cholesky_ex(H_KK)
-    if int(info) != 0:
-        raise ValueError("The kept-column Hessian is not positive definite even after damping; raise damp.")
-    return torch.cholesky_solve(rhs, L).T.to(W.dtype)
-
-
-def target_error(W_K: torch.Tensor, H_KK: torch.Tensor, C_K: torch.Tensor, target_energy: float) -> float:
-    """``||T - W_K X_K||^2 = tr(T T^T) - 2 tr(W_K C_K) + tr(W_K H_KK W_K^T)`` (same scale as ``H``)."""
-    W_K = W_K.double()
-    return float(target_energy - 2 * (W_K * C_K.double().T).sum() + ((W_K @ H_KK.double()) * W_K).sum())
-
-
-def output_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr((W - W') H (W - W')^T)``: the squared output error ``||W X - W' X||^2`` on the
-    calibration inputs (``W_new`` has the full width, zeros in removed columns)."""
-    D = W.detach().double() - W_new.detach().double()
-    return float(((D @ H.double().to(D.device)) * D).sum())
 
 
 def _inverse(Hd: torch.Tensor) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(Hd)
     if int(info) != 0:
-        raise ValueError("The Hessian is not positive definite even after damping; raise damp.")
+        raise ValueError("The Hessian is not positive definite even after damping; raise the dampening.")
     return torch.cholesky_inverse(L)
 
 
@@ -170,7 +92,7 @@ def group_errors(W: torch.Tensor, Hinv: torch.Tensor, groups: torch.Tensor) -> t
     return err
 
 
-def greedy_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, n_remove: int, *, damp: float = 0.01,
+def greedy_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, n_remove: int, *, dampening: float = 0.01,
                   buckets: torch.Tensor | None = None, per_bucket: int | None = None,
                   steps: int | None = None) -> tuple[torch.Tensor, list[float]]:
     """ZipLM / SlimGPT greedy structured OBS: remove ``n_remove`` of ``groups`` one at a time,
@@ -183,7 +105,7 @@ def greedy_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, n_remo
         groups: ``[n_groups, group_size]`` input-column indices of each removable group (heads:
             ``head_dim`` columns each; neurons: one column each).
         n_remove: how many groups go.
-        damp: relative dampening of ``H``.
+        dampening: ridge, as a fraction of the mean diagonal of ``H`` (:func:`~hfprune.solvers.lstsq.ridge`).
         buckets, per_bucket: optional constraint: at most ``per_bucket`` groups removed from each
             bucket (``buckets[g]`` is group ``g``'s bucket; GQA: the KV group of a query head).
         steps: greedy rounds (default: one per removed group). Fewer rounds remove the
@@ -201,7 +123,7 @@ def greedy_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, n_remo
     device = W.device
     groups = groups.to(device)
     Wd = W.detach().double().clone()
-    Hinv = _inverse(damped_hessian(H.to(device), damp))
+    Hinv = _inverse(damped_hessian(H.to(device), dampening))
     alive = torch.ones(n_groups, dtype=torch.bool, device=device)
     taken = None
     if buckets is not None:

@@ -2,8 +2,8 @@
 
 from hfprune.stats.base import Stats
 from hfprune.stats.channel import ChannelStats
-from hfprune.stats.hessian import DenseTargetHessianStats, HessianStats
-from hfprune.stats.moments import CrossMomentStats, MomentStats
+from hfprune.stats.hessian import CrossStats, HessianStats
+from hfprune.stats.moments import MomentStats
 from hfprune.stats.rownorm import RowNormStats
 
-__all__ = ["Stats", "ChannelStats", "HessianStats", "DenseTargetHessianStats", "MomentStats", "CrossMomentStats", "RowNormStats"]
+__all__ = ["Stats", "ChannelStats", "HessianStats", "CrossStats", "MomentStats", "RowNormStats"]

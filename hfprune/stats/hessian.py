@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HessianStats", "DenseTargetHessianStats"]
+from hfprune.stats.moments import MomentStats
+
+__all__ = ["HessianStats", "CrossStats"]
 
 
 class HessianStats:
@@ -107,24 +109,22 @@ class HessianStats:
         return self.hessian()
 
 
-
-class DenseTargetHessianStats(HessianStats):
-    """:class:`HessianStats` of the pruned model's layer inputs ``X`` plus their cross product with
-    the *dense* model's (or dense block's) inputs ``X_d`` of the same tokens, ``X^T X_d``.
-
-    Layer-wise pruning fits ``W' X`` to ``W X``: the error that earlier pruned layers left in ``X``
-    is kept. With the cross term the target becomes the dense output ``W X_d``: its best dense fit
-    on the pruned inputs is ``W_t = W G^T H^-1`` (``G = X^T X_d``), and
-    ``||W X_d - W' X||^2 = ||(W_t - W') X||^2 + const``, so any Hessian solver run on ``(W_t, H)``
-    also corrects the upstream error (:func:`hfprune.solvers.sparsegpt.dense_target_weight`).
+class CrossStats(HessianStats):
+    """:class:`HessianStats` of the pruned model's layer inputs ``X`` plus their cross moment with the
+    *dense* model's (or dense block's) inputs ``X_d`` of the same tokens, ``X^T X_d``, and the first
+    moments ``sum x``, ``sum x_d`` (a bias is a constant input). The one statistics class of every
+    fit to a dense target (:func:`hfprune.solvers.lstsq.lstsq_fit`): the target ``W X_d`` gives
+    ``C = G W^T`` with ``G = X^T X_d``, for Hessian solvers (SparseGPT, ADMM: ``dense_targets``) and
+    for structured compensation alike. It also answers the per-channel statistics of
+    :class:`~hfprune.stats.MomentStats` (``mean``, ``var``, ``sq_norm``) that structured importances read.
 
     ``dense_inputs`` holds the dense inputs of this layer, one per call, in the order the
     runner makes the same calls on the pruned stream (:meth:`LayerRunner.record_dense_inputs`);
-    each :meth:`add_batch` consumes one. The sum kept is the difference ``X^T (X_d - X)``, and only
-    for batches whose two inputs differ (a layer at the block input sees the same tensor twice
-    and costs nothing more). ``has_target`` is False when no batch differed, and when a call finds
-    no dense input or one of another shape (a routed expert sees other tokens in the two streams):
-    the layer then keeps the plain objective.
+    each :meth:`add_batch` consumes one. The sums kept are the differences ``X^T (X_d - X)`` and
+    ``sum (x_d - x)``, and only for batches whose two inputs differ (a layer at the block input sees
+    the same tensor twice and costs nothing more). ``has_target`` is False when no batch differed,
+    and when a call finds no dense input or one of another shape (a routed expert sees other tokens
+    in the two streams): the layer then keeps the plain objective (``G = H``).
     """
 
     def __init__(self, in_features: int, device=None, precision: torch.dtype = torch.float64,
@@ -132,6 +132,8 @@ class DenseTargetHessianStats(HessianStats):
         super().__init__(in_features, device=device, precision=precision)
         self.dense_inputs = dense_inputs
         self.diff: torch.Tensor | None = None  # X^T (X_d - X), raw sum
+        self.sum: torch.Tensor | None = None  # sum x
+        self.dsum: torch.Tensor | None = None  # sum (x_d - x)
         self.ok = dense_inputs is not None
 
     @property
@@ -140,33 +142,41 @@ class DenseTargetHessianStats(HessianStats):
 
     def add_batch(self, x: torch.Tensor) -> None:
         super().add_batch(x)
+        xd = self.dense_inputs.popleft() if self.ok and self.dense_inputs else None
+        if self.ok and (xd is None or xd.shape != x.shape):
+            self.ok, self.diff, self.dsum = False, None, None
+        x = x.detach().reshape(-1, self.in_features).to(device=self.xtx.device, dtype=torch.float32)
+        part = x.sum(0).to(self.precision)
+        self.sum = part if self.sum is None else self.sum + part
         if not self.ok:
             return
-        xd = self.dense_inputs.popleft() if self.dense_inputs else None
-        if xd is None or xd.shape != x.shape:
-            self.ok, self.diff = False, None
-            return
-        if xd is x or torch.equal(xd, x):
-            return
-        x = x.detach().reshape(-1, self.in_features).to(device=self.xtx.device, dtype=torch.float32)
         xd = xd.detach().reshape(-1, self.in_features).to(device=self.xtx.device, dtype=torch.float32)
+        if torch.equal(xd, x):
+            return
         if self.diff is None:
             self.diff = torch.zeros_like(self.xtx)
+            self.dsum = torch.zeros_like(self.sum)
         self.diff += (x.T @ (xd - x)).to(self.precision)
+        self.dsum += (xd - x).sum(0).to(self.precision)
 
-    def merge(self, other: "DenseTargetHessianStats") -> "DenseTargetHessianStats":
+    def merge(self, other: "CrossStats") -> "CrossStats":
         super().merge(other)
         self.ok = self.ok and other.ok
+        for name in ("sum",) + (("diff", "dsum") if self.ok else ()):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs.clone() if mine is None else mine + theirs.to(mine))
         if not self.ok:
-            self.diff = None
-        elif other.diff is not None:
-            self.diff = other.diff.clone() if self.diff is None else self.diff + other.diff.to(self.diff)
+            self.diff = self.dsum = None
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
         out = super().state()
         has = self.has_target
+        zeros = torch.zeros(self.in_features, dtype=self.precision, device=out["xtx"].device)
         out["diff"] = self.diff if has else torch.zeros_like(out["xtx"])
+        out["sum"] = self.sum if self.sum is not None else zeros
+        out["dsum"] = self.dsum if has else zeros
         # Summed across processes: > 0 where any process saw a difference / all-reduce keeps "bad" as a count.
         out["moved"] = torch.tensor([1.0 if has else 0.0], dtype=torch.float64, device=out["xtx"].device)
         out["bad"] = torch.tensor([0.0 if self.ok else 1.0], dtype=torch.float64, device=out["xtx"].device)
@@ -176,10 +186,18 @@ class DenseTargetHessianStats(HessianStats):
         super().load_state(state)
         self.ok = float(torch.as_tensor(state["bad"]).reshape(-1)[0]) < 0.5
         moved = float(torch.as_tensor(state["moved"]).reshape(-1)[0]) > 0.5
+        self.sum = state["sum"].to(self.precision).clone()
         self.diff = state["diff"].to(self.precision).clone() if self.ok and moved else None
+        self.dsum = state["dsum"].to(self.precision).clone() if self.ok and moved else None
 
     def cross(self) -> torch.Tensor:
         """``G = 2/n * X^T X_d`` in float32 (the Hessian's normalisation)."""
         if not self.has_target:
             raise ValueError("No dense-model inputs that differ from the layer's own were recorded for this layer.")
         return ((self.xtx + self.diff) * (2.0 / self.count)).float()
+
+    # The per-channel statistics of MomentStats, from the same sums (structured importances read them).
+    _check = MomentStats._check
+    mean = MomentStats.mean
+    sq_norm = MomentStats.sq_norm
+    var = MomentStats.var

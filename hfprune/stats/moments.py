@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MomentStats", "CrossMomentStats"]
+__all__ = ["MomentStats"]
 
 
 class MomentStats:
@@ -97,50 +97,3 @@ class MomentStats:
 
     def __repr__(self) -> str:
         return f"MomentStats(in_features={self.in_features}, count={self.count})"
-
-
-class CrossMomentStats(MomentStats):
-    """:class:`MomentStats` of inputs ``X`` plus their cross moment with target outputs ``T``:
-    ``sum x_t t_t^T`` (``[in, out]``), ``sum t_t`` and ``sum ||t_t||^2`` (for fitting a layer on
-    one model's inputs to another model's outputs, :func:`hfprune.solvers.structured.fit_to_target`)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features)
-        self.out_features = int(out_features)
-        self.xty: torch.Tensor | None = None
-        self.tsum: torch.Tensor | None = None
-        self.tt = 0.0
-
-    @torch.no_grad()
-    def add_pair(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        """Inputs ``x`` (``[..., in]``) and the targets ``t`` (``[..., out]``) of the same tokens."""
-        x = x.detach().reshape(-1, self.in_features).float()
-        t = t.detach().reshape(-1, self.out_features).float().to(x.device)
-        if t.shape[0] != x.shape[0]:
-            raise ValueError(f"add_pair got {x.shape[0]} input tokens but {t.shape[0]} target tokens.")
-        self.add_batch(x)
-        if self.xty is None:
-            self.xty = torch.zeros(self.in_features, self.out_features, dtype=torch.float64, device=x.device)
-            self.tsum = torch.zeros(self.out_features, dtype=torch.float64, device=x.device)
-        self.xty += (x.T @ t).double()
-        self.tsum += t.sum(0).double()
-        self.tt += float(t.double().pow(2).sum())
-
-    def merge(self, other: "CrossMomentStats") -> "CrossMomentStats":
-        super().merge(other)
-        self._add(other, "xty", "tsum")
-        self.tt += other.tt
-        return self
-
-    def state(self) -> dict[str, torch.Tensor]:
-        out = super().state()
-        out["xty"] = self.xty if self.xty is not None else torch.zeros(self.in_features, self.out_features,
-                                                                       dtype=torch.float64)
-        out["tsum"] = self.tsum if self.tsum is not None else torch.zeros(self.out_features, dtype=torch.float64)
-        out["tt"] = torch.tensor([self.tt], dtype=torch.float64)
-        return out
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_state(state)
-        self.xty, self.tsum = state["xty"].double().clone(), state["tsum"].double().clone()
-        self.tt = float(state["tt"].reshape(-1)[0])
