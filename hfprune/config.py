@@ -26,7 +26,6 @@ SCOPES = ("row", "layer", "global")
 
 
 _SIMPLE_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
-_TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string", "None": "null"}
 
 
 def check_field_types(config) -> None:
@@ -42,7 +41,7 @@ def check_field_types(config) -> None:
             continue
         ok = any(isinstance(value, _SIMPLE_TYPES[t]) and (t == "bool" or not isinstance(value, bool)) for t in simple)
         if not ok:
-            raise ValueError(f"`{f.name}` must be {' or '.join(_TYPE_WORDS[t] for t in sorted(parts))}, got {value!r} "
+            raise ValueError(f"`{f.name}` must be {' or '.join(sorted(parts))}, got {value!r} "
                              f"({type(value).__name__}): fix it in the recipe or on the command line.")
 
 

@@ -130,14 +130,14 @@ class StructuredConfig(ConfigDictMixin):
                              f"one of {', '.join(DENSE_TARGETS)}.")
         self.compensation_target = _OLD_TARGETS.get(self.compensation_target, self.compensation_target)
         resolve_renamed(self)
-        check_field_types(self)
-        for name in ("heads_ratio", "mlp_ratio"):
+        for name in ("heads_ratio", "mlp_ratio"):  # the amounts first: their message names the range
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 raise ValueError(f"{name} must be a number in [0, 1) (the fraction removed), got {value!r}.")
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}={value} is out of range: it is the fraction REMOVED and must be "
                                  f"in [0, 1) (0 keeps everything; 1 would remove everything).")
+        check_field_types(self)
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance={self.importance!r} is unknown; use one of {', '.join(IMPORTANCES)}.")
         if self.compensation not in COMPENSATIONS:
