@@ -8,7 +8,8 @@ Two stage lists (the recipes ``recipes/stages-mlp25-admm24-int4.yaml`` and ``rec
 
 The whole list is validated first (``core.stages.check_stages``, as ``hfprune.prune`` does); the stages then run
 one ``hfprune.prune`` call each on the same calibration windows (c4 64 x 512 seed 0 drawn from the same seed, as
-the list run draws them once), so the WikiText-2 perplexity (32 windows of 2048) can be measured after each.
+the list run draws them once), so the WikiText-2 perplexity (32 windows of 2048) can be measured after each. A stage prefix two lists share
+(the width stage) runs once; the later list continues from a copy of that model.
 The result is saved with ``hfprune.save_pretrained(format="compressed-tensors", bits=4, group_size=128)`` and
 reloaded in a fresh process that imports only transformers (the ``compressed-tensors`` package reads the
 format); the reloaded logits are compared with the in-memory model's. Sizes: the saved safetensors against
@@ -20,6 +21,7 @@ the dense model saved in bf16.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -55,7 +57,7 @@ def safetensors_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run_list(name: str, stages: list[dict], args, out: Path) -> dict:
+def run_list(name: str, stages: list[dict], args, out: Path, done: dict) -> dict:
     import hfprune
     from hfprune.config import config_from_dict
     from hfprune.core.stages import check_stages
@@ -72,6 +74,11 @@ def run_list(name: str, stages: list[dict], args, out: Path) -> dict:
     rows = []
     report = None
     for k, cfg in enumerate(configs):
+        prefix = json.dumps(stages[:k + 1], sort_keys=True)
+        if prefix in done:  # an earlier list ran the same stages: its model and row (same calibration, same code)
+            model, report, row = copy.deepcopy(done[prefix])
+            rows.append({**row, "shared_with_earlier_list": True})
+            continue
         t0 = time.perf_counter()
         report = hfprune.prune(model, tok, cfg, calibration=calib)
         seconds = time.perf_counter() - t0
@@ -79,6 +86,7 @@ def run_list(name: str, stages: list[dict], args, out: Path) -> dict:
                                  max_windows=args.max_windows, progress=False)["perplexity"]
         rows.append({"stage": k + 1, "config": stages[k], "prune_seconds": round(seconds, 1),
                      "params": unique_params(model), "perplexity": round(ppl, 3)})
+        done[prefix] = copy.deepcopy((model, report, rows[-1]))
         print(f"[{name}] stage {k + 1} {stages[k]}: ppl {ppl:.3f}, {seconds:.1f} s", flush=True)
     folder = out / name
     hfprune.save_pretrained(model, folder, format="compressed-tensors", bits=4, group_size=128, tokenizer=tok,
@@ -118,8 +126,9 @@ def main() -> None:
         dense.save_pretrained(out / "dense-bf16")
         result["dense_bf16_bytes"] = safetensors_bytes(out / "dense-bf16")
         del dense
+        done: dict = {}  # stage prefixes already run (both lists start with the same width stage)
         for name in args.lists.split(","):
-            run = run_list(name, STAGES[name], args, out)
+            run = run_list(name, STAGES[name], args, out, done)
             run["size_vs_dense_bf16"] = round(run["saved_bytes"] / result["dense_bf16_bytes"], 4)
             result["runs"][name] = run
             write_json(Path(args.output), result)
