@@ -3,14 +3,14 @@
 Two stage lists (the recipes ``recipes/stages-mlp25-admm24-int4.yaml`` and ``recipes/stages-mlp25-int4.yaml``):
 
 * ``mlp25-admm24-int4``: remove 25 % of the MLP neurons (structured OBS + compensation), then 2:4 with ADMM,
-  then int4 g128 (GPTQ on SparseGPT's solver, the 2:4 zeros kept);
-* ``mlp25-int4``: the same width stage, then int4 g128 only.
+  then int4 g64 (GPTQ on SparseGPT's solver, the 2:4 zeros kept);
+* ``mlp25-int4``: the same width stage, then int4 g64 only.
 
 The whole list is validated first (``core.stages.check_stages``, as ``hfprune.prune`` does); the stages then run
 one ``hfprune.prune`` call each on the same calibration windows (c4 64 x 512 seed 0 drawn from the same seed, as
 the list run draws them once), so the WikiText-2 perplexity (32 windows of 2048) can be measured after each. A stage prefix two lists share
 (the width stage) runs once; the later list continues from a copy of that model.
-The result is saved with ``hfprune.save_pretrained(format="compressed-tensors", bits=4, group_size=128)`` and
+The result is saved with ``hfprune.save_pretrained(format="compressed-tensors", bits=4, group_size=64)`` and
 reloaded in a fresh process that imports only transformers (the ``compressed-tensors`` package reads the
 format); the reloaded logits are compared with the in-memory model's. Sizes: the saved safetensors against
 the dense model saved in bf16.
@@ -36,9 +36,9 @@ from _bench_common import PROTOCOL, machine, unique_params, write_json  # noqa: 
 
 STAGES = {
     "mlp25-admm24-int4": [{"method": "structured", "mlp_ratio": 0.25}, {"method": "admm", "pattern": "2:4"},
-                          {"method": "sparsegpt", "sparsity": 0.0, "bits": 4, "group_size": 128}],
+                          {"method": "sparsegpt", "sparsity": 0.0, "bits": 4, "group_size": 64}],
     "mlp25-int4": [{"method": "structured", "mlp_ratio": 0.25},
-                   {"method": "sparsegpt", "sparsity": 0.0, "bits": 4, "group_size": 128}],
+                   {"method": "sparsegpt", "sparsity": 0.0, "bits": 4, "group_size": 64}],
 }
 
 RELOAD = r"""
@@ -61,6 +61,7 @@ def run_list(name: str, stages: list[dict], args, out: Path, done: dict) -> dict
     import hfprune
     from hfprune.config import config_from_dict
     from hfprune.core.stages import check_stages
+    from hfprune.io import check_save_args
     from hfprune.eval.perplexity import eval_token_ids
     from hfprune.registry import get_pruner_cls
 
@@ -69,6 +70,7 @@ def run_list(name: str, stages: list[dict], args, out: Path, done: dict) -> dict
     dense_params = unique_params(model)
     configs = [config_from_dict(dict(s)) for s in stages]
     check_stages(model, [get_pruner_cls(c.method)(c) for c in configs])  # the list's own up-front check
+    check_save_args("compressed-tensors", 4, 64, model=model)  # the save's group size fits every layer: before work
     calib = dict(dataset=PROTOCOL["calibration"], nsamples=args.nsamples, seqlen=args.seqlen, seed=PROTOCOL["seed"])
     eval_ids = eval_token_ids(tok, PROTOCOL["eval_dataset"])
     rows = []
@@ -89,7 +91,7 @@ def run_list(name: str, stages: list[dict], args, out: Path, done: dict) -> dict
         done[prefix] = copy.deepcopy((model, report, rows[-1]))
         print(f"[{name}] stage {k + 1} {stages[k]}: ppl {ppl:.3f}, {seconds:.1f} s", flush=True)
     folder = out / name
-    hfprune.save_pretrained(model, folder, format="compressed-tensors", bits=4, group_size=128, tokenizer=tok,
+    hfprune.save_pretrained(model, folder, format="compressed-tensors", bits=4, group_size=64, tokenizer=tok,
                             report=report)
     probe = eval_ids[:, :256]
     with torch.no_grad():

@@ -224,5 +224,5 @@ def test_shipped_stage_recipes_load(name, methods):
 
     configs, calib = hfprune.load_recipe(REPO / "recipes" / f"{name}.yaml")
     assert [c.method for c in configs] == methods and calib.nsamples == 128
-    assert configs[-1].bits == 4 and configs[-1].group_size == 128 and configs[-1].sparsity == 0
+    assert configs[-1].bits == 4 and configs[-1].group_size == 64 and configs[-1].sparsity == 0
     assert configs[0].mlp_ratio == 0.25
