@@ -164,6 +164,23 @@ class ConfigDictMixin:
             raise ValueError(f"Bad value in the {config_cls.method!r} config {data}: {err}.") from None
 
 
+class KeepOrRatioConfig(ConfigDictMixin):
+    """Base of the model-level configs with one amount (depth, hidden, experts): exactly one of a count kept
+    or a fraction removed (:func:`check_keep_or_ratio`), an ``importance`` from ``importances``, renamed
+    keys resolved and field types checked on construction. Subclasses are dataclasses that set the class
+    variables and call ``super().__post_init__()`` before their own checks."""
+
+    amount: ClassVar[tuple[str, str, str]] = ("", "", "")  # (keep field, ratio field, what is counted)
+    deprecated_amounts: ClassVar[tuple[str, ...]] = ()  # old fields of the same amount
+    importances: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        resolve_renamed(self)
+        check_field_types(self)
+        check_keep_or_ratio(self, *self.amount, *self.deprecated_amounts)
+        check_choice(self, "importance", self.importances)
+
+
 def config_from_dict(data: dict[str, Any]):
     """The config of any registered method from a dict with a ``method`` key (``to_dict``'s output,
     a recipe's keys, a user's dict)."""

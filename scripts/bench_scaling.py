@@ -142,6 +142,13 @@ def summary(rows: list[dict]) -> dict:
             out[method] = {"largest": top["size"],
                            "time_per_param_ratio_to_0.5b": top["prune_ns_per_param"] / by["0.5b"]["prune_ns_per_param"],
                            "peak_rss_ratio_to_0.5b": top["peak_rss_mb"] / by["0.5b"]["peak_rss_mb"]}
+        theirs = {r["size"]: r for r in rows if r["tool"] == "llm-compressor" and r["method"] == method}
+        both = sorted(set(by) & set(theirs), key=lambda s: by[s]["params"])
+        if both:
+            out.setdefault(method, {})["peak_rss_vs_llmcompressor"] = {
+                s: round(by[s]["peak_rss_mb"] / theirs[s]["peak_rss_mb"], 3) for s in both}
+            out[method]["prune_time_vs_llmcompressor"] = {
+                s: round(by[s]["prune_s"] / theirs[s]["prune_s"], 3) for s in both}
     return out
 
 
@@ -154,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=str(REPO / "bench_out" / "scaling"))
     ap.add_argument("--output", default=str(REPO / "docs" / "results" / "scaling.json"))
     ap.add_argument("--plot", default=str(REPO / "docs" / "img" / "scaling.png"))
+    ap.add_argument("--restart", action="store_true", help="Drop the rows already in --output instead of resuming.")
     ap.add_argument("--llmc-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.llmc_child:
@@ -174,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"nsamples": NSAMPLES, "seqlen": SEQLEN, "dtype": "bfloat16", "sparsity": 0.5, "calibration": "c4",
               "mode": "hfprune: --low-memory; llm-compressor: oneshot, sequential pipeline, model in memory",
               "rss": "/usr/bin/time -v Maximum resident set size of the pruning process", "rows": []}
+    if out.is_file() and not args.restart:  # resume: rows already measured are kept, not re-run
+        result["rows"] = json.loads(out.read_text()).get("rows", [])
+    done = {(r["size"], r["method"], r["tool"]) for r in result["rows"]}
     order = list(bench_memory.SHAPES)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or None
     for size in sorted(sizes, key=order.index):
         model = Path(subprocess.run([sys.executable, str(HERE / "bench_memory.py"), "--build", size], check=True,
                                     capture_output=True, text=True, env=env_for()).stdout.strip().splitlines()[-1])
@@ -188,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(("llm-compressor", lambda: prune_llmc(args.llmc_python, model, method, work,
                                                                   work / f"llmc-{size}-{method}.log")))
             for tool, run in runs:
+                if (size, method, tool) in done:
+                    continue
                 row = {"size": size, "params": params, "method": method, "tool": tool, **run()}
                 row["prune_ns_per_param"] = row["prune_s"] / params * 1e9
+                row["commit"] = commit
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 result["summary"] = summary(result["rows"])

@@ -1,6 +1,7 @@
 """One spine for every method: one registry and entry (config object, dict, recipe, CLI), stages
 with their order checks, and the CLI combination that used to drop keys silently."""
 
+import dataclasses
 import json
 import warnings
 
@@ -54,7 +55,7 @@ def test_every_method_has_its_flags_and_dict_round_trip(name):
     prune = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("prune"))
     dests = {a.dest for a in prune._actions}
     cls = METHODS[name].config_cls
-    shown = [f for f in cls.__dataclass_fields__.values() if f.repr]
+    shown = [f for f in dataclasses.fields(cls) if f.repr]
     assert {f.name for f in shown} <= dests, sorted({f.name for f in shown} - dests)
 
 

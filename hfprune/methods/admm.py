@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from hfprune.config import PruningConfig
 from hfprune.solvers.masks import parse_pattern
 from hfprune.registry import register_pruner
 from hfprune.solvers.admm import admm_prune
-from hfprune.methods.base import HessianPruner, check_dense_targets, check_quant_config, dense_targets_field
+from hfprune.methods.base import HessianPruner, HessianPrunerConfig, dense_targets_field
 
 
 @dataclass
-class ADMMConfig(PruningConfig):
+class ADMMConfig(HessianPrunerConfig):
     """ADMM one-shot pruning with a gradually growing mask, optionally with joint quantization.
 
     Unstructured masks are compared over the whole matrix by default (``scope="layer"``, which
@@ -42,10 +41,6 @@ class ADMMConfig(PruningConfig):
     prune_iterations: int = field(default=7, metadata={"help": "Of these, how many grow the mask (cubic schedule); it is fixed after."})
     rho: float = field(default=1.0, metadata={"help": "ADMM penalty, relative to the unit diagonal of the normalised Hessian."})
     dampening: float = field(default=0.1, metadata={"help": "Ridge added to the normalised Hessian's diagonal (pulls towards the dense weights)."})
-    bits: int | None = field(default=None, metadata={"help": "Jointly quantize kept weights to 4 or 8 bits (GPTQ sweep on the ADMM mask)."})
-    group_size: int | None = field(default=None, metadata={"help": "Quantization group size along the input (None: per output channel)."})
-    sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
-    act_order: bool = field(default=False, metadata={"help": "Quantization sweep in order of decreasing Hessian diagonal."})
     dense_targets: str = dense_targets_field("block")
 
     def __post_init__(self) -> None:
@@ -60,8 +55,6 @@ class ADMMConfig(PruningConfig):
             raise ValueError(f"rho must be positive, got {self.rho}.")
         if not 0.0 <= self.dampening < 10.0:
             raise ValueError(f"dampening must be in [0, 10) (relative to the unit diagonal), got {self.dampening}.")
-        check_quant_config(self)
-        check_dense_targets(self)
 
 
 @register_pruner("admm", config_cls=ADMMConfig)

@@ -214,6 +214,26 @@ def check_dense_targets(config) -> None:
                          "(--true-sequential), or use dense_targets='model' or 'off'.")
 
 
+@dataclass
+class HessianPrunerConfig(PruningConfig):
+    """The options every Hessian method (SparseGPT, ADMM) shares: joint quantization of the kept weights.
+    Subclasses declare ``dense_targets`` (their defaults differ) and call ``super().__post_init__()``."""
+
+    bits: int | None = field(default=None, metadata={
+        "help": "Jointly quantize kept weights to 4 or 8 bits (GPTQ sweep on the mask, fake-quantized in the model "
+                "dtype; with sparsity 0: quantization only)."})
+    group_size: int | None = field(default=None, metadata={
+        "help": "Quantization group size along the input (None: per output channel)."})
+    sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
+    act_order: bool = field(default=False, metadata={
+        "help": "Quantization sweep in order of decreasing Hessian diagonal (N:M: whole groups)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_quant_config(self)
+        check_dense_targets(self)
+
+
 def check_quant_config(config) -> None:
     """The joint-quantization options (``bits``, ``group_size``, ``act_order``) of a Hessian method's config."""
     if config.bits is not None and config.bits not in (2, 3, 4, 8):

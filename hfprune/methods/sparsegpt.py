@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from hfprune.config import PruningConfig
 from hfprune.registry import register_pruner
 from hfprune.solvers.sparsegpt import sparsegpt_prune
-from hfprune.methods.base import HessianPruner, check_dense_targets, check_quant_config, dense_targets_field
+from hfprune.methods.base import HessianPruner, HessianPrunerConfig, dense_targets_field
 
 
 @dataclass
-class SparseGPTConfig(PruningConfig):
+class SparseGPTConfig(HessianPrunerConfig):
     """SparseGPT one-shot pruning, optionally with joint quantization of the kept weights.
 
     Example:
@@ -29,10 +28,6 @@ class SparseGPTConfig(PruningConfig):
 
     block_size: int = field(default=128, metadata={"help": "Columns solved together (lazy batch updates)."})
     dampening: float = field(default=0.01, metadata={"help": "Added to the Hessian diagonal, as a fraction of its mean."})
-    bits: int | None = field(default=None, metadata={"help": "Jointly quantize kept weights to 4 or 8 bits (fake-quantized in the model dtype)."})
-    group_size: int | None = field(default=None, metadata={"help": "Quantization group size along the input (None: per output channel)."})
-    sym: bool = field(default=True, metadata={"help": "Symmetric quantization grid."})
-    act_order: bool = field(default=False, metadata={"help": "Solve the input columns in order of decreasing Hessian diagonal (N:M: whole groups)."})
     dense_targets: str = dense_targets_field("off")
     true_sequential: bool = field(
         default=False,
@@ -49,8 +44,6 @@ class SparseGPTConfig(PruningConfig):
             raise ValueError(f"block_size must be positive, got {self.block_size}.")
         if not 0.0 <= self.dampening < 1.0:
             raise ValueError(f"dampening must be in [0, 1) (a fraction of the mean Hessian diagonal), got {self.dampening}.")
-        check_quant_config(self)
-        check_dense_targets(self)
 
 
 @register_pruner("sparsegpt", config_cls=SparseGPTConfig)

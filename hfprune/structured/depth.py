@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfprune.config import (ConfigDictMixin, check_choice, check_field_types, check_keep_or_ratio, renamed,
-                            resolve_renamed)
+from hfprune.config import KeepOrRatioConfig, renamed
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ CRITERIA = ("block_influence", "angular", "perplexity")
 
 
 @dataclass
-class DepthPruningConfig(ConfigDictMixin):
+class DepthPruningConfig(KeepOrRatioConfig):
     """Remove whole decoder blocks.
 
     Example:
@@ -60,6 +59,9 @@ class DepthPruningConfig(ConfigDictMixin):
     """
 
     method: ClassVar[str] = "depth"
+    amount: ClassVar[tuple[str, str, str]] = ("keep_blocks", "depth_ratio", "blocks")
+    deprecated_amounts: ClassVar[tuple[str, ...]] = ("num_blocks",)
+    importances: ClassVar[tuple[str, ...]] = CRITERIA
 
     keep_blocks: int | None = field(default=None, metadata={
         "help": "Depth: decoder blocks kept (the new num_hidden_layers; if --depth-ratio is unset)."})
@@ -77,16 +79,13 @@ class DepthPruningConfig(ConfigDictMixin):
     criterion: str | None = renamed("importance")
 
     def __post_init__(self) -> None:
-        resolve_renamed(self)
-        check_field_types(self)
         if self.num_blocks is not None:
             warnings.warn("`num_blocks` (blocks removed) is deprecated: every method's amounts now count what is "
                           "kept (keep_blocks, keep_hidden, keep_experts) or the fraction removed (*_ratio); use "
                           "keep_blocks = blocks - num_blocks, or depth_ratio.", FutureWarning, stacklevel=3)
-        check_keep_or_ratio(self, "keep_blocks", "depth_ratio", "blocks", "num_blocks")
+        super().__post_init__()
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1 (blocks removed), got {self.num_blocks}.")
-        check_choice(self, "importance", CRITERIA)
         if self.keep_first < 0 or self.keep_last < 0 or self.max_tokens < 1:
             raise ValueError("keep_first and keep_last must be >= 0 and max_tokens >= 1.")
 

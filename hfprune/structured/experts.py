@@ -22,8 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hfprune.config import (ConfigDictMixin, check_choice, check_field_types, check_keep_or_ratio, renamed,
-                            resolve_renamed)
+from hfprune.config import KeepOrRatioConfig, renamed
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ _COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_nu
 
 
 @dataclass
-class ExpertPruningConfig(ConfigDictMixin):
+class ExpertPruningConfig(KeepOrRatioConfig):
     """Remove whole experts from every MoE layer.
 
     Example:
@@ -44,6 +43,8 @@ class ExpertPruningConfig(ConfigDictMixin):
     """
 
     method: ClassVar[str] = "experts"
+    amount: ClassVar[tuple[str, str, str]] = ("keep_experts", "experts_ratio", "experts")
+    importances: ClassVar[tuple[str, ...]] = EXPERT_IMPORTANCES
     keep_experts: int | None = field(default=None, metadata={
         "help": "Experts: experts every MoE layer keeps (the new expert count; if --experts-ratio is unset)."})
     experts_ratio: float | None = field(default=None, metadata={
@@ -53,12 +54,6 @@ class ExpertPruningConfig(ConfigDictMixin):
                 "count).", "choices": EXPERT_IMPORTANCES})
     num_experts: int | None = renamed("keep_experts")
     ratio: float | None = renamed("experts_ratio")
-
-    def __post_init__(self) -> None:
-        resolve_renamed(self)
-        check_field_types(self)
-        check_keep_or_ratio(self, "keep_experts", "experts_ratio", "experts")
-        check_choice(self, "importance", EXPERT_IMPORTANCES)
 
 
 def _moe_modules(model: nn.Module, spec) -> list[tuple[int, str, nn.Module]]:

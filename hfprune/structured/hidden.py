@@ -38,8 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hfprune.config import (ConfigDictMixin, check_choice, check_field_types, check_keep_or_ratio, renamed,
-                            resolve_renamed)
+from hfprune.config import KeepOrRatioConfig, renamed
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ CHANNEL_IMPORTANCES = ("activation", "magnitude")
 
 
 @dataclass
-class HiddenPruningConfig(ConfigDictMixin):
+class HiddenPruningConfig(KeepOrRatioConfig):
     """Remove residual-stream channels (``hidden_size``).
 
     Example:
@@ -60,6 +59,8 @@ class HiddenPruningConfig(ConfigDictMixin):
     """
 
     method: ClassVar[str] = "hidden"
+    amount: ClassVar[tuple[str, str, str]] = ("keep_hidden", "hidden_ratio", "residual channels")
+    importances: ClassVar[tuple[str, ...]] = CHANNEL_IMPORTANCES
 
     hidden_ratio: float | None = field(default=None, metadata={
         "help": "Hidden: fraction of the residual (embedding) channels to remove."})
@@ -77,10 +78,7 @@ class HiddenPruningConfig(ConfigDictMixin):
     channel_importance: str | None = renamed("importance")
 
     def __post_init__(self) -> None:
-        resolve_renamed(self)
-        check_field_types(self)
-        check_keep_or_ratio(self, "keep_hidden", "hidden_ratio", "residual channels")
-        check_choice(self, "importance", CHANNEL_IMPORTANCES)
+        super().__post_init__()
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be at least 1, got {self.multiple_of}.")
 
