@@ -10,7 +10,7 @@ The whole list is validated first (``core.stages.check_stages``, as ``hfprune.pr
 one ``hfprune.prune`` call each on the same calibration windows (c4 64 x 512 seed 0 drawn from the same seed, as
 the list run draws them once), so the WikiText-2 perplexity (32 windows of 2048) can be measured after each. A stage prefix two lists share
 (the width stage) runs once; the later list continues from a copy of that model.
-The result is saved with ``hfprune.save_pretrained(format="compressed-tensors", bits=4, group_size=64)`` and
+The result is cast to ``--save-dtype`` (bfloat16: the embeddings and norms a user ships) and saved with ``hfprune.save_pretrained(format="compressed-tensors", bits=4, group_size=64)`` and
 reloaded in a fresh process that imports only transformers (the ``compressed-tensors`` package reads the
 format); the reloaded logits are compared with the in-memory model's. Sizes: the saved safetensors against
 the dense model saved in bf16.
@@ -44,7 +44,7 @@ STAGES = {
 RELOAD = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[4])).eval()
 ids = torch.tensor(json.loads(sys.argv[2]))
 with torch.no_grad():
     logits = model(input_ids=ids).logits
@@ -91,13 +91,15 @@ def run_list(name: str, stages: list[dict], args, out: Path, done: dict) -> dict
         done[prefix] = copy.deepcopy((model, report, rows[-1]))
         print(f"[{name}] stage {k + 1} {stages[k]}: ppl {ppl:.3f}, {seconds:.1f} s", flush=True)
     folder = out / name
+    model = model.to(getattr(torch, args.save_dtype))  # what a user ships: int4 Linears, the rest (embeddings) in bf16
     hfprune.save_pretrained(model, folder, format="compressed-tensors", bits=4, group_size=64, tokenizer=tok,
                             report=report)
     probe = eval_ids[:, :256]
     with torch.no_grad():
         mine = model(input_ids=probe).logits
     logits_file = out / f"{name}-reload.pt"
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(folder), json.dumps(probe.tolist()), str(logits_file)],
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(folder), json.dumps(probe.tolist()), str(logits_file),
+                           args.save_dtype],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"stock reload of {folder} failed:\n{proc.stderr[-3000:]}")
@@ -114,13 +116,16 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=PROTOCOL["seqlen"])
     p.add_argument("--max-windows", type=int, default=PROTOCOL["max_windows"])
     p.add_argument("--output", default="bench_out/stages.json")
+    p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="dtype of the saved checkpoint's unquantized tensors (embeddings, norms); the stages and "
+                        "perplexities run in float32")
     p.add_argument("--keep", default=None, help="folder for the saved checkpoints (default: a temporary one)")
     args = p.parse_args()
     import hfprune
 
     result = {"protocol": {**PROTOCOL, "nsamples": args.nsamples, "seqlen": args.seqlen,
                            "max_windows": args.max_windows},
-              "machine": machine(), "command": " ".join(sys.argv), "runs": {}}
+              "machine": machine(), "command": " ".join(sys.argv), "save_dtype": args.save_dtype, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep or tmp)
         out.mkdir(parents=True, exist_ok=True)
