@@ -1193,7 +1193,7 @@ def section_scaling(lines, data):
 
 # Every section of docs/BENCHMARKS.md, in its order.
 SECTIONS = {"spine_outputs": section_spine_outputs, "stages": section_stages, "scaling": section_scaling,
-            "oneshot": section_oneshot, "admm": section_admm,
+            "oneshot": section_oneshot, "sparsegpt_parity": section_sparsegpt_parity, "admm": section_admm,
             "structured": section_structured, "pareto": section_pareto,
             "structured_compensation": section_structured_compensation, "size": section_size,
             "recovery": section_recovery, "sweep": section_sweep, "generations": section_generations,
