@@ -1,26 +1,39 @@
-"""Build docs/BENCHMARKS.md from the JSON written by the benchmark scripts (bench_out/*.json).
+"""Build docs/BENCHMARKS.md, every section of it, from the results in docs/results/ (bench_out/NAME.json first).
 
-    .venv/bin/python scripts/bench_report.py          # also copies the JSON to docs/results/
+    .venv/bin/python scripts/bench_report.py          # the whole file; also copies a section's new bench_out JSON
     .venv/bin/python scripts/bench_report.py --only-admm   # only the admm section, spliced in place
     .venv/bin/python scripts/bench_report.py --section architectures   # re-render one section only
     .venv/bin/python scripts/bench_report.py --section zeroshot_harness --from /path/zeroshot_harness.json
 
-Every table names the script and command that produced it; sections whose JSON is missing say so.
+``SECTIONS`` lists every section of docs/BENCHMARKS.md in its order. A section draws on one or more files in
+docs/results/: the JSON its script wrote, or, where the text cannot be derived from a JSON (the prose of the
+structured Pareto, the sweep and search tables whose per-point JSON was not kept), a Markdown fragment
+(docs/results/NAME.md) included verbatim. Every section names its files, the command that made them and the hfprune
+commit they ran at (or that they were not re-run on the new spine, issue 27); sections whose JSON is missing say so.
+Files in docs/results/ that feed other documents: ``OTHER_DOCS``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench_out"
 RESULTS = ROOT / "docs" / "results"
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_size / bench_pareto: their Markdown tables
+
+
+READ: set[str] = set()  # the JSON names the sections asked for (main copies only those from bench_out/)
 
 
 def load(name: str):
+    READ.add(name)
     path = BENCH / f"{name}.json"
     if not path.exists():
         path = RESULTS / f"{name}.json"
@@ -47,6 +60,76 @@ ISSUE_REFERENCE = {"magnitude-50": 560.3, "magnitude-2of4": 2014.0, "wanda-50": 
 def _table_head(lines, header: str) -> None:
     """Append a Markdown table's header row and its separator."""
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
+
+
+def fragment(name: str) -> str | None:
+    """The Markdown fragment ``NAME.md`` (bench_out/ first, then docs/results/), for text no JSON holds."""
+    for folder in (BENCH, RESULTS):
+        if (folder / f"{name}.md").exists():
+            return (folder / f"{name}.md").read_text()
+    return None
+
+
+NOT_RERUN = "not re-run on the new spine (issue 27)"
+SPINE_LINK = "[On the new spine](#on-the-new-spine-issue-27-which-numbers-were-re-run)"
+
+
+def commits_in(*texts: str) -> list[str]:
+    """The commits a recorded command names as the one it ran at (``at abc1234``, ``at commit abc1234``)."""
+    found = []
+    for text in texts:
+        for c in re.findall(r"\bat (?:commit )?([0-9a-f]{7,40})\b", text or ""):
+            if c not in found:
+                found.append(c)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _on_new_spine(commit: str) -> bool | None:
+    """Whether ``commit`` contains the new spine (spine_outputs.json's ``after_commit``); None when git cannot say."""
+    after = (load("spine_outputs") or {}).get("after_commit")
+    if not after:
+        return None
+    try:
+        rc = subprocess.run(["git", "merge-base", "--is-ancestor", after, commit], cwd=ROOT,
+                            capture_output=True).returncode
+    except OSError:
+        return None
+    return {0: True, 1: False}.get(rc)
+
+
+def spine_status(commits: list[str]) -> str:
+    """Whether all of ``commits`` ran on the new spine, or all before it; empty when mixed or unknown."""
+    on = [_on_new_spine(c) for c in commits]
+    if on and all(on):
+        return "on the new spine"
+    if on and not any(on) and None not in on:
+        return f"before the new spine: {NOT_RERUN}"
+    return ""
+
+
+def commit_note(commits: list[str]) -> str:
+    """``hfprune commit: ...``: the recorded commits and whether they ran on the new spine."""
+    if not commits:
+        return f"hfprune commit: not recorded; {NOT_RERUN}"
+    status = spine_status(commits)
+    return f"hfprune commit: {', '.join(commits)}" + (f"; {status}" if status else "")
+
+
+def spine_identical(rows: dict[str, str]) -> str:
+    """The rows (``{row as Markdown: spine setting}``) whose setting saved bit-identical weights before and after the
+    spine refactor in docs/results/spine_outputs.json, as a sentence; empty when none."""
+    spine = load("spine_outputs") or {}
+    runs = spine.get("runs", {})
+    same = [f"{row} (`{s}`)" for row, s in rows.items() if (runs.get(s) or {}).get("identical") is True]
+    return (f" Weights bit-identical on the new code for the settings of {', '.join(same)} (saved at "
+            f"{spine.get('before_commit')} and after the spine refactor; see {SPINE_LINK})." if same else "")
+
+
+def provenance(lines, files: str, command: str, commits: list[str] | str, spine_rows: dict[str, str] | None = None):
+    """The section's last line: its files in docs/results, the command that made them, the hfprune commit."""
+    note = commits if isinstance(commits, str) else commit_note(commits)
+    lines.append(f"Source: {files}. Command: {command}. {note}.{spine_identical(spine_rows or {})}\n")
 
 
 def section(name: str, title: str, script: str):
@@ -183,6 +266,10 @@ def section_oneshot(lines):
                      f"{fmt(other.get('prune_over_forward'))} | {fmt(raw, '.2f')} | {fmt(norm, '.2f')} | "
                      f"{fmt(row.get('every_layer_exact'))} |")
     lines.append("")
+    # Rows pruned with a setting of the spine check (the protocol's calibration, the current defaults: the run's
+    # config in the JSON); sparsegpt-50 here ran true-sequential, the old default, so it is not one.
+    provenance(lines, "`docs/results/oneshot.json`, `docs/results/llmcompressor.json`", "the commands listed above",
+               commits_in(*our_cmds, *their_cmds), {"`wanda-50`": "wanda50", "`wanda-2of4`": "wanda24"})
 
 
 @section("structured", "Structured pruning (heads and MLP neurons)", "scripts/bench_structured.py")
@@ -199,6 +286,27 @@ def section_structured(lines, data):
                      f"{fmt(r.get('forward_speedup_over_ideal'))} | {fmt(r.get('generate_64_s'))} | "
                      f"{fmt(r.get('generate_speedup'))} | {fmt(r.get('dense_forward_512_s_recheck'))} |")
     lines.append("")
+    provenance(lines, "`docs/results/structured.json`", "the one above", commits_in(data["command"]))
+
+
+def section_pareto(lines):
+    """scripts/bench_pareto.py: the structured Pareto. The text is docs/results/pareto.md (written by hand); its
+    ``{{table}}`` is the table of docs/results/pareto.json as ``scripts/bench_pareto.py --table`` prints it."""
+    lines.append("## Depth, hidden size and width: parameters and decode speed vs perplexity (SmolLM2-135M)\n")
+    data, text = load("pareto"), fragment("pareto")
+    if not data or not text:
+        lines.append("_not run yet: `scripts/bench_pareto.py`, then `scripts/bench_pareto.py --table`_\n")
+        return
+    from bench_pareto import markdown
+
+    lines.append(text.replace("{{table}}", markdown(data)))
+    speed = load("speed_structured")
+    commands = data["command"] if isinstance(data["command"], list) else [data["command"]]
+    provenance(lines, "`docs/results/pareto.json` (the table and plot), `docs/results/pareto.md` (the text)" + (
+        ", `docs/results/speed_structured.json` (the README's quiet-machine speed quoted above; command not recorded: "
+        "an `hfprune bench` run, its settings in the file's `config`)" if speed else ""),
+        "the ones above", commits_in(*commands),
+        {"`block_influence 8 blocks`": "depth8", "`hidden 459`": "hidden459"})
 
 
 @section("structured_compensation", "Compensated structured pruning (heads and MLP neurons, issue 19)",
@@ -240,25 +348,34 @@ def section_structured_compensation(lines, data):
                      f"{errs[0]} | {errs[1]} | {fmt(r.get('forward_speedup'))} | "
                      f"{fmt(r.get('forward_speedup_over_ideal'))} | {reload} | {fmt(r.get('prune_seconds'), '.0f')} |")
     lines.append("")
-    md = BENCH / "structured_compensation.md"
-    if not md.exists():
-        md = RESULTS / "structured_compensation.md"
-    if md.exists():
-        lines.append(md.read_text())
+    notes = fragment("structured_compensation")  # findings written by hand, if any
+    if notes:
+        lines.append(notes)
+    provenance(lines, "`docs/results/structured_compensation.json`" + (
+        ", `docs/results/structured_compensation.md`" if notes else ""), "the one above", commits_in(*commands),
+        {"`obs`": "obs"})
 
 
 @section("size", "Checkpoint size (first run: 2:4 stored with 2-bit indices)", "scripts/bench_size.py")
 def section_size(lines, data):
+    from bench_size import markdown  # the tables scripts/bench_size.py writes to size.md
+
     if "command" in data:
         lines.append(f"Command: `{data['command']}`\n")
-    md = BENCH / "size.md"
-    if md.exists():
-        lines.append(md.read_text())
-    else:
-        lines.append("```json\n" + json.dumps({k: v for k, v in data.items() if k != "machine"}, indent=1)[:6000] + "\n```\n")
+    lines.append(markdown(data))
     lines.append("The `load s` column above predates the vectorised sparse decoder. Current load times (quiet machine, "
                  "`scripts/bench_load.py`, `docs/results/load_time.json`): sparse 2:4 1.37x and sparse 50 % 1.36x the "
                  "dense checkpoint's.\n")
+    load_time = load("load_time") or {}
+    size_command = f"`{data['command']}`" if "command" in data else (
+        "not recorded in `size.json` (the rows marked 'from the previous full run' come from an earlier full run of "
+        "`scripts/bench_size.py`, the others from a `--variants` re-run over it, which an earlier version of this "
+        "script named as `.venv/bin/python scripts/bench_size.py --variants sparse-2of4,sparse-2of4-int8 --out "
+        "bench_out/size_new`)")
+    load_commit = commit_note(commits_in(load_time.get("command", ""))).removeprefix("hfprune commit: ")
+    provenance(lines, "`docs/results/size.json` (the tables), `docs/results/load_time.json` (the load times)",
+               f"{size_command}; load times: `{load_time.get('command', 'not recorded')}`",
+               f"{commit_note(commits_in(data.get('command', '')))}; load times: {load_commit}")
 
 
 @section("recovery", "Recovery fine-tuning (Wanda 2:4, SmolLM2-135M)", "scripts/bench_recovery.py")
@@ -278,23 +395,52 @@ def section_recovery(lines, data):
         lines.append(f"| {name} | {fmt(r['perplexity'])} | {fmt(r['gap_closed'], '.3f')} | {r['steps']} | "
                      f"{r['tokens_seen']:,} | {fmt(r['sparsity_after'], '.6f')} | {r['sparsity_check']['exact']} |")
     lines.append("\n![recovery loss](img/recovery_loss.png)\n")
+    provenance(lines, "`docs/results/recovery.json`", "the one above", [])
 
 
 def section_sweep(lines):
+    """scripts/bench_sweep.py: the sweep and search tables and the zero-shot cloze table. The tables are
+    docs/results/sweep.md (the script's sweep.md and search.md as it wrote them: the per-point JSON was not kept; a
+    new run's bench_out/sweep.md and search.md replace it), the cloze table comes from zeroshot.json."""
     lines.append("## Choosing the ratio: sweep, search, zero-shot (SmolLM2-135M)\n")
     summary = load("bench_sweep")
     if summary and summary.get("command"):
         lines.append(f"Command: `{summary['command']}`\n")
-    found = False
-    for md in ("sweep.md", "search.md", "zeroshot.md"):
-        path = BENCH / md
-        if path.exists():
-            found = True
-            lines.append(path.read_text().replace("\n# ", "\n### ").replace("# ", "### ", 1))
-    if not found:
+    fresh = [BENCH / md for md in ("sweep.md", "search.md") if (BENCH / md).exists()]
+    if fresh:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "sweep.md").write_text("\n".join(
+            path.read_text().replace("\n# ", "\n### ").replace("# ", "### ", 1) for path in fresh))
+    tables = (RESULTS / "sweep.md").read_text() if (RESULTS / "sweep.md").exists() else None
+    zs = load("zeroshot")
+    if not tables and not zs:
         lines.append("_not run yet: `scripts/bench_sweep.py`_\n")
         return
+    if tables:
+        lines.append(tables)
+    if zs:
+        dense, pruned, label = zs["dense"], zs["pruned"], zs["pruned_label"]
+        lines.append(f"### Zero-shot cloze accuracy (synthetic task, {zs['items']} items, "
+                     f"{dense.get('n_choices_mean', 4):g} choices, chance {100 * zs['chance']:g} %)\n")
+        lines += ["| model | acc | acc_norm |", "|---|---:|---:|",
+                  f"| dense | {dense['acc']:.4f} +/- {dense['acc_stderr']:.4f} | {dense['acc_norm']:.4f} |",
+                  f"| {label} | {pruned['acc']:.4f} +/- {pruned['acc_stderr']:.4f} | {pruned['acc_norm']:.4f} |", ""]
+    provenance(lines, "`docs/results/bench_sweep.json` (the run's settings and totals), `docs/results/sweep.md` "
+               "(the sweep and search tables as the script wrote them; their per-point JSON was not kept), "
+               "`docs/results/zeroshot.json` (the cloze table)", "the one above",
+               commits_in((summary or {}).get("command")))
+
+
+@section("zeroshot", "Greedy generations", "scripts/bench_sweep.py")
+def section_generations(lines, data):
+    """The greedy generations of scripts/bench_sweep.py's zero-shot part (zeroshot.json), dense and pruned."""
+    for g in data["generations"]:
+        lines += [f"- **{g['prompt']}**", f"  - dense: {g['dense']!r}", f"  - {data['pruned_label']}: {g['pruned']!r}"]
+    lines.append("")
     lines.append("![sweep](img/sweep.png)\n")
+    command = (load("bench_sweep") or {}).get("command")
+    provenance(lines, "`docs/results/zeroshot.json` (the plot above belongs to the sweep of the previous section)",
+               f"`{command}` (its zero-shot part)" if command else "not recorded", commits_in(command))
 
 
 @section("memory", "Memory: streaming big checkpoints (`--low-memory`)", "scripts/bench_memory.py")
@@ -320,6 +466,13 @@ def section_memory(lines, data):
                      f"{fmt(mp['two_processes']['prune_s'], '.1f')} s; output tensors bit-identical: "
                      f"{mp['identical']}.\n")
     lines.append("![memory](img/memory.png)\n")
+    provenance(lines, "`docs/results/memory.json`", "the one above (the file does not record it)", [])
+    creep = load("memory_creep")
+    if creep:
+        runs = ", ".join(f"{r['label']} {r['commit']}" for r in creep["runs"])
+        lines.append(f"Also `docs/results/memory_creep.json`: {creep['what']} for Wanda 50 % of the 0.5b model "
+                     f"(c4 16 x 256) at three commits ({runs}). Command: `{creep['command']}`. "
+                     f"{commit_note([r['commit'] for r in creep['runs']])}.\n")
 
 
 ADMM_START, ADMM_END = "<!-- admm:start -->", "<!-- admm:end -->"
@@ -334,18 +487,24 @@ ADMM_RENAMES = {"oneshot_admm": {"admm-2of4": "admm-2of4-off", "admm-50": "admm-
                 "oneshot_admm_d.3": {"admm-2of4-d.3": "admm-2of4-off-d.3"}}
 
 
-def _admm_rows():
-    """``[(file, name, row, same-file runs)]`` over ADMM_RUNS, names as in ADMM_RENAMES."""
-    rows, commands, meta = [], [], None
-    # docs/results/oneshot_admm.json holds every run of the table as "parts"; a new bench_out/<part>.json replaces
-    # its part (splice_admm writes it into the results file).
+def _admm_parts() -> dict:
+    """``{part: its JSON}`` over ADMM_RUNS: docs/results/oneshot_admm.json holds every run of the table as "parts"; a
+    new bench_out/<part>.json replaces its part (splice_admm writes it into the results file)."""
     path = RESULTS / "oneshot_admm.json"
     parts = json.loads(path.read_text()).get("parts", {}) if path.exists() else {}
+    found = {}
     for name in ADMM_RUNS:
         fresh = BENCH / f"{name}.json"
         data = json.loads(fresh.read_text()) if fresh.exists() else parts.get(name)
-        if not data or "runs" not in data:
-            continue
+        if data and "runs" in data:
+            found[name] = data
+    return found
+
+
+def _admm_rows():
+    """``[(file, name, row, same-file runs)]`` over ADMM_RUNS, names as in ADMM_RENAMES."""
+    rows, commands, meta = [], [], None
+    for name, data in _admm_parts().items():
         meta = meta or data
         commands.append(data.get("command", ""))
         runs = {ADMM_RENAMES.get(name, {}).get(k, k): v for k, v in data["runs"].items()}
@@ -564,7 +723,26 @@ def section_admm(lines):
     lines.append("What each idea is worth on the layer problem (from the tables above):\n")
     lines.extend(f"- {item}" for item in PROXY_FINDINGS)
     lines.append("")
+    # The commits the table's parts and the curve record with their commands.
+    part_commits = {name: commits_in(data.get("command", "")) for name, data in _admm_parts().items()}
+    curve_commits = commits_in((curve or {}).get("command", ""))
+    recorded = [f"{name} {', '.join(c)}" for name, c in part_commits.items() if c]
+    note = "hfprune commit: " + (", ".join(recorded) + " (the table's other parts record none)" if recorded
+                                 else "not recorded for the table's parts")
+    if curve_commits:
+        note += f"; the curve {' and '.join(curve_commits)}"
+    status = spine_status(list(dict.fromkeys([*(c for cs in part_commits.values() for c in cs), *curve_commits])))
+    if status:
+        note += f"; {status}"
+    # Rows with a setting of the spine check (their config in the JSON: the current defaults).
+    provenance(lines, "`docs/results/oneshot_admm.json` (the table; one part per command), "
+               "`docs/results/oneshot_curve.json` (perplexity vs sparsity), `docs/results/admm_proxy_logs.json` (the "
+               "proxy tables)", "the ones above, with each table", note,
+               {"the table's `sparsegpt-50`": "sgpt50", "the table's `admm-2of4`": "admm24",
+                "the curve's `wanda-50`": "wanda50", "the curve's `wanda-2of4`": "wanda24",
+                "the curve's `sparsegpt-50`": "sgpt50"})
     lines.append(ADMM_END)
+    lines.append("")
 
 
 def splice_admm() -> None:
@@ -574,7 +752,7 @@ def splice_admm() -> None:
     text = doc.read_text()
     lines: list[str] = []
     section_admm(lines)
-    block = "\n".join(lines)
+    block = "\n".join(lines).rstrip("\n")
     if ADMM_START in text:
         head, rest = text.split(ADMM_START, 1)
         tail = rest.split(ADMM_END, 1)[1]
@@ -584,20 +762,28 @@ def splice_admm() -> None:
         head, tail = text.split(marker, 1) if marker in text else (text, "")
         text = head.rstrip("\n") + "\n\n" + block + "\n" + (marker + tail if tail else "")
     doc.write_text(text)
+    store_admm_parts()
+    print("updated the admm section of docs/BENCHMARKS.md")
+
+
+def store_admm_parts() -> None:
+    """Write the new runs of the ADMM table in bench_out/ into their parts of docs/results/oneshot_admm.json, and a new
+    admm_proxy / oneshot_curve JSON over its copy."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     merged_path = RESULTS / "oneshot_admm.json"
     merged = json.loads(merged_path.read_text()) if merged_path.exists() else {}
     parts = merged.get("parts") or {}
+    new = False
     for name in ADMM_RUNS:  # a new run of the table becomes (or replaces) its part of the one results file
         if (BENCH / f"{name}.json").exists():
             part = json.loads((BENCH / f"{name}.json").read_text())
             parts[name] = part.get("parts", {}).get(name, part) if "parts" in part else part
-    if parts:
+            new = True
+    if new:
         merged_path.write_text(json.dumps({**merged, "parts": parts}, indent=2) + "\n")
     for name in ("admm_proxy", "oneshot_curve"):
         if (BENCH / f"{name}.json").exists():
             shutil.copy(BENCH / f"{name}.json", RESULTS / f"{name}.json")
-    print("updated the admm section of docs/BENCHMARKS.md")
 
 
 ZS_SHORT = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "WinoG", "boolq": "BoolQ",
@@ -845,6 +1031,8 @@ def section_architectures(lines, data):
         for name, r in sorted(unbuilt.items()):
             lines.append(f"- `{name}` ({kinds.get(r['status'], r['status'])}): {str(r.get('reason'))[:250]}")
     lines.append("")
+    provenance(lines, "`docs/results/architectures.json`", "the run above",
+               [data["commit"]] if data.get("commit") else commits_in(data.get("command", "")))
 
 
 @section("sparsegpt_parity", "SparseGPT parity with llm-compressor per family (tiny random models)",
@@ -881,6 +1069,11 @@ def section_sparsegpt_parity(lines, data):
                      f"{get(b, 'mask_agreement_with_llmc')} | {get(t, 'mask_agreement_with_llmc')} | {default} |")
     lines.append("")
     lines.extend(SPARSEGPT_PARITY_FINDINGS)
+    earlier = load("sparsegpt_parity_32x256")
+    provenance(lines, "`docs/results/sparsegpt_parity.json` (the table)" + (
+        ", `docs/results/sparsegpt_parity_32x256.json` (the earlier 32 x 256 run quoted above)" if earlier else ""),
+        "the one above" + (f"; the earlier run: `{earlier['command']}`" if earlier else ""),
+        commits_in(data["command"], (earlier or {}).get("command", "")))
 
 
 @section("structured_distill", "Distilling the compensated structured model (issue 19)",
@@ -900,6 +1093,9 @@ def section_structured_distill(lines, data):
     for r in data["runs"]:
         lines.append(f"- `{r['name']}` ({r['machine_load']}): " + " ; ".join(f"`{c}`" for c in r["commands"]))
     lines.append("")
+    provenance(lines, "`docs/results/structured_distill.json`", "the ones per run above",
+               commits_in(*(c for r in data["runs"] for c in r["commands"])),
+               {"the student before distillation": "obs"})
 
 
 @section("spine_outputs", "On the new spine (issue 27): which numbers were re-run",
@@ -998,12 +1194,16 @@ def section_scaling(lines, data):
                  "`python scripts/bench_scaling.py --sizes SIZE --llmc-python .venv-llmc/bin/python` per size.\n")
 
 
-SECTIONS = {"architectures": section_architectures, "sparsegpt_parity": section_sparsegpt_parity,
-            "zeroshot_harness": section_zeroshot_harness,
-            "structured_compensation": section_structured_compensation,
-            "structured_distill": section_structured_distill, "stages": section_stages,
-            "spine_outputs": section_spine_outputs,
-            "scaling": section_scaling}
+# Every section of docs/BENCHMARKS.md, in its order.
+SECTIONS = {"spine_outputs": section_spine_outputs, "stages": section_stages, "scaling": section_scaling,
+            "oneshot": section_oneshot, "sparsegpt_parity": section_sparsegpt_parity, "admm": section_admm,
+            "structured": section_structured, "pareto": section_pareto,
+            "structured_compensation": section_structured_compensation, "size": section_size,
+            "recovery": section_recovery, "sweep": section_sweep, "generations": section_generations,
+            "memory": section_memory, "zeroshot_harness": section_zeroshot_harness,
+            "architectures": section_architectures, "structured_distill": section_structured_distill}
+# Files in docs/results/ that no section draws on, kept for the documents that cite them.
+OTHER_DOCS = {"determinism.json": "docs/big_models.md (scripts/bench_determinism.py)"}
 
 
 def update_section(name: str, source: Path | None = None) -> None:
@@ -1019,9 +1219,12 @@ def update_section(name: str, source: Path | None = None) -> None:
     path = ROOT / "docs" / "BENCHMARKS.md"
     doc = path.read_text()
     head = text.split("\n", 1)[0]
+    title = next(line for line in text.split("\n") if line.startswith("## "))  # head, or after a marker line
     if head in doc:
         start = doc.index(head)
-        nxt = doc.find("\n## ", start + len(head))
+        at = doc.find(title, start)
+        ends = [doc.find(mark, (at if at >= 0 else start) + len(title)) for mark in ("\n## ", "\n" + ADMM_START)]
+        nxt = min((e for e in ends if e >= 0), default=-1)  # the next section (the admm one starts with its marker)
         doc = doc[:start] + text.rstrip("\n") + "\n" + (doc[nxt:] if nxt >= 0 else "")
     else:
         doc = doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
@@ -1034,45 +1237,25 @@ def update_section(name: str, source: Path | None = None) -> None:
 
 
 def main() -> None:
-    import sys
-
     if len(sys.argv) > 2 and sys.argv[1] == "--section":
         source = Path(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--from" else None
         update_section(sys.argv[2], source)
         return
     lines = ["# Benchmarks\n", "Generated by `scripts/bench_report.py` from the JSON of the benchmark scripts "
              "(copies in `docs/results/`). All numbers were measured on the project's 2-core CPU machine.\n"]
-    section_spine_outputs(lines)
-    section_stages(lines)
-    section_scaling(lines)
-    section_oneshot(lines)
-    section_sparsegpt_parity(lines)
-    section_admm(lines)
-    section_structured(lines)
-    section_structured_compensation(lines)
-    section_structured_distill(lines)
-    section_size(lines)
-    new_md = BENCH / "size_new" / "size.md"
-    if new_md.exists():
-        lines.append("### Rerun of the 2:4 rows with the combinatorial pattern code (2.67 bits per group of 4)\n")
-        lines.append("Command: `.venv/bin/python scripts/bench_size.py --variants sparse-2of4,sparse-2of4-int8 "
-                     "--out bench_out/size_new`\n")
-        lines.append(new_md.read_text())
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(BENCH / "size_new" / "size.json", RESULTS / "size_new.json")
-    section_recovery(lines)
-    section_sweep(lines)
-    section_memory(lines)
-    section_zeroshot_harness(lines)
-    section_architectures(lines)
-    (ROOT / "docs" / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for path in BENCH.glob("*.json"):
-        shutil.copy(path, RESULTS / path.name)
+    for render in SECTIONS.values():
+        render(lines)
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    (ROOT / "docs" / "BENCHMARKS.md").write_text(text)
+    store_admm_parts()
+    for path in BENCH.glob("*.json"):  # a section's new results replace its file in docs/results
+        if path.stem in READ:
+            shutil.copy(path, RESULTS / path.name)
     print("wrote docs/BENCHMARKS.md")
+    for path in sorted(RESULTS.iterdir()):
+        if f"docs/results/{path.name}" not in text and path.name not in OTHER_DOCS:
+            print(f"warning: no section of docs/BENCHMARKS.md names docs/results/{path.name}")
 
 
 if __name__ == "__main__":
-    import sys
-
     splice_admm() if "--only-admm" in sys.argv[1:] else main()
