@@ -1153,7 +1153,7 @@ def section_stages(lines, data):
                  "(vLLM removed its 2:4 kernels in 2026-03) runs 2:4 faster. Size and speed come from the "
                  "structured width stage and int4; a 2:4 stage costs perplexity and buys nothing in this format today.\n")
     cmds = data["command"] if isinstance(data["command"], list) else [data["command"]]
-    commits = data.get("commits") or {}
+    commits = data.get("commits") or ({"all lists": data["commit"]} if data.get("commit") else {})
     lines.append("File: `docs/results/stages.json`. Commands: " + " ; ".join(f"`{c}`" for c in cmds)
                  + (". Ran at " + ", ".join(f"{k}: {v}" for k, v in commits.items()) if commits else "")
                  + ". The prune seconds in the file are not measurements (other work ran beside the runs).\n")

@@ -125,7 +125,9 @@ def main() -> None:
 
     result = {"protocol": {**PROTOCOL, "nsamples": args.nsamples, "seqlen": args.seqlen,
                            "max_windows": args.max_windows},
-              "machine": machine(), "command": " ".join(sys.argv), "save_dtype": args.save_dtype, "runs": {}}
+              "machine": machine(), "command": " ".join(sys.argv), "save_dtype": args.save_dtype,
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                                       capture_output=True, text=True).stdout.strip() or None, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep or tmp)
         out.mkdir(parents=True, exist_ok=True)
