@@ -47,15 +47,29 @@ def n_params(size: str) -> int:
 
 def timed(cmd: list[str], env: dict, log: Path) -> dict:
     """Run ``cmd`` under ``/usr/bin/time -v``; its peak RSS (MiB) and wall seconds."""
+    import threading
+
+    loads, done = [], threading.Event()
+
+    def sample() -> None:  # the 1-min load average during the run, as ../shared/tools/quiet judges it
+        while not done.wait(5.0 if loads else 0.0):
+            loads.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     with open(log, "w") as fh:
         res = subprocess.run([TIME, "-v", *cmd], env=env, stdout=fh, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
     text = log.read_text(errors="replace")
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}); log: {log}\n{text[-3000:]}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"wall_s": wall, "peak_rss_mb": int(rss.group(1)) / 1024 if rss else None}
+    cores = os.cpu_count() or 1
+    return {"wall_s": wall, "peak_rss_mb": int(rss.group(1)) / 1024 if rss else None,
+            "load_max": max(loads, default=None), "quiet": bool(loads) and max(loads) <= cores + 0.5}
 
 
 def env_for(python_path: str | None = None) -> dict:
