@@ -1148,6 +1148,23 @@ def section_stages(lines, data):
                 f"{run['reload']['max_abs_logit_diff']:g} ({run['reload']['class']}, hfprune imported: "
                 f"{fmt(run['reload']['hfprune_imported'])}) |" if final else "| | |"))
     lines.append("")
+    f32 = data.get("float32_save") or {}
+    if f32:
+        lines.append("Saved in " + data.get("save_dtype", "float32") + ", the stock reload computes in that dtype "
+                     "from the int4 codes and bf16 scales, the in-memory model from its own bf16 cast of the "
+                     "fake-quantized float32 weights: the logits differ by bf16 rounding through 30 blocks (the "
+                     "largest of 256 x 49,152 logits above). "
+                     + ("Reloaded and evaluated on the same protocol: " if any(
+                         v.get("reload_perplexity") for v in data["runs"].values()) else "")
+                     + ", ".join(f"{k} {v['reload_perplexity']:.2f}" for k, v in data["runs"].items()
+                                 if v.get("reload_perplexity")) + (" (WikiText-2, 32 windows, float32 compute; "
+                     "`hfprune eval --model CHECKPOINT --dtype float32 --max-windows 32`). " if any(
+                         v.get("reload_perplexity") for v in data["runs"].values()) else "")
+                     + "The same lists saved in float32 (embeddings in float32: "
+                     + ", ".join(f"{k} {v['saved_bytes'] / 1e6:.1f} MB, {v['size_vs_dense_bf16']:.3f} of dense bf16, "
+                                 f"at {v['commit']}" for k, v in f32.items())
+                     + ") reloaded with bit-identical logits (max abs diff "
+                     + ", ".join(f"{v['reload']['max_abs_logit_diff']:g}" for v in f32.values()) + ").\n")
     lines.append("The 2:4 zeros do not make the compressed-tensors checkpoint smaller: compressed-tensors 0.15 dropped "
                  "its sparse compressors and stores the int4 weights packed densely, and no current runtime "
                  "(vLLM removed its 2:4 kernels in 2026-03) runs 2:4 faster. Size and speed come from the "
