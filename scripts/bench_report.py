@@ -1107,16 +1107,39 @@ def section_spine_outputs(lines, data):
                  "changed how every method is called, not what it computes. Checked on SmolLM2-135M (c4 64 x 512 seed "
                  f"0) by the sha256 of the saved `model.safetensors`, before ({data['before_commit']}) and after "
                  f"({data['after_commit']}), same machine (`docs/results/spine_outputs.json`; {data['what']}):\n")
-    _table_head(lines, f"| setting | flags | sha256 before ({data['before_commit']}) | after | same |")
+    _table_head(lines, f"| setting | flags | sha256 before ({data['before_commit']}) | after | same | after at | "
+                       f"WikiText-2 ppl (32 windows) before / after |")
     for name, r in data["runs"].items():
         same = r["identical"] if r["identical"] is not None else "not run"
+        ppl = (f"{r['perplexity_before']:.3f} / {r['perplexity_after']:.3f} ({r['perplexity_after'] / r['perplexity_before'] - 1:+.2%})"
+               if r.get("perplexity_before") else "-")
         lines.append(f"| {name} | `{r['flags']}` | `{(r['before'] or 'not run')[:16]}` | "
-                     f"`{(r['after'] or 'not run')[:16]}` | {same} |")
+                     f"`{(r['after'] or 'not run')[:16]}` | {same} | {r.get('after_commit') or data['after_commit']} | {ppl} |")
     lines.append("")
+    if data.get("note"):
+        lines.append(data["note"] + "\n")
     lines.append("Where the weights are bit-identical, every perplexity, size and load-time number below for that "
                  "setting holds on the new code. Not re-run on the new code: the timings (prune seconds, time ratios "
                  "against llm-compressor, decode/prefill speed, load time), the llm-compressor rows (another tool), "
                  "the recovery and distillation runs, and the model-type conformance table.\n")
+
+
+@section("zeroshot_paths", "Zero-shot cost: `hfprune eval --tasks` against the `lm_eval` command line",
+         "python scripts/bench_zeroshot_paths.py --tasks piqa --batch-sizes 16,1 --output docs/results/zeroshot_paths.json")
+def section_zeroshot_paths(lines, data):
+    """scripts/bench_zeroshot_paths.py: the same tasks through both paths, fresh processes, one quiet run."""
+    lines.append(f"Dense SmolLM2-135M float32, task(s) {data['tasks']}, "
+                 + ("full split" if not data.get("limit") else f"first {data['limit']} documents")
+                 + f", {data['torch_threads']} torch threads; each path a fresh process under `/usr/bin/time -v`, one "
+                 f"after the other inside one `../shared/tools/quiet` run (QUIET).\n")
+    _table_head(lines, "| batch size | path | wall s | peak RSS MiB | metrics | same as lm_eval | wall / lm_eval |")
+    for r in data["rows"]:
+        metrics = "; ".join(f"{t} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) for t, m in r["metrics"].items())
+        lines.append(f"| {r['batch_size']} | {r['path']} | {r['wall_s']:.1f} | {r['peak_rss_mb']} | {metrics} | "
+                     f"{fmt(r.get('same_metrics_as_lm_eval'))} | {fmt(r.get('wall_ratio_to_lm_eval'), '.3f')} |")
+    lines.append("")
+    lines.append("File: `docs/results/zeroshot_paths.json`. Command: `python scripts/bench_zeroshot_paths.py --tasks piqa "
+                 "--batch-sizes 16,1`.\n")
 
 
 @section("stages", "Multi-stage pruning saved as compressed-tensors, reloaded by stock transformers (SmolLM2-135M)",
@@ -1218,6 +1241,7 @@ SECTIONS = {"spine_outputs": section_spine_outputs, "stages": section_stages, "s
             "structured_compensation": section_structured_compensation, "size": section_size,
             "recovery": section_recovery, "sweep": section_sweep, "generations": section_generations,
             "memory": section_memory, "zeroshot_harness": section_zeroshot_harness,
+            "zeroshot_paths": section_zeroshot_paths,
             "architectures": section_architectures, "structured_distill": section_structured_distill}
 # Files in docs/results/ that no section draws on, kept for the documents that cite them.
 OTHER_DOCS = {"determinism.json": "docs/big_models.md (scripts/bench_determinism.py)"}
