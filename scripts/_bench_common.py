@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 PROTOCOL = {
@@ -76,3 +80,73 @@ def protocol_result(args, machine_info: dict) -> tuple[dict, list[str]]:
     if args.forward_ref:
         passthrough.append("--forward-ref")
     return result, passthrough
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str | None:
+    """The checkout's commit when the run started (``-dirty``: hfprune/ has uncommitted changes)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hfprune"], cwd=Path(__file__).resolve().parents[1],
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+class LoadSampler:
+    """Samples the 1-min load average every ``every`` seconds in a thread (what ../shared/tools/quiet does)."""
+
+    def __init__(self, every: float = 5.0):
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read() -> float | None:
+        try:
+            return float(Path("/proc/loadavg").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _run(self):
+        while True:
+            value = self.read()
+            if value is not None:
+                self.samples.append(value)
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        value = self.read()
+        if value is not None:
+            self.samples.append(value)
+
+    def summary(self) -> dict:
+        cores = os.cpu_count() or 1
+        peak = max(self.samples) if self.samples else None
+        return {"max_1min": peak, "mean_1min": sum(self.samples) / len(self.samples) if self.samples else None,
+                "samples": len(self.samples), "every_s": self.every, "cores": cores,
+                # the run itself accounts for up to `cores` of the load; more means something else ran beside it
+                "quiet": None if peak is None else peak <= cores + 0.5}
+
+
+def timed(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run ``cmd`` in a fresh process under ``/usr/bin/time -v`` (output to ``log``): its wall seconds, peak RSS
+    (MiB, "Maximum resident set size") and the 1-min load during it (:class:`LoadSampler`); raises on failure."""
+    with LoadSampler() as load, open(log, "w") as fh:
+        start = time.perf_counter()
+        res = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - start
+    text = log.read_text(errors="replace")
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}); log: {log}\n{text[-3000:]}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {"wall_s": wall, "peak_rss_mb": int(rss.group(1)) / 1024 if rss else None, "load": load.summary()}

@@ -23,16 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+import _bench_common  # noqa: E402  (timed, git_commit; imports no torch)
 import bench_memory  # noqa: E402  (shapes, VOCAB, the cached random checkpoints; imports no torch)
 
 NSAMPLES, SEQLEN = 16, 256
@@ -46,30 +45,11 @@ def n_params(size: str) -> int:
 
 
 def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run ``cmd`` under ``/usr/bin/time -v``; its peak RSS (MiB) and wall seconds."""
-    import threading
-
-    loads, done = [], threading.Event()
-
-    def sample() -> None:  # the 1-min load average during the run, as ../shared/tools/quiet judges it
-        while not done.wait(5.0 if loads else 0.0):
-            loads.append(os.getloadavg()[0])
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        res = subprocess.run([TIME, "-v", *cmd], env=env, stdout=fh, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    text = log.read_text(errors="replace")
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}); log: {log}\n{text[-3000:]}")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    cores = os.cpu_count() or 1
-    return {"wall_s": wall, "peak_rss_mb": int(rss.group(1)) / 1024 if rss else None,
-            "load_max": max(loads, default=None), "quiet": bool(loads) and max(loads) <= cores + 0.5}
+    """``_bench_common.timed`` with the row keys of this table: wall seconds, peak RSS (MiB), the highest 1-min load
+    during the prune and whether it stayed quiet (as ../shared/tools/quiet judges it)."""
+    row = _bench_common.timed(cmd, log, env=env)
+    load = row.pop("load")
+    return {**row, "load_max": load["max_1min"], "quiet": bool(load["quiet"])}
 
 
 def env_for(python_path: str | None = None) -> dict:
@@ -200,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"] = json.loads(out.read_text()).get("rows", [])
     done = {(r["size"], r["method"], r["tool"]) for r in result["rows"]}
     order = list(bench_memory.SHAPES)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or None
+    commit = _bench_common.git_commit()
     for size in sorted(sizes, key=order.index):
         model = Path(subprocess.run([sys.executable, str(HERE / "bench_memory.py"), "--build", size], check=True,
                                     capture_output=True, text=True, env=env_for()).stdout.strip().splitlines()[-1])

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import PROTOCOL, machine, unique_params, write_json  # noqa: E402
+from _bench_common import PROTOCOL, git_commit, machine, unique_params, write_json  # noqa: E402
 
 STAGES = {
     "mlp25-admm24-int4": [{"method": "structured", "mlp_ratio": 0.25}, {"method": "admm", "pattern": "2:4"},
@@ -126,8 +126,7 @@ def main() -> None:
     result = {"protocol": {**PROTOCOL, "nsamples": args.nsamples, "seqlen": args.seqlen,
                            "max_windows": args.max_windows},
               "machine": machine(), "command": " ".join(sys.argv), "save_dtype": args.save_dtype,
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                                       capture_output=True, text=True).stdout.strip() or None, "runs": {}}
+              "commit": git_commit(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep or tmp)
         out.mkdir(parents=True, exist_ok=True)

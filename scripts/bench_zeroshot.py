@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import functools
 import hashlib
 import json
 import logging
@@ -43,13 +42,12 @@ import platform
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import PROTOCOL, unique_params, write_json  # noqa: E402
+from _bench_common import PROTOCOL, LoadSampler, git_commit, unique_params, write_json  # noqa: E402
 
 FIVE = ("arc_easy", "piqa", "winogrande", "hellaswag", "lambada_openai")
 NINE_EXTRA = ("arc_challenge", "boolq", "openbookqa", "rte")  # with FIVE: the nine-task suite
@@ -79,62 +77,6 @@ log = logging.getLogger("bench_zeroshot")
 # ------------------------------------------------------------------------------------ bookkeeping
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@functools.lru_cache(maxsize=None)
-def git_commit() -> str | None:
-    """The checkout's commit when the run started (``-dirty``: hfprune/ has uncommitted changes)."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hfprune"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-class LoadSampler:
-    """Samples the 1-min load average every ``every`` seconds in a thread (what ../shared/tools/quiet does)."""
-
-    def __init__(self, every: float = 5.0):
-        self.every, self.samples = every, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def read() -> float | None:
-        try:
-            return float(Path("/proc/loadavg").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def _run(self):
-        while True:
-            value = self.read()
-            if value is not None:
-                self.samples.append(value)
-            if self._stop.wait(self.every):
-                return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        value = self.read()
-        if value is not None:
-            self.samples.append(value)
-
-    def summary(self) -> dict:
-        cores = os.cpu_count() or 1
-        peak = max(self.samples) if self.samples else None
-        return {"max_1min": peak, "mean_1min": sum(self.samples) / len(self.samples) if self.samples else None,
-                "samples": len(self.samples), "every_s": self.every, "cores": cores,
-                # the run itself accounts for up to `cores` of the load; more means something else ran beside it
-                "quiet": None if peak is None else peak <= cores + 0.5}
 
 
 def _sha256(path: Path) -> str:

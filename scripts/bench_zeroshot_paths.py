@@ -19,30 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common  # noqa: E402
 BIN = Path(sys.executable).parent
-TIME = "/usr/bin/time"
 
 
 def timed(cmd: list[str], log: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        res = subprocess.run([TIME, "-v", *cmd], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-    wall = time.perf_counter() - start
-    text = log.read_text(errors="replace")
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {res.returncode}); log {log}:\n{text[-3000:]}")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None,
+    row = _bench_common.timed(cmd, log, env=env, cwd=ROOT)
+    return {**row, "wall_s": round(row["wall_s"], 1), "peak_rss_mb": round(row["peak_rss_mb"] or 0) or None,
             "command": " ".join(cmd)}
 
 
