@@ -14,6 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+TIME = "/usr/bin/time"  # GNU time: -v prints the peak RSS
+
 PROTOCOL = {
     "model": "smollm2-135m",
     "dtype": "float32",
@@ -86,9 +89,9 @@ def protocol_result(args, machine_info: dict) -> tuple[dict, list[str]]:
 def git_commit() -> str | None:
     """The checkout's commit when the run started (``-dirty``: hfprune/ has uncommitted changes)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hfprune"], cwd=Path(__file__).resolve().parents[1],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hfprune"], cwd=REPO,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -139,11 +142,11 @@ class LoadSampler:
 
 
 def timed(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
-    """Run ``cmd`` in a fresh process under ``/usr/bin/time -v`` (output to ``log``): its wall seconds, peak RSS
+    """Run ``cmd`` in a fresh process under ``TIME -v`` (output to ``log``): its wall seconds, peak RSS
     (MiB, "Maximum resident set size") and the 1-min load during it (:class:`LoadSampler`); raises on failure."""
     with LoadSampler() as load, open(log, "w") as fh:
         start = time.perf_counter()
-        res = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+        res = subprocess.run([TIME, "-v", *cmd], env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - start
     text = log.read_text(errors="replace")
     if res.returncode != 0:

@@ -35,7 +35,7 @@ import _bench_common  # noqa: E402  (timed, git_commit; imports no torch)
 import bench_memory  # noqa: E402  (shapes, VOCAB, the cached random checkpoints; imports no torch)
 
 NSAMPLES, SEQLEN = 16, 256
-TIME = "/usr/bin/time"
+TIME = _bench_common.TIME
 
 
 def n_params(size: str) -> int:

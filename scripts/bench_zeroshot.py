@@ -40,7 +40,6 @@ import logging
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path

@@ -33,7 +33,8 @@ def timed(cmd: list[str], log: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
     row = _bench_common.timed(cmd, log, env=env, cwd=ROOT)
-    return {**row, "wall_s": round(row["wall_s"], 1), "peak_rss_mb": round(row["peak_rss_mb"] or 0) or None,
+    rss = row["peak_rss_mb"]
+    return {**row, "wall_s": round(row["wall_s"], 1), "peak_rss_mb": None if rss is None else round(rss),
             "command": " ".join(cmd)}
 
 
