@@ -108,3 +108,15 @@ def test_report_marks_missing_cells_and_noisy_times(monkeypatch, tmp_path):
     cost = next(line for line in text.splitlines() if line.startswith("| dense | 120"))
     assert cost.startswith("| dense | 120 † (9.5) | 80 |") and cost.endswith("| 200 |")
     assert "**Full splits**" in text
+
+
+def test_report_counts_majority_answers_from_the_local_splits(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    report = importlib.import_module("bench_report")
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "val.jsonl").write_text('{"label": true}\n{"label": true}\n\n{"label": false}\n')
+    monkeypatch.setenv("HFPRUNE_TASK_DATA_DIR", str(tmp_path))
+    text = report._zs_majority()
+    assert "BoolQ 0.6667 (label True)" in text and "RTE" not in text  # RTE's split is absent: left out
+    monkeypatch.setenv("HFPRUNE_TASK_DATA_DIR", str(tmp_path / "nowhere"))
+    assert report._zs_majority() == ""
