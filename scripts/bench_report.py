@@ -811,21 +811,23 @@ def _zs_rows(data: dict) -> tuple[dict, object]:
 
 
 def _zs_majority() -> str:
-    """Majority-class share of the two-way tasks, counted from the local splits (empty when the data is absent):
-    the floor a model reaches by always giving the same answer, which a pruned model can beat by chance."""
+    """Majority-answer share of the two-way tasks, counted on the split each task config scores (read by the task's
+    own reader; empty when the data is absent): the floor a model reaches by always giving the same answer."""
     from collections import Counter
 
-    from hfprune.eval.taskdata import task_data_dir
+    from hfprune.eval.taskdata import MissingTaskDataError, load
+    from hfprune.eval.zeroshot import task_configs
 
-    root = task_data_dir(required=False)
-    parts = []
-    for task, rel in (("boolq", "boolq/val.jsonl"), ("rte", "rte/val.jsonl")):
-        path = root / rel if root else None
-        if path is None or not path.exists():
+    configs, parts = task_configs(), []
+    for task in ("boolq", "rte"):
+        cfg = configs[task]
+        try:
+            labels = Counter(load(**cfg["dataset_kwargs"])[cfg["validation_split"]]["label"])
+        except MissingTaskDataError:
             continue
-        labels = Counter(json.loads(line)["label"] for line in path.read_text().splitlines() if line.strip())
         label, count = labels.most_common(1)[0]
-        parts.append(f"{ZS_SHORT.get(task, task)} {count / sum(labels.values()):.4f} (label {label!r})")
+        parts.append(f"{ZS_SHORT.get(task, task)} {count / sum(labels.values()):.4f} "
+                     f"(\"{cfg['doc_to_choice'][label]}\")")
     return ("; always giving the majority answer scores " + ", ".join(parts) + " (counted from the local "
             "splits), so a pruned model that drifts towards that answer can score above the dense one there"
             if parts else "")

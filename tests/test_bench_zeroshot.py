@@ -114,9 +114,10 @@ def test_report_counts_majority_answers_from_the_local_splits(monkeypatch, tmp_p
     monkeypatch.syspath_prepend(str(SCRIPTS))
     report = importlib.import_module("bench_report")
     (tmp_path / "boolq").mkdir()
-    (tmp_path / "boolq" / "val.jsonl").write_text('{"label": true}\n{"label": true}\n\n{"label": false}\n')
+    doc = '{"question": "q", "passage": "p", "idx": %d, "label": "%s"}\n'
+    (tmp_path / "boolq" / "val.jsonl").write_text(doc % (0, "true") + doc % (1, "True") + "\n" + doc % (2, "false"))
     monkeypatch.setenv("HFPRUNE_TASK_DATA_DIR", str(tmp_path))
     text = report._zs_majority()
-    assert "BoolQ 0.6667 (label True)" in text and "RTE" not in text  # RTE's split is absent: left out
+    assert 'BoolQ 0.6667 ("yes")' in text and "RTE" not in text  # RTE's split is absent: left out
     monkeypatch.setenv("HFPRUNE_TASK_DATA_DIR", str(tmp_path / "nowhere"))
     assert report._zs_majority() == ""
