@@ -833,6 +833,47 @@ def _zs_majority() -> str:
             if parts else "")
 
 
+def _zs_speed(rows: dict, names: list) -> str:
+    """'; its five rows took X s against the dense model's Y s (0.9x)' from the rows' wall times, when all exist."""
+    def total(name):
+        walls = [(rows.get((name, t)) or {}).get("wall_seconds") for t in ZS_FIVE]
+        return None if None in walls else sum(walls)
+    dense = total("dense")
+    parts = [f"`{n}` {total(n):,.0f} s ({total(n) / dense:.2f}x)" for n in names if dense and total(n)]
+    return (f" (five-task eval wall time, same machine: dense {dense:,.0f} s, " + ", ".join(parts) + ")") if parts else ""
+
+
+def _zs_reading(lines, rows: dict, made: dict) -> None:
+    """What the five-task table says, computed from its rows: the pruned models ranked by mean acc (with the
+    stderr of that mean) and by LAMBADA perplexity, and which of them is a smaller dense model."""
+    scored = {}
+    for name in ZS_MODELS:
+        mets = [(rows.get((name, t)) or {}).get("metrics") for t in ZS_FIVE]
+        if name == "dense" or not all(m and "acc" in m for m in mets):
+            continue
+        mean = sum(m["acc"] for m in mets) / len(mets)
+        se = sum((m.get("acc_stderr") or 0.0) ** 2 for m in mets) ** 0.5 / len(mets)
+        scored[name] = (mean, se, mets[ZS_FIVE.index("lambada_openai")].get("perplexity"))
+    if len(scored) < 2:
+        return
+    by_acc = sorted(scored, key=lambda n: -scored[n][0])
+    by_ppl = sorted((n for n in scored if scored[n][2] is not None), key=lambda n: scored[n][2])
+    full = (made.get("dense") or {}).get("params")
+    smaller = [n for n in scored if full and ((made.get(n) or {}).get("params") or full) < full]
+    n_lambada = (rows.get((by_acc[0], "lambada_openai")) or {}).get("n")
+    text = ("**Reading.** Pruned models by mean acc over the five tasks (± the stderr of that mean): "
+            + " > ".join(f"`{n}` {scored[n][0]:.4f} ± {scored[n][1]:.4f}" for n in by_acc)
+            + "; by LAMBADA perplexity: " + " < ".join(f"`{n}` {scored[n][2]:.1f}" for n in by_ppl) + ". "
+            "Neighbours in the mean-acc order are often within 1-2 stderr of each other; LAMBADA perplexity"
+            + (f", scored on {n_lambada:,} passages," if n_lambada else "") + " separates them most. ")
+    if smaller:
+        text += (", ".join(f"`{n}` ({made[n]['params']:,} parameters, {made[n]['params'] / full:.2f}x)" for n in smaller)
+                 + f" {'has' if len(smaller) == 1 else 'have'} fewer parameters than the dense model, in dense tensors "
+                 "that any runtime loads smaller and multiplies with fewer FLOPs" + _zs_speed(rows, smaller) + ". The others keep every tensor's shape; their zeros buy checkpoint "
+                 "size through a sparse format, not speed (no maintained sparse kernels upstream today). ")
+    lines.append(text.rstrip() + "\n")
+
+
 def section_zeroshot_harness(lines):
     """Full-split zero-shot table (scripts/bench_zeroshot.py: one row per model and task; every cell "not run yet"
     until its row exists), then the earlier ``--limit 20`` pipeline check (docs/results/zeroshot_limit20.json)."""
@@ -876,6 +917,7 @@ def section_zeroshot_harness(lines):
                      f"{_pm(get('lambada_openai'), 'perplexity', '.2f')} | "
                      f"{fmt(sum(accs) / len(accs), '.4f') if len(accs) == len(ZS_FIVE) else NOT_RUN} |")
     lines.append("")
+    _zs_reading(lines, rows, made)
     best = data.get("best_2of4")
     lines.append("### Nine tasks and the papers' mean: dense and the best 2:4 model\n")
     lines.append(f"Best 2:4 model: {f'`{best}` (highest mean acc over the five tasks above)' if best else NOT_RUN}. "
