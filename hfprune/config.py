@@ -67,6 +67,24 @@ def check_keep_or_ratio(config, keep: str, ratio: str, unit: str, *others: str) 
         raise ValueError(f"{ratio} must be in (0, 1) (the fraction of {unit} removed), got {removed}.")
 
 
+def check_name_regexes(config, keys=("targets", "ignore")) -> None:
+    """``config``'s layer-name regex lists (a single string becomes a one-item list), each compiled here so
+    a typo fails on construction, naming the flag to fix."""
+    for key in keys:
+        value = getattr(config, key)
+        if isinstance(value, str):
+            value = [value]
+            setattr(config, key, value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list of regexes over layer names, got {value!r}.")
+        for regex in value:
+            try:
+                re.compile(regex)
+            except (re.error, TypeError) as err:
+                raise ValueError(f"{key} regex {regex!r} is not valid ({err}): fix --{key} "
+                                 f"(a Python regular expression over layer names, e.g. '.*mlp.*').") from None
+
+
 def check_choice(config, name: str, choices) -> None:
     """``config.<name>`` is one of ``choices``, else a ``ValueError`` listing them."""
     value = getattr(config, name)
@@ -249,13 +267,7 @@ class PruningConfig(ConfigDictMixin):
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        for key in ("targets", "ignore"):
-            for regex in [getattr(self, key)] if isinstance(getattr(self, key), str) else getattr(self, key):
-                try:
-                    re.compile(regex)
-                except (re.error, TypeError) as err:
-                    raise ValueError(f"{key} regex {regex!r} is not valid ({err}): fix --{key} "
-                                     f"(a Python regular expression over layer names, e.g. '.*mlp.*').") from None
+        check_name_regexes(self)
         pat = parse_pattern(self.pattern)
         self.pattern = str(pat)
         if pat.is_nm:
@@ -287,10 +299,6 @@ class PruningConfig(ConfigDictMixin):
             raise ValueError(f"Unknown scope {self.scope!r}: use one of {', '.join(SCOPES)}.")
         if self.expert_calibration not in ("routed", "all"):
             raise ValueError(f"expert_calibration must be 'routed' or 'all', got {self.expert_calibration!r}.")
-        if isinstance(self.targets, str):
-            self.targets = [self.targets]
-        if isinstance(self.ignore, str):
-            self.ignore = [self.ignore]
         if self.layer_sparsity is not None:
             values = self.layer_sparsity.values() if isinstance(self.layer_sparsity, dict) else self.layer_sparsity
             for v in values:

@@ -84,7 +84,7 @@ def build_configs(data: dict[str, Any], overrides: dict[str, Any] | None = None,
 
 _STRUCTURED_KEYS = ("heads_ratio", "mlp_ratio", "non_uniform", "gqa_mode", "bias_compensation", "compensation",
                     "dense_targets", "dampening", "compensation_target", "damp")
-_SPARSITY_KEYS = ("sparsity", "pattern", "scope", "targets", "ignore", "layer_sparsity")
+_SPARSITY_KEYS = ("sparsity", "pattern", "scope", "layer_sparsity")
 
 
 def stage_config(data: dict[str, Any], where: str = "the recipe"):
@@ -115,8 +115,9 @@ def structured_config(data: dict[str, Any]):
     """A :class:`~hfprune.methods.structured.StructuredConfig` from recipe/CLI keys: ``method`` (the
     importance: obs, magnitude, wanda or fluctuation), ``target`` (heads, mlp or both), ``heads_ratio``,
     ``mlp_ratio``, ``non_uniform``, ``gqa_mode``, ``bias_compensation``, ``compensation``, ``dense_targets``,
-    ``dampening`` (the old names ``compensation_target``, ``damp`` still load, with a warning). Keys of a
-    sparsity method are refused: they are a second stage, not part of this one."""
+    ``dampening`` (the old names ``compensation_target``, ``damp`` still load, with a warning), ``targets`` /
+    ``ignore`` (the blocks whose heads / neurons are removed). Keys of a sparsity method are refused: they are
+    a second stage, not part of this one."""
     from hfprune.methods.structured import StructuredConfig
 
     data = dict(data)
@@ -129,7 +130,7 @@ def structured_config(data: dict[str, Any]):
     if sparsity_keys:
         raise ValueError(
             f"{', '.join('`' + k + '`' for k in sparsity_keys)} belong to a sparsity method, not to structured "
-            f"heads/MLP pruning (`target`), which removes whole heads/neurons in every block: run them as a second "
+            f"heads/MLP pruning (`target`), which removes whole heads/neurons: run them as a second "
             f"stage, with a recipe (hfprune prune --recipe) such as\n"
             f"  stages:\n    - {{method: structured, importance: {data.get('method')}, "
             f"mlp_ratio: ..., heads_ratio: ...}}\n    - {{method: wanda, pattern: '2:4', ignore: [...]}}")
@@ -153,14 +154,14 @@ def structured_config(data: dict[str, Any]):
               "uniform": not bool(data.pop("non_uniform", False)) if uniform is None else bool(uniform),
               "gqa_mode": data.pop("gqa_mode", None) or "per_group",
               "bias_compensation": bool(data.pop("bias_compensation", False))}
-    for key in ("compensation", "dense_targets", "dampening", "compensation_target", "damp"):
+    for key in ("compensation", "dense_targets", "dampening", "compensation_target", "damp", "targets", "ignore"):
         if data.get(key) is not None:
             kwargs[key] = data.pop(key)
         data.pop(key, None)
     leftover = {k: v for k, v in data.items() if v is not None and k not in _SPARSITY_KEYS}
     if leftover:
         raise ValueError(f"Unknown key(s) {sorted(leftover)} for structured pruning; allowed: method, target, "
-                         f"{', '.join(_STRUCTURED_KEYS)}, calibration.")
+                         f"{', '.join(_STRUCTURED_KEYS)}, targets, ignore, calibration.")
     return StructuredConfig(**kwargs)
 
 

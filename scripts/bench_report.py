@@ -312,6 +312,21 @@ def section_pareto(lines):
 @section("structured_compensation", "Compensated structured pruning (heads and MLP neurons, issue 19)",
          "scripts/bench_structured.py --output bench_out/structured_compensation.json")
 def section_structured_compensation(lines, data):
+    _structured_variants(lines, data, "structured_compensation", {"`obs`": "obs"})
+
+
+@section("structured_blocks", "Structured pruning: which blocks (`--targets` / `--ignore`)",
+         "scripts/bench_structured.py --variants obs-mlp-0.8x,obs-mlp-0.8x-whole-0+29,obs-mlp-0.8x-whole-0-2+28-29,"
+         "obs-mlp-0.8x-whole-0,obs-mlp-0.8x-whole-29,obs-mlp-0.8x-nonuniform --output bench_out/structured_blocks.json")
+def section_structured_blocks(lines, data):
+    lines.append("The same parameter budget (0.80x: MLP neurons only, OBS + compensation) taken from every block, or "
+                 "with the first / last blocks left whole (`--ignore`, listed in the importance column) and the "
+                 "other blocks pruned harder.\n")
+    _structured_variants(lines, data, "structured_blocks", {})
+
+
+def _structured_variants(lines, data, stem: str, spine_rows: dict):
+    """The table of ``scripts/bench_structured.py`` variants in ``docs/results/{stem}.json`` (+ ``{stem}.md``)."""
     dense = data["runs"]["dense"]
     commands = data.get("commands") or [data["command"]]
     lines.append("Commands: " + " ; ".join(f"`{c}`" for c in commands) + f". SmolLM2-135M float32, calibration c4 "
@@ -343,17 +358,17 @@ def section_structured_compensation(lines, data):
             parts = stock.split()
             ok = len(parts) == 5 and parts[0] == "False" and float(parts[-1]) < 1e-3
             reload += f" (fresh process, max logit diff {float(parts[-1]):.1e})" if ok else f" ({stock[:60]})"
-        lines.append(f"| {name} | {c['importance']}{'' if c.get('uniform', True) else ', non-uniform'} | {comp} | "
+        whole = (", ignore " + ", ".join(f"`{r}`".replace("|", "\\|") for r in c["ignore"])) if c.get("ignore") else ""
+        lines.append(f"| {name} | {c['importance']}{'' if c.get('uniform', True) else ', non-uniform'}{whole} | {comp} | "
                      f"{kept} | {r['params']:,} | {fmt(r.get('params_ratio'), '.3f')} | {fmt(r.get('perplexity'))} | "
                      f"{errs[0]} | {errs[1]} | {fmt(r.get('forward_speedup'))} | "
                      f"{fmt(r.get('forward_speedup_over_ideal'))} | {reload} | {fmt(r.get('prune_seconds'), '.0f')} |")
     lines.append("")
-    notes = fragment("structured_compensation")  # findings written by hand, if any
+    notes = fragment(stem)  # findings written by hand, if any
     if notes:
         lines.append(notes)
-    provenance(lines, "`docs/results/structured_compensation.json`" + (
-        ", `docs/results/structured_compensation.md`" if notes else ""), "the one above", commits_in(*commands),
-        {"`obs`": "obs"})
+    provenance(lines, f"`docs/results/{stem}.json`" + (f", `docs/results/{stem}.md`" if notes else ""),
+               "the one above", commits_in(*commands), spine_rows)
 
 
 @section("size", "Checkpoint size (first run: 2:4 stored with 2-bit indices)", "scripts/bench_size.py")
@@ -1303,7 +1318,8 @@ def section_scaling(lines, data):
 SECTIONS = {"spine_outputs": section_spine_outputs, "stages": section_stages, "scaling": section_scaling,
             "oneshot": section_oneshot, "sparsegpt_parity": section_sparsegpt_parity, "admm": section_admm,
             "structured": section_structured, "pareto": section_pareto,
-            "structured_compensation": section_structured_compensation, "size": section_size,
+            "structured_compensation": section_structured_compensation,
+            "structured_blocks": section_structured_blocks, "size": section_size,
             "recovery": section_recovery, "sweep": section_sweep, "generations": section_generations,
             "memory": section_memory, "zeroshot_harness": section_zeroshot_harness,
             "zeroshot_paths": section_zeroshot_paths,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import PROTOCOL, machine, unique_params, write_json  # noqa: E402
+from _bench_common import PROTOCOL, git_commit, machine, unique_params, write_json  # noqa: E402
 
 MAIN = dict(heads_ratio=1 / 3, mlp_ratio=0.30, gqa_mode="per_group")  # 0.773x parameters
 VARIANTS = {
@@ -49,6 +49,19 @@ VARIANTS = {
     "obs-mlp-only": dict(heads_ratio=0.0, mlp_ratio=0.383, importance="obs"),
     # non-uniform widths (global ranking of Wanda scores; reload with hfprune)
     "obs-nonuniform": dict(MAIN, importance="obs", uniform=False),
+    # which blocks (--ignore): MLP neurons only at 0.80x parameters (15,570 of SmolLM2's 30 x 1536 neurons removed),
+    # from every block, or with the first / last blocks left whole and the others pruned harder (LLM-Pruner keeps
+    # its first and last blocks whole)
+    "obs-mlp-0.8x": dict(heads_ratio=0.0, mlp_ratio=519 / 1536, importance="obs"),
+    "obs-mlp-0.8x-whole-0+29": dict(heads_ratio=0.0, mlp_ratio=556 / 1536, importance="obs",
+                                   ignore=[r"model\.layers\.(0|29)\..*"]),
+    "obs-mlp-0.8x-whole-0": dict(heads_ratio=0.0, mlp_ratio=537 / 1536, importance="obs",
+                                 ignore=[r"model\.layers\.0\..*"]),
+    "obs-mlp-0.8x-whole-29": dict(heads_ratio=0.0, mlp_ratio=537 / 1536, importance="obs",
+                                  ignore=[r"model\.layers\.29\..*"]),
+    "obs-mlp-0.8x-nonuniform": dict(heads_ratio=0.0, mlp_ratio=519 / 1536, importance="obs", uniform=False),
+    "obs-mlp-0.8x-whole-0-2+28-29": dict(heads_ratio=0.0, mlp_ratio=623 / 1536, importance="obs",
+                                        ignore=[r"model\.layers\.(0|1|2|28|29)\..*"]),
 }
 DEFAULT = "obs,wanda,obs-dense,wanda-lstsq,flap,obs-mlp-only,obs-whole-group"
 
@@ -99,8 +112,9 @@ def main() -> None:
     eval_ids = hfprune.eval.perplexity.eval_token_ids(tok, "wikitext2")
     lat_ids = eval_ids[:, :512]
     gen_ids = eval_ids[:, 1000:1016]
+    commit = git_commit()
     out = {"protocol": {**PROTOCOL, "max_windows": args.max_windows}, "machine": machine(),
-           "command": " ".join(sys.argv), "settings": vars(args), "runs": {}}
+           "command": " ".join(sys.argv) + (f" (at {commit})" if commit else ""), "settings": vars(args), "runs": {}}
     previous = json.loads(Path(args.output).read_text()) if args.append and Path(args.output).exists() else None
     if previous is not None:
         out["runs"] = previous["runs"]

@@ -193,7 +193,8 @@ def test_cli_structured_target_with_sparsity_keys_is_refused_with_the_fix(model_
                  "--seqlen", "32", "--output", str(out), "--method", "obs", "--target", "mlp", "--mlp-ratio", "0.25",
                  "--sparsity", "0.5", "--pattern", "2:4", "--ignore", r"layers\.0\."])
     assert code == 2 and not out.exists()
-    assert "stages:" in caplog.text and "`pattern`" in caplog.text and "`ignore`" in caplog.text
+    assert "stages:" in caplog.text and "`pattern`" in caplog.text and "`sparsity`" in caplog.text
+    assert "`ignore`" not in caplog.text  # structured pruning honours ignore (its blocks stay whole)
 
 
 def test_cli_method_structured_is_the_target_form(model_dir, calib_file, tmp_path):

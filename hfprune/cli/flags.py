@@ -83,7 +83,7 @@ def add_method_fields(parser, configs: dict[str, type], *, extra=None) -> list[s
         for method, f in entries:
             helps.setdefault(f.metadata.get("help", ""), []).append(method)
         text = next(iter(helps)) if len(helps) == 1 else " | ".join(
-            f"{'/'.join(methods)}: {h}" for h, methods in helps.items())
+            f"{'/'.join(m for m in methods if m) or 'every method'}: {h}" for h, methods in helps.items())
         choices = [f.metadata.get("choices") for _, f in entries]
         kw = dict((extra or {}).get(name, {}))
         if all(choices):

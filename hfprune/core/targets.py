@@ -13,10 +13,11 @@ from hfprune.config import PruningConfig
 from hfprune.core.allocation import expand_layer_sparsity
 from hfprune.solvers.masks import parse_pattern
 
-__all__ = ["select_targets", "layer_sparsities", "validate_pattern", "check_finite", "check_called"]
+__all__ = ["name_matches", "select_targets", "layer_sparsities", "validate_pattern", "check_finite", "check_called"]
 
 
-def _matches(patterns: list[str], *names: str) -> bool:
+def name_matches(patterns: list[str], *names: str) -> bool:
+    """Whether any regex in ``patterns`` fully matches any of ``names`` (a layer's full and in-block names)."""
     return any(re.fullmatch(p, n) for p in patterns for n in names)
 
 
@@ -34,9 +35,9 @@ def select_targets(model: nn.Module, config: PruningConfig) -> list[dict[str, nn
         chosen = {}
         for rel, module in find_linears(block).items():
             full = f"{spec.layers}.{i}.{rel}"
-            if _is_router(spec, rel) and not _matches([t for t in config.targets if t != ".*"], full, rel):
+            if _is_router(spec, rel) and not name_matches([t for t in config.targets if t != ".*"], full, rel):
                 continue  # MoE routers stay dense unless a target names them
-            if _matches(config.targets, full, rel) and not _matches(config.ignore, full, rel):
+            if name_matches(config.targets, full, rel) and not name_matches(config.ignore, full, rel):
                 chosen[full] = module
         out.append(chosen)
     if not any(out):

@@ -7,8 +7,10 @@ The pipeline has three parts, each usable on its own:
    or FLAP's fluctuation ``||W[:, j]||^2 * var(x_j)``) and :func:`heads_from_channels`.
    Activation statistics of the inputs of ``o_proj`` / ``down_proj`` are gathered by
    :class:`ChannelStats` (see :func:`attach_channel_stats` for a ready-made set of hooks).
-2. **Selection**: how many heads / neurons each block keeps (uniform or from a global ranking of
-   per-block standardized scores) and which ones (:func:`select_heads`, :func:`select_neurons`).
+2. **Selection**: which blocks lose heads / neurons (``targets`` / ``ignore`` regexes over their
+   ``o_proj`` / ``down_proj`` names, as the layer-wise methods match layer names: :func:`selected_blocks`),
+   how many each selected block loses (uniform or from a global ranking of per-block standardized
+   scores over the selected blocks) and which ones (:func:`select_heads`, :func:`select_neurons`).
 3. **Surgery**: slicing q/k/v (or fused qkv) rows, ``o_proj`` columns, gate/up (or fused gate_up)
    rows and ``down_proj`` columns, patching the attention attributes that the modeling code reads
    at forward time, and rewriting ``model.config`` so the checkpoint reloads.
@@ -66,9 +68,10 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from hfprune.config import ConfigDictMixin, check_field_types, renamed, resolve_renamed
+from hfprune.config import ConfigDictMixin, check_field_types, check_name_regexes, renamed, resolve_renamed
 from hfprune.core.calibration import calibration_batch_size
 from hfprune.core.runner import LayerRunner, is_offloaded
+from hfprune.core.targets import name_matches
 from hfprune.methods.base import DENSE_TARGETS, ModelPruner, dense_targets_field
 from hfprune.registry import register_pruner
 from hfprune.arch import get_blocks, get_spec, get_submodule, weight_matrix
@@ -118,6 +121,14 @@ class StructuredConfig(ConfigDictMixin):
     dense_targets: str = dense_targets_field("off")
     dampening: float = field(default=0.01, metadata={
         "help": "Structured compensation / obs: ridge on the input Hessian, as a fraction of its mean diagonal."})
+    targets: list[str] = field(default_factory=lambda: [r".*"], metadata={
+        "help": "Regexes (full match) over each block's attention output and MLP down projection names, "
+                "full (model.layers.3.mlp.down_proj) or in-block (mlp.down_proj): a block loses heads only where "
+                "its o_proj matches, neurons only where its down_proj matches."})
+    ignore: list[str] = field(default_factory=list, metadata={
+        "help": "Regexes over the same names whose heads / neurons stay whole; wins over targets (e.g. "
+                "'model\\.layers\\.(0|1|29)\\..*' leaves blocks 0, 1 and 29 whole, as LLM-Pruner does with the "
+                "first and last blocks)."})
     compensation_target: str | None = renamed("dense_targets")
     damp: float | None = renamed("dampening")
     num_heads: int | None = field(default=None, repr=False)
@@ -138,6 +149,7 @@ class StructuredConfig(ConfigDictMixin):
                 raise ValueError(f"{name}={value} is out of range: it is the fraction REMOVED and must be "
                                  f"in [0, 1) (0 keeps everything; 1 would remove everything).")
         check_field_types(self)
+        check_name_regexes(self)
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance={self.importance!r} is unknown; use one of {', '.join(IMPORTANCES)}.")
         if self.compensation not in COMPENSATIONS:
@@ -235,6 +247,46 @@ def check_prunable(model: nn.Module, spec, cfg: StructuredConfig, shapes) -> Non
         raise ValueError(f"{model.config.model_type!r} has no MLP down projection in its ArchSpec; set mlp_ratio=0.")
 
 
+def selected_blocks(cfg: StructuredConfig, spec, n_blocks: int) -> tuple[list[bool], list[bool]]:
+    """Per block, whether ``cfg`` removes its heads and its MLP neurons: ``cfg.heads_ratio`` / ``cfg.mlp_ratio``
+    are set and the block's attention output / MLP down projection name (full or in-block) matches
+    ``cfg.targets`` and not ``cfg.ignore``. Raises when a ratio is set but no block is selected for it."""
+    def chosen(rel: str | None, ratio: float, what: str, flag: str) -> list[bool]:
+        if ratio <= 0 or rel is None:
+            return [False] * n_blocks
+        out = [name_matches(cfg.targets, f"{spec.layers}.{i}.{rel}", rel)
+               and not name_matches(cfg.ignore, f"{spec.layers}.{i}.{rel}", rel) for i in range(n_blocks)]
+        if not any(out):
+            raise ValueError(f"{flag} is set but no block's {what} matches targets={cfg.targets} minus "
+                             f"ignore={cfg.ignore}; names look like {spec.layers}.0.{rel} (or {rel}): fix "
+                             f"--targets / --ignore, or set {flag}=0.")
+        return out
+    return (chosen(spec.o, cfg.heads_ratio, "attention output projection", "heads_ratio"),
+            chosen(spec.down, cfg.mlp_ratio, "MLP down projection", "mlp_ratio"))
+
+
+def _counts(cfg: StructuredConfig, spec, shapes, head_units_scores=None, neuron_scores=None):
+    """Per-block ``(head units, neurons)`` to remove: the uniform counts in every selected block, or
+    (``uniform=False``) one global ranking over the selected blocks' unit scores; 0 elsewhere."""
+    heads_on, mlp_on = selected_blocks(cfg, spec, len(shapes))
+    head_remove = [0] * len(shapes)
+    mlp_remove = [0] * len(shapes)
+    if cfg.uniform:
+        for i, (h, kv, _, m) in enumerate(shapes):
+            if heads_on[i]:
+                head_remove[i] = cfg.head_removal(h, kv, strict=True)
+            if mlp_on[i] and m is not None:
+                mlp_remove[i] = removal_count(m, cfg.mlp_ratio, strict=False, what=f"mlp_ratio (block with {m} neurons)")
+        return head_remove, mlp_remove
+    for on, scores, out, ratio, what in ((heads_on, head_units_scores, head_remove, cfg.heads_ratio, "heads_ratio"),
+                                         (mlp_on, neuron_scores, mlp_remove, cfg.mlp_ratio, "mlp_ratio")):
+        picked = [i for i in range(len(shapes)) if on[i]]
+        if picked:
+            for i, n in zip(picked, global_removal_counts([scores[i] for i in picked], ratio, what)):
+                out[i] = n
+    return head_remove, mlp_remove
+
+
 def _plan(model, cfg: StructuredConfig, spec, blocks, shapes, block_stats):
     """Importance scores and per-block removal counts (uniform, or from the global ranking)."""
     n_blocks = len(blocks)
@@ -261,24 +313,15 @@ def _plan(model, cfg: StructuredConfig, spec, blocks, shapes, block_stats):
                 neuron_scores.append(channel_scores(down_w, block_stats[i]["down"], cfg.importance))
 
     # ---- counts -----------------------------------------------------------------------------
-    head_remove = [0] * n_blocks
-    mlp_remove = [0] * n_blocks
-    if do_heads:
-        if cfg.uniform:
-            head_remove = [cfg.head_removal(h, kv, strict=True) for h, kv, _, _ in shapes]
-        else:
+    units = sorted_neurons = None
+    if not cfg.uniform:
+        if do_heads:
             for h, kv, _, _ in shapes:
                 cfg.check_grouping(h, kv)
             units = [unit_scores(s, kv, cfg.gqa_mode, kvs) for s, kvs, (_, kv, _, _) in zip(head_scores, kv_scores, shapes)]
-            head_remove = global_removal_counts(units, cfg.heads_ratio, "heads_ratio")
-    if do_mlp:
-        if cfg.uniform:
-            mlp_remove = [removal_count(m, cfg.mlp_ratio, strict=False, what=f"mlp_ratio (block with {m} neurons)")
-                          for _, _, _, m in shapes]
-        else:
-            mlp_remove = global_removal_counts([s.sort(stable=True).values for s in neuron_scores],
-                                               cfg.mlp_ratio, "mlp_ratio")
-
+        if do_mlp:
+            sorted_neurons = [s.sort(stable=True).values for s in neuron_scores]
+    head_remove, mlp_remove = _counts(cfg, spec, shapes, units, sorted_neurons)
     return head_scores, kv_scores, neuron_scores, head_remove, mlp_remove
 
 
@@ -304,10 +347,7 @@ def removal_counts(model: nn.Module, cfg: StructuredConfig,
             if cfg.mlp_ratio > 0:
                 block_stats[i]["down"] = _check_stats(stats, len(blocks), "down", i, inter, "uniform=False")
     if cfg.uniform:
-        heads = [cfg.head_removal(h, kv, strict=True) if cfg.heads_ratio > 0 else 0 for h, kv, _, _ in shapes]
-        mlp = [removal_count(m, cfg.mlp_ratio, strict=False, what=f"mlp_ratio (block with {m} neurons)")
-               if cfg.mlp_ratio > 0 and m is not None else 0 for _, _, _, m in shapes]
-        return heads, mlp
+        return _counts(cfg, spec, shapes)
     *_, heads, mlp = _plan(model, cfg, spec, blocks, shapes, block_stats)
     return heads, mlp
 
@@ -323,6 +363,8 @@ def prune_structured(
     uniform: bool = True,
     gqa_mode: str = "per_group",
     bias_compensation: bool = False,
+    targets: list[str] | str = ".*",
+    ignore: list[str] | str = (),
 ) -> dict:
     """Remove attention heads and MLP neurons from ``model`` in place, from statistics of one
     dense pass and without least-squares compensation (``hfprune.prune`` with a
@@ -341,6 +383,8 @@ def prune_structured(
         bias_compensation: FLAP's bias compensation (needs ``stats``); where o_proj / down_proj
             have no bias it is created only if the config has a flag for it (Llama
             ``attention_bias`` / ``mlp_bias``, then set to True), else skipped with a warning.
+        targets, ignore: regexes over each block's o_proj / down_proj names choosing the blocks that
+            lose heads / neurons (:func:`selected_blocks`); by default every block.
 
     Returns:
         A report: ``params_before``, ``params_after``, ``reload_with`` (``"transformers"`` or
@@ -352,7 +396,8 @@ def prune_structured(
                          "compensation: use hfprune.prune(model, tokenizer, StructuredConfig(...), calibration) "
                          "instead of prune_structured, or importance='wanda' / 'fluctuation' here.")
     cfg = StructuredConfig(heads_ratio=heads_ratio, mlp_ratio=mlp_ratio, importance=importance, uniform=uniform,
-                           gqa_mode=gqa_mode, bias_compensation=bias_compensation, compensation="none")
+                           gqa_mode=gqa_mode, bias_compensation=bias_compensation, compensation="none",
+                           targets=targets, ignore=list(ignore) if isinstance(ignore, tuple) else ignore)
     spec = get_spec(model)
     blocks = list(get_blocks(model, spec))
     n_blocks = len(blocks)
@@ -465,6 +510,7 @@ class StructuredPruner(ModelPruner):
             from hfprune.arch.discovery import check_structured
 
             check_structured(model, spec, heads=cfg.heads_ratio > 0, mlp=cfg.mlp_ratio > 0)
+        selected_blocks(cfg, spec, len(get_blocks(model, spec)))  # targets / ignore select something
         if is_offloaded(model):
             raise ValueError("Structured pruning changes layer shapes and needs the model in memory: load it without "
                              "offloading (no device_map offload / --low-memory).")
@@ -491,7 +537,8 @@ class StructuredPruner(ModelPruner):
                 stats = runner.collect(ids, attach_channel_stats, desc="hfprune structured stats", progress=progress)
             result = prune_structured(model, heads_ratio=cfg.heads_ratio, mlp_ratio=cfg.mlp_ratio,
                                       importance=cfg.importance, stats=stats, uniform=cfg.uniform,
-                                      gqa_mode=cfg.gqa_mode, bias_compensation=cfg.bias_compensation)
+                                      gqa_mode=cfg.gqa_mode, bias_compensation=cfg.bias_compensation,
+                                      targets=cfg.targets, ignore=cfg.ignore)
         blocks = [{"index": i, **{k: v for k, v in b.items() if not isinstance(v, list)}}
                   for i, b in enumerate(result["blocks"])]
         return {"structured": result, "blocks": blocks}
