@@ -805,7 +805,8 @@ ZS_SHORT = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "wino
             "openbookqa": "OBQA", "rte": "RTE", "hellaswag": "HellaS", "lambada_openai": "LAMBADA"}
 ZS_FIVE = ("arc_easy", "piqa", "winogrande", "hellaswag", "lambada_openai")
 ZS_NINE = (*ZS_FIVE, "arc_challenge", "boolq", "openbookqa", "rte")
-ZS_MODELS = ("dense", "admm-2of4", "sparsegpt-2of4", "wanda-2of4", "admm-50", "sparsegpt-50", "wanda-50", "obs-mlp-0.8x")
+ZS_MODELS = ("dense", "admm-2of4", "sparsegpt-2of4", "wanda-2of4", "admm-50", "sparsegpt-50", "wanda-50", "obs-mlp-0.8x",
+             "obs-mlp-0.8x-whole-0+29")
 NOT_RUN = "not run yet"
 
 

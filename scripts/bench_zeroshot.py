@@ -66,6 +66,12 @@ MODELS: dict[str, tuple[dict | None, str | None]] = {
     "wanda-50": ({"method": "wanda", "sparsity": 0.5}, "--method wanda --sparsity 0.5"),
     "obs-mlp-0.8x": ({"method": "structured", "importance": "obs", "mlp_ratio": MLP_08},
                      f"--method obs --target mlp --mlp-ratio {MLP_08}"),
+    # the same 0.80x budget with blocks 0 and 29 left whole (docs/BENCHMARKS.md, "which blocks"): 556 of 1536
+    # neurons removed from each of the other 28 blocks
+    "obs-mlp-0.8x-whole-0+29": ({"method": "structured", "importance": "obs", "mlp_ratio": 556 / 1536,
+                                 "ignore": [r"model\.layers\.(0|29)\..*"]},
+                                f"--method obs --target mlp --mlp-ratio {556 / 1536} "
+                                r"--ignore 'model\.layers\.(0|29)\..*'"),
 }
 TWO_FOUR = ("admm-2of4", "sparsegpt-2of4", "wanda-2of4")
 BEST_2OF4 = "best-2of4"  # placeholder in the plan, resolved when its turn comes

@@ -51,7 +51,7 @@ def test_plan_order_most_valuable_first(bench):
     assert work[:5] == [("dense", t) for t in bench.FIVE]
     firsts = [m for i, (m, _) in enumerate(work) if i == 0 or work[i - 1][0] != m]
     assert firsts == ["dense", "admm-2of4", "sparsegpt-2of4", "wanda-2of4", "admm-50", "sparsegpt-50", "wanda-50",
-                      "obs-mlp-0.8x", "dense", bench.BEST_2OF4]
+                      "obs-mlp-0.8x", "obs-mlp-0.8x-whole-0+29", "dense", bench.BEST_2OF4]
     assert work[-8:] == [("dense", t) for t in bench.NINE_EXTRA] + [(bench.BEST_2OF4, t) for t in bench.NINE_EXTRA]
 
 
