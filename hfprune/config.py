@@ -68,14 +68,14 @@ def check_keep_or_ratio(config, keep: str, ratio: str, unit: str, *others: str) 
 
 
 def check_name_regexes(config, keys=("targets", "ignore")) -> None:
-    """``config``'s layer-name regex lists (a single string becomes a one-item list), each compiled here so
+    """``config``'s layer-name regex lists (a single string or a tuple becomes a list), each compiled here so
     a typo fails on construction, naming the flag to fix."""
     for key in keys:
         value = getattr(config, key)
-        if isinstance(value, str):
-            value = [value]
+        if isinstance(value, (str, tuple)):
+            value = [value] if isinstance(value, str) else list(value)
             setattr(config, key, value)
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, list):
             raise ValueError(f"{key} must be a list of regexes over layer names, got {value!r}.")
         for regex in value:
             try:

@@ -850,13 +850,18 @@ def _zs_majority() -> str:
 
 
 def _zs_speed(rows: dict, names: list) -> str:
-    """'; its five rows took X s against the dense model's Y s (0.9x)' from the rows' wall times, when all exist."""
-    def total(name):
+    """' (five-task eval wall time, same machine: dense Y s, `name` X s (0.96x))' from the rows' wall times, for
+    the ``names`` whose five rows and the dense model's all exist; empty otherwise."""
+    totals = {}
+    for name in ("dense", *names):
         walls = [(rows.get((name, t)) or {}).get("wall_seconds") for t in ZS_FIVE]
-        return None if None in walls else sum(walls)
-    dense = total("dense")
-    parts = [f"`{n}` {total(n):,.0f} s ({total(n) / dense:.2f}x)" for n in names if dense and total(n)]
-    return (f" (five-task eval wall time, same machine: dense {dense:,.0f} s, " + ", ".join(parts) + ")") if parts else ""
+        if None not in walls:
+            totals[name] = sum(walls)
+    dense = totals.pop("dense", None)
+    if not dense or not totals:
+        return ""
+    return (f" (five-task eval wall time, same machine: dense {dense:,.0f} s, "
+            + ", ".join(f"`{n}` {t:,.0f} s ({t / dense:.2f}x)" for n, t in totals.items()) + ")")
 
 
 def _zs_reading(lines, rows: dict, made: dict) -> None:
@@ -885,8 +890,9 @@ def _zs_reading(lines, rows: dict, made: dict) -> None:
     if smaller:
         text += (", ".join(f"`{n}` ({made[n]['params']:,} parameters, {made[n]['params'] / full:.2f}x)" for n in smaller)
                  + f" {'has' if len(smaller) == 1 else 'have'} fewer parameters than the dense model, in dense tensors "
-                 "that any runtime loads smaller and multiplies with fewer FLOPs" + _zs_speed(rows, smaller) + ". The others keep every tensor's shape; their zeros buy checkpoint "
-                 "size through a sparse format, not speed (no maintained sparse kernels upstream today). ")
+                 "that any runtime loads smaller and multiplies with fewer FLOPs" + _zs_speed(rows, smaller)
+                 + ". The others keep every tensor's shape; their zeros buy checkpoint size through a sparse format, "
+                 "not speed (no maintained sparse kernels upstream today). ")
     lines.append(text.rstrip() + "\n")
 
 

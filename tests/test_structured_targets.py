@@ -65,14 +65,21 @@ def test_non_uniform_ranking_covers_only_the_selected_blocks():
     assert (128 - after[0]) + (128 - after[2]) == round(0.4 * 256)
 
 
-def test_nothing_selected_is_refused_before_calibration():
+def test_nothing_selected_is_refused_before_calibration(monkeypatch):
+    from hfprune.core import engine
+
     model = tiny_model("llama")
     calls = []
+    real = engine.get_calibration_ids
 
-    def calib():  # never reached: the refusal comes first
+    def counting(*args, **kwargs):  # the refusal must come before any calibration work
         calls.append(1)
-        return _ids()
+        return real(*args, **kwargs)
 
+    monkeypatch.setattr(engine, "get_calibration_ids", counting)
+    hfprune.prune(tiny_model("llama"), config=StructuredConfig(mlp_ratio=0.25), calibration=_ids(), progress=False)
+    assert calls == [1]  # the counter sees a run that calibrates
+    calls.clear()
     with pytest.raises(ValueError, match="no block's MLP down projection matches.*--ignore"):
         hfprune.prune(model, config=StructuredConfig(mlp_ratio=0.25, ignore=[".*mlp.*"]), calibration=_ids(),
                       progress=False)

@@ -254,8 +254,8 @@ def selected_blocks(cfg: StructuredConfig, spec, n_blocks: int) -> tuple[list[bo
     def chosen(rel: str | None, ratio: float, what: str, flag: str) -> list[bool]:
         if ratio <= 0 or rel is None:
             return [False] * n_blocks
-        out = [name_matches(cfg.targets, f"{spec.layers}.{i}.{rel}", rel)
-               and not name_matches(cfg.ignore, f"{spec.layers}.{i}.{rel}", rel) for i in range(n_blocks)]
+        names = [(f"{spec.layers}.{i}.{rel}", rel) for i in range(n_blocks)]
+        out = [name_matches(cfg.targets, *n) and not name_matches(cfg.ignore, *n) for n in names]
         if not any(out):
             raise ValueError(f"{flag} is set but no block's {what} matches targets={cfg.targets} minus "
                              f"ignore={cfg.ignore}; names look like {spec.layers}.0.{rel} (or {rel}): fix "
@@ -289,7 +289,6 @@ def _counts(cfg: StructuredConfig, spec, shapes, head_units_scores=None, neuron_
 
 def _plan(model, cfg: StructuredConfig, spec, blocks, shapes, block_stats):
     """Importance scores and per-block removal counts (uniform, or from the global ranking)."""
-    n_blocks = len(blocks)
     do_heads, do_mlp = cfg.heads_ratio > 0, cfg.mlp_ratio > 0
     # ---- importance -------------------------------------------------------------------------
     head_scores: list[torch.Tensor] = []
@@ -397,7 +396,7 @@ def prune_structured(
                          "instead of prune_structured, or importance='wanda' / 'fluctuation' here.")
     cfg = StructuredConfig(heads_ratio=heads_ratio, mlp_ratio=mlp_ratio, importance=importance, uniform=uniform,
                            gqa_mode=gqa_mode, bias_compensation=bias_compensation, compensation="none",
-                           targets=targets, ignore=list(ignore) if isinstance(ignore, tuple) else ignore)
+                           targets=targets, ignore=ignore)
     spec = get_spec(model)
     blocks = list(get_blocks(model, spec))
     n_blocks = len(blocks)
